@@ -1,0 +1,284 @@
+"""Typed configuration: dataclass schemas, YAML loading, dotted overrides, validation.
+
+OmegaConf merges the YAML file and the `key=value` overrides into the schemas below, which rejects
+unknown keys and values of the wrong type with the key's path; `validate` then checks what types
+cannot express (choices, ranges, N < M). Every failure becomes one `DistillError` line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional
+
+import yaml
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from distill.errors import DistillError
+
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    output_dir: str = "runs"  # the run dir is <output_dir>/<name>: derived from the config alone
+    seed: int = 0
+
+
+@dataclass
+class TeacherConfig:
+    # "demo" (SmolLM2-135M-Instruct from PyPI), a hub id, a save_pretrained dir, or a .gguf file
+    source: str = "demo"
+    gguf_file: Optional[str] = None  # a GGUF file name inside `source` when `source` is a dir or hub id
+    revision: Optional[str] = None
+    dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on GPU
+
+
+@dataclass
+class TeacherSamplesConfig:
+    """Text the teacher writes itself (data-free distillation)."""
+
+    num_sequences: int = 64
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_k: int = 0  # 0: sample from the whole vocabulary
+    batch_size: int = 16
+
+
+@dataclass
+class SourceConfig:
+    name: str = MISSING  # key of this source in reports
+    kind: str = MISSING  # files | hub | teacher
+    files: List[str] = field(default_factory=list)  # kind=files: .txt, .jsonl/.json, .parquet
+    dataset: Optional[str] = None  # kind=hub: dataset id
+    subset: Optional[str] = None
+    split: str = "train"
+    text_field: str = "text"
+    samples: TeacherSamplesConfig = field(default_factory=TeacherSamplesConfig)
+    heldout_fraction: float = 0.1  # the last blocks of the source; 1.0 makes it evaluation-only
+    max_blocks: int = 0  # 0: every block
+
+
+@dataclass
+class DataConfig:
+    block_size: int = 128
+    sources: List[SourceConfig] = field(default_factory=list)
+    max_heldout_blocks: int = 64  # per source
+
+
+@dataclass
+class CalibrationConfig:
+    num_blocks: int = 32  # training blocks the teacher sees to gather activation statistics
+
+
+@dataclass
+class PruneConfig:
+    criterion: str = "wanda"  # magnitude | wanda
+    n: int = 2  # keep n weights ...
+    m: int = 4  # ... in every group of m consecutive input weights
+    targets: List[str] = field(default_factory=lambda: list(PROJECTIONS))
+    incompatible: str = "error"  # a target whose input size is not a multiple of m: error | dense
+
+
+@dataclass
+class LossConfig:
+    temperature: float = 1.0
+    kd_weight: float = 1.0  # forward KL(teacher || student) at `temperature`, scaled by T^2
+    lm_weight: float = 0.0  # next-token cross-entropy on the training text
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    global_batch_size: int = 8  # blocks per optimizer step, over all processes and accumulation
+    micro_batch_size: int = 4  # blocks per forward pass on one process
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    log_every: int = 5
+    checkpoint_every: int = 25
+    keep_checkpoints: int = 2
+    loss: LossConfig = field(default_factory=LossConfig)
+
+
+@dataclass
+class ExportConfig:
+    # on CUDA, the student runs on PyTorch's 2:4 kernels and its logits are compared to the dense
+    # model's; this is the largest relative error accepted
+    kernel_tolerance: float = 0.05
+
+
+@dataclass
+class EvalConfig:
+    files: List[str] = field(default_factory=list)  # extra plain-text files, keyed by file stem
+    block_size: int = 512
+    max_blocks: int = 32  # per file; 0: the whole file
+    batch_size: int = 4
+
+
+@dataclass
+class TrackingConfig:
+    backend: str = "none"  # wandb | tensorboard | none
+    project: str = "distill"  # WANDB_PROJECT wins when set
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.output_dir) / self.run.name
+
+
+def _one_line(error: OmegaConfBaseException) -> str:
+    message = str(error).splitlines()[0]
+    key = getattr(error, "full_key", None)
+    return f"config key '{key}': {message}" if key else f"config: {message}"
+
+
+def _parse_override(text: str) -> tuple[str, Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise DistillError(f"override '{text}' is not of the form key=value")
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError as error:
+        raise DistillError(f"override '{text}': value is not valid YAML ({error.__class__.__name__})")
+    return key, value
+
+
+def load_config(path: str | Path, overrides: List[str] | None = None) -> Config:
+    """Read a YAML config, apply dotted `key=value` overrides, validate, and return the typed Config."""
+    path = Path(path)
+    if not path.is_file():
+        raise DistillError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or "malformed YAML"
+        raise DistillError(f"config file {path} is not valid YAML{where}: {problem}")
+    if not isinstance(raw, dict):
+        raise DistillError(f"config file {path} must hold a mapping of sections, not {type(raw).__name__}")
+    return config_from_dict(raw, overrides)
+
+
+def config_from_dict(raw: dict, overrides: List[str] | None = None) -> Config:
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(raw))
+        for text in overrides or []:
+            key, value = _parse_override(text)
+            OmegaConf.update(merged, key, value, merge=True)
+        missing = sorted(OmegaConf.missing_keys(merged))
+        if missing:
+            raise DistillError(f"config key '{missing[0]}' is required but not set")
+        config = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as error:
+        raise DistillError(_one_line(error)) from None
+    validate(config)
+    return config
+
+
+def to_dict(config: Any) -> dict:
+    return dataclasses.asdict(config)
+
+
+def to_yaml(config: Config) -> str:
+    return yaml.safe_dump(to_dict(config), sort_keys=False)
+
+
+def _choice(path: str, value: str, choices: list[str]) -> None:
+    if value not in choices:
+        raise DistillError(f"config key '{path}': '{value}' is not one of {', '.join(choices)}")
+
+
+def _positive(path: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise DistillError(f"config key '{path}': {value} must be {bound}")
+
+
+def validate(config: Config) -> None:
+    """Checks that the schema's types cannot express; each names the key it is about."""
+    _choice("teacher.dtype", config.teacher.dtype, ["auto", "float32", "bfloat16", "float16"])
+    _positive("data.block_size", config.data.block_size)
+    names = [source.name for source in config.data.sources]
+    if not names:
+        raise DistillError("config key 'data.sources': at least one text source is needed")
+    if len(set(names)) != len(names):
+        raise DistillError(f"config key 'data.sources': source names must be unique, got {names}")
+    for i, source in enumerate(config.data.sources):
+        where = f"data.sources[{i}]"
+        _choice(f"{where}.kind", source.kind, ["files", "hub", "teacher"])
+        if source.kind == "files" and not source.files:
+            raise DistillError(f"config key '{where}.files': a files source needs at least one file")
+        if source.kind == "hub" and not source.dataset:
+            raise DistillError(f"config key '{where}.dataset': a hub source needs a dataset id")
+        if not 0.0 <= source.heldout_fraction <= 1.0:
+            raise DistillError(f"config key '{where}.heldout_fraction': {source.heldout_fraction} is not in [0, 1]")
+        _positive(f"{where}.max_blocks", source.max_blocks, allow_zero=True)
+        if source.kind == "teacher":
+            _positive(f"{where}.samples.num_sequences", source.samples.num_sequences)
+            _positive(f"{where}.samples.max_new_tokens", source.samples.max_new_tokens)
+            _positive(f"{where}.samples.temperature", source.samples.temperature)
+            _positive(f"{where}.samples.batch_size", source.samples.batch_size)
+    if all(source.heldout_fraction == 1.0 for source in config.data.sources):
+        raise DistillError("config key 'data.sources': every source is held out, nothing is left to train on")
+    _positive("calibration.num_blocks", config.calibration.num_blocks)
+
+    prune = config.prune
+    _choice("prune.criterion", prune.criterion, ["magnitude", "wanda"])
+    _choice("prune.incompatible", prune.incompatible, ["error", "dense"])
+    _positive("prune.m", prune.m)
+    _positive("prune.n", prune.n)
+    if prune.n >= prune.m:
+        raise DistillError(f"config key 'prune.n': N:M sparsity needs N < M, got {prune.n}:{prune.m}")
+    if not prune.targets:
+        raise DistillError("config key 'prune.targets': name at least one projection to prune")
+
+    train = config.train
+    _positive("train.steps", train.steps)
+    _positive("train.micro_batch_size", train.micro_batch_size)
+    _positive("train.global_batch_size", train.global_batch_size)
+    _positive("train.lr", train.lr)
+    _positive("train.warmup_steps", train.warmup_steps, allow_zero=True)
+    _positive("train.log_every", train.log_every)
+    _positive("train.checkpoint_every", train.checkpoint_every)
+    _positive("train.keep_checkpoints", train.keep_checkpoints)
+    _positive("train.max_grad_norm", train.max_grad_norm, allow_zero=True)
+    if not 0.0 <= train.min_lr_ratio <= 1.0:
+        raise DistillError(f"config key 'train.min_lr_ratio': {train.min_lr_ratio} is not in [0, 1]")
+    if len(train.betas) != 2:
+        raise DistillError(f"config key 'train.betas': needs two values, got {len(train.betas)}")
+    if train.global_batch_size % train.micro_batch_size:
+        raise DistillError(
+            f"config key 'train.global_batch_size': {train.global_batch_size} is not a multiple of "
+            f"train.micro_batch_size ({train.micro_batch_size})"
+        )
+    loss = train.loss
+    _positive("train.loss.temperature", loss.temperature)
+    _positive("train.loss.kd_weight", loss.kd_weight, allow_zero=True)
+    _positive("train.loss.lm_weight", loss.lm_weight, allow_zero=True)
+    if loss.kd_weight == 0 and loss.lm_weight == 0:
+        raise DistillError("config key 'train.loss': kd_weight and lm_weight are both 0, nothing to train on")
+
+    _positive("eval.block_size", config.eval.block_size)
+    _positive("eval.max_blocks", config.eval.max_blocks, allow_zero=True)
+    _positive("eval.batch_size", config.eval.batch_size)
+    _choice("tracking.backend", config.tracking.backend, ["wandb", "tensorboard", "none"])

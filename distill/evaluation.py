@@ -1,0 +1,60 @@
+"""Perplexity and KL to the teacher on token blocks, shared by every process.
+
+Ranks take interleaved blocks and the sums are added across ranks, so the numbers do not depend on
+the number of processes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+from torch import nn
+
+
+@torch.no_grad()
+def score_models(
+    models: dict[str, nn.Module],
+    blocks: torch.Tensor,
+    accelerator: Accelerator,
+    batch_size: int,
+    reference: str | None = "teacher",
+    desc: str = "evaluating",
+) -> dict[str, dict[str, float]]:
+    """{model name: {"ppl": ..., "kl": ...}} on `blocks` [n, length]; "kl" is KL(reference || model)
+    per token at temperature 1, present for every model but the reference."""
+    mine = blocks[accelerator.process_index:: accelerator.num_processes]
+    device = accelerator.device
+    nll = {name: torch.zeros((), dtype=torch.float64, device=device) for name in models}
+    kl = {name: torch.zeros((), dtype=torch.float64, device=device) for name in models}
+    predicted = torch.zeros((), dtype=torch.float64, device=device)
+    positions = torch.zeros((), dtype=torch.float64, device=device)
+    for start in tqdm(range(0, len(mine), batch_size), desc=desc, disable=not accelerator.is_main_process):
+        input_ids = mine[start:start + batch_size].to(device)
+        reference_logp = None
+        log_probs = {}
+        for name, model in models.items():
+            logits = model(input_ids=input_ids).logits.float()
+            logp = F.log_softmax(logits, dim=-1)
+            nll[name] -= logp[:, :-1].gather(-1, input_ids[:, 1:, None]).double().sum()
+            if name == reference:
+                reference_logp = logp
+            else:
+                log_probs[name] = logp
+        if reference_logp is not None:
+            for name, logp in log_probs.items():
+                kl[name] += (reference_logp.exp() * (reference_logp - logp)).sum().double()
+        predicted += input_ids[:, 1:].numel()
+        positions += input_ids.numel()
+    predicted = accelerator.reduce(predicted, "sum")
+    positions = accelerator.reduce(positions, "sum")
+    results = {}
+    for name in models:
+        total_nll = accelerator.reduce(nll[name], "sum")
+        results[name] = {"ppl": math.exp(float(total_nll / predicted))}
+        if name != reference and reference in models:
+            results[name]["kl"] = float(accelerator.reduce(kl[name], "sum") / positions)
+    return results

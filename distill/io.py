@@ -1,0 +1,93 @@
+"""Atomic writes: everything goes to a temporary name first and is renamed into place, so a crash
+or a kill never leaves a half-written file where a finished one is expected."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Dict
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from distill.errors import DistillError
+
+
+def _temp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call `write(temp_path)`, then rename the result to `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = _temp_name(path)
+    try:
+        write(temp)
+        os.replace(temp, path)
+    finally:
+        if temp.exists():
+            temp.unlink()
+    return path
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    return atomic_write(path, lambda temp: temp.write_text(text))
+
+
+def write_json(path: str | Path, data: Any) -> Path:
+    return write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: str | Path) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DistillError(f"missing file: {path}") from None
+    except json.JSONDecodeError as error:
+        raise DistillError(f"corrupt JSON file {path}: {error.msg} at line {error.lineno}") from None
+
+
+def save_tensors(path: str | Path, tensors: Dict[str, torch.Tensor], metadata: Dict[str, str] | None = None) -> Path:
+    contiguous = {name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}
+    return atomic_write(path, lambda temp: save_file(contiguous, str(temp), metadata=metadata))
+
+
+def load_tensors(path: str | Path) -> Dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise DistillError(f"missing file: {path}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise DistillError(f"corrupt safetensors file {path}: {str(error).splitlines()[0]}") from None
+
+
+def replace_dir(source: Path, target: Path) -> None:
+    """Move the finished directory `source` to `target`, replacing what was there only at the end."""
+    old = target.with_name(f".{target.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(source, target)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fingerprint(data: Any) -> str:
+    """A short stable hash of JSON-serialisable data."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -1,0 +1,100 @@
+"""The packed N:M format: only the kept weights and their positions inside each group.
+
+For a masked weight W of shape [out, in] with N:M sparsity (G = in / M groups per row):
+  <name>.values   [out, G * N], W's dtype: the kept weights of each group, in ascending position
+  <name>.indices  [out, G * N], uint8: the position (0 .. M-1) of each kept weight inside its group
+so that W[r, g*M + indices[r, g*N + k]] = values[r, g*N + k] and every other entry of W is zero.
+For 2:4 in bf16 this is 8/16 of the dense bytes for values plus 2 bits of index per kept weight once
+compressed further by a kernel's own metadata layout; here indices stay one byte each for clarity.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from distill.errors import DistillError
+from distill.io import load_tensors, save_tensors, write_json
+
+FORMAT = "distill.nm_packed.v1"
+
+
+def pack_nm(weight: torch.Tensor, mask: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    rows, cols = weight.shape
+    groups = mask.reshape(rows, cols // m, m)
+    if not bool((groups.sum(-1) == n).all()):
+        raise DistillError(f"mask does not keep exactly {n} of every {m} weights")
+    # a stable sort of "not kept" puts the n kept positions first, in ascending order
+    positions = torch.sort((~groups).to(torch.uint8), dim=-1, stable=True).indices[..., :n]
+    values = weight.reshape(rows, cols // m, m).gather(-1, positions)
+    return values.reshape(rows, -1).contiguous(), positions.to(torch.uint8).reshape(rows, -1).contiguous()
+
+
+def unpack_nm(values: torch.Tensor, indices: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    rows, kept = values.shape
+    groups = kept // n
+    dense = torch.zeros(rows, groups, m, dtype=values.dtype, device=values.device)
+    dense.scatter_(-1, indices.reshape(rows, groups, n).long(), values.reshape(rows, groups, n))
+    return dense.reshape(rows, groups * m)
+
+
+def save_packed(model: nn.Module, masked: list[str], n: int, m: int, directory: Path) -> None:
+    """Write `model` (dense weights with zeros where pruned) in packed form: config, tensors, spec."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = {f"{name}.weight" for name in masked}
+    tensors = {}
+    for name, tensor in model.named_parameters():  # shared (tied) parameters appear once
+        if name in weights:
+            mask = tensor != 0
+            values, indices = pack_nm(tensor.detach(), _full_groups(mask, n, m), n, m)
+            tensors[f"{name[:-len('.weight')]}.values"] = values
+            tensors[f"{name[:-len('.weight')]}.indices"] = indices
+        else:
+            tensors[name] = tensor.detach()
+    model.config.to_json_file(directory / "config.json")
+    save_tensors(directory / "model.safetensors", tensors, metadata={"format": FORMAT})
+    write_json(directory / "sparsity.json", {"format": FORMAT, "n": n, "m": m, "masked": masked})
+
+
+def _full_groups(nonzero: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """A mask with exactly n kept per group that covers every non-zero (pads groups that lost weights
+    to exact zeros, keeping the lowest free positions)."""
+    rows, cols = nonzero.shape
+    groups = nonzero.reshape(rows, cols // m, m)
+    counts = groups.sum(-1, keepdim=True)
+    if bool((counts > n).any()):
+        raise DistillError(f"weight is not {n}:{m} sparse")
+    free_rank = (~groups).cumsum(-1)  # 1, 2, ... over the zero positions of each group
+    pad = (~groups) & (free_rank <= (n - counts))
+    return (groups | pad).reshape(rows, cols)
+
+
+def load_packed(directory: Path, dtype: torch.dtype | None = None) -> nn.Module:
+    """Rebuild the dense-with-zeros Hugging Face model from its packed form (the exact CPU path)."""
+    directory = Path(directory)
+    spec_path = directory / "sparsity.json"
+    if not spec_path.is_file():
+        raise DistillError(f"{directory} is not a packed export (no sparsity.json)")
+    spec = json.loads(spec_path.read_text())
+    if spec.get("format") != FORMAT:
+        raise DistillError(f"{directory}: unknown packed format {spec.get('format')!r}, expected {FORMAT}")
+    tensors = load_tensors(directory / "model.safetensors")
+    n, m = spec["n"], spec["m"]
+    state = {}
+    for name in spec["masked"]:
+        state[f"{name}.weight"] = unpack_nm(tensors.pop(f"{name}.values"), tensors.pop(f"{name}.indices"), n, m)
+    state.update(tensors)
+    config = AutoConfig.from_pretrained(directory)
+    model = AutoModelForCausalLM.from_config(config, dtype=next(iter(state.values())).dtype)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {name for name in model.state_dict() if name not in dict(model.named_parameters())}
+    buffers = {name for name, _ in model.named_buffers()}
+    if set(missing) - tied - buffers or unexpected:
+        raise DistillError(f"packed export {directory} does not match its config: missing {sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]}")
+    model.tie_weights()
+    return model.to(dtype) if dtype else model

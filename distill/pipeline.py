@@ -1,0 +1,190 @@
+"""The stage runner: which stages are up to date, which must run, and how each one's output lands.
+
+Every stage writes into `<run_dir>/<stage>.partial/` while it works (checkpoints live there) and the
+finished directory is renamed to `<run_dir>/<stage>/` with a manifest at the very end, so a finished
+stage is never overwritten by a failing one. A stage's fingerprint hashes the config keys it depends
+on, its input files, and the manifests of the stages it reads; a stage is skipped when its manifest
+holds the same fingerprint, and runs again (with everything downstream) when it does not.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from accelerate import Accelerator
+
+from distill import __version__
+from distill.config import Config, to_dict, to_yaml
+from distill.errors import DistillError
+from distill.io import fingerprint, read_json, replace_dir, write_json, write_text
+
+
+@dataclass
+class StageContext:
+    config: Config
+    accelerator: Accelerator
+    run_dir: Path
+    work_dir: Path  # where the running stage writes (renamed to the stage dir when it finishes)
+
+    def stage_dir(self, name: str) -> Path:
+        """The finished output of an upstream stage."""
+        return self.run_dir / name
+
+    def log(self, message: str) -> None:
+        self.accelerator.print(message, flush=True)
+
+
+@dataclass
+class Stage:
+    name: str
+    config_keys: tuple[str, ...]  # dotted config paths this stage depends on
+    upstream: tuple[str, ...]  # stages whose output it reads
+    run: Callable[[StageContext], dict]  # returns a summary kept in the manifest
+    input_files: Callable[[Config], list[str]] = field(default=lambda config: [])
+
+
+def flatten(data, prefix: str = "") -> dict:
+    """{'a': {'b': 1}, 'c': [x, y]} -> {'a.b': 1, 'c[0]': x, 'c[1]': y}."""
+    if isinstance(data, dict):
+        out = {}
+        for key, value in data.items():
+            out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    if isinstance(data, list) and any(isinstance(item, (dict, list)) for item in data):
+        out = {}
+        for index, value in enumerate(data):
+            out.update(flatten(value, f"{prefix}[{index}]"))
+        return out
+    return {prefix: data}
+
+
+def _select(config: Config, keys: tuple[str, ...]) -> dict:
+    full = flatten(to_dict(config))
+    return {key: value for key, value in full.items() if any(key == k or key.startswith((k + ".", k + "[")) for k in keys)}
+
+
+def _file_stamp(path: str) -> dict:
+    file = Path(path)
+    if not file.is_file():
+        return {"path": path, "missing": True}
+    stat = file.stat()
+    return {"path": path, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def describe_changes(old: dict, new: dict) -> str:
+    keys = sorted(set(old) | set(new))
+    changes = [f"{key}: {old.get(key, '<unset>')!r} -> {new.get(key, '<unset>')!r}" for key in keys if old.get(key) != new.get(key)]
+    return "; ".join(changes) if changes else "inputs of an upstream stage or the code version changed"
+
+
+def check_input_paths(config: Config) -> None:
+    """Fail before any work when a named input file is missing."""
+    for index, source in enumerate(config.data.sources):
+        for path in source.files:
+            if not Path(path).is_file():
+                raise DistillError(f"config key 'data.sources[{index}].files': file not found: {path}")
+    for path in config.eval.files:
+        if not Path(path).is_file():
+            raise DistillError(f"config key 'eval.files': file not found: {path}")
+
+
+class Pipeline:
+    def __init__(self, config: Config, accelerator: Accelerator, stages: list[Stage]):
+        self.config = config
+        self.accelerator = accelerator
+        self.stages = stages
+        self.run_dir = config.run_dir
+
+    def inputs(self, stage: Stage) -> dict:
+        """What a stage's fingerprint covers, as a flat dict (so changes can be named key by key)."""
+        inputs = {f"config.{key}": value for key, value in _select(self.config, stage.config_keys).items()}
+        for index, path in enumerate(stage.input_files(self.config)):
+            inputs[f"file[{index}]"] = _file_stamp(path)
+        for name in stage.upstream:
+            manifest = self.manifest(name)
+            inputs[f"upstream.{name}"] = manifest["completion"] if manifest else None
+        inputs["distill.version"] = __version__
+        return inputs
+
+    def manifest(self, name: str) -> dict | None:
+        path = self.run_dir / name / "manifest.json"
+        return read_json(path) if path.is_file() else None
+
+    def _names(self) -> list[str]:
+        return [stage.name for stage in self.stages]
+
+    def run(self, only: str | None = None, start_from: str | None = None, restart: bool = False) -> None:
+        for chosen in (only, start_from):
+            if chosen is not None and chosen not in self._names():
+                raise DistillError(f"unknown stage '{chosen}' (stages: {', '.join(self._names())})")
+        accelerator = self.accelerator
+        if restart and accelerator.is_main_process and self.run_dir.exists():
+            shutil.rmtree(self.run_dir)
+        accelerator.wait_for_everyone()
+
+        forced = set()
+        if start_from:
+            forced = set(self._names()[self._names().index(start_from):])
+        if only:
+            forced = {only}
+        for stage in self.stages:
+            if only and stage.name != only:
+                continue
+            for name in stage.upstream:
+                if self.manifest(name) is None:
+                    raise DistillError(f"stage '{stage.name}' needs stage '{name}' finished first; run the pipeline without --only")
+            self._run_stage(stage, force=stage.name in forced)
+
+    def _run_stage(self, stage: Stage, force: bool) -> None:
+        accelerator = self.accelerator
+        inputs = self.inputs(stage)
+        stamp = fingerprint(inputs)
+        manifest = self.manifest(stage.name)
+        if manifest and manifest["fingerprint"] == stamp and not force:
+            accelerator.print(f"[{stage.name}] up to date, skipped", flush=True)
+            return
+        work_dir = self.run_dir / f"{stage.name}.partial"
+        saved_inputs = work_dir / "inputs.json"
+        if saved_inputs.is_file():
+            previous = read_json(saved_inputs)
+            if previous["fingerprint"] != stamp:
+                raise DistillError(
+                    f"stage '{stage.name}' has an unfinished run in {work_dir} made with other inputs "
+                    f"({describe_changes(previous['inputs'], inputs)}); rerun with --restart to start over"
+                )
+            accelerator.print(f"[{stage.name}] resuming the unfinished run in {work_dir}", flush=True)
+        elif manifest:
+            reason = "forced" if force else describe_changes(manifest["inputs"], inputs)
+            accelerator.print(f"[{stage.name}] running again ({reason})", flush=True)
+        else:
+            accelerator.print(f"[{stage.name}] running", flush=True)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            work_dir.mkdir(parents=True, exist_ok=True)
+            write_json(saved_inputs, {"fingerprint": stamp, "inputs": inputs})
+            write_text(self.run_dir / "config.yaml", to_yaml(self.config))  # the config the run dir now reflects
+        accelerator.wait_for_everyone()
+
+        started = time.time()
+        context = StageContext(self.config, accelerator, self.run_dir, work_dir)
+        summary = stage.run(context)
+        seconds = time.time() - started
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            write_json(work_dir / "manifest.json", {
+                "stage": stage.name,
+                "fingerprint": stamp,
+                "inputs": inputs,
+                "completion": uuid.uuid4().hex,  # downstream stages fingerprint this, so a re-run invalidates them
+                "seconds": round(seconds, 2),
+                "summary": summary,
+            })
+            (work_dir / "inputs.json").unlink()
+            replace_dir(work_dir, self.run_dir / stage.name)
+        accelerator.wait_for_everyone()
+        accelerator.print(f"[{stage.name}] finished in {seconds:.1f} s", flush=True)

@@ -1,0 +1,125 @@
+"""N:M masks and the masked projection that carries one.
+
+Groups run along the input dimension: in a weight of shape [out, in], every run of M consecutive
+weights of one output row keeps N. That is the layout GPU 2:4 kernels (cuSPARSELt) accelerate.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Keep the `n` highest-scoring entries of every group of `m` consecutive inputs (bool mask)."""
+    rows, cols = scores.shape
+    if cols % m:
+        raise ValueError(f"input size {cols} is not a multiple of {m}")
+    groups = scores.reshape(rows, cols // m, m)
+    keep = groups.topk(n, dim=-1).indices
+    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, keep, True)
+    return mask.reshape(rows, cols)
+
+
+def nm_violations(weight: torch.Tensor, n: int, m: int) -> int:
+    """How many groups of `m` hold more than `n` non-zeros (0 means the weight is N:M sparse)."""
+    rows, cols = weight.shape
+    if cols % m:
+        raise ValueError(f"input size {cols} is not a multiple of {m}")
+    nonzeros = (weight.reshape(rows, cols // m, m) != 0).sum(-1)
+    return int((nonzeros > n).sum())
+
+
+class MaskedLinear(nn.Linear):
+    """An nn.Linear whose weight is multiplied by a fixed boolean mask.
+
+    The product in forward makes the gradient of every masked weight exactly zero, and the weight
+    itself is zeroed where masked, so masked weights stay zero under any optimizer;
+    `apply_masks_` re-zeroes them anyway after each step as a guard against weight decay quirks.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.register_buffer("mask", torch.ones(out_features, in_features, dtype=torch.bool, device=device))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, mask: torch.Tensor) -> "MaskedLinear":
+        masked = cls(linear.in_features, linear.out_features, linear.bias is not None,
+                     device=linear.weight.device, dtype=linear.weight.dtype)
+        with torch.no_grad():
+            masked.mask.copy_(mask)
+            masked.weight.copy_(linear.weight * mask)
+            if linear.bias is not None:
+                masked.bias.copy_(linear.bias)
+        return masked
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight * self.mask, self.bias)
+
+    def to_linear(self) -> nn.Linear:
+        """A plain nn.Linear holding the masked weight (zeros where pruned)."""
+        linear = nn.Linear(self.in_features, self.out_features, self.bias is not None,
+                           device=self.weight.device, dtype=self.weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(self.weight * self.mask)
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+
+def masked_modules(model: nn.Module) -> Iterator[tuple[str, MaskedLinear]]:
+    for name, module in model.named_modules():
+        if isinstance(module, MaskedLinear):
+            yield name, module
+
+
+def target_linears(model: nn.Module, targets: list[str]) -> Iterator[tuple[str, nn.Linear]]:
+    """The nn.Linear modules whose last name component is in `targets` (e.g. q_proj, down_proj)."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in targets:
+            yield name, module
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def install_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
+    """Replace each named nn.Linear by a MaskedLinear carrying its mask (in place)."""
+    for name, mask in masks.items():
+        linear = model.get_submodule(name)
+        set_module(model, name, MaskedLinear.from_linear(linear, mask.to(linear.weight.device)))
+    return model
+
+
+def remove_masks(model: nn.Module) -> nn.Module:
+    """Replace every MaskedLinear by a plain nn.Linear with zeros where pruned (in place)."""
+    for name, module in list(masked_modules(model)):
+        set_module(model, name, module.to_linear())
+    return model
+
+
+@torch.no_grad()
+def apply_masks_(pairs: tuple[list[torch.Tensor], list[torch.Tensor]]) -> None:
+    """Zero every masked weight in one fused call (no per-module Python work in the training loop)."""
+    weights, masks = pairs
+    if weights:
+        torch._foreach_mul_(weights, masks)
+
+
+def mask_pairs(model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(weights, masks as weight dtype) of every masked projection, for `apply_masks_`."""
+    modules = [module for _, module in masked_modules(model)]
+    return [m.weight for m in modules], [m.mask.to(m.weight.dtype) for m in modules]
+
+
+def sparsity_report(model: nn.Module) -> dict[str, float]:
+    """Fraction of zero weights of every masked projection, by module name."""
+    return {
+        name: float((module.weight * module.mask == 0).float().mean())
+        for name, module in masked_modules(model)
+    }

@@ -1,0 +1,14 @@
+"""The pipeline's stages in order, each with the config keys and upstream stages it depends on."""
+
+from distill.pipeline import Stage
+from distill.stages import evaluate, export, prune, teacher, train
+
+STAGES = [
+    Stage("teacher", ("run.seed", "teacher", "data", "calibration", "prune.targets"), (), teacher.run,
+          input_files=teacher.source_files),
+    Stage("prune", ("teacher", "prune"), ("teacher",), prune.run),
+    Stage("distill", ("run.seed", "teacher", "train"), ("prune",), train.run),
+    Stage("export", ("export",), ("distill",), export.run),
+    Stage("evaluate", ("teacher", "eval"), ("teacher", "prune", "export"), evaluate.run,
+          input_files=lambda config: list(config.eval.files)),
+]

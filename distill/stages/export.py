@@ -1,0 +1,105 @@
+"""Stage 4, export: check the N:M structure, write the student in two forms, and prove they agree.
+
+  hf/      a Hugging Face model dir (config, tokenizer, safetensors) with zeros where pruned: loads
+           with AutoModelForCausalLM.from_pretrained anywhere
+  packed/  kept values + positions per group (see distill.packing), plus config and tokenizer
+The packed form is loaded back and must reproduce hf/ bitwise (weights and logits). On CUDA the
+student also runs on PyTorch's 2:4 kernels and its logits are compared with the dense model's.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from distill.errors import DistillError
+from distill.io import load_tensors
+from distill.packing import load_packed, save_packed
+from distill.pipeline import StageContext
+from distill.sparsity import masked_modules, nm_violations, remove_masks
+from distill.stages.prune import STUDENT_DIR
+from distill.stages.teacher import DATA_FILE
+from distill.student import load_student
+
+
+def verify_structure(model: torch.nn.Module, n: int, m: int) -> None:
+    for name, module in masked_modules(model):
+        if bool((module.weight[~module.mask] != 0).any()):
+            raise DistillError(f"{name}: weights outside the mask are not zero")
+        bad = nm_violations(module.weight * module.mask, n, m)
+        if bad:
+            raise DistillError(f"{name}: {bad} groups of {m} hold more than {n} non-zeros")
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    expected = expected.double()
+    return float((actual.double() - expected).norm() / expected.norm().clamp_min(1e-30))
+
+
+@torch.no_grad()
+def sparse_kernel_error(model: torch.nn.Module, masked: list[str], input_ids: torch.Tensor) -> float:
+    """Relative error of the logits with 2:4 projections on PyTorch's semi-structured kernels (CUDA)."""
+    from torch.sparse import to_sparse_semi_structured
+
+    model = model.to("cuda", torch.bfloat16).eval()
+    input_ids = input_ids.cuda()
+    expected = model(input_ids=input_ids).logits.float()
+    for name in masked:
+        linear = model.get_submodule(name)
+        linear.weight = torch.nn.Parameter(to_sparse_semi_structured(linear.weight.data), requires_grad=False)
+    actual = model(input_ids=input_ids).logits.float()
+    return relative_error(actual, expected)
+
+
+def run(ctx: StageContext) -> dict:
+    config, accelerator = ctx.config, ctx.accelerator
+    summary: dict = {}
+    if not accelerator.is_main_process:
+        return summary
+    student_dir = ctx.stage_dir("distill") / STUDENT_DIR
+    spec = json.loads((student_dir / "sparsity.json").read_text())
+    n, m, masked = spec["n"], spec["m"], spec["masked"]
+    student = load_student(student_dir)
+    verify_structure(student, n, m)
+    ctx.log(f"[export] {len(masked)} projections verified {n}:{m}")
+
+    tokenizer = AutoTokenizer.from_pretrained(ctx.stage_dir("teacher") / "tokenizer")
+    dense = remove_masks(student)
+    hf_dir, packed_dir = ctx.work_dir / "hf", ctx.work_dir / "packed"
+    dense.save_pretrained(hf_dir)
+    tokenizer.save_pretrained(hf_dir)
+    save_packed(dense, masked, n, m, packed_dir)
+    tokenizer.save_pretrained(packed_dir)
+
+    # the round trip: hf/ as any user would load it, against packed/ unpacked by our loader
+    from_hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    from_packed = load_packed(packed_dir).eval()
+    hf_state, packed_state = from_hf.state_dict(), from_packed.state_dict()
+    mismatched = [name for name in hf_state if not torch.equal(hf_state[name], packed_state[name])]
+    if mismatched:
+        raise DistillError(f"packed export does not reproduce the dense export: {mismatched[:3]} differ")
+    probe = _probe_batch(ctx)
+    with torch.no_grad():
+        same_logits = torch.equal(from_hf(input_ids=probe).logits, from_packed(input_ids=probe).logits)
+    if not same_logits:
+        raise DistillError("packed export loads with the same weights but different logits")
+    summary = {"verified": True, "n": n, "m": m, "masked": len(masked),
+               "hf_dir": str(hf_dir), "packed_dir": str(packed_dir),
+               "packed_bytes": (packed_dir / "model.safetensors").stat().st_size,
+               "dense_bytes": sum(p.stat().st_size for p in hf_dir.glob("*.safetensors"))}
+    if torch.cuda.is_available() and (n, m) == (2, 4):
+        error = sparse_kernel_error(from_hf, masked, probe)
+        summary["sparse_kernel_relative_error"] = error
+        if error > config.export.kernel_tolerance:
+            raise DistillError(f"2:4 kernel logits differ from dense by {error:.3g} (> export.kernel_tolerance)")
+        ctx.log(f"[export] 2:4 kernels match the dense model within {error:.3g} relative error")
+    ctx.log(f"[export] packed form reproduces the dense export exactly ({summary['packed_bytes']} vs "
+            f"{summary['dense_bytes']} bytes)")
+    return summary
+
+
+def _probe_batch(ctx: StageContext) -> torch.Tensor:
+    data = load_tensors(ctx.stage_dir("teacher") / DATA_FILE)
+    return data["train"][:2].long()

@@ -1,0 +1,66 @@
+"""Stage 1, teacher: load the dense teacher and make what later stages need from it.
+
+Writes data.safetensors (training blocks and each source's held-out blocks), calibration.safetensors
+(input statistics of every target projection), and the teacher's perplexity on the held-out blocks.
+All ranks share the work: sampling, calibration and evaluation.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from distill.calibration import input_square_sums
+from distill.data import pack, sample_from_teacher, split_blocks, tokenize_files, tokenize_hub_dataset
+from distill.evaluation import score_models
+from distill.io import save_tensors
+from distill.models import load_teacher, load_tokenizer
+from distill.pipeline import StageContext
+
+DATA_FILE = "data.safetensors"
+CALIBRATION_FILE = "calibration.safetensors"
+
+
+def source_files(config) -> list[str]:
+    return [path for source in config.data.sources if source.kind == "files" for path in source.files]
+
+
+def run(ctx: StageContext) -> dict:
+    config, accelerator = ctx.config, ctx.accelerator
+    with accelerator.main_process_first():  # the main process fetches and caches the demo teacher first
+        tokenizer = load_tokenizer(config.teacher)
+        teacher = load_teacher(config.teacher, accelerator.device)
+
+    train_parts, heldout, counts = [], {}, {}
+    for source in config.data.sources:
+        if source.kind == "teacher":
+            tokens = sample_from_teacher(teacher, tokenizer, source.samples, config.run.seed, accelerator)
+        else:
+            with accelerator.main_process_first():  # datasets caches the tokenized text once
+                tokens = (tokenize_files(source.files, tokenizer, source.text_field) if source.kind == "files"
+                          else tokenize_hub_dataset(source, tokenizer))
+        blocks = split_blocks(pack(tokens, config.data.block_size), source, config.data.max_heldout_blocks)
+        train_parts.append(blocks.train)
+        heldout[source.name] = blocks.heldout
+        counts[source.name] = {"tokens": tokens.numel(), "train_blocks": len(blocks.train), "heldout_blocks": len(blocks.heldout)}
+        ctx.log(f"[teacher] source '{source.name}': {tokens.numel()} tokens, "
+                f"{len(blocks.train)} training and {len(blocks.heldout)} held-out blocks of {config.data.block_size}")
+    train = torch.cat(train_parts)
+
+    # calibration blocks: evenly spread over the training blocks, so every source is represented
+    picks = torch.linspace(0, len(train) - 1, min(config.calibration.num_blocks, len(train))).round().long().unique()
+    statistics = input_square_sums(teacher, train[picks], config.prune.targets, accelerator)
+
+    teacher_ppl = {}
+    for name, blocks in heldout.items():
+        if len(blocks):
+            scores = score_models({"teacher": teacher}, blocks, accelerator, config.eval.batch_size, desc=f"teacher on {name}")
+            teacher_ppl[name] = scores["teacher"]["ppl"]
+            ctx.log(f"[teacher] perplexity on held-out '{name}': {teacher_ppl[name]:.2f}")
+
+    if accelerator.is_main_process:
+        tensors = {"train": train.to(torch.int32)}
+        tensors.update({f"heldout.{name}": blocks.to(torch.int32) for name, blocks in heldout.items()})
+        save_tensors(ctx.work_dir / DATA_FILE, tensors)
+        save_tensors(ctx.work_dir / CALIBRATION_FILE, statistics)
+        tokenizer.save_pretrained(ctx.work_dir / "tokenizer")
+    return {"sources": counts, "train_blocks": len(train), "calibration_blocks": len(picks), "teacher_ppl": teacher_ppl}

@@ -1,0 +1,215 @@
+"""Stage 3, distill: train the masked student against the frozen teacher under accelerate.
+
+The global batch of every optimizer step is fixed by the config and by the step number alone
+(`BlockSchedule`), then split over processes and accumulation micro-steps, so one process and N
+processes see the same data and follow the same loss curve, and a resumed run continues exactly
+where the checkpoint left off. Checkpoints are accelerate `save_state` dirs (model with masks,
+optimizer, scheduler, RNG, data position) written under a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+from distill.config import Config, TrainConfig
+from distill.errors import DistillError
+from distill.io import load_tensors, read_json, write_json, write_text
+from distill.losses import distillation_loss
+from distill.models import load_teacher
+from distill.pipeline import StageContext
+from distill.sparsity import apply_masks_, mask_pairs, masked_modules
+from distill.stages.prune import STUDENT_DIR
+from distill.stages.teacher import DATA_FILE
+from distill.student import load_student, save_student
+from distill.tracking import start_tracking
+
+CHECKPOINTS = "checkpoints"
+METRICS_FILE = "metrics.jsonl"
+
+
+class BlockSchedule:
+    """Which training blocks each optimizer step uses: consecutive slices of a seeded permutation
+    per epoch. Its state (the next step) is saved with every checkpoint."""
+
+    def __init__(self, num_blocks: int, global_batch_size: int, seed: int):
+        if num_blocks < global_batch_size:
+            raise DistillError(f"train.global_batch_size {global_batch_size} is larger than the {num_blocks} training blocks")
+        self.num_blocks, self.global_batch_size, self.seed = num_blocks, global_batch_size, seed
+        self.step = 0
+
+    def global_batch(self, step: int) -> torch.Tensor:
+        steps_per_epoch = self.num_blocks // self.global_batch_size
+        epoch, index = divmod(step, steps_per_epoch)
+        order = torch.randperm(self.num_blocks, generator=torch.Generator().manual_seed(self.seed + epoch))
+        return order[index * self.global_batch_size:(index + 1) * self.global_batch_size]
+
+    def micro_batches(self, step: int, rank: int, world: int, micro_batch_size: int) -> list[torch.Tensor]:
+        mine = self.global_batch(step).reshape(world, -1)[rank]
+        return list(mine.split(micro_batch_size))
+
+    def state_dict(self) -> dict:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+
+
+def accumulation_steps(train: TrainConfig, world: int) -> int:
+    per_process, remainder = divmod(train.global_batch_size, world)
+    if remainder or per_process % train.micro_batch_size:
+        raise DistillError(
+            f"train.global_batch_size {train.global_batch_size} does not split into {world} processes x "
+            f"micro batches of train.micro_batch_size {train.micro_batch_size}"
+        )
+    return per_process // train.micro_batch_size
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    pointer = root / "latest.json"
+    if not pointer.is_file():
+        return None
+    path = root / read_json(pointer)["name"]
+    if not path.is_dir():
+        raise DistillError(f"checkpoint pointer {pointer} names {path.name}, which does not exist")
+    return path
+
+
+def save_checkpoint(accelerator: Accelerator, root: Path, step: int, keep: int) -> None:
+    name = f"step_{step:08d}"
+    temp = root / f".{name}.tmp"
+    if accelerator.is_main_process and temp.exists():
+        shutil.rmtree(temp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(temp), safe_serialization=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        final = root / name
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(temp, final)
+        write_json(root / "latest.json", {"name": name, "step": step})
+        finished = sorted(path for path in root.glob("step_*") if path.is_dir())
+        for old in finished[:-keep]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def load_checkpoint(accelerator: Accelerator, path: Path) -> None:
+    try:
+        accelerator.load_state(str(path))
+    except Exception as error:  # a truncated or foreign checkpoint fails in many ways
+        raise DistillError(f"checkpoint {path} could not be loaded ({type(error).__name__}: "
+                           f"{str(error).splitlines()[0] if str(error) else 'no detail'}); "
+                           f"rerun with --restart to start over") from None
+
+
+def _read_metrics(path: Path, upto_step: int) -> list[dict]:
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [row for row in rows if row["step"] <= upto_step]
+
+
+def run(ctx: StageContext) -> dict:
+    config: Config = ctx.config
+    accelerator = ctx.accelerator
+    train = config.train
+    accumulation = accumulation_steps(train, accelerator.num_processes)
+
+    blocks = load_tensors(ctx.stage_dir("teacher") / DATA_FILE)["train"].long()
+    schedule = BlockSchedule(len(blocks), train.global_batch_size, config.run.seed)
+    teacher = load_teacher(config.teacher, accelerator.device) if train.loss.kd_weight else None
+    student = load_student(ctx.stage_dir("prune") / STUDENT_DIR, accelerator.device).train()
+    spec = json.loads((ctx.stage_dir("prune") / STUDENT_DIR / "sparsity.json").read_text())
+
+    trainable = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=train.lr, betas=tuple(train.betas), weight_decay=train.weight_decay,
+                                  fused=accelerator.device.type == "cuda")
+    # Not passed to prepare(): accelerate would step a prepared scheduler once per process.
+    scheduler = get_cosine_with_min_lr_schedule_with_warmup(optimizer, train.warmup_steps, train.steps,
+                                                            min_lr_rate=train.min_lr_ratio)
+    student, optimizer = accelerator.prepare(student, optimizer)
+    accelerator.register_for_checkpointing(scheduler, schedule)
+    masks = mask_pairs(accelerator.unwrap_model(student))
+
+    checkpoints = ctx.work_dir / CHECKPOINTS
+    resume_from = latest_checkpoint(checkpoints)
+    if resume_from is not None:
+        load_checkpoint(accelerator, resume_from)
+        ctx.log(f"[distill] resumed from {resume_from} at step {schedule.step}")
+    metrics_path = ctx.work_dir / METRICS_FILE
+    history = _read_metrics(metrics_path, schedule.step)
+    start_tracking(accelerator, config, ctx.work_dir)
+
+    tokens_per_step = train.global_batch_size * blocks.shape[1]
+    window: list[dict[str, torch.Tensor]] = []  # device tensors, read on the host only at log time
+    window_start = time.perf_counter()
+    progress = tqdm(range(schedule.step, train.steps), initial=schedule.step, total=train.steps,
+                    desc="distill", disable=not accelerator.is_main_process)
+    for step in progress:
+        step_losses: dict[str, torch.Tensor] = {}
+        micro_batches = schedule.micro_batches(step, accelerator.process_index, accelerator.num_processes, train.micro_batch_size)
+        for micro, indices in enumerate(micro_batches):
+            input_ids = blocks[indices].to(accelerator.device, non_blocking=True)
+            last = micro == len(micro_batches) - 1
+            with (nullcontext() if last else accelerator.no_sync(student)):
+                with accelerator.autocast():
+                    student_logits = student(input_ids=input_ids).logits
+                    with torch.no_grad():
+                        teacher_logits = teacher(input_ids=input_ids).logits if teacher is not None else None
+                loss, parts = distillation_loss(student_logits, teacher_logits, input_ids, train.loss)
+                accelerator.backward(loss / accumulation)
+            for name, value in {"loss": loss.detach(), **parts}.items():
+                step_losses[name] = step_losses.get(name, 0) + value / accumulation
+        grad_norm = accelerator.clip_grad_norm_(trainable, train.max_grad_norm) if train.max_grad_norm else None
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        apply_masks_(masks)
+        schedule.step = step + 1
+        if grad_norm is not None:
+            step_losses["grad_norm"] = grad_norm.detach() if torch.is_tensor(grad_norm) else torch.tensor(grad_norm)
+        window.append(step_losses)
+
+        done = step + 1
+        if done % train.log_every == 0 or done == train.steps:
+            row = _log_window(accelerator, window, done, scheduler.get_last_lr()[0],
+                              tokens_per_step * len(window) / (time.perf_counter() - window_start))
+            history.append(row)
+            if accelerator.is_main_process:
+                write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
+                progress.set_postfix(loss=f"{row['loss']:.4f}")
+            accelerator.log({f"train/{k}": v for k, v in row.items() if k != "step"}, step=done)
+            window, window_start = [], time.perf_counter()
+        if done % train.checkpoint_every == 0 and done < train.steps:
+            save_checkpoint(accelerator, checkpoints, done, train.keep_checkpoints)
+
+    accelerator.wait_for_everyone()
+    final = accelerator.unwrap_model(student)
+    if accelerator.is_main_process:
+        save_student(final, ctx.work_dir / STUDENT_DIR, {k: v for k, v in spec.items() if k != "masked"})
+        shutil.rmtree(checkpoints, ignore_errors=True)  # the finished student replaces them
+    accelerator.end_training()
+    zeros_kept = all(bool((module.weight[~module.mask] == 0).all()) for _, module in masked_modules(final))
+    return {"steps": train.steps, "tokens": train.steps * tokens_per_step, "final": history[-1] if history else {},
+            "masked_weights_zero": zeros_kept}
+
+
+def _log_window(accelerator: Accelerator, window: list[dict[str, torch.Tensor]], step: int, lr: float, tokens_per_s: float) -> dict:
+    """Mean of each logged value over the window and over processes (one host sync per log)."""
+    names = sorted(window[0])
+    local = torch.stack([torch.stack([torch.as_tensor(entry[name], dtype=torch.float32, device=accelerator.device)
+                                      for name in names]) for entry in window]).mean(0)
+    values = accelerator.reduce(local, "mean").tolist()
+    row = {"step": step, **dict(zip(names, values)), "lr": lr, "tokens_per_s": tokens_per_s}
+    return row

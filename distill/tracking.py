@@ -1,0 +1,52 @@
+"""Experiment trackers through accelerate (wandb, tensorboard, or none), from the main process only.
+
+wandb reads WANDB_MODE, WANDB_DIR, WANDB_API_KEY ... from the environment itself; WANDB_PROJECT
+overrides `tracking.project`. The wandb run id is kept in the stage's dir, so a resumed stage
+continues the same wandb run instead of starting a new one.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from accelerate import Accelerator
+
+from distill.config import Config, to_dict
+
+RUN_ID_FILE = "wandb_run_id.txt"
+
+
+def log_with(config: Config) -> str | None:
+    """The `log_with` argument for Accelerator."""
+    return None if config.tracking.backend == "none" else config.tracking.backend
+
+
+def start_tracking(accelerator: Accelerator, config: Config, state_dir: Path) -> None:
+    if config.tracking.backend == "none":
+        return
+    init_kwargs = {}
+    if config.tracking.backend == "wandb":
+        run_id_file = Path(state_dir) / RUN_ID_FILE
+        if accelerator.is_main_process and not run_id_file.is_file():
+            import wandb
+
+            run_id_file.write_text(wandb.util.generate_id())
+        accelerator.wait_for_everyone()
+        init_kwargs["wandb"] = {"id": run_id_file.read_text().strip(), "resume": "allow", "name": config.run.name}
+    project = os.environ.get("WANDB_PROJECT", config.tracking.project)
+    accelerator.init_trackers(project, config=_flat_hparams(to_dict(config)), init_kwargs=init_kwargs)
+
+
+def _flat_hparams(data: dict, prefix: str = "") -> dict:
+    """Trackers want flat scalars (tensorboard refuses lists and dicts)."""
+    flat = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flat_hparams(value, name + "."))
+        elif isinstance(value, (int, float, str, bool)) or value is None:
+            flat[name] = value if value is not None else "none"
+        else:
+            flat[name] = str(value)
+    return flat

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Run the distill pipeline through `accelerate launch`.
+#
+#   bash launch.sh [--accelerate cpu|single_gpu|multi_gpu|fsdp] [--num-processes N] CONFIG [key=value ...]
+#                  [--only STAGE] [--from STAGE] [--restart]
+#
+#   --accelerate      an accelerate config from configs/accelerate/ (default: single_gpu when a GPU
+#                     is visible, else cpu)
+#   --num-processes   processes to start (default 1; on CPU each process is a gloo rank)
+#   key=value         dotted config overrides, e.g. train.steps=50 'eval.files=[a.txt,b.txt]'
+#   --only STAGE      run or re-run one stage (teacher, prune, distill, export, evaluate)
+#   --from STAGE      re-run STAGE and every stage after it
+#   --restart         delete the run dir and start over
+# Multi-node: export MACHINE_RANK, NUM_MACHINES, MAIN_PROCESS_IP (and MAIN_PROCESS_PORT) on each node.
+set -euo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+
+accelerate_config=""
+num_processes=1
+pipeline_args=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --accelerate) accelerate_config="$2"; shift 2 ;;
+    --accelerate=*) accelerate_config="${1#*=}"; shift ;;
+    --num-processes) num_processes="$2"; shift 2 ;;
+    --num-processes=*) num_processes="${1#*=}"; shift ;;
+    -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) pipeline_args+=("$1"); shift ;;
+  esac
+done
+if [ ${#pipeline_args[@]} -eq 0 ]; then
+  echo "launch.sh: error: no config file given (see bash launch.sh --help)" >&2
+  exit 2
+fi
+if [ -z "$accelerate_config" ]; then
+  if python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    accelerate_config=single_gpu
+  else
+    accelerate_config=cpu
+  fi
+fi
+config_file="$here/configs/accelerate/$accelerate_config.yaml"
+if [ ! -f "$config_file" ]; then
+  echo "launch.sh: error: no accelerate config $config_file (choose: $(cd "$here/configs/accelerate" && ls *.yaml | sed 's/.yaml//' | tr '\n' ' '))" >&2
+  exit 2
+fi
+if ! [[ "$num_processes" =~ ^[1-9][0-9]*$ ]]; then
+  echo "launch.sh: error: --num-processes must be a positive integer, got '$num_processes'" >&2
+  exit 2
+fi
+
+launch=(--config_file "$config_file" --num_processes "$num_processes")
+[ "$accelerate_config" = cpu ] && launch+=(--cpu)
+[ -n "${NUM_MACHINES:-}" ] && launch+=(--num_machines "$NUM_MACHINES")
+[ -n "${MACHINE_RANK:-}" ] && launch+=(--machine_rank "$MACHINE_RANK")
+[ -n "${MAIN_PROCESS_IP:-}" ] && launch+=(--main_process_ip "$MAIN_PROCESS_IP")
+[ -n "${MAIN_PROCESS_PORT:-}" ] && launch+=(--main_process_port "$MAIN_PROCESS_PORT")
+exec python -m accelerate.commands.launch "${launch[@]}" "$here/pipelines/run.py" "${pipeline_args[@]}"

@@ -1,0 +1,53 @@
+"""Run the distill pipeline: teacher -> prune -> distill -> export -> evaluate.
+
+    accelerate launch --config_file configs/accelerate/cpu.yaml pipelines/run.py configs/demo.yaml [key=value ...]
+
+Finished stages whose inputs did not change are skipped; an interrupted stage resumes from its last
+checkpoint. `--only STAGE` re-runs one stage, `--from STAGE` re-runs it and everything after it,
+`--restart` deletes the run dir and starts over.
+"""
+
+import argparse
+import sys
+
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+
+from distill.config import load_config
+from distill.errors import DistillError
+from distill.pipeline import Pipeline, check_input_paths
+from distill.stages import STAGES
+from distill.tracking import log_with
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", help="YAML config file")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides such as train.steps=50")
+    parser.add_argument("--only", metavar="STAGE", help="run (or re-run) this stage alone")
+    parser.add_argument("--from", dest="start_from", metavar="STAGE", help="re-run this stage and every later one")
+    parser.add_argument("--restart", action="store_true", help="delete the run dir and start over")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        config = load_config(args.config, args.overrides)
+        check_input_paths(config)
+        accelerator = Accelerator(
+            log_with=log_with(config),
+            project_config=ProjectConfiguration(project_dir=str(config.run_dir), logging_dir=str(config.run_dir / "logs")),
+            # masks are identical on every rank: no need to broadcast buffers each forward
+            kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+        )
+        set_seed(config.run.seed)
+        Pipeline(config, accelerator, STAGES).run(only=args.only, start_from=args.start_from, restart=args.restart)
+    except DistillError as error:
+        print(f"distill: error: {error}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
