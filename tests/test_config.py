@@ -1,0 +1,71 @@
+import re
+
+import pytest
+import yaml
+
+from conftest import REPO, run_pipeline, tiny_config, write_config
+from distill.config import load_config
+from distill.errors import DistillError
+
+
+def test_demo_config_loads_and_overrides_reach_nested_keys():
+    config = load_config(REPO / "configs" / "demo.yaml",
+                         ["train.steps=7", "train.loss.temperature=2", "data.sources.0.samples.num_sequences=3",
+                          "eval.files=[a.txt,b.txt]", "train.lr=1e-3"])
+    assert config.train.steps == 7
+    assert config.train.loss.temperature == 2.0
+    assert config.data.sources[0].samples.num_sequences == 3
+    assert config.eval.files == ["a.txt", "b.txt"]
+    assert config.train.lr == pytest.approx(1e-3)
+    assert str(config.run_dir) == "runs/demo"
+
+
+@pytest.mark.parametrize("text,overrides,message", [
+    ("train: {steps: 3", [], "not valid YAML at line"),
+    ("train: {stepz: 3}", [], "config key 'train.stepz'"),
+    ("train: {steps: many}", [], "config key 'train.steps'"),
+    ("prune: {n: 4, m: 4}", [], "N:M sparsity needs N < M, got 4:4"),
+    ("prune: {criterion: best}", [], "'prune.criterion': 'best' is not one of"),
+    ("data: {sources: [{name: a, kind: files}]}", [], "a files source needs at least one file"),
+    ("data: {sources: [{name: a, kind: files, files: [x.txt], extra: 1}]}", [], "config key 'data.sources[0].extra'"),
+    ("{}", ["train.steps"], "is not of the form key=value"),
+    ("{}", ["nosuch.key=1"], "config key 'nosuch'"),
+    ("{}", ["train.global_batch_size=6"], "not a multiple of train.micro_batch_size"),
+    ("- a list", [], "must hold a mapping"),
+    ("data: {sources: [{name: a, kind: files, files: [x.txt], heldout_fraction: lots}]}", [],
+     "config key 'data.sources[0].heldout_fraction'"),
+])
+def test_bad_config_is_one_clear_error(tmp_path, text, overrides, message):
+    path = tmp_path / "bad.yaml"
+    parsed = yaml.safe_load(text) if "{steps: 3\n" not in text + "\n" else None
+    if isinstance(parsed, dict) and "data" not in parsed:  # a valid data section, so only the tested key is wrong
+        parsed["data"] = {"sources": [{"name": "a", "kind": "files", "files": ["x.txt"]}]}
+        text = yaml.safe_dump(parsed)
+    path.write_text(text)
+    with pytest.raises(DistillError, match=re.escape(message)) as info:
+        load_config(path, overrides)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_config_file():
+    with pytest.raises(DistillError, match="config file not found: nowhere.yaml"):
+        load_config("nowhere.yaml")
+
+
+def test_cli_reports_bad_input_in_one_line_and_exits_non_zero(tmp_path, tiny_teacher):
+    cases = {
+        "unknown key": (["train.nope=1"], "config key 'train.nope'"),
+        "wrong type": (["train.steps=abc"], "config key 'train.steps'"),
+        "n >= m": (["prune.n=4"], "N < M"),
+        "missing data": (["data.sources.0.files=[/no/such/file.txt]"], "file not found: /no/such/file.txt"),
+        "missing teacher": (["teacher.source=/no/such/teacher"], "teacher.source not found: /no/such/teacher"),
+        "missing eval file": (["eval.files=[/no/such/eval.txt]"], "file not found: /no/such/eval.txt"),
+    }
+    config = write_config(tmp_path / "c.yaml", tiny_config(tmp_path, tiny_teacher))
+    for case, (overrides, message) in cases.items():
+        result = run_pipeline(config, *overrides, check=False)
+        assert result.returncode == 2, case
+        lines = [line for line in result.stderr.splitlines() if line.startswith("distill: error:")]
+        assert len(lines) == 1 and message in lines[0], (case, result.stderr[-2000:])
+        assert "Traceback" not in result.stderr, case
+    assert not (tmp_path / "runs" / "tiny" / "teacher").exists(), "bad input must not produce stage output"

@@ -1,0 +1,224 @@
+"""The whole pipeline on a tiny random Llama: outputs, skipping, re-running, resuming after a kill,
+refusing stale checkpoints, two processes against one, and wandb offline logging."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from conftest import REPO, TEST_TEXT, run_pipeline, tiny_config, write_config
+from distill.packing import load_packed
+from distill.sparsity import nm_violations
+from wandb_offline import history
+
+STAGES = ["teacher", "prune", "distill", "export", "evaluate"]
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "distill" / "metrics.jsonl").read_text().splitlines()]
+
+
+def student_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "distill" / "student" / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_teacher):
+    """One complete pipeline run, with wikitext-2 test added as an evaluation file."""
+    tmp_path = tmp_path_factory.mktemp("finished")
+    config = tiny_config(tmp_path, tiny_teacher, data={"block_size": 32, "max_heldout_blocks": 8, "sources": [
+        {"name": "wiki", "kind": "files", "files": [str(REPO.parent / "shared/data/wikitext-2/valid.txt")],
+         "heldout_fraction": 0.1, "max_blocks": 160},
+        {"name": "samples", "kind": "teacher", "samples": {"num_sequences": 8, "max_new_tokens": 40, "batch_size": 4}},
+    ]})
+    path = write_config(tmp_path / "tiny.yaml", config)
+    result = run_pipeline(path, f"eval.files=[{TEST_TEXT}]")
+    return path, tmp_path / "runs" / "tiny", result
+
+
+def test_pipeline_writes_every_stage_and_a_complete_report(finished_run):
+    _, run_dir, result = finished_run
+    for stage in STAGES:
+        manifest = json.loads((run_dir / stage / "manifest.json").read_text())
+        assert manifest["stage"] == stage and len(manifest["fingerprint"]) == 16
+        assert not (run_dir / f"{stage}.partial").exists()
+    assert (run_dir / "config.yaml").is_file()
+    report = json.loads((run_dir / "evaluate" / "report.json").read_text())
+    assert set(report["sources"]) == {"wiki", "samples", "test"}
+    for name, scores in report["sources"].items():
+        assert scores["teacher"]["ppl"] > 1 and scores["oneshot"]["ppl"] > 1 and scores["student"]["ppl"] > 1, name
+        assert scores["oneshot"]["kl"] > 0 and scores["student"]["kl"] > 0, name
+    assert report["export"]["verified"] is True
+    assert len(report["sparsity"]) == 14  # 7 projections x 2 layers
+    assert all(value == pytest.approx(0.5, abs=1e-6) for value in report["sparsity"].values())
+    assert (run_dir / "evaluate" / "report.png").stat().st_size > 10_000
+    assert "| test |" in (run_dir / "evaluate" / "report.md").read_text()
+    assert "| test |" in result.stdout  # the table is printed last
+
+
+def test_exported_model_loads_with_transformers_and_is_2_4(finished_run):
+    _, run_dir, _ = finished_run
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "export" / "hf")
+    projections = [(name, module) for name, module in model.named_modules() if name.endswith(("q_proj", "down_proj"))]
+    assert projections
+    for name, module in projections:
+        assert nm_violations(module.weight, 2, 4) == 0, name
+        assert float((module.weight == 0).float().mean()) == pytest.approx(0.5), name
+    packed = load_packed(run_dir / "export" / "packed")
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, packed.state_dict()[name]), name
+    # the student learned: its weights moved away from the one-shot student's
+    oneshot = load_file(run_dir / "prune" / "student" / "model.safetensors")
+    trained = load_file(run_dir / "distill" / "student" / "model.safetensors")
+    name = "model.layers.0.mlp.down_proj.weight"
+    assert not torch.equal(oneshot[name], trained[name])
+    assert torch.equal(oneshot[name] == 0, trained[name] == 0), "the mask must not change under fixed masks"
+
+
+def test_second_run_skips_every_stage_and_changed_keys_rerun_downstream(finished_run):
+    path, run_dir, _ = finished_run
+    started = time.time()
+    again = run_pipeline(path, f"eval.files=[{TEST_TEXT}]")
+    assert time.time() - started < 60
+    assert all(f"[{stage}] up to date, skipped" in again.stdout for stage in STAGES), again.stdout
+    student_before = student_tensors(run_dir)
+
+    changed = run_pipeline(path, f"eval.files=[{TEST_TEXT}]", "eval.max_blocks=2")
+    assert "[distill] up to date, skipped" in changed.stdout
+    assert "[evaluate] running again (config.eval.max_blocks: 4 -> 2)" in changed.stdout
+    report = json.loads((run_dir / "evaluate" / "report.json").read_text())
+    assert report["sources"]["test"]["tokens"] == 2 * 64
+
+    changed = run_pipeline(path, f"eval.files=[{TEST_TEXT}]", "eval.max_blocks=2", "train.lr=0.002")
+    assert "[prune] up to date, skipped" in changed.stdout
+    assert "[distill] running again (config.train.lr: 0.001 -> 0.002)" in changed.stdout
+    assert "[export] running again" in changed.stdout and "[evaluate] running again" in changed.stdout
+    assert not torch.equal(student_tensors(run_dir)["model.layers.1.self_attn.q_proj.weight"],
+                           student_before["model.layers.1.self_attn.q_proj.weight"])
+
+
+def test_a_failing_stage_leaves_the_finished_one_intact(tmp_path, finished_run):
+    path, run_dir, _ = finished_run
+    export_manifest = (run_dir / "export" / "manifest.json").read_text()
+    weights = run_dir / "distill" / "student" / "model.safetensors"
+    original = weights.read_bytes()
+    try:
+        weights.write_bytes(original[: len(original) // 3])  # a corrupt upstream output
+        result = run_pipeline(path, f"eval.files=[{TEST_TEXT}]", "eval.max_blocks=2", "train.lr=0.002",
+                              "--only", "export", check=False)
+        assert result.returncode == 2
+        assert "distill: error: corrupt student weights" in result.stderr
+        assert (run_dir / "export" / "manifest.json").read_text() == export_manifest
+        assert (run_dir / "export" / "hf" / "model.safetensors").is_file()
+    finally:
+        weights.write_bytes(original)
+
+
+def _start(config: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(REPO / "pipelines" / "run.py"), str(config)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _kill_after_first_checkpoint(process: subprocess.Popen, checkpoints: Path, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not (checkpoints / "latest.json").is_file():
+        assert process.poll() is None, f"the run ended before its first checkpoint:\n{process.stderr.read()[-3000:]}"
+        assert time.time() < deadline, "no checkpoint in time"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+
+def test_kill_in_distill_then_resume_gives_the_bitwise_same_student(tmp_path, tiny_teacher):
+    train = {"steps": 24, "checkpoint_every": 4, "log_every": 1, "global_batch_size": 8, "micro_batch_size": 4}
+    reference = write_config(tmp_path / "reference.yaml", tiny_config(tmp_path, tiny_teacher, name="reference", train=train))
+    run_pipeline(reference)
+
+    killed = write_config(tmp_path / "killed.yaml", tiny_config(tmp_path, tiny_teacher, name="killed", train=train))
+    run_dir = tmp_path / "runs" / "killed"
+    process = _start(killed)
+    _kill_after_first_checkpoint(process, run_dir / "distill.partial" / "checkpoints")
+    assert process.returncode == -signal.SIGKILL
+    assert not (run_dir / "distill").exists(), "the kill must land in the middle of distill"
+    latest = json.loads((run_dir / "distill.partial" / "checkpoints" / "latest.json").read_text())
+
+    # a changed training config must not silently continue from these checkpoints
+    refused = run_pipeline(killed, "train.lr=0.005", check=False)
+    assert refused.returncode == 2
+    assert "config.train.lr: 0.001 -> 0.005" in refused.stderr and "--restart" in refused.stderr
+    assert (run_dir / "distill.partial" / "checkpoints" / latest["name"]).is_dir(), "nothing may be lost"
+
+    resumed = run_pipeline(killed)
+    assert "[distill] resuming the unfinished run" in resumed.stdout
+    assert f"resumed from" in resumed.stdout and f"at step {latest['step']}" in resumed.stdout
+    expected, actual = student_tensors(tmp_path / "runs" / "reference"), student_tensors(run_dir)
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        assert torch.equal(expected[name], actual[name]), name
+    assert [row["loss"] for row in metrics(run_dir)] == [row["loss"] for row in metrics(tmp_path / "runs" / "reference")]
+
+
+def test_corrupt_checkpoint_is_reported_and_kept(tmp_path, tiny_teacher):
+    train = {"steps": 40, "checkpoint_every": 4, "global_batch_size": 8, "micro_batch_size": 4}
+    config = write_config(tmp_path / "c.yaml", tiny_config(tmp_path, tiny_teacher, name="corrupt", train=train))
+    run_dir = tmp_path / "runs" / "corrupt"
+    process = _start(config)
+    checkpoints = run_dir / "distill.partial" / "checkpoints"
+    _kill_after_first_checkpoint(process, checkpoints)
+    latest = checkpoints / json.loads((checkpoints / "latest.json").read_text())["name"]
+    weights = latest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    result = run_pipeline(config, check=False)
+    assert result.returncode == 2
+    error = [line for line in result.stderr.splitlines() if line.startswith("distill: error:")]
+    assert len(error) == 1 and "could not be loaded" in error[0] and latest.name in error[0]
+    assert weights.stat().st_size == 1000, "the checkpoint is left for the user to inspect"
+    restarted = run_pipeline(config, "--restart")
+    assert "[evaluate] finished" in restarted.stdout
+
+
+def test_two_processes_follow_the_same_loss_curve_as_one(tmp_path, tiny_teacher):
+    train = {"steps": 6, "global_batch_size": 8, "micro_batch_size": 2, "log_every": 1}
+    one = write_config(tmp_path / "one.yaml", tiny_config(tmp_path, tiny_teacher, name="one", train=train))
+    two = write_config(tmp_path / "two.yaml", tiny_config(tmp_path, tiny_teacher, name="two", train=train))
+    run_pipeline(one)
+    result = run_pipeline(two, processes=2)
+    assert result.stdout.count("[distill] finished") == 1, "only the main process prints"
+    curve_one, curve_two = metrics(tmp_path / "runs" / "one"), metrics(tmp_path / "runs" / "two")
+    assert [row["step"] for row in curve_one] == [row["step"] for row in curve_two] == list(range(1, 7))
+    for a, b in zip(curve_one, curve_two):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), (a, b)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3), (a, b)
+    assert curve_one[-1]["loss"] < curve_one[0]["loss"]
+    report_one = json.loads((tmp_path / "runs" / "one" / "evaluate" / "report.json").read_text())
+    report_two = json.loads((tmp_path / "runs" / "two" / "evaluate" / "report.json").read_text())
+    assert report_two["sources"]["wiki"]["student"]["ppl"] == pytest.approx(report_one["sources"]["wiki"]["student"]["ppl"], rel=1e-3)
+
+
+def test_wandb_offline_run_holds_the_logged_metrics(tmp_path, tiny_teacher):
+    config = write_config(tmp_path / "w.yaml", tiny_config(tmp_path, tiny_teacher, name="tracked",
+                                                           tracking={"backend": "wandb", "project": "distill-tests"}))
+    run_pipeline(config, "train.steps=5", env={"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path / "wandb"),
+                                               "WANDB_SILENT": "true"})
+    run_dir = tmp_path / "runs" / "tracked"
+    files = list((tmp_path / "wandb").rglob("run-*.wandb"))
+    assert len(files) == 1, files
+    run_id = (run_dir / "distill" / "wandb_run_id.txt").read_text().strip()
+    assert run_id in files[0].name
+    rows = [row for row in history(files[0]) if "train/loss" in row]
+    logged = metrics(run_dir)
+    assert [row["_step"] for row in rows] == [row["step"] for row in logged]
+    for row, expected in zip(rows, logged):
+        assert row["train/loss"] == pytest.approx(expected["loss"], rel=1e-6)
+        assert row["train/lr"] == pytest.approx(expected["lr"], rel=1e-6)
+        assert row["train/tokens_per_s"] > 0

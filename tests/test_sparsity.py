@@ -1,0 +1,77 @@
+import pytest
+import torch
+from torch import nn
+
+from distill.sparsity import (MaskedLinear, apply_masks_, install_masks, mask_pairs, masked_modules, nm_mask,
+                              nm_violations, remove_masks)
+
+
+@pytest.mark.parametrize("n,m", [(1, 4), (2, 4), (4, 8), (1, 2), (3, 8)])
+def test_nm_mask_keeps_the_n_largest_of_every_group(n, m):
+    scores = torch.randn(6, 8 * m).abs()
+    mask = nm_mask(scores, n, m)
+    groups = mask.reshape(6, 8, m)
+    assert bool((groups.sum(-1) == n).all())
+    # every kept score is at least as large as every dropped score of its group
+    grouped = scores.reshape(6, 8, m)
+    kept_min = torch.where(groups, grouped, torch.inf).amin(-1)
+    dropped_max = torch.where(groups, -torch.inf, grouped).amax(-1)
+    assert bool((kept_min >= dropped_max).all())
+
+
+def test_nm_mask_refuses_input_sizes_that_are_not_a_multiple_of_m():
+    with pytest.raises(ValueError, match="not a multiple of 4"):
+        nm_mask(torch.randn(4, 10), 2, 4)
+
+
+def test_nm_violations_counts_dense_groups():
+    weight = torch.randn(3, 8)
+    assert nm_violations(weight, 2, 4) == 6
+    weight = weight * nm_mask(weight.abs(), 2, 4)
+    assert nm_violations(weight, 2, 4) == 0
+
+
+def test_masked_linear_matches_dense_product_with_zeros_and_masks_gradients():
+    torch.manual_seed(0)
+    linear = nn.Linear(16, 5)
+    mask = nm_mask(torch.rand(5, 16), 2, 4)
+    masked = MaskedLinear.from_linear(linear, mask)
+    x = torch.randn(3, 7, 16, dtype=torch.float64)
+    masked.double()
+    reference = x @ (linear.weight.double() * mask).T + linear.bias.double()
+    out = masked(x)
+    assert torch.allclose(out, reference, rtol=1e-12, atol=0)
+    out.pow(2).sum().backward()
+    assert bool((masked.weight.grad[~mask] == 0).all())
+    assert bool((masked.weight.grad[mask] != 0).all())
+
+
+def test_masked_weights_stay_exactly_zero_through_adamw_with_weight_decay():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+    masks = {"0": nm_mask(torch.rand(32, 16), 2, 4), "2": nm_mask(torch.rand(8, 32), 2, 4)}
+    install_masks(model, masks)
+    pairs = mask_pairs(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    before = {name: module.weight.detach().clone() for name, module in masked_modules(model)}
+    for _ in range(20):
+        loss = model(torch.randn(4, 16)).pow(2).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        apply_masks_(pairs)
+    for name, module in masked_modules(model):
+        assert bool((module.weight[~module.mask] == 0).all()), name
+        assert not torch.equal(module.weight[module.mask], before[name][module.mask]), "kept weights must train"
+
+
+def test_remove_masks_gives_plain_linears_with_the_same_function():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))
+    install_masks(model, {"0": nm_mask(torch.rand(8, 8), 2, 4), "1": nm_mask(torch.rand(4, 8), 1, 4)})
+    x = torch.randn(5, 8)
+    expected = model(x)
+    remove_masks(model)
+    assert not list(masked_modules(model))
+    assert all(type(module) is nn.Linear for module in model)
+    assert torch.equal(model(x), expected)
