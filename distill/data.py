@@ -97,16 +97,17 @@ def sample_from_teacher(
         size = min(samples.batch_size, samples.num_sequences - batch * samples.batch_size)
         prompt = torch.full((size, 1), start, dtype=torch.long, device=accelerator.device)
         torch.manual_seed(seed * 1_000_003 + batch)
-        output = teacher.generate(
-            input_ids=prompt,
-            attention_mask=torch.ones_like(prompt),
-            do_sample=True,
-            temperature=samples.temperature,
-            top_k=samples.top_k,
-            top_p=1.0,
-            max_new_tokens=samples.max_new_tokens,
-            pad_token_id=tokenizer.eos_token_id,
-        )
+        with accelerator.autocast():
+            output = teacher.generate(
+                input_ids=prompt,
+                attention_mask=torch.ones_like(prompt),
+                do_sample=True,
+                temperature=samples.temperature,
+                top_k=samples.top_k,
+                top_p=1.0,
+                max_new_tokens=samples.max_new_tokens,
+                pad_token_id=tokenizer.eos_token_id,
+            )
         produced.append((batch, [_until_eos(row[1:].tolist(), tokenizer.eos_token_id) for row in output]))
     everything = sorted(gather_object(produced))
     flat = [token for _, rows in everything for row in rows for token in row]

@@ -46,6 +46,7 @@ class Stage:
     upstream: tuple[str, ...]  # stages whose output it reads
     run: Callable[[StageContext], dict]  # returns a summary kept in the manifest
     input_files: Callable[[Config], list[str]] = field(default=lambda config: [])
+    uses_autocast: bool = False  # its results depend on the accelerate mixed-precision setting
 
 
 def flatten(data, prefix: str = "") -> dict:
@@ -77,9 +78,16 @@ def _file_stamp(path: str) -> dict:
 
 
 def describe_changes(old: dict, new: dict) -> str:
-    keys = sorted(set(old) | set(new))
-    changes = [f"{key}: {old.get(key, '<unset>')!r} -> {new.get(key, '<unset>')!r}" for key in keys if old.get(key) != new.get(key)]
-    return "; ".join(changes) if changes else "inputs of an upstream stage or the code version changed"
+    """Name what differs between two `Pipeline.inputs` dicts, key by key."""
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) == new.get(key):
+            continue
+        if key.startswith("upstream."):
+            changes.append(f"stage '{key.removeprefix('upstream.')}' ran again")
+        else:
+            changes.append(f"{key}: {old.get(key, '<unset>')!r} -> {new.get(key, '<unset>')!r}")
+    return "; ".join(changes)
 
 
 def check_input_paths(config: Config) -> None:
@@ -108,6 +116,8 @@ class Pipeline:
         for name in stage.upstream:
             manifest = self.manifest(name)
             inputs[f"upstream.{name}"] = manifest["completion"] if manifest else None
+        if stage.uses_autocast:
+            inputs["accelerate.mixed_precision"] = self.accelerator.mixed_precision
         inputs["distill.version"] = __version__
         return inputs
 

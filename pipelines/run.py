@@ -8,6 +8,8 @@ checkpoint. `--only STAGE` re-runs one stage, `--from STAGE` re-runs it and ever
 """
 
 import argparse
+import os
+import signal
 import sys
 
 from accelerate import Accelerator
@@ -30,7 +32,19 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
+def die_with_launcher() -> None:
+    """Under `accelerate launch`, end this process when the launcher dies (even by SIGKILL), so a
+    killed run leaves no orphan still writing into the run dir when it is started again."""
+    launched = "LOCAL_RANK" in os.environ or any(key.startswith("ACCELERATE_") for key in os.environ)
+    if sys.platform.startswith("linux") and launched:
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 def main(argv=None) -> int:
+    die_with_launcher()
     args = parse_args(argv)
     try:
         config = load_config(args.config, args.overrides)

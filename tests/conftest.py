@@ -76,6 +76,18 @@ def write_config(path: Path, config: dict) -> Path:
     return path
 
 
+def launch_command(config_path: Path, *args: str) -> list[str]:
+    """The user's command: launch.sh, which execs `accelerate launch` with configs/accelerate/cpu.yaml."""
+    return ["bash", str(REPO / "launch.sh"), "--accelerate", "cpu", str(config_path), *args]
+
+
+def launch(config_path: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(launch_command(config_path, *args), capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"launch.sh failed ({result.returncode}):\n{result.stderr[-4000:]}")
+    return result
+
+
 def run_pipeline(config_path: Path, *args: str, processes: int = 1, check: bool = True, env: dict | None = None,
                  **popen) -> subprocess.CompletedProcess:
     """Run pipelines/run.py the way users do: one plain process, or `accelerate launch` on CPU."""

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import REPO, TEST_TEXT, run_pipeline, tiny_config, write_config
+from conftest import REPO, TEST_TEXT, launch, launch_command, run_pipeline, tiny_config, write_config
 from distill.packing import load_packed
 from distill.sparsity import nm_violations
 from wandb_offline import history
@@ -125,8 +125,20 @@ def test_a_failing_stage_leaves_the_finished_one_intact(tmp_path, finished_run):
 
 
 def _start(config: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(REPO / "pipelines" / "run.py"), str(config)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(launch_command(config), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _pipeline_processes(config: Path) -> list[str]:
+    """Processes still running the pipeline on `config` (their command lines)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if "pipelines/run.py" in command and str(config) in command:
+            found.append(command)
+    return found
 
 
 def _kill_after_first_checkpoint(process: subprocess.Popen, checkpoints: Path, timeout: float = 300) -> None:
@@ -135,14 +147,18 @@ def _kill_after_first_checkpoint(process: subprocess.Popen, checkpoints: Path, t
         assert process.poll() is None, f"the run ended before its first checkpoint:\n{process.stderr.read()[-3000:]}"
         assert time.time() < deadline, "no checkpoint in time"
         time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
+    process.send_signal(signal.SIGKILL)  # the launcher; its worker must die with it
     process.wait()
+    deadline = time.time() + 10
+    while _pipeline_processes(Path(process.args[-1])) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not _pipeline_processes(Path(process.args[-1])), "a worker outlived the killed launcher"
 
 
 def test_kill_in_distill_then_resume_gives_the_bitwise_same_student(tmp_path, tiny_teacher):
     train = {"steps": 24, "checkpoint_every": 4, "log_every": 1, "global_batch_size": 8, "micro_batch_size": 4}
     reference = write_config(tmp_path / "reference.yaml", tiny_config(tmp_path, tiny_teacher, name="reference", train=train))
-    run_pipeline(reference)
+    launch(reference)
 
     killed = write_config(tmp_path / "killed.yaml", tiny_config(tmp_path, tiny_teacher, name="killed", train=train))
     run_dir = tmp_path / "runs" / "killed"
@@ -153,12 +169,12 @@ def test_kill_in_distill_then_resume_gives_the_bitwise_same_student(tmp_path, ti
     latest = json.loads((run_dir / "distill.partial" / "checkpoints" / "latest.json").read_text())
 
     # a changed training config must not silently continue from these checkpoints
-    refused = run_pipeline(killed, "train.lr=0.005", check=False)
+    refused = launch(killed, "train.lr=0.005", check=False)
     assert refused.returncode == 2
     assert "config.train.lr: 0.001 -> 0.005" in refused.stderr and "--restart" in refused.stderr
     assert (run_dir / "distill.partial" / "checkpoints" / latest["name"]).is_dir(), "nothing may be lost"
 
-    resumed = run_pipeline(killed)
+    resumed = launch(killed)
     assert "[distill] resuming the unfinished run" in resumed.stdout
     assert f"resumed from" in resumed.stdout and f"at step {latest['step']}" in resumed.stdout
     expected, actual = student_tensors(tmp_path / "runs" / "reference"), student_tensors(run_dir)

@@ -1,0 +1,83 @@
+"""Text sources on real files: plain text, jsonl, parquet, a dataset dir through `datasets`, packing
+and held-out splits."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from conftest import VALID_TEXT
+from distill.config import SourceConfig
+from distill.data import pack, split_blocks, tokenize_files, tokenize_hub_dataset
+from distill.errors import DistillError
+
+
+@pytest.fixture(scope="module")
+def tokenizer(demo_teacher_dir):
+    return AutoTokenizer.from_pretrained(demo_teacher_dir)
+
+
+@pytest.fixture(scope="module")
+def paragraphs():
+    lines = [line for line in VALID_TEXT.read_text().splitlines() if len(line.split()) > 20]
+    return lines[:30]
+
+
+def test_text_file_tokens_equal_the_tokenized_text(tmp_path, tokenizer, paragraphs):
+    path = tmp_path / "a.txt"
+    path.write_text("\n".join(paragraphs) + "\n")
+    tokens = tokenize_files([str(path)], tokenizer)
+    assert tokens[-1] == tokenizer.eos_token_id  # documents end with EOS
+    assert tokenizer.decode(tokens[:-1]) == path.read_text()
+
+
+def test_jsonl_and_parquet_records_become_eos_separated_documents(tmp_path, tokenizer, paragraphs):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    jsonl = tmp_path / "a.jsonl"
+    jsonl.write_text("".join(json.dumps({"body": text}) + "\n" for text in paragraphs[:5]))
+    parquet = tmp_path / "b.parquet"
+    pq.write_table(pa.table({"body": paragraphs[5:10]}), parquet)
+    tokens = tokenize_files([str(jsonl), str(parquet)], tokenizer, text_field="body")
+    documents = tokenizer.decode(tokens).split(tokenizer.eos_token)
+    assert documents[:5] == paragraphs[:5] and documents[6:11] == paragraphs[5:10]
+
+
+def test_a_dataset_dir_loads_like_a_hub_dataset(tmp_path, tokenizer, paragraphs):
+    folder = tmp_path / "dataset"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for text in paragraphs))
+    source = SourceConfig(name="local", kind="hub", dataset=str(folder), split="train")
+    tokens = tokenize_hub_dataset(source, tokenizer)
+    assert tokenizer.decode(tokens).split(tokenizer.eos_token)[:3] == paragraphs[:3]
+
+
+def test_unreadable_sources_are_clear_errors(tmp_path, tokenizer):
+    with pytest.raises(DistillError, match="data file not found"):
+        tokenize_files([str(tmp_path / "none.txt")], tokenizer)
+    odd = tmp_path / "a.docx"
+    odd.write_text("x")
+    with pytest.raises(DistillError, match="unknown type '.docx'"):
+        tokenize_files([str(odd)], tokenizer)
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"text": "fine"}\n{not json\n')
+    with pytest.raises(DistillError, match="broken.jsonl could not be read"):
+        tokenize_files([str(broken)], tokenizer)
+    wrong_field = tmp_path / "c.jsonl"
+    wrong_field.write_text('{"body": "x"}\n')
+    with pytest.raises(DistillError, match="text field 'text' not in"):
+        tokenize_files([str(wrong_field)], tokenizer)
+
+
+def test_pack_and_split_hold_out_the_last_blocks():
+    tokens = torch.arange(1000)
+    blocks = pack(tokens, 64)
+    assert blocks.shape == (15, 64) and torch.equal(blocks.flatten(), tokens[:960])
+    split = split_blocks(blocks, SourceConfig(name="s", kind="files", files=["x"], heldout_fraction=0.2), max_heldout=100)
+    assert len(split.train) == 12 and torch.equal(split.heldout, blocks[12:])
+    capped = split_blocks(blocks, SourceConfig(name="s", kind="files", files=["x"], heldout_fraction=0.2, max_blocks=10), 1)
+    assert len(capped.train) == 8 and torch.equal(capped.heldout, blocks[8:9])
+    with pytest.raises(DistillError, match="fewer tokens than one block"):
+        split_blocks(pack(torch.arange(10), 64), SourceConfig(name="s", kind="files", files=["x"]), 4)
