@@ -49,7 +49,8 @@ if ! [[ "$num_processes" =~ ^[1-9][0-9]*$ ]]; then
   exit 2
 fi
 
-launch=(--config_file "$config_file" --num_processes "$num_processes")
+# --quiet: a failing run ends with our one-line error and a non-zero exit, not a launcher traceback
+launch=(--quiet --config_file "$config_file" --num_processes "$num_processes")
 [ "$accelerate_config" = cpu ] && launch+=(--cpu)
 [ -n "${NUM_MACHINES:-}" ] && launch+=(--num_machines "$NUM_MACHINES")
 [ -n "${MACHINE_RANK:-}" ] && launch+=(--machine_rank "$MACHINE_RANK")

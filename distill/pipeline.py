@@ -46,7 +46,8 @@ class Stage:
     upstream: tuple[str, ...]  # stages whose output it reads
     run: Callable[[StageContext], dict]  # returns a summary kept in the manifest
     input_files: Callable[[Config], list[str]] = field(default=lambda config: [])
-    uses_autocast: bool = False  # its results depend on the accelerate mixed-precision setting
+    # whether its results depend on the accelerate mixed-precision setting (for this config)
+    uses_autocast: Callable[[Config], bool] = field(default=lambda config: False)
 
 
 def flatten(data, prefix: str = "") -> dict:
@@ -116,7 +117,7 @@ class Pipeline:
         for name in stage.upstream:
             manifest = self.manifest(name)
             inputs[f"upstream.{name}"] = manifest["completion"] if manifest else None
-        if stage.uses_autocast:
+        if stage.uses_autocast(self.config):
             inputs["accelerate.mixed_precision"] = self.accelerator.mixed_precision
         inputs["distill.version"] = __version__
         return inputs
@@ -137,42 +138,57 @@ class Pipeline:
             shutil.rmtree(self.run_dir)
         accelerator.wait_for_everyone()
 
-        forced = set()
-        if start_from:
-            forced = set(self._names()[self._names().index(start_from):])
-        if only:
-            forced = {only}
-        for stage in self.stages:
-            if only and stage.name != only:
-                continue
+        selected = [stage for stage in self.stages if only is None or stage.name == only]
+        forced = {only} if only else set(self._names()[self._names().index(start_from):]) if start_from else set()
+        for stage in selected:
             for name in stage.upstream:
-                if self.manifest(name) is None:
+                if only and self.manifest(name) is None:
                     raise DistillError(f"stage '{stage.name}' needs stage '{name}' finished first; run the pipeline without --only")
-            self._run_stage(stage, force=stage.name in forced)
+        # decide everything before doing anything, so a refusal comes before any stage is replaced
+        for stage, action, reason in self.plan(selected, forced):
+            if action == "skip":
+                accelerator.print(f"[{stage.name}] up to date, skipped", flush=True)
+            else:
+                accelerator.print(f"[{stage.name}] {action}{f' ({reason})' if reason else ''}", flush=True)
+                self._run_stage(stage)
 
-    def _run_stage(self, stage: Stage, force: bool) -> None:
+    def plan(self, selected: list[Stage], forced: set[str]) -> list[tuple[Stage, str, str]]:
+        """(stage, action, reason) for each selected stage; refuses to drop an unfinished run whose
+        inputs changed, naming what changed."""
+        will_run: set[str] = set()
+        steps = []
+        for stage in selected:
+            inputs = self.inputs(stage)
+            stamp = fingerprint(inputs)
+            manifest = self.manifest(stage.name)
+            upstream_runs = [f"stage '{name}' runs again" for name in stage.upstream if name in will_run]
+            partial = self.run_dir / f"{stage.name}.partial" / "inputs.json"
+            if partial.is_file():
+                previous = read_json(partial)
+                changes = upstream_runs + ([describe_changes(previous["inputs"], inputs)] if previous["fingerprint"] != stamp else [])
+                if changes:
+                    raise DistillError(
+                        f"stage '{stage.name}' has an unfinished run in {partial.parent} made with other inputs "
+                        f"({'; '.join(changes)}); rerun with --restart to start over")
+                action, reason = "resuming the unfinished run", str(partial.parent)
+            elif manifest and manifest["fingerprint"] == stamp and stage.name not in forced and not upstream_runs:
+                action, reason = "skip", ""
+            elif manifest:
+                action = "running again"
+                reason = "asked for" if stage.name in forced else "; ".join(upstream_runs) or describe_changes(manifest["inputs"], inputs)
+            else:
+                action, reason = "running", ""
+            if action != "skip":
+                will_run.add(stage.name)
+            steps.append((stage, action, reason))
+        return steps
+
+    def _run_stage(self, stage: Stage) -> None:
         accelerator = self.accelerator
-        inputs = self.inputs(stage)
+        inputs = self.inputs(stage)  # now, after the stages before it have finished
         stamp = fingerprint(inputs)
-        manifest = self.manifest(stage.name)
-        if manifest and manifest["fingerprint"] == stamp and not force:
-            accelerator.print(f"[{stage.name}] up to date, skipped", flush=True)
-            return
         work_dir = self.run_dir / f"{stage.name}.partial"
         saved_inputs = work_dir / "inputs.json"
-        if saved_inputs.is_file():
-            previous = read_json(saved_inputs)
-            if previous["fingerprint"] != stamp:
-                raise DistillError(
-                    f"stage '{stage.name}' has an unfinished run in {work_dir} made with other inputs "
-                    f"({describe_changes(previous['inputs'], inputs)}); rerun with --restart to start over"
-                )
-            accelerator.print(f"[{stage.name}] resuming the unfinished run in {work_dir}", flush=True)
-        elif manifest:
-            reason = "forced" if force else describe_changes(manifest["inputs"], inputs)
-            accelerator.print(f"[{stage.name}] running again ({reason})", flush=True)
-        else:
-            accelerator.print(f"[{stage.name}] running", flush=True)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             work_dir.mkdir(parents=True, exist_ok=True)

@@ -102,7 +102,8 @@ def test_second_run_skips_every_stage_and_changed_keys_rerun_downstream(finished
     changed = run_pipeline(path, f"eval.files=[{TEST_TEXT}]", "eval.max_blocks=2", "train.lr=0.002")
     assert "[prune] up to date, skipped" in changed.stdout
     assert "[distill] running again (config.train.lr: 0.001 -> 0.002)" in changed.stdout
-    assert "[export] running again" in changed.stdout and "[evaluate] running again" in changed.stdout
+    assert "[export] running again (stage 'distill' runs again)" in changed.stdout
+    assert "[evaluate] running again (stage 'export' runs again)" in changed.stdout
     assert not torch.equal(student_tensors(run_dir)["model.layers.1.self_attn.q_proj.weight"],
                            student_before["model.layers.1.self_attn.q_proj.weight"])
 
@@ -170,9 +171,14 @@ def test_kill_in_distill_then_resume_gives_the_bitwise_same_student(tmp_path, ti
 
     # a changed training config must not silently continue from these checkpoints
     refused = launch(killed, "train.lr=0.005", check=False)
-    assert refused.returncode == 2
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
     assert "config.train.lr: 0.001 -> 0.005" in refused.stderr and "--restart" in refused.stderr
     assert (run_dir / "distill.partial" / "checkpoints" / latest["name"]).is_dir(), "nothing may be lost"
+    # so must a change upstream, before the upstream stage is replaced
+    prune_manifest = (run_dir / "prune" / "manifest.json").read_text()
+    refused = launch(killed, "prune.criterion=magnitude", check=False)
+    assert refused.returncode != 0 and "stage 'prune' runs again" in refused.stderr
+    assert (run_dir / "prune" / "manifest.json").read_text() == prune_manifest
 
     resumed = launch(killed)
     assert "[distill] resuming the unfinished run" in resumed.stdout
@@ -194,12 +200,12 @@ def test_corrupt_checkpoint_is_reported_and_kept(tmp_path, tiny_teacher):
     latest = checkpoints / json.loads((checkpoints / "latest.json").read_text())["name"]
     weights = latest / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
-    result = run_pipeline(config, check=False)
-    assert result.returncode == 2
+    result = launch(config, check=False)
+    assert result.returncode != 0
     error = [line for line in result.stderr.splitlines() if line.startswith("distill: error:")]
     assert len(error) == 1 and "could not be loaded" in error[0] and latest.name in error[0]
     assert weights.stat().st_size == 1000, "the checkpoint is left for the user to inspect"
-    restarted = run_pipeline(config, "--restart")
+    restarted = launch(config, "--restart")
     assert "[evaluate] finished" in restarted.stdout
 
 

@@ -5,9 +5,11 @@ from distill.stages import evaluate, export, prune, teacher, train
 
 STAGES = [
     Stage("teacher", ("run.seed", "teacher", "data", "calibration", "prune.targets"), (), teacher.run,
-          input_files=teacher.source_files, uses_autocast=True),
+          input_files=teacher.source_files,
+          uses_autocast=lambda config: any(source.kind == "teacher" for source in config.data.sources)),
     Stage("prune", ("teacher", "prune"), ("teacher",), prune.run),
-    Stage("distill", ("run.seed", "teacher", "train"), ("prune",), train.run, uses_autocast=True),
+    Stage("distill", ("run.seed", "teacher", "train"), ("prune",), train.run,
+          uses_autocast=lambda config: True),
     Stage("export", ("export",), ("distill",), export.run),
     Stage("evaluate", ("teacher", "eval"), ("teacher", "prune", "export"), evaluate.run,
           input_files=lambda config: list(config.eval.files)),
