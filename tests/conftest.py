@@ -3,10 +3,15 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+# Without a GPU, Triton kernels run in Triton's CPU interpreter; it must be chosen before triton loads.
+if not glob.glob("/dev/nvidia[0-9]*"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch
@@ -101,3 +106,11 @@ def run_pipeline(config_path: Path, *args: str, processes: int = 1, check: bool 
     if check and result.returncode != 0:
         raise AssertionError(f"pipeline failed ({result.returncode}):\n{result.stderr[-4000:]}")
     return result
+
+
+def random_2_4_weight(n: int, k: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A fresh random weight with a random 2:4 mask."""
+    from distill.sparsity import nm_mask
+
+    weight = torch.randn(n, k)
+    return (weight * nm_mask(torch.rand(n, k), 2, 4)).to(dtype)

@@ -1,0 +1,71 @@
+"""Which kernel runs a 2:4 projection for a given number of tokens M.
+
+A crossover table is measured once per device (`benchmarks/linear_2_4.py --write-table`): for each
+weight shape it lists M ranges and the path that was fastest there, and names `dense` wherever no
+sparse path beat dense, so a sparse model is never slower than the dense one. Without a table the
+dispatcher chooses `dense` on GPU (safe) and the exact `reference` path on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from distill.errors import DistillError
+from distill.io import write_json
+
+PATHS = ("dense", "triton", "cusparselt", "reference")
+
+
+@dataclass
+class CrossoverTable:
+    device: str = ""
+    # "NxK" -> [{"max_m": 16, "path": "triton"}, ..., {"max_m": null, "path": "cusparselt"}], ascending max_m
+    shapes: dict[str, list[dict]] = field(default_factory=dict)
+
+    def choose(self, n: int, k: int, m: int, on_gpu: bool = True) -> str:
+        if not on_gpu:
+            return "reference"
+        for entry in self.shapes.get(f"{n}x{k}", []):
+            if entry["max_m"] is None or m <= entry["max_m"]:
+                return entry["path"]
+        return "dense"
+
+    @classmethod
+    def from_timings(cls, device: str, timings: dict[str, dict[int, dict[str, float]]], min_gain: float = 1.0) -> "CrossoverTable":
+        """Build a table from {shape: {m: {path: seconds}}}: per M the fastest path, and dense
+        unless a sparse path is at least `min_gain` times faster than dense. Neighbouring M with the
+        same choice merge into one range; the last range is open-ended."""
+        shapes = {}
+        for shape, by_m in timings.items():
+            ranges: list[dict] = []
+            for m in sorted(by_m):
+                times = by_m[m]
+                best = min((path for path in times if path != "dense"), key=times.get, default="dense")
+                path = best if best != "dense" and times["dense"] / times[best] >= min_gain else "dense"
+                if ranges and ranges[-1]["path"] == path:
+                    ranges[-1]["max_m"] = m
+                else:
+                    ranges.append({"max_m": m, "path": path})
+            if ranges:
+                ranges[-1]["max_m"] = None
+            shapes[shape] = ranges
+        return cls(device=device, shapes=shapes)
+
+    def save(self, path: Path) -> None:
+        write_json(path, {"device": self.device, "shapes": self.shapes})
+
+    @classmethod
+    def load(cls, path: Path) -> "CrossoverTable":
+        try:
+            data = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise DistillError(f"crossover table not found: {path}") from None
+        except json.JSONDecodeError as error:
+            raise DistillError(f"crossover table {path} is not valid JSON: {error.msg}") from None
+        for shape, ranges in data.get("shapes", {}).items():
+            for entry in ranges:
+                if entry.get("path") not in PATHS:
+                    raise DistillError(f"crossover table {path}: shape {shape} names unknown path {entry.get('path')!r}")
+        return cls(device=data.get("device", ""), shapes=data.get("shapes", {}))

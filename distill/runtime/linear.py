@@ -1,0 +1,88 @@
+"""Sparse24Linear: a 2:4 projection that runs on the kernel the dispatcher picks for its M.
+
+Paths: `triton` (our kernel on the compressed layout; decode-sized M), `cusparselt` (PyTorch's
+semi-structured sparse tensor; large M; capture the forward in a CUDA graph to remove its per-call
+host cost), `dense` (cuBLAS on the dense-with-zeros weight, where sparse would lose), and
+`reference` (CPU: the exact dense-with-zeros product).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distill.errors import DistillError
+from distill.runtime.dispatch import CrossoverTable
+from distill.runtime.layout import check_2_4_weight, compress_2_4, decompress_2_4
+
+# under Triton's CPU interpreter (tests), CPU tensors may take the table's kernel paths too
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+class Sparse24Linear(nn.Module):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, name: str, table: CrossoverTable,
+                 keep_dense: bool = True):
+        super().__init__()
+        self.name = name
+        self.out_features, self.in_features = weight.shape
+        values, meta = compress_2_4(weight.detach(), name)
+        self.register_buffer("values", values)
+        self.register_buffer("meta", meta)
+        self.register_buffer("bias", bias.detach().clone() if bias is not None else None)
+        # the dense-with-zeros weight backs the `dense` fallback; drop it to save memory when the
+        # crossover table never picks dense for this shape
+        self.register_buffer("dense_weight", weight.detach().clone() if keep_dense else None)
+        self.table = table
+        self._semi_structured = None
+        self.last_path = None
+
+    def extra_repr(self) -> str:
+        return f"{self.name}: in_features={self.in_features}, out_features={self.out_features}, 2:4"
+
+    def weight_dense(self) -> torch.Tensor:
+        return self.dense_weight if self.dense_weight is not None else decompress_2_4(self.values, self.meta)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = x.numel() // self.in_features
+        path = self.table.choose(self.out_features, self.in_features, m, on_gpu=x.is_cuda or INTERPRETED)
+        self.last_path = path
+        if path == "triton":
+            from distill.runtime.triton_kernels import sparse24_matmul
+
+            return sparse24_matmul(x, self.values, self.meta, self.bias)
+        if path == "cusparselt":
+            if self._semi_structured is None:
+                from torch.sparse import to_sparse_semi_structured
+
+                self._semi_structured = to_sparse_semi_structured(self.weight_dense())
+            return F.linear(x, self._semi_structured, self.bias)
+        if path == "dense" and self.dense_weight is None:
+            raise DistillError(f"{self.name}: the crossover table picks dense for M={m} but the dense weight was dropped")
+        return F.linear(x, self.weight_dense(), self.bias)
+
+
+def sparsify(model: nn.Module, names: list[str], table: CrossoverTable | None = None, allow_dense: bool = False,
+             keep_dense: bool = True) -> dict[str, str]:
+    """Replace each named nn.Linear (dense with zeros, 2:4) by a Sparse24Linear, in place.
+
+    A projection that cannot run on the 2:4 kernels (not 2:4, unsupported dtype or shape) raises a
+    DistillError naming it, or stays dense when `allow_dense`; returns {name: why it stayed dense}.
+    """
+    table = table or CrossoverTable()
+    kept_dense = {}
+    for name in names:
+        linear = model.get_submodule(name)
+        try:
+            check_2_4_weight(linear.weight, name)
+        except DistillError as error:
+            if not allow_dense:
+                raise
+            kept_dense[name] = str(error)
+            continue
+        sparse = Sparse24Linear(linear.weight, linear.bias, name, table, keep_dense=keep_dense)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, sparse)
+    return kept_dense

@@ -1,0 +1,102 @@
+"""A Triton kernel for y = x @ W.T with W in the 2:4 layout of `distill.runtime.layout`.
+
+Each program computes a [BLOCK_M, BLOCK_N] tile of y. For every K tile it reads only the kept
+values and their 2-bit positions (9/16 of the dense bytes in bf16), rebuilds the dense
+[BLOCK_N, BLOCK_K] weight tile in registers, and multiplies on tensor cores with tl.dot. Small M
+(decode) is bandwidth-bound, so reading fewer bytes is the whole gain; M is padded to BLOCK_M >= 16
+inside the tile, which costs compute that decode has to spare.
+
+On a CPU machine, set TRITON_INTERPRET=1 before importing triton to run it in Triton's interpreter
+(tests do this to check indexing and masking on small shapes).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Triton's CPU interpreter computes tl.dot on bf16 wrongly (numpy has no bf16); there the product
+# runs in fp32, the same indexing and masking around it. On a GPU the dot stays in bf16.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _sparse24_matmul_kernel(
+    x_ptr, values_ptr, meta_ptr, bias_ptr, y_ptr,
+    M, N, K,
+    stride_xm, stride_ym,
+    HAS_BIAS: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    in_m = rows_m < M
+    in_n = rows_n < N
+    KEPT: tl.constexpr = BLOCK_K // 2  # kept values per row of a K tile
+    WORDS: tl.constexpr = BLOCK_K // 32  # int32 metadata words per row of a K tile
+    GROUPS: tl.constexpr = BLOCK_K // 4
+    kept = tl.arange(0, KEPT)
+    words = tl.arange(0, WORDS)
+    shifts = 2 * tl.arange(0, 16)
+    positions = tl.arange(0, 4)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        values = tl.load(values_ptr + rows_n[:, None] * (K // 2) + (k0 // 2 + kept)[None, :],
+                         mask=in_n[:, None], other=0.0)  # [BLOCK_N, KEPT]
+        meta = tl.load(meta_ptr + rows_n[:, None] * (K // 32) + (k0 // 32 + words)[None, :],
+                       mask=in_n[:, None], other=0)  # [BLOCK_N, WORDS]
+        where = (meta[:, :, None] >> shifts[None, None, :]) & 3  # [BLOCK_N, WORDS, 16]
+        where = tl.reshape(where, (BLOCK_N, GROUPS, 2))
+        values = tl.reshape(values, (BLOCK_N, GROUPS, 2))
+        # dense[n, g, p] = the kept value whose position is p, else 0
+        dense = tl.sum(tl.where(where[:, :, :, None] == positions[None, None, None, :], values[:, :, :, None], 0.0), axis=2)
+        weight = tl.reshape(dense, (BLOCK_N, BLOCK_K)).to(x_ptr.dtype.element_ty)
+        columns = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rows_m[:, None] * stride_xm + columns[None, :], mask=in_m[:, None], other=0.0)
+        if DOT_IN_FP32:
+            acc += tl.dot(x.to(tl.float32), tl.trans(weight.to(tl.float32)))
+        else:
+            acc += tl.dot(x, tl.trans(weight))
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rows_n, mask=in_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rows_m[:, None] * stride_ym + rows_n[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=in_m[:, None] & in_n[None, :])
+
+
+def block_sizes(m: int, k: int) -> tuple[int, int, int]:
+    """Tile sizes by problem size: decode-sized M gets the smallest M tile tl.dot allows."""
+    block_m = 16 if m <= 16 else 32 if m <= 32 else 64
+    block_k = 128 if k % 128 == 0 else 64 if k % 64 == 0 else 32
+    block_n = 64
+    return block_m, block_n, block_k
+
+
+def sparse24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None = None,
+                    tiles: tuple[int, int, int] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] @ W.T for the 2:4 weight W given as (values [N, K/2], meta [N, K/32]).
+
+    `out` ([M, N], contiguous) receives the result when given (tests pass a poisoned one)."""
+    k = x.shape[-1]
+    n = values.shape[0]
+    if values.shape[1] * 2 != k or meta.shape[1] * 32 != k:
+        raise ValueError(f"input size {k} does not match the 2:4 weight ({values.shape[1] * 2} inputs)")
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    y = out if out is not None else torch.empty(m, n, dtype=x.dtype, device=x.device)
+    block_m, block_n, block_k = tiles or block_sizes(m, k)
+    if k % block_k:
+        raise ValueError(f"input size {k} is not a multiple of the K tile {block_k}")
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    _sparse24_matmul_kernel[grid](
+        x2, values, meta, bias if bias is not None else values, y,
+        m, n, k, x2.stride(0), y.stride(0),
+        HAS_BIAS=bias is not None, DOT_IN_FP32=INTERPRETED and x.dtype == torch.bfloat16, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+    )
+    return y.reshape(*x.shape[:-1], n)

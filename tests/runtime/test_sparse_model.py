@@ -1,0 +1,66 @@
+"""The runtime on a whole model: a packed 2:4 export of a tiny Llama loads with Sparse24Linear
+projections, the dispatcher picks paths per M, and the logits match the dense-with-zeros model."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from distill.errors import DistillError
+from distill.packing import save_packed
+from distill.runtime import CrossoverTable, Sparse24Linear, load_sparse_model, sparsify
+from distill.sparsity import install_masks, nm_mask, remove_masks, target_linears
+from distill.config import PROJECTIONS
+
+
+@pytest.fixture(scope="module")
+def packed_student(tmp_path_factory, tiny_teacher):
+    model = AutoModelForCausalLM.from_pretrained(tiny_teacher, dtype=torch.float32)
+    masks = {name: nm_mask(linear.weight.abs(), 2, 4) for name, linear in target_linears(model, PROJECTIONS)}
+    dense = remove_masks(install_masks(model, masks))
+    directory = tmp_path_factory.mktemp("packed")
+    save_packed(dense, sorted(masks), 2, 4, directory)
+    return directory, dense.eval(), sorted(masks)
+
+
+def test_reference_path_reproduces_the_dense_model_exactly(packed_student):
+    directory, dense, masked = packed_student
+    model = load_sparse_model(directory)
+    assert sum(isinstance(module, Sparse24Linear) for module in model.modules()) == len(masked) == 14
+    ids = torch.randint(0, dense.config.vocab_size, (2, 24))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, dense(input_ids=ids).logits)
+    # no crossover table: the exact product (reference on CPU, dense under Triton's interpreter)
+    assert {module.last_path for module in model.modules() if isinstance(module, Sparse24Linear)} <= {"reference", "dense"}
+
+
+def test_table_paths_per_m_and_the_triton_path_on_a_whole_model(packed_student):
+    directory, dense, masked = packed_student
+    # decode-sized M on the Triton kernel, anything larger dense: shapes of the tiny model
+    shapes = {f"{m.out_features}x{m.in_features}" for m in (dense.get_submodule(name) for name in masked)}
+    table = CrossoverTable(device="test", shapes={shape: [{"max_m": 16, "path": "triton"}, {"max_m": None, "path": "dense"}]
+                                                  for shape in shapes})
+    model = load_sparse_model(directory, table=table)
+    ids = torch.randint(0, dense.config.vocab_size, (1, 12))
+    with torch.no_grad():
+        actual, expected = model(input_ids=ids).logits, dense(input_ids=ids).logits.double()
+    paths = {module.last_path for module in model.modules() if isinstance(module, Sparse24Linear)}
+    assert paths == ({"triton"} if torch.cuda.is_available() or _interpreted() else {"reference"})
+    assert float((actual.double() - expected).norm() / expected.norm()) < 1e-5
+    with torch.no_grad():
+        model(input_ids=torch.randint(0, dense.config.vocab_size, (2, 12)))  # M = 24 > 16
+    assert {module.last_path for module in model.modules() if isinstance(module, Sparse24Linear)} <= {"dense", "reference"}
+
+
+def _interpreted():
+    import os
+
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def test_a_projection_that_is_not_2_4_is_named_or_left_dense_when_allowed(tiny_teacher):
+    model = AutoModelForCausalLM.from_pretrained(tiny_teacher, dtype=torch.float32)
+    with pytest.raises(DistillError, match="model.layers.0.self_attn.q_proj: not 2:4 sparse"):
+        sparsify(model, ["model.layers.0.self_attn.q_proj"])
+    kept = sparsify(model, ["model.layers.0.self_attn.q_proj"], allow_dense=True)
+    assert "not 2:4 sparse" in kept["model.layers.0.self_attn.q_proj"]
+    assert type(model.get_submodule("model.layers.0.self_attn.q_proj")) is torch.nn.Linear
