@@ -128,7 +128,8 @@ def _markdown(report: dict, history: list[dict]) -> str:
         "reproduces it bitwise",
     ]
     if "sparse_kernel_relative_error" in export:
-        parts.append(f"- 2:4 kernel logits vs dense: relative error {export['sparse_kernel_relative_error']:.3g}")
+        for path, error in export["sparse_kernel_relative_error"].items():
+            parts.append(f"- 2:4 kernel path `{path}`: logits vs dense, relative error {error:.3g}")
     if history:
         parts += ["", "## Training", "",
                   f"Loss {history[0]['loss']:.4f} at step {history[0]['step']} -> {history[-1]['loss']:.4f} at step "

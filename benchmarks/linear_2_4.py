@@ -1,0 +1,143 @@
+"""2:4 linear layers against dense cuBLAS at Llama-3-8B shapes, bf16, one GPU, one run.
+
+    python benchmarks/linear_2_4.py [--write-table crossover.json] [--json results.json]
+
+For each weight shape and M (tokens) it times, as device time per call with the calls captured in a
+CUDA graph (so host overhead is out of the number):
+  dense        F.linear on the dense-with-zeros weight (cuBLAS)
+  triton       our kernel on the compressed layout (distill.runtime.triton_kernels)
+  cslt         F.linear on torch.sparse.to_sparse_semi_structured (cuSPARSELt)
+  cslt eager   the same without a CUDA graph (wall time per call: what users saw)
+  dispatch     Sparse24Linear with the crossover table built from this run's timings
+and prints speed-ups over dense (>1 is faster) and each path's relative error against a float64
+reference, table last. Needs CUDA; prints why and exits 2 without it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]  # (out, in) of Llama-3-8B projections
+MS = [1, 4, 16, 64, 256, 1024, 2048, 8192]
+
+
+def graphed_time(fn, calls: int = 20, replays: int = 10) -> float:
+    """Median device seconds per call of `fn`, `calls` calls captured in one CUDA graph."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / calls)
+    return sorted(times)[len(times) // 2]
+
+
+def eager_time(fn, calls: int = 50) -> float:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - started) / calls
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--write-table", help="save the measured crossover table (JSON) for the runtime")
+    parser.add_argument("--json", help="save every measurement (JSON)")
+    parser.add_argument("--ms", default=",".join(map(str, MS)))
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("linear_2_4.py needs a CUDA GPU; none is visible", file=sys.stderr)
+        return 2
+
+    from distill.runtime import CrossoverTable, Sparse24Linear
+    from distill.runtime.layout import compress_2_4
+    from distill.runtime.triton_kernels import sparse24_matmul
+    from distill.sparsity import nm_mask
+    from torch.sparse import to_sparse_semi_structured
+
+    device_name = torch.cuda.get_device_name()
+    ms = [int(m) for m in args.ms.split(",")]
+    torch.manual_seed(0)
+    rows, timings = [], {}
+    for n, k in SHAPES:
+        weight = torch.randn(n, k, device="cuda")
+        weight = (weight * nm_mask(weight.abs(), 2, 4)).to(torch.bfloat16)
+        values, meta = compress_2_4(weight)
+        semi = to_sparse_semi_structured(weight)
+        shape = f"{n}x{k}"
+        timings[shape] = {}
+        for m in ms:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            reference = x.double() @ weight.double().T
+            paths = {
+                "dense": lambda: F.linear(x, weight),
+                "triton": lambda: sparse24_matmul(x, values, meta),
+                "cslt": lambda: F.linear(x, semi),
+            }
+            row = {"shape": shape, "m": m}
+            times = {}
+            for path, fn in paths.items():
+                out = fn()
+                row[f"{path}_error"] = float((out.double() - reference).norm() / reference.norm())
+                times[path] = graphed_time(fn)
+            row["cslt_eager_s"] = eager_time(paths["cslt"])
+            row.update({f"{path}_s": seconds for path, seconds in times.items()})
+            timings[shape][m] = {"dense": times["dense"], "triton": times["triton"], "cusparselt": times["cslt"]}
+            rows.append(row)
+            print(f"{shape} M={m}: dense {times['dense'] * 1e6:.1f} us, triton x{times['dense'] / times['triton']:.2f}, "
+                  f"cslt x{times['dense'] / times['cslt']:.2f}", flush=True)
+
+    # the dispatcher, with the crossover table from these very timings (5% margin towards dense)
+    table = CrossoverTable.from_timings(device_name, timings, min_gain=1.05)
+    for row in rows:
+        n, k = map(int, row["shape"].split("x"))
+        weight = torch.randn(n, k, device="cuda")
+        weight = (weight * nm_mask(weight.abs(), 2, 4)).to(torch.bfloat16)
+        layer = Sparse24Linear(weight, None, row["shape"], table)
+        x = torch.randn(row["m"], k, device="cuda", dtype=torch.bfloat16)
+        row["dispatch_path"] = table.choose(n, k, row["m"])
+        row["dispatch_s"] = graphed_time(lambda: layer(x))
+    if args.write_table:
+        table.save(args.write_table)
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"device": device_name, "torch": torch.__version__, "rows": rows}, handle, indent=1)
+
+    print(f"\n2:4 linear vs dense, bf16, {device_name}, torch {torch.__version__}; speed-up = dense time / path time\n")
+    print("| shape (out x in) | M | dense us | triton | cslt (graph) | cslt eager | dispatch (path) | max rel err |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for row in rows:
+        dense = row["dense_s"]
+        error = max(row["triton_error"], row["cslt_error"])
+        print(f"| {row['shape']} | {row['m']} | {dense * 1e6:.1f} | {dense / row['triton_s']:.2f}x | "
+              f"{dense / row['cslt_s']:.2f}x | {dense / row['cslt_eager_s']:.2f}x | "
+              f"{dense / row['dispatch_s']:.2f}x ({row['dispatch_path']}) | {error:.1e} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

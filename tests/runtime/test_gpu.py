@@ -1,0 +1,60 @@
+"""GPU checks of the 2:4 runtime (marked `gpu`; skipped without CUDA): bf16 kernels against a float64
+reference at Llama-like shapes, PyTorch's cuSPARSELt path, and a CUDA-graph-captured projection."""
+
+import pytest
+import torch
+
+from conftest import random_2_4_weight
+from distill.runtime import CrossoverTable, Sparse24Linear
+from distill.runtime.layout import compress_2_4
+from distill.runtime.triton_kernels import sparse24_matmul
+
+pytestmark = pytest.mark.gpu
+
+
+def relative_error(actual, expected):
+    return float((actual.double() - expected).norm() / expected.norm())
+
+
+@pytest.mark.parametrize("m", [1, 4, 16, 33, 256])
+@pytest.mark.parametrize("n,k", [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (576, 1536)])
+def test_triton_kernel_bf16_matches_float64(m, n, k):
+    weight = random_2_4_weight(n, k, torch.bfloat16).cuda()
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    values, meta = compress_2_4(weight)
+    out = sparse24_matmul(x, values, meta, out=torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16))
+    assert not torch.isnan(out).any()
+    assert relative_error(out, x.double() @ weight.double().T) < 1e-2
+
+
+@pytest.mark.parametrize("path", ["triton", "cusparselt", "dense"])
+def test_every_path_of_sparse24_linear_matches_the_reference(path):
+    n, k, m = 2048, 4096, 64
+    weight = random_2_4_weight(n, k, torch.bfloat16).cuda()
+    bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    table = CrossoverTable("test", {f"{n}x{k}": [{"max_m": None, "path": path}]})
+    layer = Sparse24Linear(weight, bias, "probe", table)
+    x = torch.randn(3, m, k, device="cuda", dtype=torch.bfloat16)
+    out = layer(x)
+    assert layer.last_path == path
+    assert relative_error(out, x.double() @ weight.double().T + bias.double()) < 1e-2
+
+
+def test_projection_replays_inside_a_cuda_graph():
+    n, k, m = 4096, 4096, 8
+    weight = random_2_4_weight(n, k, torch.bfloat16).cuda()
+    layer = Sparse24Linear(weight, None, "probe", CrossoverTable("test", {f"{n}x{k}": [{"max_m": None, "path": "triton"}]}))
+    static_x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        layer(static_x)  # warm up (compiles the kernel) outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = layer(static_x)
+    fresh = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    static_x.copy_(fresh)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert relative_error(static_out, fresh.double() @ weight.double().T) < 1e-2
