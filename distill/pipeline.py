@@ -86,6 +86,9 @@ def describe_changes(old: dict, new: dict) -> str:
             continue
         if key.startswith("upstream."):
             changes.append(f"stage '{key.removeprefix('upstream.')}' ran again")
+        elif key.startswith("file["):
+            path = (new.get(key) or old.get(key))["path"]
+            changes.append(f"input file {path} {'changed' if key in old and key in new else 'added' if key in new else 'removed'}")
         else:
             changes.append(f"{key}: {old.get(key, '<unset>')!r} -> {new.get(key, '<unset>')!r}")
     return "; ".join(changes)
