@@ -76,7 +76,7 @@ class CalibrationConfig:
 
 @dataclass
 class PruneConfig:
-    criterion: str = "wanda"  # magnitude | wanda
+    criterion: str = "wanda"  # magnitude | wanda | sparsegpt | taylor | fisher
     n: int = 2  # keep n weights ...
     m: int = 4  # ... in every group of m consecutive input weights
     targets: List[str] = field(default_factory=lambda: list(PROJECTIONS))
@@ -85,9 +85,15 @@ class PruneConfig:
 
 @dataclass
 class LossConfig:
+    divergence: str = "forward_kl"  # forward_kl | reverse_kl | jsd (to the teacher, at `temperature`)
     temperature: float = 1.0
-    kd_weight: float = 1.0  # forward KL(teacher || student) at `temperature`, scaled by T^2
+    jsd_beta: float = 0.5  # jsd: weight of the teacher in the mixture
+    kd_weight: float = 1.0  # weight of the divergence, which is scaled by T^2
     lm_weight: float = 0.0  # next-token cross-entropy on the training text
+    # positions per chunk of the loss, computed with the output projections and recomputed in backward
+    # so no batch-sized logits tensor exists; 0 computes full logits (needed for heads with extras
+    # such as logit soft-capping)
+    chunk_tokens: int = 1024
 
 
 @dataclass
@@ -269,7 +275,7 @@ def validate(config: Config) -> None:
     _positive("calibration.num_blocks", config.calibration.num_blocks)
 
     prune = config.prune
-    _choice("prune.criterion", prune.criterion, ["magnitude", "wanda"])
+    _choice("prune.criterion", prune.criterion, ["magnitude", "wanda", "sparsegpt", "taylor", "fisher"])
     _choice("prune.incompatible", prune.incompatible, ["error", "dense"])
     _positive("prune.m", prune.m)
     _positive("prune.n", prune.n)
@@ -298,6 +304,10 @@ def validate(config: Config) -> None:
             f"train.micro_batch_size ({train.micro_batch_size})"
         )
     loss = train.loss
+    _choice("train.loss.divergence", loss.divergence, ["forward_kl", "reverse_kl", "jsd"])
+    if not 0.0 < loss.jsd_beta < 1.0:
+        raise DistillError(f"config key 'train.loss.jsd_beta': {loss.jsd_beta} is not in (0, 1)")
+    _positive("train.loss.chunk_tokens", loss.chunk_tokens, allow_zero=True)
     _positive("train.loss.temperature", loss.temperature)
     _positive("train.loss.kd_weight", loss.kd_weight, allow_zero=True)
     _positive("train.loss.lm_weight", loss.lm_weight, allow_zero=True)

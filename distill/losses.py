@@ -1,24 +1,61 @@
-"""Distillation losses on logits. Every loss is a mean over token positions and computed in float32
-whatever the logits' dtype, so bf16 autocast changes the inputs, not the arithmetic of the loss."""
+"""Distillation losses. Every loss is a mean over token positions, computed in float32 whatever the
+inputs' dtype, so bf16 autocast changes the inputs, not the arithmetic of the loss.
+
+Two ways to the same number:
+  distillation_loss          from full logits (simple; the reference)
+  chunked_distillation_loss  from the final hidden states and the output projections, a chunk of
+                             positions at a time, each chunk recomputed in backward: no batch-sized
+                             logits tensor ever exists (the vocabulary is most of the memory of a
+                             small model's step)
+"""
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from distill.config import LossConfig
 
+IGNORE = -100
+
+
+def divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str, temperature: float,
+               beta: float = 0.5) -> torch.Tensor:
+    """Per-position divergence [rows] between teacher and student at `temperature`, times T^2
+    (which keeps gradient magnitudes comparable across temperatures, Hinton et al. 2015).
+
+    forward_kl: KL(teacher || student)   reverse_kl: KL(student || teacher)
+    jsd:        beta * KL(teacher || mix) + (1 - beta) * KL(student || mix), mix = beta*teacher + (1-beta)*student
+    """
+    student_logp = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    teacher_logp = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    if kind == "forward_kl":
+        value = (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)
+    elif kind == "reverse_kl":
+        value = (student_logp.exp() * (student_logp - teacher_logp)).sum(-1)
+    elif kind == "jsd":
+        mix_logp = torch.logsumexp(torch.stack([teacher_logp + math.log(beta), student_logp + math.log(1 - beta)]), dim=0)
+        value = (beta * (teacher_logp.exp() * (teacher_logp - mix_logp)).sum(-1)
+                 + (1 - beta) * (student_logp.exp() * (student_logp - mix_logp)).sum(-1))
+    else:
+        raise ValueError(f"unknown divergence '{kind}'")
+    return value * temperature**2
+
 
 def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """T^2 * KL(softmax(teacher / T) || softmax(student / T)), averaged over positions.
-
-    The T^2 factor keeps gradient magnitudes comparable across temperatures (Hinton et al., 2015).
-    """
+    """T^2 * KL(softmax(teacher / T) || softmax(student / T)), averaged over positions."""
     vocab = student_logits.shape[-1]
-    student_logp = F.log_softmax(student_logits.reshape(-1, vocab).float() / temperature, dim=-1)
-    teacher_logp = F.log_softmax(teacher_logits.reshape(-1, vocab).float() / temperature, dim=-1)
-    per_position = (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)
-    return per_position.mean() * temperature**2
+    return divergence(student_logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab), "forward_kl", temperature).mean()
+
+
+def next_token_targets(input_ids: torch.Tensor) -> torch.Tensor:
+    """Each position's next token; the last position of every sequence has none (IGNORE)."""
+    targets = torch.full_like(input_ids, IGNORE)
+    targets[:, :-1] = input_ids[:, 1:]
+    return targets
 
 
 def next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
@@ -33,15 +70,69 @@ def distillation_loss(
     input_ids: torch.Tensor,
     config: LossConfig,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """kd_weight * forward KL + lm_weight * next-token loss, and the parts (detached) for logging."""
+    """kd_weight * divergence + lm_weight * next-token loss, and the parts (detached) for logging."""
     parts: dict[str, torch.Tensor] = {}
     total = student_logits.new_zeros((), dtype=torch.float32)
     if config.kd_weight:
-        kd = forward_kl(student_logits, teacher_logits, config.temperature)
+        vocab = student_logits.shape[-1]
+        kd = divergence(student_logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab),
+                        config.divergence, config.temperature, config.jsd_beta).mean()
         total = total + config.kd_weight * kd
         parts["kd"] = kd.detach()
     if config.lm_weight:
         lm = next_token_loss(student_logits, input_ids)
+        total = total + config.lm_weight * lm
+        parts["lm"] = lm.detach()
+    return total, parts
+
+
+def _chunk_sums(student_hidden, teacher_hidden, student_weight, student_bias, teacher_weight, teacher_bias, targets,
+                kind: str, temperature: float, beta: float, with_kd: bool, with_lm: bool) -> torch.Tensor:
+    """[sum of divergences, sum of token losses] over one chunk of positions."""
+    student_logits = F.linear(student_hidden, student_weight, student_bias).float()
+    zero = student_logits.new_zeros(())
+    kd = zero
+    if with_kd:
+        teacher_logits = F.linear(teacher_hidden, teacher_weight, teacher_bias)
+        kd = divergence(student_logits, teacher_logits, kind, temperature, beta).sum()
+    lm = F.cross_entropy(student_logits, targets, ignore_index=IGNORE, reduction="sum") if with_lm else zero
+    return torch.stack([kd, lm])
+
+
+def chunked_distillation_loss(
+    student_hidden: torch.Tensor,
+    student_head: torch.nn.Module,
+    teacher_hidden: torch.Tensor | None,
+    teacher_head: torch.nn.Module | None,
+    input_ids: torch.Tensor,
+    config: LossConfig,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The same loss as `distillation_loss(student_head(student_hidden), teacher_head(teacher_hidden), ...)`,
+    computed `config.chunk_tokens` positions at a time; each chunk's logits are recomputed in
+    backward (activation checkpointing) instead of being stored."""
+    hidden_size = student_hidden.shape[-1]
+    student_rows = student_hidden.reshape(-1, hidden_size)
+    teacher_rows = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]) if teacher_hidden is not None else None
+    targets = next_token_targets(input_ids).reshape(-1)
+    with_kd, with_lm = bool(config.kd_weight), bool(config.lm_weight)
+    teacher_weight = teacher_head.weight if with_kd else None
+    teacher_bias = getattr(teacher_head, "bias", None) if with_kd else None
+    sums = student_rows.new_zeros(2, dtype=torch.float32)
+    for start in range(0, student_rows.shape[0], config.chunk_tokens):
+        rows = slice(start, start + config.chunk_tokens)
+        sums = sums + checkpoint(
+            _chunk_sums, student_rows[rows], teacher_rows[rows] if with_kd else None,
+            student_head.weight, getattr(student_head, "bias", None), teacher_weight, teacher_bias, targets[rows],
+            config.divergence, config.temperature, config.jsd_beta, with_kd, with_lm, use_reentrant=False,
+        )
+    parts: dict[str, torch.Tensor] = {}
+    total = sums.new_zeros(())
+    if with_kd:
+        kd = sums[0] / student_rows.shape[0]
+        total = total + config.kd_weight * kd
+        parts["kd"] = kd.detach()
+    if with_lm:
+        lm = sums[1] / (targets != IGNORE).sum()
         total = total + config.lm_weight * lm
         parts["lm"] = lm.detach()
     return total, parts

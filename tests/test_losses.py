@@ -58,3 +58,73 @@ def test_distillation_loss_mixes_the_parts_by_their_weights():
     assert float(total) == pytest.approx(0.7 * float(forward_kl(student, teacher, 2.0)) + 0.3 * float(next_token_loss(student, ids)), rel=1e-6)
     total, parts = distillation_loss(student, None, ids, LossConfig(kd_weight=0.0, lm_weight=1.0))
     assert set(parts) == {"lm"}
+
+
+def reference_divergence(student, teacher, kind, temperature, beta=0.5):
+    """Plain float64 per-position divergences, written from the definitions."""
+    s = torch.softmax(student.double() / temperature, -1)
+    t = torch.softmax(teacher.double() / temperature, -1)
+    kl = lambda p, q: (p * (p.log() - q.log())).sum(-1)
+    if kind == "forward_kl":
+        value = kl(t, s)
+    elif kind == "reverse_kl":
+        value = kl(s, t)
+    else:
+        mix = beta * t + (1 - beta) * s
+        value = beta * kl(t, mix) + (1 - beta) * kl(s, mix)
+    return value * temperature**2
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("temperature,beta", [(1.0, 0.5), (2.0, 0.1), (0.7, 0.9)])
+def test_divergences_match_their_definitions(kind, temperature, beta):
+    from distill.losses import divergence
+
+    torch.manual_seed(11)
+    student, teacher = torch.randn(9, 57) * 2, torch.randn(9, 57) * 2
+    expected = reference_divergence(student, teacher, kind, temperature, beta)
+    actual = divergence(student, teacher, kind, temperature, beta)
+    assert float((actual.double() - expected).abs().max() / expected.abs().max()) < 1e-5
+    assert bool((actual >= -1e-6).all())
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("chunk_tokens", [1, 5, 7, 1000])
+@pytest.mark.parametrize("lm_weight", [0.0, 0.4])
+def test_chunked_loss_equals_the_full_logits_loss_with_the_same_gradients(kind, chunk_tokens, lm_weight):
+    from distill.losses import chunked_distillation_loss
+
+    torch.manual_seed(chunk_tokens)
+    batch, length, hidden, vocab = 2, 7, 16, 61
+    student_head = torch.nn.Linear(hidden, vocab, bias=False).double()
+    teacher_head = torch.nn.Linear(hidden, vocab, bias=True).double()
+    student_hidden = torch.randn(batch, length, hidden, dtype=torch.float64, requires_grad=True)
+    teacher_hidden = torch.randn(batch, length, hidden, dtype=torch.float64)
+    ids = torch.randint(0, vocab, (batch, length))
+    config = LossConfig(divergence=kind, temperature=1.5, kd_weight=1.0, lm_weight=lm_weight, chunk_tokens=chunk_tokens)
+
+    plain, plain_parts = distillation_loss(student_head(student_hidden), teacher_head(teacher_hidden), ids, config)
+    plain_grads = torch.autograd.grad(plain, [student_hidden, student_head.weight])
+    chunked, chunked_parts = chunked_distillation_loss(student_hidden, student_head, teacher_hidden, teacher_head, ids, config)
+    chunked_grads = torch.autograd.grad(chunked, [student_hidden, student_head.weight])
+
+    assert float(chunked) == pytest.approx(float(plain), rel=1e-6)
+    assert plain_parts.keys() == chunked_parts.keys()
+    for expected, actual in zip(plain_grads, chunked_grads):
+        assert float((actual - expected).norm() / expected.norm()) < 1e-6
+
+
+def test_chunked_loss_never_holds_the_batch_logits():
+    """The largest float32 tensor saved for backward is one chunk of logits, not the batch's."""
+    from distill.losses import chunked_distillation_loss
+
+    batch, length, hidden, vocab, chunk = 4, 64, 8, 512, 32
+    head = torch.nn.Linear(hidden, vocab, bias=False)
+    student_hidden = torch.randn(batch, length, hidden, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        loss, _ = chunked_distillation_loss(student_hidden, head, torch.randn(batch, length, hidden), head,
+                                            torch.randint(0, vocab, (batch, length)), LossConfig(chunk_tokens=chunk))
+    assert max(saved) < batch * length * vocab / 4
+    loss.backward()
+    assert student_hidden.grad is not None and float(student_hidden.grad.norm()) > 0

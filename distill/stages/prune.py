@@ -2,8 +2,11 @@
 
 Masks keep N of every M consecutive input weights, ranked by a criterion:
   magnitude: |W_ij|
-  wanda:     |W_ij| * ||X_j||_2, with X the teacher's inputs to that projection on calibration text
-             (Sun et al., 2023, "A Simple and Effective Pruning Approach for Large Language Models").
+  wanda:     |W_ij| * ||X_j||_2, X the teacher's inputs to that projection on calibration text
+             (Sun et al., 2023); the statistics come from the teacher stage
+  taylor, fisher: gradient saliencies on calibration text (distill.criteria), ranks sharing batches
+  sparsegpt: layer-by-layer pruning with second-order weight updates (distill.criteria); runs on
+             the main process (it is sequential over layers)
 A projection whose input size is not a multiple of M is refused or left dense (prune.incompatible).
 """
 
@@ -12,52 +15,84 @@ from __future__ import annotations
 import torch
 
 from distill.config import PruneConfig
+from distill.criteria import gradient_saliency, sparsegpt_masks
 from distill.errors import DistillError
 from distill.io import load_tensors
 from distill.models import load_teacher
 from distill.pipeline import StageContext
 from distill.sparsity import install_masks, nm_mask, sparsity_report, target_linears
-from distill.stages.teacher import CALIBRATION_FILE
+from distill.stages.teacher import CALIBRATION_FILE, DATA_FILE, calibration_blocks
 from distill.student import save_student
 
 STUDENT_DIR = "student"
+GRADIENT_CRITERIA = ("taylor", "fisher")
 
 
-def choose_masks(model: torch.nn.Module, prune: PruneConfig, statistics: dict[str, torch.Tensor]) -> tuple[dict, dict]:
-    """({module name: bool mask}, {module name: why it stays dense})."""
-    masks, dense = {}, {}
+def incompatible_projections(model: torch.nn.Module, prune: PruneConfig) -> dict[str, str]:
+    """{name: reason} for target projections that cannot be N:M; raises unless they may stay dense."""
+    dense = {}
     for name, linear in target_linears(model, prune.targets):
         if linear.in_features % prune.m:
             reason = f"input size {linear.in_features} is not a multiple of {prune.m}"
             if prune.incompatible == "error":
                 raise DistillError(f"cannot prune {name} to {prune.n}:{prune.m}: {reason} (set prune.incompatible=dense to keep it dense)")
             dense[name] = reason
+    return dense
+
+
+def masks_from_scores(model: torch.nn.Module, prune: PruneConfig, scores: dict[str, torch.Tensor], dense: dict) -> dict:
+    masks = {}
+    for name, linear in target_linears(model, prune.targets):
+        if name in dense:
             continue
-        scores = linear.weight.detach().abs().float()
-        if prune.criterion == "wanda":
-            if name not in statistics:
-                raise DistillError(f"no calibration statistics for {name}; rerun the teacher stage")
-            scores = scores * statistics[name].sqrt().to(scores)
-        masks[name] = nm_mask(scores, prune.n, prune.m)
+        if name not in scores:
+            raise DistillError(f"no {prune.criterion} scores for {name}; rerun the teacher stage")
+        masks[name] = nm_mask(scores[name].to(linear.weight.device), prune.n, prune.m)
     if not masks:
         raise DistillError(f"prune.targets {prune.targets} matched no projection that can be pruned")
-    return masks, dense
+    return masks
+
+
+def weight_scores(model: torch.nn.Module, prune: PruneConfig, statistics: dict[str, torch.Tensor]) -> dict:
+    """Scores of the criteria computed from weights (and the teacher stage's input statistics)."""
+    scores = {}
+    for name, linear in target_linears(model, prune.targets):
+        score = linear.weight.detach().abs().float()
+        if prune.criterion == "wanda":
+            if name not in statistics:
+                continue
+            score = score * statistics[name].sqrt().to(score)
+        scores[name] = score
+    return scores
 
 
 def run(ctx: StageContext) -> dict:
     config, accelerator = ctx.config, ctx.accelerator
-    summary: dict = {}
-    if accelerator.is_main_process:  # deterministic and cheap: one process builds the student
-        model = load_teacher(config.teacher, torch.device("cpu"))
-        model = model.float()
-        statistics = load_tensors(ctx.stage_dir("teacher") / CALIBRATION_FILE)
-        masks, dense = choose_masks(model, config.prune, statistics)
-        install_masks(model, masks)
-        for name in dense:
-            ctx.log(f"[prune] {name} stays dense: {dense[name]}")
-        spec = {"n": config.prune.n, "m": config.prune.m, "criterion": config.prune.criterion, "dense": dense}
-        save_student(model, ctx.work_dir / STUDENT_DIR, spec)
-        sparsity = sparsity_report(model)
-        summary = {"masked": len(masks), "dense": dense, "mean_sparsity": sum(sparsity.values()) / len(sparsity)}
-        ctx.log(f"[prune] {config.prune.criterion} {config.prune.n}:{config.prune.m} masks on {len(masks)} projections")
-    return summary
+    prune = config.prune
+    on_all_ranks = prune.criterion in GRADIENT_CRITERIA
+    if not (on_all_ranks or accelerator.is_main_process):
+        return {}
+    device = accelerator.device if on_all_ranks else torch.device("cpu")
+    model = load_teacher(config.teacher, device).float()
+    dense = incompatible_projections(model, prune)
+    calibration = calibration_blocks(load_tensors(ctx.stage_dir("teacher") / DATA_FILE)["train"].long(),
+                                      config.calibration.num_blocks)
+    if prune.criterion == "sparsegpt":
+        masks = sparsegpt_masks(model, calibration, prune.targets, prune.n, prune.m, skip=set(dense))
+    else:
+        if on_all_ranks:
+            scores = gradient_saliency(model, calibration, prune.targets, accelerator, prune.criterion)
+        else:
+            scores = weight_scores(model, prune, load_tensors(ctx.stage_dir("teacher") / CALIBRATION_FILE))
+        if not accelerator.is_main_process:
+            return {}
+        masks = masks_from_scores(model, prune, scores, dense)
+    model = model.cpu()
+    install_masks(model, masks)
+    for name, reason in dense.items():
+        ctx.log(f"[prune] {name} stays dense: {reason}")
+    spec = {"n": prune.n, "m": prune.m, "criterion": prune.criterion, "dense": dense}
+    save_student(model, ctx.work_dir / STUDENT_DIR, spec)
+    sparsity = sparsity_report(model)
+    ctx.log(f"[prune] {prune.criterion} {prune.n}:{prune.m} masks on {len(masks)} projections")
+    return {"masked": len(masks), "dense": dense, "mean_sparsity": sum(sparsity.values()) / len(sparsity)}

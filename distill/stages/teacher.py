@@ -20,6 +20,12 @@ DATA_FILE = "data.safetensors"
 CALIBRATION_FILE = "calibration.safetensors"
 
 
+def calibration_blocks(train: torch.Tensor, count: int) -> torch.Tensor:
+    """`count` training blocks evenly spread over all of them, so every source is represented."""
+    picks = torch.linspace(0, len(train) - 1, min(count, len(train))).round().long().unique()
+    return train[picks]
+
+
 def source_files(config) -> list[str]:
     return [path for source in config.data.sources if source.kind == "files" for path in source.files]
 
@@ -46,9 +52,8 @@ def run(ctx: StageContext) -> dict:
                 f"{len(blocks.train)} training and {len(blocks.heldout)} held-out blocks of {config.data.block_size}")
     train = torch.cat(train_parts)
 
-    # calibration blocks: evenly spread over the training blocks, so every source is represented
-    picks = torch.linspace(0, len(train) - 1, min(config.calibration.num_blocks, len(train))).round().long().unique()
-    statistics = input_square_sums(teacher, train[picks], config.prune.targets, accelerator)
+    calibration = calibration_blocks(train, config.calibration.num_blocks)
+    statistics = input_square_sums(teacher, calibration, config.prune.targets, accelerator)
 
     teacher_ppl = {}
     for name, blocks in heldout.items():
@@ -63,4 +68,4 @@ def run(ctx: StageContext) -> dict:
         save_tensors(ctx.work_dir / DATA_FILE, tensors)
         save_tensors(ctx.work_dir / CALIBRATION_FILE, statistics)
         tokenizer.save_pretrained(ctx.work_dir / "tokenizer")
-    return {"sources": counts, "train_blocks": len(train), "calibration_blocks": len(picks), "teacher_ppl": teacher_ppl}
+    return {"sources": counts, "train_blocks": len(train), "calibration_blocks": len(calibration), "teacher_ppl": teacher_ppl}

@@ -18,13 +18,14 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-from distill.config import Config, TrainConfig
+from distill.config import Config, LossConfig, TrainConfig
 from distill.errors import DistillError
 from distill.io import load_tensors, read_json, write_json, write_text
-from distill.losses import distillation_loss
+from distill.losses import chunked_distillation_loss, distillation_loss
 from distill.models import load_teacher
 from distill.pipeline import StageContext
 from distill.sparsity import apply_masks_, mask_pairs, masked_modules
@@ -120,6 +121,35 @@ def _read_metrics(path: Path, upto_step: int) -> list[dict]:
     return [row for row in rows if row["step"] <= upto_step]
 
 
+class DistillationObjective(nn.Module):
+    """The student and its loss in one forward, so that DDP and FSDP see every use of the student's
+    parameters (the output projection included) inside the wrapped module's forward."""
+
+    def __init__(self, student: nn.Module, loss: LossConfig):
+        super().__init__()
+        self.student = student
+        self.loss = loss
+
+    def forward(self, input_ids: torch.Tensor, teacher_hidden=None, teacher_head=None, teacher_logits=None):
+        if self.loss.chunk_tokens:
+            hidden = self.student.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
+            return chunked_distillation_loss(hidden, self.student.get_output_embeddings(), teacher_hidden,
+                                             teacher_head, input_ids, self.loss)
+        logits = self.student(input_ids=input_ids, use_cache=False).logits
+        return distillation_loss(logits, teacher_logits, input_ids, self.loss)
+
+
+def teacher_outputs(teacher: nn.Module | None, input_ids: torch.Tensor, loss: LossConfig) -> tuple:
+    """(hidden, head, logits) of the teacher for DistillationObjective: hidden states and the output
+    projection for the chunked loss, full logits otherwise."""
+    if teacher is None:
+        return None, None, None
+    if loss.chunk_tokens:
+        hidden = teacher.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
+        return hidden, teacher.get_output_embeddings(), None
+    return None, None, teacher(input_ids=input_ids, use_cache=False).logits
+
+
 def run(ctx: StageContext) -> dict:
     config: Config = ctx.config
     accelerator = ctx.accelerator
@@ -138,9 +168,9 @@ def run(ctx: StageContext) -> dict:
     # Not passed to prepare(): accelerate would step a prepared scheduler once per process.
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(optimizer, train.warmup_steps, train.steps,
                                                             min_lr_rate=train.min_lr_ratio)
-    student, optimizer = accelerator.prepare(student, optimizer)
+    objective, optimizer = accelerator.prepare(DistillationObjective(student, train.loss), optimizer)
     accelerator.register_for_checkpointing(scheduler, schedule)
-    masks = mask_pairs(accelerator.unwrap_model(student))
+    masks = mask_pairs(student)
 
     checkpoints = ctx.work_dir / CHECKPOINTS
     resume_from = latest_checkpoint(checkpoints)
@@ -162,12 +192,11 @@ def run(ctx: StageContext) -> dict:
         for micro, indices in enumerate(micro_batches):
             input_ids = blocks[indices].to(accelerator.device, non_blocking=True)
             last = micro == len(micro_batches) - 1
-            with (nullcontext() if last else accelerator.no_sync(student)):
+            with (nullcontext() if last else accelerator.no_sync(objective)):
                 with accelerator.autocast():
-                    student_logits = student(input_ids=input_ids).logits
                     with torch.no_grad():
-                        teacher_logits = teacher(input_ids=input_ids).logits if teacher is not None else None
-                loss, parts = distillation_loss(student_logits, teacher_logits, input_ids, train.loss)
+                        teacher_out = teacher_outputs(teacher, input_ids, train.loss)
+                    loss, parts = objective(input_ids, *teacher_out)
                 accelerator.backward(loss / accumulation)
             for name, value in {"loss": loss.detach(), **parts}.items():
                 step_losses[name] = step_losses.get(name, 0) + value / accumulation
@@ -195,7 +224,7 @@ def run(ctx: StageContext) -> dict:
             save_checkpoint(accelerator, checkpoints, done, train.keep_checkpoints)
 
     accelerator.wait_for_everyone()
-    final = accelerator.unwrap_model(student)
+    final = accelerator.unwrap_model(objective).student
     if accelerator.is_main_process:
         save_student(final, ctx.work_dir / STUDENT_DIR, {k: v for k, v in spec.items() if k != "masked"})
         shutil.rmtree(checkpoints, ignore_errors=True)  # the finished student replaces them

@@ -1,0 +1,69 @@
+"""Pruning criteria on a tiny Llama and on one layer with real-looking correlated inputs."""
+
+import pytest
+import torch
+from accelerate import Accelerator
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import VALID_TEXT
+from distill.config import PROJECTIONS, PruneConfig
+from distill.criteria import gradient_saliency, sparsegpt_masks, sparsegpt_nm
+from distill.data import pack, tokenize_files
+from distill.sparsity import nm_mask, nm_violations, target_linears
+from distill.stages.prune import masks_from_scores
+
+
+@pytest.fixture(scope="module")
+def calibration(tiny_teacher):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_teacher)
+    return pack(tokenize_files([str(VALID_TEXT)], tokenizer), 32)[:8]
+
+
+def load(tiny_teacher):
+    return AutoModelForCausalLM.from_pretrained(tiny_teacher, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("kind", ["taylor", "fisher"])
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (4, 8)])
+def test_gradient_criteria_give_valid_nm_masks(tiny_teacher, calibration, kind, n, m):
+    model = load(tiny_teacher)
+    scores = gradient_saliency(model, calibration, PROJECTIONS, Accelerator(cpu=True), kind)
+    assert set(scores) == {name for name, _ in target_linears(model, PROJECTIONS)}
+    assert all(float(score.sum()) > 0 for score in scores.values())
+    masks = masks_from_scores(model, PruneConfig(criterion=kind, n=n, m=m), scores, dense={})
+    for name, mask in masks.items():
+        rows, cols = mask.shape
+        assert bool((mask.reshape(rows, cols // m, m).sum(-1) == n).all()), name
+
+
+def test_sparsegpt_prunes_every_layer_to_2_4_and_keeps_the_model_close(tiny_teacher, calibration):
+    model, dense = load(tiny_teacher), load(tiny_teacher)
+    masks = sparsegpt_masks(model, calibration, PROJECTIONS, 2, 4)
+    assert len(masks) == 14
+    for name, mask in masks.items():
+        weight = model.get_submodule(name).weight
+        assert nm_violations(weight, 2, 4) == 0, name
+        assert bool((weight[~mask] == 0).all()), name
+    with torch.no_grad():
+        logits, reference = model(input_ids=calibration).logits, dense(input_ids=calibration).logits
+    assert float((logits - reference).norm() / reference.norm()) < 0.5
+
+
+def test_sparsegpt_reconstructs_a_layer_better_than_magnitude_and_wanda():
+    torch.manual_seed(0)
+    rows, cols, tokens = 64, 128, 2048
+    # inputs with correlated features and uneven scales, as real activations have
+    mixing = torch.randn(cols, cols) / cols**0.5 + torch.eye(cols)
+    x = (torch.randn(tokens, cols) @ mixing) * torch.linspace(0.2, 3.0, cols)
+    weight = torch.randn(rows, cols)
+    target = x @ weight.T
+    hessian = x.double().T @ x.double()
+
+    def error(pruned):
+        return float((x @ pruned.T - target).norm() / target.norm())
+
+    magnitude = weight * nm_mask(weight.abs(), 2, 4)
+    wanda = weight * nm_mask(weight.abs() * x.norm(dim=0), 2, 4)
+    sparsegpt, mask = sparsegpt_nm(weight, hessian, 2, 4)
+    assert nm_violations(sparsegpt.float(), 2, 4) == 0 and bool((mask.reshape(rows, -1, 4).sum(-1) == 2).all())
+    assert error(sparsegpt.float()) < 0.95 * error(wanda) < error(magnitude)
