@@ -32,6 +32,8 @@ def test_demo_config_loads_and_overrides_reach_nested_keys():
     ("{}", ["nosuch.key=1"], "config key 'nosuch'"),
     ("{}", ["train.global_batch_size=6"], "not a multiple of train.micro_batch_size"),
     ("- a list", [], "must hold a mapping"),
+    ("train: {loss: {divergence: tv}}", [], "'train.loss.divergence': 'tv' is not one of"),
+    ("{}", ["train.loss.jsd_beta=1.0"], "'train.loss.jsd_beta': 1.0 is not in (0, 1)"),
     ("data: {sources: [{name: a, kind: files, files: [x.txt], heldout_fraction: lots}]}", [],
      "config key 'data.sources[0].heldout_fraction'"),
 ])
