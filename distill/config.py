@@ -77,8 +77,13 @@ class CalibrationConfig:
 @dataclass
 class PruneConfig:
     criterion: str = "wanda"  # magnitude | wanda | sparsegpt | taylor | fisher
-    n: int = 2  # keep n weights ...
+    pattern: str = "nm"  # nm | block | channel | unstructured (only 2:4 runs on sparse kernels)
+    n: int = 2  # nm: keep n weights ...
     m: int = 4  # ... in every group of m consecutive input weights
+    sparsity: float = 0.5  # block, channel, unstructured: fraction of weights removed
+    block: int = 4  # block: b x b tiles
+    channel_axis: str = "input"  # channel: remove input columns or output rows
+    scope: str = "layer"  # unstructured: the fraction per layer, or over all layers at once (global)
     targets: List[str] = field(default_factory=lambda: list(PROJECTIONS))
     incompatible: str = "error"  # a target whose input size is not a multiple of m: error | dense
 
@@ -277,10 +282,21 @@ def validate(config: Config) -> None:
     prune = config.prune
     _choice("prune.criterion", prune.criterion, ["magnitude", "wanda", "sparsegpt", "taylor", "fisher"])
     _choice("prune.incompatible", prune.incompatible, ["error", "dense"])
+    _choice("prune.pattern", prune.pattern, ["nm", "block", "channel", "unstructured"])
+    _choice("prune.channel_axis", prune.channel_axis, ["input", "output"])
+    _choice("prune.scope", prune.scope, ["layer", "global"])
     _positive("prune.m", prune.m)
     _positive("prune.n", prune.n)
+    _positive("prune.block", prune.block)
     if prune.n >= prune.m:
         raise DistillError(f"config key 'prune.n': N:M sparsity needs N < M, got {prune.n}:{prune.m}")
+    if not 0.0 < prune.sparsity < 1.0:
+        raise DistillError(f"config key 'prune.sparsity': {prune.sparsity} is not in (0, 1)")
+    if prune.criterion == "sparsegpt" and prune.pattern != "nm":
+        raise DistillError(f"config key 'prune.criterion': sparsegpt prunes N:M patterns only, not '{prune.pattern}'")
+    if prune.scope == "global" and (prune.pattern != "unstructured" or prune.criterion == "magnitude"):
+        raise DistillError("config key 'prune.scope': global needs pattern unstructured and a criterion whose "
+                           "scores compare across layers (wanda, taylor, fisher)")
     if not prune.targets:
         raise DistillError("config key 'prune.targets': name at least one projection to prune")
 

@@ -244,3 +244,20 @@ def test_wandb_offline_run_holds_the_logged_metrics(tmp_path, tiny_teacher):
         assert row["train/loss"] == pytest.approx(expected["loss"], rel=1e-6)
         assert row["train/lr"] == pytest.approx(expected["lr"], rel=1e-6)
         assert row["train/tokens_per_s"] > 0
+
+
+def test_a_pattern_no_kernel_runs_exports_dense_with_zeros_and_the_report_says_so(tmp_path, tiny_teacher):
+    config = write_config(tmp_path / "block.yaml", tiny_config(
+        tmp_path, tiny_teacher, name="block", train={"steps": 2},
+        prune={"criterion": "taylor", "pattern": "block", "block": 16, "sparsity": 0.25}))
+    run_pipeline(config)
+    run_dir = tmp_path / "runs" / "block"
+    report = json.loads((run_dir / "evaluate" / "report.json").read_text())
+    assert report["export"]["packed_dir"] is None
+    assert "no sparse kernel runs this pattern" in report["export"]["note"]
+    assert "16x16 blocks, 25% removed" in (run_dir / "evaluate" / "report.md").read_text()
+    assert all(value == pytest.approx(0.25) for value in report["sparsity"].values())
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "export" / "hf")
+    weight = model.get_submodule("model.layers.1.mlp.up_proj").weight  # [128, 64]: 8 x 4 tiles of 16 x 16
+    tiles_zero = (weight.reshape(8, 16, 4, 16) == 0).all(3).all(1)
+    assert int(tiles_zero.sum()) == 8  # a quarter of the 32 tiles, each entirely zero

@@ -86,7 +86,7 @@ def run(ctx: StageContext) -> dict:
         "sparsity": {row["name"]: row["sparsity"] for row in layers},
         "layers": layers,
         "config": {"teacher": config.teacher.source, "criterion": config.prune.criterion,
-                   "pattern": f"{config.prune.n}:{config.prune.m}", "steps": config.train.steps},
+                   "pattern": export.get("pattern", ""), "steps": config.train.steps},
     }
     write_json(ctx.work_dir / "report.json", report)
     history = _training_history(ctx)
@@ -124,9 +124,12 @@ def _markdown(report: dict, history: list[dict]) -> str:
         "## Export", "",
         f"- structure verified: {export.get('verified')} ({export.get('masked')} projections, "
         f"mean sparsity {mean_sparsity:.3f})",
-        f"- packed form {export.get('packed_bytes')} bytes vs dense-with-zeros {export.get('dense_bytes')} bytes, "
-        "reproduces it bitwise",
     ]
+    if export.get("packed_dir"):
+        parts.append(f"- packed form {export['packed_bytes']} bytes vs dense-with-zeros {export['dense_bytes']} bytes, "
+                     "reproduces it bitwise")
+    if export.get("note"):
+        parts.append(f"- {export['note']}")
     if "sparse_kernel_relative_error" in export:
         for path, error in export["sparse_kernel_relative_error"].items():
             parts.append(f"- 2:4 kernel path `{path}`: logits vs dense, relative error {error:.3g}")

@@ -19,19 +19,20 @@ from distill.errors import DistillError
 from distill.io import load_tensors
 from distill.packing import load_packed, save_packed
 from distill.pipeline import StageContext
-from distill.sparsity import masked_modules, nm_violations, remove_masks
+from distill.patterns import Pattern
+from distill.sparsity import masked_modules, remove_masks
 from distill.stages.prune import STUDENT_DIR
 from distill.stages.teacher import DATA_FILE
 from distill.student import load_student
 
 
-def verify_structure(model: torch.nn.Module, n: int, m: int) -> None:
+def verify_structure(model: torch.nn.Module, pattern: Pattern) -> None:
     for name, module in masked_modules(model):
         if bool((module.weight[~module.mask] != 0).any()):
             raise DistillError(f"{name}: weights outside the mask are not zero")
-        bad = nm_violations(module.weight * module.mask, n, m)
+        bad = pattern.violations(module.mask)
         if bad:
-            raise DistillError(f"{name}: {bad} groups of {m} hold more than {n} non-zeros")
+            raise DistillError(f"{name}: {bad} groups break the {pattern.describe()} pattern")
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -60,24 +61,31 @@ def sparse_kernel_errors(packed_dir, dense: torch.nn.Module, masked: list[str], 
 
 def run(ctx: StageContext) -> dict:
     config, accelerator = ctx.config, ctx.accelerator
-    summary: dict = {}
     if not accelerator.is_main_process:
-        return summary
+        return {}
     student_dir = ctx.stage_dir("distill") / STUDENT_DIR
     spec = json.loads((student_dir / "sparsity.json").read_text())
-    n, m, masked = spec["n"], spec["m"], spec["masked"]
+    pattern, masked = Pattern.from_spec(spec), spec["masked"]
     student = load_student(student_dir)
-    verify_structure(student, n, m)
-    ctx.log(f"[export] {len(masked)} projections verified {n}:{m}")
+    verify_structure(student, pattern)
+    ctx.log(f"[export] {len(masked)} projections verified: {pattern.describe()}")
 
     tokenizer = AutoTokenizer.from_pretrained(ctx.stage_dir("teacher") / "tokenizer")
     dense = remove_masks(student)
-    hf_dir, packed_dir = ctx.work_dir / "hf", ctx.work_dir / "packed"
+    hf_dir = ctx.work_dir / "hf"
     dense.save_pretrained(hf_dir)
     tokenizer.save_pretrained(hf_dir)
-    save_packed(dense, masked, n, m, packed_dir)
-    tokenizer.save_pretrained(packed_dir)
+    summary = {"verified": True, "pattern": pattern.describe(), "masked": len(masked), "hf_dir": str(hf_dir),
+               "dense_bytes": sum(p.stat().st_size for p in hf_dir.glob("*.safetensors"))}
+    if pattern.kind != "nm":
+        summary["packed_dir"] = None
+        summary["note"] = f"{pattern.describe()}: exported dense-with-zeros only, no sparse kernel runs this pattern"
+        ctx.log(f"[export] {summary['note']}")
+        return summary
 
+    packed_dir = ctx.work_dir / "packed"
+    save_packed(dense, masked, pattern.n, pattern.m, packed_dir)
+    tokenizer.save_pretrained(packed_dir)
     # the round trip: hf/ as any user would load it, against packed/ unpacked by our loader
     from_hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     from_packed = load_packed(packed_dir).eval()
@@ -90,19 +98,18 @@ def run(ctx: StageContext) -> dict:
         same_logits = torch.equal(from_hf(input_ids=probe).logits, from_packed(input_ids=probe).logits)
     if not same_logits:
         raise DistillError("packed export loads with the same weights but different logits")
-    summary = {"verified": True, "n": n, "m": m, "masked": len(masked),
-               "hf_dir": str(hf_dir), "packed_dir": str(packed_dir),
-               "packed_bytes": (packed_dir / "model.safetensors").stat().st_size,
-               "dense_bytes": sum(p.stat().st_size for p in hf_dir.glob("*.safetensors"))}
-    if torch.cuda.is_available() and (n, m) == (2, 4):
+    summary.update({"packed_dir": str(packed_dir), "packed_bytes": (packed_dir / "model.safetensors").stat().st_size})
+    ctx.log(f"[export] packed form reproduces the dense export exactly ({summary['packed_bytes']} vs "
+            f"{summary['dense_bytes']} bytes)")
+    if not pattern.accelerated:
+        summary["note"] = f"{pattern.describe()}: packed, but the sparse runtime runs 2:4 only"
+    elif torch.cuda.is_available():
         errors = sparse_kernel_errors(packed_dir, from_hf, masked, probe)
         summary["sparse_kernel_relative_error"] = errors
         for path, error in errors.items():
             if error > config.export.kernel_tolerance:
                 raise DistillError(f"2:4 kernel path {path}: logits differ from dense by {error:.3g} (> export.kernel_tolerance)")
         ctx.log(f"[export] 2:4 kernels match the dense model: relative error {errors}")
-    ctx.log(f"[export] packed form reproduces the dense export exactly ({summary['packed_bytes']} vs "
-            f"{summary['dense_bytes']} bytes)")
     return summary
 
 

@@ -1,6 +1,7 @@
 """Stage 2, prune: the student is the teacher with its target projections replaced by masked ones.
 
-Masks keep N of every M consecutive input weights, ranked by a criterion:
+Masks follow a pattern (distill.patterns: N:M, block, channel, unstructured) and rank weights by a
+criterion:
   magnitude: |W_ij|
   wanda:     |W_ij| * ||X_j||_2, X the teacher's inputs to that projection on calibration text
              (Sun et al., 2023); the statistics come from the teacher stage
@@ -19,8 +20,9 @@ from distill.criteria import gradient_saliency, sparsegpt_masks
 from distill.errors import DistillError
 from distill.io import load_tensors
 from distill.models import load_teacher
+from distill.patterns import Pattern, global_unstructured_masks
 from distill.pipeline import StageContext
-from distill.sparsity import install_masks, nm_mask, sparsity_report, target_linears
+from distill.sparsity import install_masks, sparsity_report, target_linears
 from distill.stages.teacher import CALIBRATION_FILE, DATA_FILE, calibration_blocks
 from distill.student import save_student
 
@@ -29,28 +31,32 @@ GRADIENT_CRITERIA = ("taylor", "fisher")
 
 
 def incompatible_projections(model: torch.nn.Module, prune: PruneConfig) -> dict[str, str]:
-    """{name: reason} for target projections that cannot be N:M; raises unless they may stay dense."""
+    """{name: reason} for target projections that cannot take the pattern; raises unless they may stay dense."""
+    pattern = Pattern.from_config(prune)
     dense = {}
     for name, linear in target_linears(model, prune.targets):
-        if linear.in_features % prune.m:
-            reason = f"input size {linear.in_features} is not a multiple of {prune.m}"
+        reason = pattern.incompatible(tuple(linear.weight.shape))
+        if reason:
             if prune.incompatible == "error":
-                raise DistillError(f"cannot prune {name} to {prune.n}:{prune.m}: {reason} (set prune.incompatible=dense to keep it dense)")
+                raise DistillError(f"cannot prune {name} to {pattern.describe()}: {reason} (set prune.incompatible=dense to keep it dense)")
             dense[name] = reason
     return dense
 
 
 def masks_from_scores(model: torch.nn.Module, prune: PruneConfig, scores: dict[str, torch.Tensor], dense: dict) -> dict:
-    masks = {}
+    pattern = Pattern.from_config(prune)
+    chosen = {}
     for name, linear in target_linears(model, prune.targets):
         if name in dense:
             continue
         if name not in scores:
             raise DistillError(f"no {prune.criterion} scores for {name}; rerun the teacher stage")
-        masks[name] = nm_mask(scores[name].to(linear.weight.device), prune.n, prune.m)
-    if not masks:
+        chosen[name] = scores[name].to(linear.weight.device)
+    if not chosen:
         raise DistillError(f"prune.targets {prune.targets} matched no projection that can be pruned")
-    return masks
+    if pattern.kind == "unstructured" and pattern.scope == "global":
+        return global_unstructured_masks(chosen, pattern.sparsity)
+    return {name: pattern.mask(score) for name, score in chosen.items()}
 
 
 def weight_scores(model: torch.nn.Module, prune: PruneConfig, statistics: dict[str, torch.Tensor]) -> dict:
@@ -91,8 +97,9 @@ def run(ctx: StageContext) -> dict:
     install_masks(model, masks)
     for name, reason in dense.items():
         ctx.log(f"[prune] {name} stays dense: {reason}")
-    spec = {"n": prune.n, "m": prune.m, "criterion": prune.criterion, "dense": dense}
+    pattern = Pattern.from_config(prune)
+    spec = {"n": prune.n, "m": prune.m, "pattern": pattern.to_spec(), "criterion": prune.criterion, "dense": dense}
     save_student(model, ctx.work_dir / STUDENT_DIR, spec)
     sparsity = sparsity_report(model)
-    ctx.log(f"[prune] {prune.criterion} {prune.n}:{prune.m} masks on {len(masks)} projections")
+    ctx.log(f"[prune] {prune.criterion} {pattern.describe()} masks on {len(masks)} projections")
     return {"masked": len(masks), "dense": dense, "mean_sparsity": sum(sparsity.values()) / len(sparsity)}
