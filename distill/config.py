@@ -112,6 +112,11 @@ class TrainConfig:
     weight_decay: float = 0.0
     betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
     max_grad_norm: float = 1.0  # 0 disables clipping
+    # fixed: the prune stage's masks; dynamic: masks re-chosen (same pattern, by |W|) every
+    # mask_update_every steps, gradients reaching pruned weights through a sparse-refined STE
+    mask_mode: str = "fixed"
+    mask_update_every: int = 10
+    refine_decay: float = 2.0e-4  # dynamic: SR-STE pull of pruned weights towards zero
     log_every: int = 5
     checkpoint_every: int = 25
     keep_checkpoints: int = 2
@@ -306,6 +311,9 @@ def validate(config: Config) -> None:
     _positive("train.global_batch_size", train.global_batch_size)
     _positive("train.lr", train.lr)
     _positive("train.warmup_steps", train.warmup_steps, allow_zero=True)
+    _choice("train.mask_mode", train.mask_mode, ["fixed", "dynamic"])
+    _positive("train.mask_update_every", train.mask_update_every)
+    _positive("train.refine_decay", train.refine_decay, allow_zero=True)
     _positive("train.log_every", train.log_every)
     _positive("train.checkpoint_every", train.checkpoint_every)
     _positive("train.keep_checkpoints", train.keep_checkpoints)
@@ -314,6 +322,8 @@ def validate(config: Config) -> None:
         raise DistillError(f"config key 'train.min_lr_ratio': {train.min_lr_ratio} is not in [0, 1]")
     if len(train.betas) != 2:
         raise DistillError(f"config key 'train.betas': needs two values, got {len(train.betas)}")
+    if train.mask_mode == "dynamic" and prune.scope == "global":
+        raise DistillError("config key 'train.mask_mode': dynamic masks are re-chosen per layer; use prune.scope=layer")
     if train.global_batch_size % train.micro_batch_size:
         raise DistillError(
             f"config key 'train.global_batch_size': {train.global_batch_size} is not a multiple of "

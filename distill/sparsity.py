@@ -33,6 +33,23 @@ def nm_violations(weight: torch.Tensor, n: int, m: int) -> int:
     return int((nonzeros > n).sum())
 
 
+class SparseRefinedSTE(torch.autograd.Function):
+    """Forward: weight * mask. Backward: the gradient passes to every weight as if unmasked, plus
+    `decay * weight` on the pruned ones, which pulls them towards zero so the mask settles
+    (SR-STE, Zhou et al. 2021, "Learning N:M Fine-grained Structured Sparse Neural Networks From Scratch")."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, mask: torch.Tensor, decay: float) -> torch.Tensor:
+        ctx.save_for_backward(weight, mask)
+        ctx.decay = decay
+        return weight * mask
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        weight, mask = ctx.saved_tensors
+        return grad + ctx.decay * weight * ~mask, None, None
+
+
 class MaskedLinear(nn.Linear):
     """An nn.Linear whose weight is multiplied by a fixed boolean mask.
 
@@ -56,7 +73,14 @@ class MaskedLinear(nn.Linear):
                 masked.bias.copy_(linear.bias)
         return masked
 
+    # dynamic masks: the mask is re-chosen from the weights during training and the gradient reaches
+    # pruned weights too (sparse-refined straight-through estimator); see SparseRefinedSTE
+    dynamic: bool = False
+    refine_decay: float = 0.0
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dynamic:
+            return F.linear(x, SparseRefinedSTE.apply(self.weight, self.mask, self.refine_decay), self.bias)
         return F.linear(x, self.weight * self.mask, self.bias)
 
     def to_linear(self) -> nn.Linear:

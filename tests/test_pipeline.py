@@ -156,8 +156,10 @@ def _kill_after_first_checkpoint(process: subprocess.Popen, checkpoints: Path, t
     assert not _pipeline_processes(Path(process.args[-1])), "a worker outlived the killed launcher"
 
 
-def test_kill_in_distill_then_resume_gives_the_bitwise_same_student(tmp_path, tiny_teacher):
-    train = {"steps": 24, "checkpoint_every": 4, "log_every": 1, "global_batch_size": 8, "micro_batch_size": 4}
+@pytest.mark.parametrize("mask_mode", ["fixed", "dynamic"])
+def test_kill_in_distill_then_resume_gives_the_bitwise_same_student(tmp_path, tiny_teacher, mask_mode):
+    train = {"steps": 24, "checkpoint_every": 4, "log_every": 1, "global_batch_size": 8, "micro_batch_size": 4,
+             "mask_mode": mask_mode, "mask_update_every": 3}
     reference = write_config(tmp_path / "reference.yaml", tiny_config(tmp_path, tiny_teacher, name="reference", train=train))
     launch(reference)
 
@@ -188,6 +190,13 @@ def test_kill_in_distill_then_resume_gives_the_bitwise_same_student(tmp_path, ti
     for name in expected:
         assert torch.equal(expected[name], actual[name]), name
     assert [row["loss"] for row in metrics(run_dir)] == [row["loss"] for row in metrics(tmp_path / "runs" / "reference")]
+    oneshot = load_file(tmp_path / "runs" / "killed" / "prune" / "student" / "model.safetensors")
+    masks = [name for name in actual if name.endswith(".mask")]
+    moved = sum(not torch.equal(actual[name], oneshot[name]) for name in masks)
+    assert (moved > 0) == (mask_mode == "dynamic"), "dynamic masks move, fixed ones do not"
+    for name in masks:
+        weight = actual[name.replace(".mask", ".weight")]
+        assert bool((weight[~actual[name]] == 0).all()) and nm_violations(weight, 2, 4) == 0, name
 
 
 def test_corrupt_checkpoint_is_reported_and_kept(tmp_path, tiny_teacher):

@@ -75,3 +75,40 @@ def test_remove_masks_gives_plain_linears_with_the_same_function():
     assert not list(masked_modules(model))
     assert all(type(module) is nn.Linear for module in model)
     assert torch.equal(model(x), expected)
+
+
+def test_sparse_refined_ste_passes_the_gradient_and_decays_pruned_weights():
+    from distill.sparsity import SparseRefinedSTE
+
+    torch.manual_seed(3)
+    weight = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    mask = nm_mask(torch.rand(4, 8), 2, 4)
+    upstream = torch.randn(4, 8, dtype=torch.float64)
+    out = SparseRefinedSTE.apply(weight, mask, 0.1)
+    assert torch.equal(out, weight.detach() * mask)
+    (grad,) = torch.autograd.grad(out, weight, upstream)
+    assert torch.allclose(grad, upstream + 0.1 * weight.detach() * ~mask, rtol=1e-12, atol=0)
+
+
+def test_dynamic_masks_follow_the_weights_and_keep_the_pattern():
+    from distill.patterns import Pattern
+    from distill.stages.train import DynamicMasks
+
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(16, 16))
+    install_masks(model, {"0": nm_mask(torch.rand(16, 16), 2, 4)})
+    layer = model[0]
+    dynamic = DynamicMasks(model, Pattern("nm", n=2, m=4), every=2, decay=1e-3)
+    before = layer.mask.clone()
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(16, 16))  # as if training had moved the dense weights
+    dynamic.after_step(1)
+    assert torch.equal(layer.mask, before), "masks change only every `every` steps"
+    dynamic.after_step(2)
+    assert torch.equal(layer.mask, nm_mask(layer.weight.abs(), 2, 4))
+    assert not torch.equal(layer.mask, before)
+    layer(torch.randn(3, 16)).sum().backward()
+    assert bool((layer.weight.grad[~layer.mask] != 0).all()), "pruned weights get gradients while dynamic"
+    dynamic.finish(model)
+    assert not layer.dynamic and bool((layer.weight[~layer.mask] == 0).all())
+    assert nm_violations(layer.weight.detach(), 2, 4) == 0

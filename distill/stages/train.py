@@ -27,6 +27,7 @@ from distill.errors import DistillError
 from distill.io import load_tensors, read_json, write_json, write_text
 from distill.losses import chunked_distillation_loss, distillation_loss
 from distill.models import load_teacher
+from distill.patterns import Pattern
 from distill.pipeline import StageContext
 from distill.sparsity import apply_masks_, mask_pairs, masked_modules
 from distill.stages.prune import STUDENT_DIR
@@ -121,6 +122,29 @@ def _read_metrics(path: Path, upto_step: int) -> list[dict]:
     return [row for row in rows if row["step"] <= upto_step]
 
 
+class DynamicMasks:
+    """Dynamic masks: every `every` steps each projection's mask is re-chosen from |W| under the
+    student's pattern; between updates pruned weights keep training through the SR-STE."""
+
+    def __init__(self, student: nn.Module, pattern: Pattern, every: int, decay: float):
+        self.modules = [module for _, module in masked_modules(student)]
+        self.pattern, self.every = pattern, every
+        for module in self.modules:
+            module.dynamic, module.refine_decay = True, decay
+
+    @torch.no_grad()
+    def after_step(self, done: int) -> None:
+        if done % self.every == 0:
+            for module in self.modules:
+                module.mask.copy_(self.pattern.mask(module.weight.abs().float()))
+
+    def finish(self, student: nn.Module) -> None:
+        """Back to fixed masks, with the pruned weights zeroed for good."""
+        for module in self.modules:
+            module.dynamic = False
+        apply_masks_(mask_pairs(student))
+
+
 class DistillationObjective(nn.Module):
     """The student and its loss in one forward, so that DDP and FSDP see every use of the student's
     parameters (the output projection included) inside the wrapped module's forward."""
@@ -171,6 +195,8 @@ def run(ctx: StageContext) -> dict:
     objective, optimizer = accelerator.prepare(DistillationObjective(student, train.loss), optimizer)
     accelerator.register_for_checkpointing(scheduler, schedule)
     masks = mask_pairs(student)
+    dynamic = (DynamicMasks(student, Pattern.from_spec(spec), train.mask_update_every, train.refine_decay)
+               if train.mask_mode == "dynamic" else None)
 
     checkpoints = ctx.work_dir / CHECKPOINTS
     resume_from = latest_checkpoint(checkpoints)
@@ -204,7 +230,10 @@ def run(ctx: StageContext) -> dict:
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        apply_masks_(masks)
+        if dynamic is None:
+            apply_masks_(masks)
+        else:
+            dynamic.after_step(step + 1)
         schedule.step = step + 1
         if grad_norm is not None:
             step_losses["grad_norm"] = grad_norm.detach() if torch.is_tensor(grad_norm) else torch.tensor(grad_norm)
@@ -225,6 +254,8 @@ def run(ctx: StageContext) -> dict:
 
     accelerator.wait_for_everyone()
     final = accelerator.unwrap_model(objective).student
+    if dynamic is not None:
+        dynamic.finish(final)
     if accelerator.is_main_process:
         save_student(final, ctx.work_dir / STUDENT_DIR, {k: v for k, v in spec.items() if k != "masked"})
         shutil.rmtree(checkpoints, ignore_errors=True)  # the finished student replaces them
