@@ -117,6 +117,8 @@ class TrainConfig:
     mask_mode: str = "fixed"
     mask_update_every: int = 10
     refine_decay: float = 2.0e-4  # dynamic: SR-STE pull of pruned weights towards zero
+    group_lasso: float = 0.0  # weight of the sum of the pattern's group norms (pushes whole groups to zero)
+    group_dropout: float = 0.0  # probability of dropping each whole group of the pattern in a forward
     log_every: int = 5
     checkpoint_every: int = 25
     keep_checkpoints: int = 2
@@ -314,6 +316,9 @@ def validate(config: Config) -> None:
     _choice("train.mask_mode", train.mask_mode, ["fixed", "dynamic"])
     _positive("train.mask_update_every", train.mask_update_every)
     _positive("train.refine_decay", train.refine_decay, allow_zero=True)
+    _positive("train.group_lasso", train.group_lasso, allow_zero=True)
+    if not 0.0 <= train.group_dropout < 1.0:
+        raise DistillError(f"config key 'train.group_dropout': {train.group_dropout} is not in [0, 1)")
     _positive("train.log_every", train.log_every)
     _positive("train.checkpoint_every", train.checkpoint_every)
     _positive("train.keep_checkpoints", train.keep_checkpoints)

@@ -95,6 +95,37 @@ class Pattern:
         return 0
 
 
+def group_norms(pattern: Pattern, weight: torch.Tensor) -> torch.Tensor:
+    """The L2 norm of every group the pattern removes together (|w| for unstructured): group lasso
+    sums these to push whole groups to zero. The norm's gradient at zero is zero, not NaN."""
+    rows, cols = weight.shape
+    if pattern.kind == "nm":
+        return torch.linalg.vector_norm(weight.reshape(rows, cols // pattern.m, pattern.m), dim=-1)
+    if pattern.kind == "block":
+        b = pattern.block
+        return torch.linalg.vector_norm(weight.reshape(rows // b, b, cols // b, b), dim=(1, 3))
+    if pattern.kind == "channel":
+        return torch.linalg.vector_norm(weight, dim=0 if pattern.axis == "input" else 1)
+    return weight.abs()
+
+
+def group_dropout_mask(pattern: Pattern, shape: tuple[int, int], rate: float, device=None) -> torch.Tensor:
+    """A bool mask that drops each of the pattern's groups with probability `rate` (structured dropout)."""
+    rows, cols = shape
+    if pattern.kind == "nm":
+        keep = torch.rand(rows, cols // pattern.m, 1, device=device) >= rate
+        return keep.expand(rows, cols // pattern.m, pattern.m).reshape(rows, cols)
+    if pattern.kind == "block":
+        b = pattern.block
+        keep = torch.rand(rows // b, cols // b, device=device) >= rate
+        return keep.repeat_interleave(b, 0).repeat_interleave(b, 1)
+    if pattern.kind == "channel":
+        if pattern.axis == "input":
+            return (torch.rand(1, cols, device=device) >= rate).expand(rows, cols)
+        return (torch.rand(rows, 1, device=device) >= rate).expand(rows, cols)
+    return torch.rand(rows, cols, device=device) >= rate
+
+
 def _keep_top(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """True for the highest-scoring (1 - sparsity) fraction of entries."""
     flat = scores.flatten()

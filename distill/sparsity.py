@@ -77,11 +77,19 @@ class MaskedLinear(nn.Linear):
     # pruned weights too (sparse-refined straight-through estimator); see SparseRefinedSTE
     dynamic: bool = False
     refine_decay: float = 0.0
+    # structured dropout while training: (shape, device) -> bool mask that drops whole groups, and its rate
+    drop_groups = None
+    drop_rate: float = 0.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dynamic:
-            return F.linear(x, SparseRefinedSTE.apply(self.weight, self.mask, self.refine_decay), self.bias)
-        return F.linear(x, self.weight * self.mask, self.bias)
+            weight = SparseRefinedSTE.apply(self.weight, self.mask, self.refine_decay)
+        else:
+            weight = self.weight * self.mask
+        if self.training and self.drop_groups is not None and self.drop_rate > 0:
+            kept = self.drop_groups(tuple(self.weight.shape), device=self.weight.device)
+            weight = weight * kept / (1 - self.drop_rate)  # keeps the expected output unchanged
+        return F.linear(x, weight, self.bias)
 
     def to_linear(self) -> nn.Linear:
         """A plain nn.Linear holding the masked weight (zeros where pruned)."""

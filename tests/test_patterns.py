@@ -49,3 +49,27 @@ def test_global_unstructured_removes_the_fraction_over_all_layers():
     removed = sum(int((~mask).sum()) for mask in masks.values())
     assert removed == 256
     assert float((~masks["b"]).float().mean()) > float((~masks["a"]).float().mean())
+
+
+@pytest.mark.parametrize("pattern", [Pattern("nm", n=2, m=4), Pattern("block", block=4), Pattern("channel", axis="input"),
+                                     Pattern("channel", axis="output"), Pattern("unstructured")])
+def test_group_norms_and_group_dropout_act_on_whole_groups(pattern):
+    from distill.patterns import group_dropout_mask, group_norms
+
+    torch.manual_seed(5)
+    weight = torch.randn(16, 32, dtype=torch.float64, requires_grad=True)
+    norms = group_norms(pattern, weight)
+    assert float(norms.square().sum()) == pytest.approx(float(weight.detach().square().sum()), rel=1e-12) \
+        if pattern.kind != "unstructured" else float(norms.sum()) == pytest.approx(float(weight.detach().abs().sum()))
+    # a group that is entirely zero contributes zero and a zero (not NaN) gradient
+    dropped = group_dropout_mask(pattern, (16, 32), rate=0.5)
+    if pattern.kind == "nm":  # whole groups of m go together
+        groups = dropped.reshape(16, -1, pattern.m)
+        assert bool((groups.all(-1) | ~groups.any(-1)).all())
+    elif pattern.kind != "unstructured":
+        assert pattern.violations(dropped) == 0
+    assert 0.3 < float(dropped.float().mean()) < 0.7
+    zeroed = weight * dropped
+    group_norms(pattern, zeroed).sum().backward()
+    assert not torch.isnan(weight.grad).any()
+    assert bool((weight.grad[~dropped] == 0).all())

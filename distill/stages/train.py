@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from functools import partial
 import shutil
 import time
 from contextlib import nullcontext
@@ -27,7 +28,7 @@ from distill.errors import DistillError
 from distill.io import load_tensors, read_json, write_json, write_text
 from distill.losses import chunked_distillation_loss, distillation_loss
 from distill.models import load_teacher
-from distill.patterns import Pattern
+from distill.patterns import Pattern, group_dropout_mask, group_norms
 from distill.pipeline import StageContext
 from distill.sparsity import apply_masks_, mask_pairs, masked_modules
 from distill.stages.prune import STUDENT_DIR
@@ -149,18 +150,27 @@ class DistillationObjective(nn.Module):
     """The student and its loss in one forward, so that DDP and FSDP see every use of the student's
     parameters (the output projection included) inside the wrapped module's forward."""
 
-    def __init__(self, student: nn.Module, loss: LossConfig):
+    def __init__(self, student: nn.Module, loss: LossConfig, pattern: Pattern, group_lasso: float = 0.0):
         super().__init__()
         self.student = student
         self.loss = loss
+        self.pattern = pattern
+        self.group_lasso = group_lasso
 
     def forward(self, input_ids: torch.Tensor, teacher_hidden=None, teacher_head=None, teacher_logits=None):
         if self.loss.chunk_tokens:
             hidden = self.student.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
-            return chunked_distillation_loss(hidden, self.student.get_output_embeddings(), teacher_hidden,
-                                             teacher_head, input_ids, self.loss)
-        logits = self.student(input_ids=input_ids, use_cache=False).logits
-        return distillation_loss(logits, teacher_logits, input_ids, self.loss)
+            total, parts = chunked_distillation_loss(hidden, self.student.get_output_embeddings(), teacher_hidden,
+                                                     teacher_head, input_ids, self.loss)
+        else:
+            logits = self.student(input_ids=input_ids, use_cache=False).logits
+            total, parts = distillation_loss(logits, teacher_logits, input_ids, self.loss)
+        if self.group_lasso:
+            lasso = sum(group_norms(self.pattern, module.weight * module.mask).sum()
+                        for _, module in masked_modules(self.student))
+            total = total + self.group_lasso * lasso
+            parts["group_lasso"] = lasso.detach()
+        return total, parts
 
 
 def teacher_outputs(teacher: nn.Module | None, input_ids: torch.Tensor, loss: LossConfig) -> tuple:
@@ -192,10 +202,16 @@ def run(ctx: StageContext) -> dict:
     # Not passed to prepare(): accelerate would step a prepared scheduler once per process.
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(optimizer, train.warmup_steps, train.steps,
                                                             min_lr_rate=train.min_lr_ratio)
-    objective, optimizer = accelerator.prepare(DistillationObjective(student, train.loss), optimizer)
+    pattern = Pattern.from_spec(spec)
+    if train.group_dropout:
+        for _, module in masked_modules(student):
+            module.drop_groups = partial(group_dropout_mask, pattern, rate=train.group_dropout)
+            module.drop_rate = train.group_dropout
+    objective = DistillationObjective(student, train.loss, pattern, train.group_lasso)
+    objective, optimizer = accelerator.prepare(objective, optimizer)
     accelerator.register_for_checkpointing(scheduler, schedule)
     masks = mask_pairs(student)
-    dynamic = (DynamicMasks(student, Pattern.from_spec(spec), train.mask_update_every, train.refine_decay)
+    dynamic = (DynamicMasks(student, pattern, train.mask_update_every, train.refine_decay)
                if train.mask_mode == "dynamic" else None)
 
     checkpoints = ctx.work_dir / CHECKPOINTS
