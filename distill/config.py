@@ -95,6 +95,7 @@ class LossConfig:
     jsd_beta: float = 0.5  # jsd: weight of the teacher in the mixture
     kd_weight: float = 1.0  # weight of the divergence, which is scaled by T^2
     lm_weight: float = 0.0  # next-token cross-entropy on the training text
+    hidden_weight: float = 0.0  # normalized MSE between every decoder layer's output, student vs teacher
     # positions per chunk of the loss, computed with the output projections and recomputed in backward
     # so no batch-sized logits tensor exists; 0 computes full logits (needed for heads with extras
     # such as logit soft-capping)
@@ -342,8 +343,9 @@ def validate(config: Config) -> None:
     _positive("train.loss.temperature", loss.temperature)
     _positive("train.loss.kd_weight", loss.kd_weight, allow_zero=True)
     _positive("train.loss.lm_weight", loss.lm_weight, allow_zero=True)
-    if loss.kd_weight == 0 and loss.lm_weight == 0:
-        raise DistillError("config key 'train.loss': kd_weight and lm_weight are both 0, nothing to train on")
+    _positive("train.loss.hidden_weight", loss.hidden_weight, allow_zero=True)
+    if loss.kd_weight == 0 and loss.lm_weight == 0 and loss.hidden_weight == 0:
+        raise DistillError("config key 'train.loss': kd_weight, lm_weight and hidden_weight are all 0, nothing to train on")
 
     _positive("eval.block_size", config.eval.block_size)
     _positive("eval.max_blocks", config.eval.max_blocks, allow_zero=True)

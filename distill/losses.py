@@ -136,3 +136,13 @@ def chunked_distillation_loss(
         total = total + config.lm_weight * lm
         parts["lm"] = lm.detach()
     return total, parts
+
+
+def hidden_state_matching(student_states, teacher_states) -> torch.Tensor:
+    """Mean over layers of ||h_student - h_teacher||^2 / ||h_teacher||^2 (normalized MSE of every
+    decoder layer's output; student and teacher must have the same depth and width)."""
+    if len(student_states) != len(teacher_states):
+        raise ValueError(f"hidden-state matching needs equal depth, got {len(student_states)} and {len(teacher_states)} layers")
+    terms = [(s.float() - t.float()).pow(2).sum() / t.float().pow(2).sum().clamp_min(1e-12)
+             for s, t in zip(student_states, teacher_states)]
+    return torch.stack(terms).mean()

@@ -128,3 +128,16 @@ def test_chunked_loss_never_holds_the_batch_logits():
     assert max(saved) < batch * length * vocab / 4
     loss.backward()
     assert student_hidden.grad is not None and float(student_hidden.grad.norm()) > 0
+
+
+def test_hidden_state_matching_is_the_mean_normalized_mse_over_layers():
+    from distill.losses import hidden_state_matching
+
+    torch.manual_seed(9)
+    teacher = [torch.randn(2, 5, 8, dtype=torch.float64) for _ in range(3)]
+    student = [t + 0.1 * (i + 1) * torch.randn_like(t) for i, t in enumerate(teacher)]
+    expected = sum(float(((s - t) ** 2).sum() / (t**2).sum()) for s, t in zip(student, teacher)) / 3
+    assert float(hidden_state_matching(student, teacher)) == pytest.approx(expected, rel=1e-6)
+    assert float(hidden_state_matching(teacher, teacher)) == 0.0
+    with pytest.raises(ValueError, match="equal depth"):
+        hidden_state_matching(student[:2], teacher)

@@ -26,7 +26,7 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 from distill.config import Config, LossConfig, TrainConfig
 from distill.errors import DistillError
 from distill.io import load_tensors, read_json, write_json, write_text
-from distill.losses import chunked_distillation_loss, distillation_loss
+from distill.losses import chunked_distillation_loss, distillation_loss, hidden_state_matching
 from distill.models import load_teacher
 from distill.patterns import Pattern, group_dropout_mask, group_norms
 from distill.pipeline import StageContext
@@ -157,14 +157,21 @@ class DistillationObjective(nn.Module):
         self.pattern = pattern
         self.group_lasso = group_lasso
 
-    def forward(self, input_ids: torch.Tensor, teacher_hidden=None, teacher_head=None, teacher_logits=None):
+    def forward(self, input_ids: torch.Tensor, teacher: dict):
+        want_states = self.loss.hidden_weight > 0
+        if self.loss.chunk_tokens or want_states:
+            out = self.student.get_decoder()(input_ids=input_ids, use_cache=False, output_hidden_states=want_states)
+            head = self.student.get_output_embeddings()
         if self.loss.chunk_tokens:
-            hidden = self.student.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
-            total, parts = chunked_distillation_loss(hidden, self.student.get_output_embeddings(), teacher_hidden,
-                                                     teacher_head, input_ids, self.loss)
+            total, parts = chunked_distillation_loss(out.last_hidden_state, head, teacher.get("hidden"),
+                                                     teacher.get("head"), input_ids, self.loss)
         else:
-            logits = self.student(input_ids=input_ids, use_cache=False).logits
-            total, parts = distillation_loss(logits, teacher_logits, input_ids, self.loss)
+            logits = head(out.last_hidden_state) if want_states else self.student(input_ids=input_ids, use_cache=False).logits
+            total, parts = distillation_loss(logits, teacher.get("logits"), input_ids, self.loss)
+        if want_states:
+            matching = hidden_state_matching(out.hidden_states[1:], teacher["states"])
+            total = total + self.loss.hidden_weight * matching
+            parts["hidden"] = matching.detach()
         if self.group_lasso:
             lasso = sum(group_norms(self.pattern, module.weight * module.mask).sum()
                         for _, module in masked_modules(self.student))
@@ -173,15 +180,20 @@ class DistillationObjective(nn.Module):
         return total, parts
 
 
-def teacher_outputs(teacher: nn.Module | None, input_ids: torch.Tensor, loss: LossConfig) -> tuple:
-    """(hidden, head, logits) of the teacher for DistillationObjective: hidden states and the output
-    projection for the chunked loss, full logits otherwise."""
+def teacher_outputs(teacher: nn.Module | None, input_ids: torch.Tensor, loss: LossConfig) -> dict:
+    """What DistillationObjective needs of the teacher: its final hidden states and output projection
+    for the chunked loss, full logits otherwise, and every layer's output for hidden-state matching."""
     if teacher is None:
-        return None, None, None
-    if loss.chunk_tokens:
-        hidden = teacher.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
-        return hidden, teacher.get_output_embeddings(), None
-    return None, None, teacher(input_ids=input_ids, use_cache=False).logits
+        return {}
+    want_states = loss.hidden_weight > 0
+    if not (loss.chunk_tokens or want_states):
+        return {"logits": teacher(input_ids=input_ids, use_cache=False).logits}
+    out = teacher.get_decoder()(input_ids=input_ids, use_cache=False, output_hidden_states=want_states)
+    result = {"hidden": out.last_hidden_state, "head": teacher.get_output_embeddings(),
+              "states": out.hidden_states[1:] if want_states else None}
+    if not loss.chunk_tokens:
+        result["logits"] = result["head"](out.last_hidden_state)
+    return result
 
 
 def run(ctx: StageContext) -> dict:
@@ -192,7 +204,8 @@ def run(ctx: StageContext) -> dict:
 
     blocks = load_tensors(ctx.stage_dir("teacher") / DATA_FILE)["train"].long()
     schedule = BlockSchedule(len(blocks), train.global_batch_size, config.run.seed)
-    teacher = load_teacher(config.teacher, accelerator.device) if train.loss.kd_weight else None
+    needs_teacher = train.loss.kd_weight > 0 or train.loss.hidden_weight > 0
+    teacher = load_teacher(config.teacher, accelerator.device) if needs_teacher else None
     student = load_student(ctx.stage_dir("prune") / STUDENT_DIR, accelerator.device).train()
     spec = json.loads((ctx.stage_dir("prune") / STUDENT_DIR / "sparsity.json").read_text())
 
@@ -238,7 +251,7 @@ def run(ctx: StageContext) -> dict:
                 with accelerator.autocast():
                     with torch.no_grad():
                         teacher_out = teacher_outputs(teacher, input_ids, train.loss)
-                    loss, parts = objective(input_ids, *teacher_out)
+                    loss, parts = objective(input_ids, teacher_out)
                 accelerator.backward(loss / accumulation)
             for name, value in {"loss": loss.detach(), **parts}.items():
                 step_losses[name] = step_losses.get(name, 0) + value / accumulation
