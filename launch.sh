@@ -50,10 +50,23 @@ if ! [[ "$num_processes" =~ ^[1-9][0-9]*$ ]]; then
 fi
 
 # --quiet: a failing run ends with our one-line error and a non-zero exit, not a launcher traceback
+if [ "$accelerate_config" = fsdp ]; then
+  echo "launch.sh: error: the distill stage does not run under FSDP yet (issue #5); use multi_gpu" >&2
+  exit 2
+fi
 launch=(--quiet --config_file "$config_file" --num_processes "$num_processes")
-[ "$accelerate_config" = cpu ] && launch+=(--cpu)
+if [ "$accelerate_config" = cpu ]; then
+  if [ "$num_processes" -gt 1 ]; then
+    # accelerate's --cpu launcher starts a single process; several CPU ranks go through the
+    # torch launcher like GPUs do, with ACCELERATE_USE_CPU keeping them on the CPU (gloo)
+    launch+=(--multi_gpu)
+    export ACCELERATE_USE_CPU=true
+  else
+    launch+=(--cpu)
+  fi
+fi
 [ -n "${NUM_MACHINES:-}" ] && launch+=(--num_machines "$NUM_MACHINES")
 [ -n "${MACHINE_RANK:-}" ] && launch+=(--machine_rank "$MACHINE_RANK")
 [ -n "${MAIN_PROCESS_IP:-}" ] && launch+=(--main_process_ip "$MAIN_PROCESS_IP")
 [ -n "${MAIN_PROCESS_PORT:-}" ] && launch+=(--main_process_port "$MAIN_PROCESS_PORT")
-exec python -m accelerate.commands.launch "${launch[@]}" "$here/pipelines/run.py" "${pipeline_args[@]}"
+exec python "$here/pipelines/launch.py" "${launch[@]}" "$here/pipelines/run.py" "${pipeline_args[@]}"

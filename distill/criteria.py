@@ -85,6 +85,7 @@ def _with_hidden(args: tuple, kwargs: dict, output) -> tuple[tuple, dict]:
 def sparsegpt_nm(weight: torch.Tensor, hessian: torch.Tensor, n: int, m: int, block_size: int = 128,
                  damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune `weight` [out, in] to N:M given H = sum x x^T [in, in]: (updated weight, bool mask)."""
+    block_size = m * max(1, block_size // m)  # column blocks hold whole groups of m
     weight = weight.detach().double().clone()
     hessian = hessian.double().clone()
     columns = weight.shape[1]

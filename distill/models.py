@@ -91,6 +91,17 @@ def resolve_teacher(config: TeacherConfig) -> tuple[str, dict]:
     return source, kwargs  # a hub id
 
 
+def teacher_files(config: TeacherConfig) -> list[str]:
+    """The local files a teacher is loaded from (for fingerprints): a re-saved teacher re-runs the pipeline."""
+    local = Path(config.source).expanduser()
+    if config.source == "demo" or not local.exists():
+        return []  # the demo is pinned by its sha256; a hub id by teacher.revision
+    if local.is_file():
+        return [str(local)]
+    names = ["config.json", "*.safetensors", "*.bin", config.gguf_file or "*.gguf"]
+    return sorted(str(path) for name in names for path in local.glob(name))
+
+
 def teacher_dtype(config: TeacherConfig, device: torch.device) -> torch.dtype:
     if config.dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -213,7 +213,7 @@ class Pipeline:
                 "seconds": round(seconds, 2),
                 "summary": summary,
             })
-            (work_dir / "inputs.json").unlink()
             replace_dir(work_dir, self.run_dir / stage.name)
+            (self.run_dir / stage.name / "inputs.json").unlink()  # after the rename: a crash before it leaves a resumable partial
         accelerator.wait_for_everyone()
         accelerator.print(f"[{stage.name}] finished in {seconds:.1f} s", flush=True)

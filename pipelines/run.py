@@ -57,6 +57,7 @@ def main(argv=None) -> int:
         )
         set_seed(config.run.seed)
         Pipeline(config, accelerator, STAGES).run(only=args.only, start_from=args.start_from, restart=args.restart)
+        accelerator.end_training()
     except DistillError as error:
         print(f"distill: error: {error}", file=sys.stderr, flush=True)
         return 2

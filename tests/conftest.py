@@ -99,9 +99,11 @@ def run_pipeline(config_path: Path, *args: str, processes: int = 1, check: bool 
     if processes == 1:
         command = [sys.executable, str(REPO / "pipelines" / "run.py"), str(config_path), *args]
     else:
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(processes),
+        # several CPU ranks (gloo) go through the torch launcher, as launch.sh does it
+        command = [sys.executable, str(REPO / "pipelines" / "launch.py"), "--multi_gpu", "--num_processes", str(processes),
                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                    str(REPO / "pipelines" / "run.py"), str(config_path), *args]
+        env = {"ACCELERATE_USE_CPU": "true", **(env or {})}
     result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **(env or {})}, **popen)
     if check and result.returncode != 0:
         raise AssertionError(f"pipeline failed ({result.returncode}):\n{result.stderr[-4000:]}")

@@ -67,3 +67,14 @@ def test_sparsegpt_reconstructs_a_layer_better_than_magnitude_and_wanda():
     sparsegpt, mask = sparsegpt_nm(weight, hessian, 2, 4)
     assert nm_violations(sparsegpt.float(), 2, 4) == 0 and bool((mask.reshape(rows, -1, 4).sum(-1) == 2).all())
     assert error(sparsegpt.float()) < 0.95 * error(wanda) < error(magnitude)
+
+
+@pytest.mark.parametrize("n,m", [(2, 6), (1, 3), (4, 8)])
+def test_sparsegpt_handles_group_sizes_that_do_not_divide_its_column_block(n, m):
+    torch.manual_seed(n * 10 + m)
+    cols = 132 * m // 6 * 2 if m == 6 else 132 if m == 3 else 256
+    x = torch.randn(512, cols)
+    weight = torch.randn(8, cols)
+    pruned, mask = sparsegpt_nm(weight, x.double().T @ x.double(), n, m)
+    assert bool((mask.reshape(8, cols // m, m).sum(-1) == n).all())
+    assert bool((pruned[~mask] == 0).all())

@@ -225,6 +225,8 @@ def test_two_processes_follow_the_same_loss_curve_as_one(tmp_path, tiny_teacher)
     run_pipeline(one)
     result = run_pipeline(two, processes=2)
     assert result.stdout.count("[distill] finished") == 1, "only the main process prints"
+    manifest = json.loads((tmp_path / "runs" / "two" / "distill" / "manifest.json").read_text())
+    assert manifest["summary"]["processes"] == 2, "two ranks really trained"
     curve_one, curve_two = metrics(tmp_path / "runs" / "one"), metrics(tmp_path / "runs" / "two")
     assert [row["step"] for row in curve_one] == [row["step"] for row in curve_two] == list(range(1, 7))
     for a, b in zip(curve_one, curve_two):

@@ -1,11 +1,12 @@
 """The pipeline's stages in order, each with the config keys and upstream stages it depends on."""
 
+from distill.models import teacher_files
 from distill.pipeline import Stage
 from distill.stages import evaluate, export, prune, teacher, train
 
 STAGES = [
     Stage("teacher", ("run.seed", "teacher", "data", "calibration", "prune.targets"), (), teacher.run,
-          input_files=teacher.source_files,
+          input_files=lambda config: teacher_files(config.teacher) + teacher.source_files(config),
           uses_autocast=lambda config: any(source.kind == "teacher" for source in config.data.sources)),
     Stage("prune", ("teacher", "prune"), ("teacher",), prune.run),
     Stage("distill", ("run.seed", "teacher", "train"), ("prune",), train.run,

@@ -159,15 +159,17 @@ class DistillationObjective(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, teacher: dict):
         want_states = self.loss.hidden_weight > 0
-        if self.loss.chunk_tokens or want_states:
-            out = self.student.get_decoder()(input_ids=input_ids, use_cache=False, output_hidden_states=want_states)
-            head = self.student.get_output_embeddings()
+        want_logits = self.loss.kd_weight > 0 or self.loss.lm_weight > 0
+        total, parts = torch.zeros((), device=input_ids.device), {}
         if self.loss.chunk_tokens:
-            total, parts = chunked_distillation_loss(out.last_hidden_state, head, teacher.get("hidden"),
-                                                     teacher.get("head"), input_ids, self.loss)
+            out = self.student.get_decoder()(input_ids=input_ids, use_cache=False, output_hidden_states=want_states)
+            if want_logits:
+                total, parts = chunked_distillation_loss(out.last_hidden_state, self.student.get_output_embeddings(),
+                                                         teacher.get("hidden"), teacher.get("head"), input_ids, self.loss)
         else:
-            logits = head(out.last_hidden_state) if want_states else self.student(input_ids=input_ids, use_cache=False).logits
-            total, parts = distillation_loss(logits, teacher.get("logits"), input_ids, self.loss)
+            out = self.student(input_ids=input_ids, use_cache=False, output_hidden_states=want_states)
+            if want_logits:
+                total, parts = distillation_loss(out.logits, teacher.get("logits"), input_ids, self.loss)
         if want_states:
             matching = hidden_state_matching(out.hidden_states[1:], teacher["states"])
             total = total + self.loss.hidden_weight * matching
@@ -186,14 +188,23 @@ def teacher_outputs(teacher: nn.Module | None, input_ids: torch.Tensor, loss: Lo
     if teacher is None:
         return {}
     want_states = loss.hidden_weight > 0
-    if not (loss.chunk_tokens or want_states):
-        return {"logits": teacher(input_ids=input_ids, use_cache=False).logits}
-    out = teacher.get_decoder()(input_ids=input_ids, use_cache=False, output_hidden_states=want_states)
-    result = {"hidden": out.last_hidden_state, "head": teacher.get_output_embeddings(),
-              "states": out.hidden_states[1:] if want_states else None}
-    if not loss.chunk_tokens:
-        result["logits"] = result["head"](out.last_hidden_state)
+    if loss.chunk_tokens:
+        out = teacher.get_decoder()(input_ids=input_ids, use_cache=False, output_hidden_states=want_states)
+        result = {"hidden": out.last_hidden_state, "head": teacher.get_output_embeddings()}
+    else:
+        out = teacher(input_ids=input_ids, use_cache=False, output_hidden_states=want_states)
+        result = {"logits": out.logits}
+    result["states"] = out.hidden_states[1:] if want_states else None
     return result
+
+
+def check_chunked_head(model: nn.Module, loss: LossConfig) -> None:
+    """The chunked loss applies the output projection itself: refuse heads that do more."""
+    extras = [key for key in ("final_logit_softcapping", "logit_scale", "logits_scaling")
+              if getattr(model.config, key, None) not in (None, 1, 1.0)]
+    if loss.chunk_tokens and extras:
+        raise DistillError(f"the model's output head applies {', '.join(extras)}, which the chunked loss does not; "
+                           f"set train.loss.chunk_tokens=0")
 
 
 def run(ctx: StageContext) -> dict:
@@ -207,6 +218,7 @@ def run(ctx: StageContext) -> dict:
     needs_teacher = train.loss.kd_weight > 0 or train.loss.hidden_weight > 0
     teacher = load_teacher(config.teacher, accelerator.device) if needs_teacher else None
     student = load_student(ctx.stage_dir("prune") / STUDENT_DIR, accelerator.device).train()
+    check_chunked_head(student, train.loss)
     spec = json.loads((ctx.stage_dir("prune") / STUDENT_DIR / "sparsity.json").read_text())
 
     trainable = [p for p in student.parameters() if p.requires_grad]
@@ -246,6 +258,8 @@ def run(ctx: StageContext) -> dict:
         micro_batches = schedule.micro_batches(step, accelerator.process_index, accelerator.num_processes, train.micro_batch_size)
         for micro, indices in enumerate(micro_batches):
             input_ids = blocks[indices].to(accelerator.device, non_blocking=True)
+            if train.group_dropout:  # the same dropped groups for a micro-batch whatever the process count
+                torch.manual_seed(config.run.seed * 1_000_003 + step * 1009 + accelerator.process_index * accumulation + micro)
             last = micro == len(micro_batches) - 1
             with (nullcontext() if last else accelerator.no_sync(objective)):
                 with accelerator.autocast():
@@ -287,10 +301,15 @@ def run(ctx: StageContext) -> dict:
         dynamic.finish(final)
     if accelerator.is_main_process:
         save_student(final, ctx.work_dir / STUDENT_DIR, {k: v for k, v in spec.items() if k != "masked"})
-        shutil.rmtree(checkpoints, ignore_errors=True)  # the finished student replaces them
-    accelerator.end_training()
+        # the finished student replaces the checkpoints; the pointer goes first so a crash midway
+        # never leaves it naming a deleted checkpoint
+        (checkpoints / "latest.json").unlink(missing_ok=True)
+        shutil.rmtree(checkpoints, ignore_errors=True)
+    for tracker in accelerator.trackers:  # not end_training(): that would tear down the process group
+        tracker.finish()
     zeros_kept = all(bool((module.weight[~module.mask] == 0).all()) for _, module in masked_modules(final))
-    return {"steps": train.steps, "tokens": train.steps * tokens_per_step, "final": history[-1] if history else {},
+    return {"steps": train.steps, "tokens": train.steps * tokens_per_step, "processes": accelerator.num_processes,
+            "final": history[-1] if history else {},
             "masked_weights_zero": zeros_kept}
 
 

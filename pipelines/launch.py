@@ -1,0 +1,26 @@
+"""`accelerate launch`, except that a failed worker is reported by its own one-line error.
+
+launch.sh runs this instead of `python -m accelerate.commands.launch`: with several processes the
+torch launcher raises ChildFailedError with a long traceback after the worker has already printed
+`distill: error: ...`; here it becomes a plain non-zero exit.
+"""
+
+import sys
+
+from accelerate.commands.launch import launch_command, launch_command_parser
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+
+def main() -> int:
+    args = launch_command_parser().parse_args(sys.argv[1:])
+    try:
+        launch_command(args)
+    except ChildFailedError as failure:
+        codes = sorted({error.exitcode for error in failure.failures.values()})
+        print(f"launch: {len(failure.failures)} process(es) failed with exit code {codes}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
