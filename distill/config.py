@@ -114,10 +114,16 @@ class TrainConfig:
     betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
     max_grad_norm: float = 1.0  # 0 disables clipping
     # fixed: the prune stage's masks; dynamic: masks re-chosen (same pattern, by |W|) every
-    # mask_update_every steps, gradients reaching pruned weights through a sparse-refined STE
+    # mask_update_every steps, gradients reaching pruned weights through a sparse-refined STE;
+    # learnable: a Gumbel-softmax choice per group among the N:M candidate patterns
     mask_mode: str = "fixed"
     mask_update_every: int = 10
     refine_decay: float = 2.0e-4  # dynamic: SR-STE pull of pruned weights towards zero
+    # learnable: every group picks one of the C(m, n) candidate patterns through Gumbel-softmax logits,
+    # initialised to favour the prune stage's choice by `mask_init_logit`, trained at `mask_lr`
+    mask_lr: float = 0.05
+    mask_init_logit: float = 3.0
+    gumbel_temperature: float = 1.0
     group_lasso: float = 0.0  # weight of the sum of the pattern's group norms (pushes whole groups to zero)
     group_dropout: float = 0.0  # probability of dropping each whole group of the pattern in a forward
     log_every: int = 5
@@ -314,7 +320,11 @@ def validate(config: Config) -> None:
     _positive("train.global_batch_size", train.global_batch_size)
     _positive("train.lr", train.lr)
     _positive("train.warmup_steps", train.warmup_steps, allow_zero=True)
-    _choice("train.mask_mode", train.mask_mode, ["fixed", "dynamic"])
+    _choice("train.mask_mode", train.mask_mode, ["fixed", "dynamic", "learnable"])
+    if train.mask_mode == "learnable" and prune.pattern != "nm":
+        raise DistillError(f"config key 'train.mask_mode': learnable masks choose among N:M patterns, not '{prune.pattern}'")
+    _positive("train.mask_lr", train.mask_lr)
+    _positive("train.gumbel_temperature", train.gumbel_temperature)
     _positive("train.mask_update_every", train.mask_update_every)
     _positive("train.refine_decay", train.refine_decay, allow_zero=True)
     _positive("train.group_lasso", train.group_lasso, allow_zero=True)

@@ -81,8 +81,15 @@ class MaskedLinear(nn.Linear):
     drop_groups = None
     drop_rate: float = 0.0
 
+    # learnable masks: a `choice_logits` parameter [out, groups, C] over the candidate N:M patterns
+    # `candidates` [C, m] of every group, set by distill.stages.train.LearnableMasks
+    candidates = None
+    gumbel_temperature: float = 1.0
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dynamic:
+        if getattr(self, "choice_logits", None) is not None and self.training:
+            weight = self.weight * self.sampled_mask()
+        elif self.dynamic:
             weight = SparseRefinedSTE.apply(self.weight, self.mask, self.refine_decay)
         else:
             weight = self.weight * self.mask
@@ -90,6 +97,16 @@ class MaskedLinear(nn.Linear):
             kept = self.drop_groups(tuple(self.weight.shape), device=self.weight.device)
             weight = weight * kept / (1 - self.drop_rate)  # keeps the expected output unchanged
         return F.linear(x, weight, self.bias)
+
+    def sampled_mask(self) -> torch.Tensor:
+        """A hard N:M mask drawn by Gumbel-softmax from the choice logits; the gradient flows to the
+        logits through the soft probabilities (straight-through)."""
+        gumbel = -torch.empty_like(self.choice_logits).exponential_().log()
+        soft = torch.softmax((self.choice_logits + gumbel) / self.gumbel_temperature, dim=-1)
+        hard = F.one_hot(soft.argmax(-1), soft.shape[-1]).to(soft.dtype)
+        choice = hard + soft - soft.detach()
+        mask = choice @ self.candidates.to(choice.dtype)  # [out, groups, m]
+        return mask.reshape(self.out_features, self.in_features).to(self.weight.dtype)
 
     def to_linear(self) -> nn.Linear:
         """A plain nn.Linear holding the masked weight (zeros where pruned)."""

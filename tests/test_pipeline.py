@@ -156,10 +156,10 @@ def _kill_after_first_checkpoint(process: subprocess.Popen, checkpoints: Path, t
     assert not _pipeline_processes(Path(process.args[-1])), "a worker outlived the killed launcher"
 
 
-@pytest.mark.parametrize("mask_mode", ["fixed", "dynamic"])
+@pytest.mark.parametrize("mask_mode", ["fixed", "dynamic", "learnable"])
 def test_kill_in_distill_then_resume_gives_the_bitwise_same_student(tmp_path, tiny_teacher, mask_mode):
     train = {"steps": 24, "checkpoint_every": 4, "log_every": 1, "global_batch_size": 8, "micro_batch_size": 4,
-             "mask_mode": mask_mode, "mask_update_every": 3}
+             "mask_mode": mask_mode, "mask_update_every": 3, "mask_init_logit": 0.02, "mask_lr": 0.05}
     reference = write_config(tmp_path / "reference.yaml", tiny_config(tmp_path, tiny_teacher, name="reference", train=train))
     launch(reference)
 
@@ -193,7 +193,7 @@ def test_kill_in_distill_then_resume_gives_the_bitwise_same_student(tmp_path, ti
     oneshot = load_file(tmp_path / "runs" / "killed" / "prune" / "student" / "model.safetensors")
     masks = [name for name in actual if name.endswith(".mask")]
     moved = sum(not torch.equal(actual[name], oneshot[name]) for name in masks)
-    assert (moved > 0) == (mask_mode == "dynamic"), "dynamic masks move, fixed ones do not"
+    assert (moved > 0) == (mask_mode != "fixed"), "dynamic and learnable masks move, fixed ones do not"
     for name in masks:
         weight = actual[name.replace(".mask", ".weight")]
         assert bool((weight[~actual[name]] == 0).all()) and nm_violations(weight, 2, 4) == 0, name

@@ -112,3 +112,29 @@ def test_dynamic_masks_follow_the_weights_and_keep_the_pattern():
     dynamic.finish(model)
     assert not layer.dynamic and bool((layer.weight[~layer.mask] == 0).all())
     assert nm_violations(layer.weight.detach(), 2, 4) == 0
+
+
+def test_learnable_masks_sample_valid_patterns_and_train_their_logits():
+    from distill.patterns import Pattern
+    from distill.stages.train import LearnableMasks
+
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(16, 8))
+    install_masks(model, {"0": nm_mask(torch.rand(8, 16), 2, 4)})
+    layer = model[0]
+    start = layer.mask.clone()
+    learnable = LearnableMasks(model, Pattern("nm", n=2, m=4), init_logit=3.0, temperature=1.0)
+    assert layer.choice_logits.shape == (8, 4, 6)
+    learnable.after_step()
+    assert torch.equal(layer.mask, start), "initialised to the prune stage's choice"
+    sampled = layer.sampled_mask().detach()  # hard values; the straight-through sum may be off by rounding
+    assert torch.allclose(sampled, sampled.round(), atol=1e-6)
+    assert bool((sampled.round().reshape(8, 4, 4).sum(-1) == 2).all())
+    layer(torch.randn(5, 16)).pow(2).sum().backward()
+    assert layer.choice_logits.grad is not None and float(layer.choice_logits.grad.abs().sum()) > 0
+    with torch.no_grad():
+        layer.choice_logits[0, 0] = torch.tensor([9.0, 0, 0, 0, 0, 0])  # candidate 0 keeps positions 0 and 1
+    learnable.finish(model)
+    assert layer.mask[0, :4].tolist() == [True, True, False, False]
+    assert nm_violations(layer.weight.detach(), 2, 4) == 0 and bool((layer.weight[~layer.mask] == 0).all())
+    assert "0.choice_logits" not in model.state_dict()

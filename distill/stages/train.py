@@ -9,6 +9,7 @@ optimizer, scheduler, RNG, data position) written under a temporary name and ren
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from functools import partial
@@ -146,6 +147,40 @@ class DynamicMasks:
         apply_masks_(mask_pairs(student))
 
 
+class LearnableMasks:
+    """Learnable N:M masks: each group of m weights of a projection holds logits over the C(m, n)
+    candidate patterns (6 for 2:4), initialised to favour the prune stage's mask; forward draws a
+    hard choice by Gumbel-softmax and trains the logits straight-through. The `mask` buffers follow
+    the most likely candidates after every step; at the end they become the fixed masks."""
+
+    def __init__(self, student: nn.Module, pattern: Pattern, init_logit: float, temperature: float):
+        n, m = pattern.n, pattern.m
+        candidates = torch.tensor([[index in chosen for index in range(m)]
+                                   for chosen in itertools.combinations(range(m), n)], dtype=torch.bool)
+        self.modules = [module for _, module in masked_modules(student)]
+        for module in self.modules:
+            groups = module.mask.reshape(module.out_features, -1, m)
+            current = (groups[:, :, None, :] == candidates.to(groups.device)[None, None]).all(-1)  # [out, G, C]
+            module.candidates = candidates.to(groups.device)
+            module.choice_logits = nn.Parameter(current.float() * init_logit)
+            module.gumbel_temperature = temperature
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [module.choice_logits for module in self.modules]
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        for module in self.modules:
+            best = module.candidates[module.choice_logits.argmax(-1)]  # [out, G, m]
+            module.mask.copy_(best.reshape(module.mask.shape))
+
+    def finish(self, student: nn.Module) -> None:
+        self.after_step()
+        for module in self.modules:
+            module.choice_logits = None
+        apply_masks_(mask_pairs(student))
+
+
 class DistillationObjective(nn.Module):
     """The student and its loss in one forward, so that DDP and FSDP see every use of the student's
     parameters (the output projection included) inside the wrapped module's forward."""
@@ -221,13 +256,19 @@ def run(ctx: StageContext) -> dict:
     check_chunked_head(student, train.loss)
     spec = json.loads((ctx.stage_dir("prune") / STUDENT_DIR / "sparsity.json").read_text())
 
-    trainable = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=train.lr, betas=tuple(train.betas), weight_decay=train.weight_decay,
+    pattern = Pattern.from_spec(spec)
+    learnable = (LearnableMasks(student, pattern, train.mask_init_logit, train.gumbel_temperature)
+                 if train.mask_mode == "learnable" else None)
+    weights = [p for p in student.parameters() if p.requires_grad and (learnable is None or all(p is not q for q in learnable.parameters()))]
+    groups = [{"params": weights}]
+    if learnable is not None:
+        groups.append({"params": learnable.parameters(), "lr": train.mask_lr, "weight_decay": 0.0})
+    trainable = [p for group in groups for p in group["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=train.lr, betas=tuple(train.betas), weight_decay=train.weight_decay,
                                   fused=accelerator.device.type == "cuda")
     # Not passed to prepare(): accelerate would step a prepared scheduler once per process.
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(optimizer, train.warmup_steps, train.steps,
                                                             min_lr_rate=train.min_lr_ratio)
-    pattern = Pattern.from_spec(spec)
     if train.group_dropout:
         for _, module in masked_modules(student):
             module.drop_groups = partial(group_dropout_mask, pattern, rate=train.group_dropout)
@@ -258,7 +299,7 @@ def run(ctx: StageContext) -> dict:
         micro_batches = schedule.micro_batches(step, accelerator.process_index, accelerator.num_processes, train.micro_batch_size)
         for micro, indices in enumerate(micro_batches):
             input_ids = blocks[indices].to(accelerator.device, non_blocking=True)
-            if train.group_dropout:  # the same dropped groups for a micro-batch whatever the process count
+            if train.group_dropout or learnable is not None:  # the same random draws per micro-batch whatever the process count
                 torch.manual_seed(config.run.seed * 1_000_003 + step * 1009 + accelerator.process_index * accumulation + micro)
             last = micro == len(micro_batches) - 1
             with (nullcontext() if last else accelerator.no_sync(objective)):
@@ -273,10 +314,12 @@ def run(ctx: StageContext) -> dict:
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        if dynamic is None:
-            apply_masks_(masks)
-        else:
+        if dynamic is not None:
             dynamic.after_step(step + 1)
+        elif learnable is not None:
+            learnable.after_step()
+        else:
+            apply_masks_(masks)
         schedule.step = step + 1
         if grad_norm is not None:
             step_losses["grad_norm"] = grad_norm.detach() if torch.is_tensor(grad_norm) else torch.tensor(grad_norm)
@@ -297,8 +340,9 @@ def run(ctx: StageContext) -> dict:
 
     accelerator.wait_for_everyone()
     final = accelerator.unwrap_model(objective).student
-    if dynamic is not None:
-        dynamic.finish(final)
+    for masks_in_training in (dynamic, learnable):
+        if masks_in_training is not None:
+            masks_in_training.finish(final)
     if accelerator.is_main_process:
         save_student(final, ctx.work_dir / STUDENT_DIR, {k: v for k, v in spec.items() if k != "masked"})
         # the finished student replaces the checkpoints; the pointer goes first so a crash midway
