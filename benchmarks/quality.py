@@ -29,6 +29,7 @@ from distill.evaluation import score_models
 from distill.models import load_teacher, load_tokenizer
 from distill.sparsity import install_masks
 from distill.stages.prune import masks_from_scores, weight_scores
+from distill.stages.teacher import calibration_blocks
 
 WIKITEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2"
 
@@ -61,9 +62,8 @@ def main(argv=None) -> int:
     tokenizer = load_tokenizer(TeacherConfig(source="demo"))
     test = pack(tokenize_files([str(WIKITEXT / "test.txt")], tokenizer), 512)
     test = test[: args.max_windows] if args.max_windows else test
-    calibration = pack(tokenize_files([str(WIKITEXT / "valid.txt")], tokenizer), 512)
-    picks = torch.linspace(0, len(calibration) - 1, args.calibration_windows).round().long()
-    calibration = calibration[picks]
+    calibration = calibration_blocks(pack(tokenize_files([str(WIKITEXT / "valid.txt")], tokenizer), 512),
+                                     args.calibration_windows)
 
     device = str(torch.cuda.get_device_name()) if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
     rows = []

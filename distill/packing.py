@@ -51,7 +51,7 @@ def save_packed(model: nn.Module, masked: list[str], n: int, m: int, directory: 
     for name, tensor in model.named_parameters():  # shared (tied) parameters appear once
         if name in weights:
             mask = tensor != 0
-            values, indices = pack_nm(tensor.detach(), _full_groups(mask, n, m), n, m)
+            values, indices = pack_nm(tensor.detach(), full_groups_mask(mask, n, m, name), n, m)
             tensors[f"{name[:-len('.weight')]}.values"] = values
             tensors[f"{name[:-len('.weight')]}.indices"] = indices
         else:
@@ -61,14 +61,16 @@ def save_packed(model: nn.Module, masked: list[str], n: int, m: int, directory: 
     write_json(directory / "sparsity.json", {"format": FORMAT, "n": n, "m": m, "masked": masked})
 
 
-def _full_groups(nonzero: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """A mask with exactly n kept per group that covers every non-zero (pads groups that lost weights
-    to exact zeros, keeping the lowest free positions)."""
+def full_groups_mask(nonzero: torch.Tensor, n: int, m: int, name: str = "weight") -> torch.Tensor:
+    """A mask with exactly n kept per group that covers every non-zero: groups that lost a weight to
+    an exact zero keep explicit zeros in their lowest free positions. Raises when a group holds more
+    than n non-zeros."""
     rows, cols = nonzero.shape
     groups = nonzero.reshape(rows, cols // m, m)
     counts = groups.sum(-1, keepdim=True)
-    if bool((counts > n).any()):
-        raise DistillError(f"weight is not {n}:{m} sparse")
+    crowded = int((counts > n).sum())
+    if crowded:
+        raise DistillError(f"{name}: not {n}:{m} sparse ({crowded} groups of {m} hold more than {n} non-zeros)")
     free_rank = (~groups).cumsum(-1)  # 1, 2, ... over the zero positions of each group
     pad = (~groups) & (free_rank <= (n - counts))
     return (groups | pad).reshape(rows, cols)

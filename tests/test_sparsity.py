@@ -92,7 +92,7 @@ def test_sparse_refined_ste_passes_the_gradient_and_decays_pruned_weights():
 
 def test_dynamic_masks_follow_the_weights_and_keep_the_pattern():
     from distill.patterns import Pattern
-    from distill.stages.train import DynamicMasks
+    from distill.mask_modes import DynamicMasks
 
     torch.manual_seed(4)
     model = nn.Sequential(nn.Linear(16, 16))
@@ -116,7 +116,7 @@ def test_dynamic_masks_follow_the_weights_and_keep_the_pattern():
 
 def test_learnable_masks_sample_valid_patterns_and_train_their_logits():
     from distill.patterns import Pattern
-    from distill.stages.train import LearnableMasks
+    from distill.mask_modes import LearnableMasks
 
     torch.manual_seed(6)
     model = nn.Sequential(nn.Linear(16, 8))

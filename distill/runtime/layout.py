@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from distill.errors import DistillError
-from distill.packing import pack_nm, unpack_nm
+from distill.packing import full_groups_mask, pack_nm, unpack_nm
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 META_VALUES_PER_WORD = 16
@@ -28,14 +28,7 @@ def check_2_4_weight(weight: torch.Tensor, name: str = "weight") -> torch.Tensor
     rows, cols = weight.shape
     if cols % 32:
         raise DistillError(f"{name}: input size {cols} is not a multiple of 32, which the 2:4 kernels need")
-    nonzero = (weight != 0).reshape(rows, cols // 4, 4)
-    crowded = int((nonzero.sum(-1) > 2).sum())
-    if crowded:
-        raise DistillError(f"{name}: not 2:4 sparse ({crowded} groups of 4 hold more than 2 non-zeros)")
-    # groups that lost a weight to an exact zero keep an explicit zero in the lowest free position
-    free_rank = (~nonzero).cumsum(-1)
-    pad = (~nonzero) & (free_rank <= 2 - nonzero.sum(-1, keepdim=True))
-    return (nonzero | pad).reshape(rows, cols)
+    return full_groups_mask(weight != 0, 2, 4, name)
 
 
 def compress_2_4(weight: torch.Tensor, name: str = "weight") -> tuple[torch.Tensor, torch.Tensor]:

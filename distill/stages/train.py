@@ -9,7 +9,6 @@ optimizer, scheduler, RNG, data position) written under a temporary name and ren
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 from functools import partial
@@ -29,6 +28,7 @@ from distill.errors import DistillError
 from distill.io import load_tensors, read_json, write_json, write_text
 from distill.losses import chunked_distillation_loss, distillation_loss, hidden_state_matching
 from distill.models import load_teacher
+from distill.mask_modes import DynamicMasks, LearnableMasks
 from distill.patterns import Pattern, group_dropout_mask, group_norms
 from distill.pipeline import StageContext
 from distill.sparsity import apply_masks_, mask_pairs, masked_modules
@@ -122,63 +122,6 @@ def _read_metrics(path: Path, upto_step: int) -> list[dict]:
         return []
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return [row for row in rows if row["step"] <= upto_step]
-
-
-class DynamicMasks:
-    """Dynamic masks: every `every` steps each projection's mask is re-chosen from |W| under the
-    student's pattern; between updates pruned weights keep training through the SR-STE."""
-
-    def __init__(self, student: nn.Module, pattern: Pattern, every: int, decay: float):
-        self.modules = [module for _, module in masked_modules(student)]
-        self.pattern, self.every = pattern, every
-        for module in self.modules:
-            module.dynamic, module.refine_decay = True, decay
-
-    @torch.no_grad()
-    def after_step(self, done: int) -> None:
-        if done % self.every == 0:
-            for module in self.modules:
-                module.mask.copy_(self.pattern.mask(module.weight.abs().float()))
-
-    def finish(self, student: nn.Module) -> None:
-        """Back to fixed masks, with the pruned weights zeroed for good."""
-        for module in self.modules:
-            module.dynamic = False
-        apply_masks_(mask_pairs(student))
-
-
-class LearnableMasks:
-    """Learnable N:M masks: each group of m weights of a projection holds logits over the C(m, n)
-    candidate patterns (6 for 2:4), initialised to favour the prune stage's mask; forward draws a
-    hard choice by Gumbel-softmax and trains the logits straight-through. The `mask` buffers follow
-    the most likely candidates after every step; at the end they become the fixed masks."""
-
-    def __init__(self, student: nn.Module, pattern: Pattern, init_logit: float, temperature: float):
-        n, m = pattern.n, pattern.m
-        candidates = torch.tensor([[index in chosen for index in range(m)]
-                                   for chosen in itertools.combinations(range(m), n)], dtype=torch.bool)
-        self.modules = [module for _, module in masked_modules(student)]
-        for module in self.modules:
-            groups = module.mask.reshape(module.out_features, -1, m)
-            current = (groups[:, :, None, :] == candidates.to(groups.device)[None, None]).all(-1)  # [out, G, C]
-            module.candidates = candidates.to(groups.device)
-            module.choice_logits = nn.Parameter(current.float() * init_logit)
-            module.gumbel_temperature = temperature
-
-    def parameters(self) -> list[nn.Parameter]:
-        return [module.choice_logits for module in self.modules]
-
-    @torch.no_grad()
-    def after_step(self) -> None:
-        for module in self.modules:
-            best = module.candidates[module.choice_logits.argmax(-1)]  # [out, G, m]
-            module.mask.copy_(best.reshape(module.mask.shape))
-
-    def finish(self, student: nn.Module) -> None:
-        self.after_step()
-        for module in self.modules:
-            module.choice_logits = None
-        apply_masks_(mask_pairs(student))
 
 
 class DistillationObjective(nn.Module):

@@ -1,0 +1,76 @@
+"""How masks behave during distillation besides staying fixed.
+
+  DynamicMasks    re-chosen from |W| under the student's pattern every k steps; pruned weights keep
+                  training through the sparse-refined STE (distill.sparsity.SparseRefinedSTE)
+  LearnableMasks  a Gumbel-softmax choice per group among the C(m, n) candidate N:M patterns,
+                  trained straight-through
+Either way the masks are the projections' `mask` buffers, so checkpoints carry them, and `finish`
+turns them back into fixed masks with the pruned weights zeroed for good.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+from torch import nn
+
+from distill.patterns import Pattern
+from distill.sparsity import apply_masks_, mask_pairs, masked_modules
+
+
+class DynamicMasks:
+    """Dynamic masks: every `every` steps each projection's mask is re-chosen from |W| under the
+    student's pattern; between updates pruned weights keep training through the SR-STE."""
+
+    def __init__(self, student: nn.Module, pattern: Pattern, every: int, decay: float):
+        self.modules = [module for _, module in masked_modules(student)]
+        self.pattern, self.every = pattern, every
+        for module in self.modules:
+            module.dynamic, module.refine_decay = True, decay
+
+    @torch.no_grad()
+    def after_step(self, done: int) -> None:
+        if done % self.every == 0:
+            for module in self.modules:
+                module.mask.copy_(self.pattern.mask(module.weight.abs().float()))
+
+    def finish(self, student: nn.Module) -> None:
+        """Back to fixed masks, with the pruned weights zeroed for good."""
+        for module in self.modules:
+            module.dynamic = False
+        apply_masks_(mask_pairs(student))
+
+
+class LearnableMasks:
+    """Learnable N:M masks: each group of m weights of a projection holds logits over the C(m, n)
+    candidate patterns (6 for 2:4), initialised to favour the prune stage's mask; forward draws a
+    hard choice by Gumbel-softmax and trains the logits straight-through. The `mask` buffers follow
+    the most likely candidates after every step; at the end they become the fixed masks."""
+
+    def __init__(self, student: nn.Module, pattern: Pattern, init_logit: float, temperature: float):
+        n, m = pattern.n, pattern.m
+        candidates = torch.tensor([[index in chosen for index in range(m)]
+                                   for chosen in itertools.combinations(range(m), n)], dtype=torch.bool)
+        self.modules = [module for _, module in masked_modules(student)]
+        for module in self.modules:
+            groups = module.mask.reshape(module.out_features, -1, m)
+            current = (groups[:, :, None, :] == candidates.to(groups.device)[None, None]).all(-1)  # [out, G, C]
+            module.candidates = candidates.to(groups.device)
+            module.choice_logits = nn.Parameter(current.float() * init_logit)
+            module.gumbel_temperature = temperature
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [module.choice_logits for module in self.modules]
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        for module in self.modules:
+            best = module.candidates[module.choice_logits.argmax(-1)]  # [out, G, m]
+            module.mask.copy_(best.reshape(module.mask.shape))
+
+    def finish(self, student: nn.Module) -> None:
+        self.after_step()
+        for module in self.modules:
+            module.choice_logits = None
+        apply_masks_(mask_pairs(student))
