@@ -4,8 +4,8 @@ For a masked weight W of shape [out, in] with N:M sparsity (G = in / M groups pe
   <name>.values   [out, G * N], W's dtype: the kept weights of each group, in ascending position
   <name>.indices  [out, G * N], uint8: the position (0 .. M-1) of each kept weight inside its group
 so that W[r, g*M + indices[r, g*N + k]] = values[r, g*N + k] and every other entry of W is zero.
-For 2:4 in bf16 this is 8/16 of the dense bytes for values plus 2 bits of index per kept weight once
-compressed further by a kernel's own metadata layout; here indices stay one byte each for clarity.
+Indices take one byte each here, for a format any reader can follow; the sparse runtime repacks them
+into 2-bit fields for its kernel (distill.runtime.layout).
 """
 
 from __future__ import annotations

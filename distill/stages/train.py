@@ -202,10 +202,11 @@ def run(ctx: StageContext) -> dict:
     pattern = Pattern.from_spec(spec)
     learnable = (LearnableMasks(student, pattern, train.mask_init_logit, train.gumbel_temperature)
                  if train.mask_mode == "learnable" else None)
-    weights = [p for p in student.parameters() if p.requires_grad and (learnable is None or all(p is not q for q in learnable.parameters()))]
+    mask_logits = learnable.parameters() if learnable is not None else []
+    weights = [p for p in student.parameters() if p.requires_grad and all(p is not q for q in mask_logits)]
     groups = [{"params": weights}]
-    if learnable is not None:
-        groups.append({"params": learnable.parameters(), "lr": train.mask_lr, "weight_decay": 0.0})
+    if mask_logits:
+        groups.append({"params": mask_logits, "lr": train.mask_lr, "weight_decay": 0.0})
     trainable = [p for group in groups for p in group["params"]]
     optimizer = torch.optim.AdamW(groups, lr=train.lr, betas=tuple(train.betas), weight_decay=train.weight_decay,
                                   fused=accelerator.device.type == "cuda")
