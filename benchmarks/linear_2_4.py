@@ -1,6 +1,8 @@
 """2:4 linear layers against dense cuBLAS at Llama-3-8B shapes, bf16, one GPU, one run.
 
     python benchmarks/linear_2_4.py [--write-table crossover.json] [--json results.json]
+    python benchmarks/linear_2_4.py --shapes 576x576,192x576,1536x576,576x1536   # the demo student's
+
 
 For each weight shape and M (tokens) it times, as device time per call with the calls captured in a
 CUDA graph (so host overhead is out of the number):
@@ -68,6 +70,7 @@ def main(argv=None) -> int:
     parser.add_argument("--write-table", help="save the measured crossover table (JSON) for the runtime")
     parser.add_argument("--json", help="save every measurement (JSON)")
     parser.add_argument("--ms", default=",".join(map(str, MS)))
+    parser.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES), help="out x in, comma separated")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("linear_2_4.py needs a CUDA GPU; none is visible", file=sys.stderr)
@@ -83,7 +86,8 @@ def main(argv=None) -> int:
     ms = [int(m) for m in args.ms.split(",")]
     torch.manual_seed(0)
     rows, timings = [], {}
-    for n, k in SHAPES:
+    shapes = [tuple(int(size) for size in shape.split("x")) for shape in args.shapes.split(",")]
+    for n, k in shapes:
         weight = torch.randn(n, k, device="cuda")
         weight = (weight * nm_mask(weight.abs(), 2, 4)).to(torch.bfloat16)
         values, meta = compress_2_4(weight)

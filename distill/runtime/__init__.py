@@ -2,9 +2,15 @@
 
     from distill.runtime import load_sparse_model
     model = load_sparse_model("runs/demo/export/packed", device="cuda", table="crossover.json")
-    model.generate(...)
+    model.generate(input_ids, max_new_tokens=128, cache_implementation="static")
 
-On CPU every projection takes the exact reference path, so the runtime is testable anywhere.
+With `cache_implementation="static"` on CUDA, Hugging Face generate compiles the decode step in
+torch.compile's "reduce-overhead" mode, i.e. replays it as a CUDA graph over a static KV cache; the
+Triton kernel is an opaque custom op inside that graph and cuSPARSELt operands are built at load
+time, so nothing in a decode step does host work beyond the graph launch. For prefill, compile the
+forward the same way (`torch.compile(model.forward, mode="reduce-overhead")`), as
+benchmarks/end_to_end.py does. On CPU every projection takes the exact reference path, so the runtime
+is testable anywhere.
 """
 
 from __future__ import annotations
@@ -32,4 +38,8 @@ def load_sparse_model(packed_dir: str | Path, device: str | torch.device = "cpu"
         table = CrossoverTable.load(Path(table)) if table else CrossoverTable()
     model = load_packed(packed_dir, dtype=dtype).to(device).eval()
     sparsify(model, spec["masked"], table, allow_dense=allow_dense)
+    if model.device.type == "cuda":
+        for module in model.modules():
+            if isinstance(module, Sparse24Linear):
+                module.prepare_kernels()
     return model

@@ -32,6 +32,9 @@ class CrossoverTable:
                 return entry["path"]
         return "dense"
 
+    def uses(self, n: int, k: int, path: str) -> bool:
+        return any(entry["path"] == path for entry in self.shapes.get(f"{n}x{k}", []))
+
     @classmethod
     def from_timings(cls, device: str, timings: dict[str, dict[int, dict[str, float]]], min_gain: float = 1.0) -> "CrossoverTable":
         """Build a table from {shape: {m: {path: seconds}}}: per M the fastest path, and dense

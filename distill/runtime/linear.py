@@ -45,6 +45,14 @@ class Sparse24Linear(nn.Module):
     def weight_dense(self) -> torch.Tensor:
         return self.dense_weight if self.dense_weight is not None else decompress_2_4(self.values, self.meta)
 
+    def prepare_kernels(self) -> None:
+        """Build the cuSPARSELt operand ahead of time if the table ever picks it for this shape, so
+        no forward does setup work (and torch.compile / CUDA graphs see a steady forward)."""
+        if self._semi_structured is None and self.table.uses(self.out_features, self.in_features, "cusparselt"):
+            from torch.sparse import to_sparse_semi_structured
+
+            self._semi_structured = to_sparse_semi_structured(self.weight_dense())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m = x.numel() // self.in_features
         path = self.table.choose(self.out_features, self.in_features, m, on_gpu=x.is_cuda or INTERPRETED)
@@ -54,10 +62,7 @@ class Sparse24Linear(nn.Module):
 
             return sparse24_matmul(x, self.values, self.meta, self.bias)
         if path == "cusparselt":
-            if self._semi_structured is None:
-                from torch.sparse import to_sparse_semi_structured
-
-                self._semi_structured = to_sparse_semi_structured(self.weight_dense())
+            self.prepare_kernels()
             return F.linear(x, self._semi_structured, self.bias)
         if path == "dense" and self.dense_weight is None:
             raise DistillError(f"{self.name}: the crossover table picks dense for M={m} but the dense weight was dropped")

@@ -6,6 +6,11 @@ values and their 2-bit positions (9/16 of the dense bytes in bf16), rebuilds the
 (decode) is bandwidth-bound, so reading fewer bytes is the whole gain; M is padded to BLOCK_M >= 16
 inside the tile, which costs compute that decode has to spare.
 
+The kernel is registered as the opaque custom op `torch.ops.distill.sparse24_mm` with a fake
+(shape-only) implementation, so torch.compile keeps it in one graph without tracing into Triton, and
+CUDA graphs (compile's "reduce-overhead" mode, which Hugging Face generate uses with a static KV
+cache) capture its launch like any other kernel.
+
 On a CPU machine, set TRITON_INTERPRET=1 before importing triton to run it in Triton's interpreter
 (tests do this to check indexing and masking on small shapes).
 """
@@ -33,8 +38,9 @@ def _sparse24_matmul_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    rows_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rows_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # int64 rows: row * stride overflows int32 once a tensor holds 2^31 elements
+    rows_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rows_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     in_m = rows_m < M
     in_n = rows_n < N
     KEPT: tl.constexpr = BLOCK_K // 2  # kept values per row of a K tile
@@ -76,11 +82,41 @@ def block_sizes(m: int, k: int) -> tuple[int, int, int]:
     return block_m, block_n, block_k
 
 
+def _launch(x2: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None,
+            y: torch.Tensor, tiles: tuple[int, int, int]) -> None:
+    m, k = x2.shape
+    n = values.shape[0]
+    block_m, block_n, block_k = tiles
+    if k % block_k:
+        raise ValueError(f"input size {k} is not a multiple of the K tile {block_k}")
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    _sparse24_matmul_kernel[grid](
+        x2, values, meta, bias if bias is not None else values, y,
+        m, n, k, x2.stride(0), y.stride(0),
+        HAS_BIAS=bias is not None, DOT_IN_FP32=INTERPRETED and x2.dtype == torch.bfloat16,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+    )
+
+
+@torch.library.custom_op("distill::sparse24_mm", mutates_args=())
+def sparse24_mm(x2: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x2 [M, K] (unit stride along K) @ W.T, as one opaque op for torch.compile."""
+    y = torch.empty(x2.shape[0], values.shape[0], dtype=x2.dtype, device=x2.device)
+    _launch(x2, values, meta, bias, y, block_sizes(x2.shape[0], x2.shape[1]))
+    return y
+
+
+@sparse24_mm.register_fake
+def _(x2: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x2.new_empty(x2.shape[0], values.shape[0])
+
+
 def sparse24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None = None,
                     tiles: tuple[int, int, int] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] @ W.T for the 2:4 weight W given as (values [N, K/2], meta [N, K/32]).
 
-    `out` ([M, N], contiguous) receives the result when given (tests pass a poisoned one)."""
+    `tiles` overrides the tile sizes and `out` ([M, N], contiguous) receives the result (tests pass a
+    poisoned one); without them the call goes through the compile-traceable custom op."""
     k = x.shape[-1]
     n = values.shape[0]
     if values.shape[1] * 2 != k or meta.shape[1] * 32 != k:
@@ -88,15 +124,9 @@ def sparse24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, b
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    m = x2.shape[0]
-    y = out if out is not None else torch.empty(m, n, dtype=x.dtype, device=x.device)
-    block_m, block_n, block_k = tiles or block_sizes(m, k)
-    if k % block_k:
-        raise ValueError(f"input size {k} is not a multiple of the K tile {block_k}")
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
-    _sparse24_matmul_kernel[grid](
-        x2, values, meta, bias if bias is not None else values, y,
-        m, n, k, x2.stride(0), y.stride(0),
-        HAS_BIAS=bias is not None, DOT_IN_FP32=INTERPRETED and x.dtype == torch.bfloat16, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-    )
+    if tiles is None and out is None:
+        y = sparse24_mm(x2, values, meta, bias)
+    else:
+        y = out if out is not None else torch.empty(x2.shape[0], n, dtype=x.dtype, device=x.device)
+        _launch(x2, values, meta, bias, y, tiles or block_sizes(x2.shape[0], k))
     return y.reshape(*x.shape[:-1], n)

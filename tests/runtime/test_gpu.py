@@ -58,3 +58,34 @@ def test_projection_replays_inside_a_cuda_graph():
     graph.replay()
     torch.cuda.synchronize()
     assert relative_error(static_out, fresh.double() @ weight.double().T) < 1e-2
+
+
+def test_static_cache_generate_runs_the_sparse_model_in_cuda_graphs(tiny_teacher):
+    """Hugging Face generate with a static KV cache compiles the decode step ("reduce-overhead": CUDA
+    graphs) on CUDA; the sparse model's per-step logits follow the dense-with-zeros model's."""
+    from transformers import AutoModelForCausalLM
+
+    from distill.config import PROJECTIONS
+    from distill.runtime import sparsify
+    from distill.sparsity import nm_mask, target_linears
+
+    dense = AutoModelForCausalLM.from_pretrained(tiny_teacher, dtype=torch.bfloat16).cuda().eval()
+    names = []
+    with torch.no_grad():
+        for name, linear in target_linears(dense, PROJECTIONS):
+            linear.weight.mul_(nm_mask(linear.weight.abs(), 2, 4))
+            names.append(name)
+    import copy
+
+    sparse = copy.deepcopy(dense)
+    shapes = {f"{dense.get_submodule(n).out_features}x{dense.get_submodule(n).in_features}" for n in names}
+    sparsify(sparse, names, CrossoverTable("test", {s: [{"max_m": None, "path": "triton"}] for s in shapes}))
+    ids = torch.randint(0, dense.config.vocab_size, (2, 9), device="cuda")
+    greedy = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0,
+                  return_dict_in_generate=True, output_logits=True)
+    with torch.no_grad():
+        expected = dense.generate(ids, **greedy)
+        actual = sparse.generate(ids, cache_implementation="static", **greedy)
+    first_dense, first_sparse = expected.logits[0].double(), actual.logits[0].double()
+    assert actual.sequences.shape == (2, 14)
+    assert float((first_sparse - first_dense).norm() / first_dense.norm()) < 2e-2

@@ -64,3 +64,29 @@ def test_a_projection_that_is_not_2_4_is_named_or_left_dense_when_allowed(tiny_t
     kept = sparsify(model, ["model.layers.0.self_attn.q_proj"], allow_dense=True)
     assert "not 2:4 sparse" in kept["model.layers.0.self_attn.q_proj"]
     assert type(model.get_submodule("model.layers.0.self_attn.q_proj")) is torch.nn.Linear
+
+
+def test_static_cache_generation_compiles_into_one_graph_and_matches_dense(packed_student):
+    """The path benchmarks/end_to_end.py times on GPU: generate with a static KV cache and the decode
+    step compiled with fullgraph=True (any graph break fails), Triton kernel included. On CPU the
+    compile backend is aot_eager and the kernel runs in Triton's interpreter."""
+    from transformers import CompileConfig
+
+    directory, dense, masked = packed_student
+    shapes = {f"{m.out_features}x{m.in_features}" for m in (dense.get_submodule(name) for name in masked)}
+    table = CrossoverTable(device="test", shapes={shape: [{"max_m": None, "path": "triton"}] for shape in shapes})
+    model = load_sparse_model(directory, table=table)
+    ids = torch.randint(0, dense.config.vocab_size, (2, 7))
+    compile_config = CompileConfig(fullgraph=True, backend="aot_eager", mode=None)
+    compile_config._compile_all_devices = True  # transformers compiles on CUDA only unless told
+    greedy = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    with torch.no_grad():
+        sparse_tokens = model.generate(ids, cache_implementation="static", compile_config=compile_config, **greedy)
+        dense_tokens = dense.generate(ids, **greedy)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1, "the decode step was not compiled"
+    assert sparse_tokens.shape == (2, 13)
+    assert torch.equal(sparse_tokens, dense_tokens)
+    if _interpreted():
+        assert {module.last_path for module in model.modules() if isinstance(module, Sparse24Linear)} == {"triton"}

@@ -1,0 +1,33 @@
+"""The benchmark scripts run end to end (their --smoke modes on CPU, tiny shapes) and refuse clearly
+without a GPU where they need one. They time nothing meaningful here: speed is measured on a GPU."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def test_end_to_end_smoke_prints_the_table_for_every_case():
+    result = run_script("benchmarks/end_to_end.py", "--smoke", "--layers", "2")
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| llama8b-shaped")]
+    assert [row.split("|")[2].strip() for row in rows] == ["prefill 1x64", "prefill 2x32", "decode b=1", "decode b=2"]
+    for row in rows:
+        dense, sparse = (float(cell) for cell in row.split("|")[3:5])
+        assert dense > 0 and sparse > 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU refusal")
+def test_gpu_benchmarks_refuse_without_a_gpu():
+    for script in ("benchmarks/linear_2_4.py", "benchmarks/end_to_end.py"):
+        result = run_script(script)
+        assert result.returncode == 2
+        assert "needs a CUDA GPU" in result.stderr
