@@ -133,6 +133,18 @@ class TrainConfig:
 
 
 @dataclass
+class SpeedConfig:
+    """How fast the distill stage runs, never what it computes: no stage's fingerprint includes these,
+    so they may change between a run and its resume."""
+
+    activation_checkpointing: bool = False  # recompute each decoder layer in backward: less memory, ~1/3 more compute
+    compile: bool = False  # torch.compile every decoder layer of student and teacher (the loss stays eager)
+    # bf16 matrix-product peak of one device in TFLOP/s, for the logged MFU; 0 measures it at the start
+    # on CUDA (a large matrix product) and logs no MFU on CPU
+    peak_tflops: float = 0.0
+
+
+@dataclass
 class ExportConfig:
     # on CUDA, the student runs on PyTorch's 2:4 kernels and its logits are compared to the dense
     # model's; this is the largest relative error accepted
@@ -161,6 +173,7 @@ class Config:
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -357,6 +370,7 @@ def validate(config: Config) -> None:
     if loss.kd_weight == 0 and loss.lm_weight == 0 and loss.hidden_weight == 0:
         raise DistillError("config key 'train.loss': kd_weight, lm_weight and hidden_weight are all 0, nothing to train on")
 
+    _positive("speed.peak_tflops", config.speed.peak_tflops, allow_zero=True)
     _positive("eval.block_size", config.eval.block_size)
     _positive("eval.max_blocks", config.eval.max_blocks, allow_zero=True)
     _positive("eval.batch_size", config.eval.batch_size)

@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-from distill.config import Config, LossConfig, TrainConfig
+from distill.config import Config, LossConfig, SpeedConfig, TrainConfig
 from distill.errors import DistillError
 from distill.io import load_tensors, read_json, write_json, write_text
 from distill.losses import chunked_distillation_loss, distillation_loss, hidden_state_matching
@@ -35,6 +35,7 @@ from distill.sparsity import apply_masks_, mask_pairs, masked_modules
 from distill.stages.prune import STUDENT_DIR
 from distill.stages.teacher import DATA_FILE
 from distill.student import load_student, save_student
+from distill.throughput import flops_per_token, measured_peak_flops
 from distill.tracking import start_tracking
 
 CHECKPOINTS = "checkpoints"
@@ -185,6 +186,38 @@ def check_chunked_head(model: nn.Module, loss: LossConfig) -> None:
                            f"set train.loss.chunk_tokens=0")
 
 
+def speed_up(model: nn.Module, speed: SpeedConfig, training: bool) -> None:
+    """Activation checkpointing (training models only) and per-layer torch.compile, in place. Layers
+    compile one by one so the chunked loss and the optimizer stay eager and a change of batch shape
+    recompiles one small graph, reused by every layer."""
+    if training and speed.activation_checkpointing:
+        # transformers renamed the switch (gradient_ -> activation_checkpointing_enable) in 5.x
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if speed.compile:
+        layers = getattr(model.get_decoder(), "layers", None)
+        if layers is None:
+            raise DistillError(f"speed.compile: {type(model).__name__} has no decoder `layers` to compile")
+        for layer in layers:
+            layer.compile()
+
+
+def forward_backward(accelerator: Accelerator, objective: nn.Module, teacher: nn.Module | None,
+                     input_ids: torch.Tensor, loss: LossConfig, scale: float, sync: bool) -> tuple[torch.Tensor, dict]:
+    """One micro-batch: teacher forward without grad, student forward and loss, backward of
+    `loss * scale`; gradients are all-reduced only when `sync` (the last micro-batch of a step)."""
+    with (nullcontext() if sync else accelerator.no_sync(objective)):
+        with accelerator.autocast():
+            with torch.no_grad():
+                teacher_out = teacher_outputs(teacher, input_ids, loss)
+            total, parts = objective(input_ids, teacher_out)
+        accelerator.backward(total * scale)
+    return total.detach(), parts
+
+
 def run(ctx: StageContext) -> dict:
     config: Config = ctx.config
     accelerator = ctx.accelerator
@@ -192,11 +225,17 @@ def run(ctx: StageContext) -> dict:
     accumulation = accumulation_steps(train, accelerator.num_processes)
 
     blocks = load_tensors(ctx.stage_dir("teacher") / DATA_FILE)["train"].long()
+    if accelerator.device.type == "cuda":
+        blocks = blocks.pin_memory()  # so the copy of each micro-batch to the GPU is truly asynchronous
     schedule = BlockSchedule(len(blocks), train.global_batch_size, config.run.seed)
     needs_teacher = train.loss.kd_weight > 0 or train.loss.hidden_weight > 0
     teacher = load_teacher(config.teacher, accelerator.device) if needs_teacher else None
     student = load_student(ctx.stage_dir("prune") / STUDENT_DIR, accelerator.device).train()
     check_chunked_head(student, train.loss)
+    step_flops = flops_per_token(student, teacher)
+    speed_up(student, config.speed, training=True)
+    if teacher is not None:
+        speed_up(teacher, config.speed, training=False)
     spec = json.loads((ctx.stage_dir("prune") / STUDENT_DIR / "sparsity.json").read_text())
 
     pattern = Pattern.from_spec(spec)
@@ -234,6 +273,11 @@ def run(ctx: StageContext) -> dict:
     start_tracking(accelerator, config, ctx.work_dir)
 
     tokens_per_step = train.global_batch_size * blocks.shape[1]
+    peak_flops = config.speed.peak_tflops * 1e12
+    if not peak_flops and accelerator.device.type == "cuda":
+        peak_flops = measured_peak_flops(accelerator.device)
+    if peak_flops:
+        ctx.log(f"[distill] MFU against {peak_flops / 1e12:.0f} TFLOP/s per device, {step_flops / 1e9:.2f} GFLOP per token")
     window: list[dict[str, torch.Tensor]] = []  # device tensors, read on the host only at log time
     window_start = time.perf_counter()
     progress = tqdm(range(schedule.step, train.steps), initial=schedule.step, total=train.steps,
@@ -245,14 +289,9 @@ def run(ctx: StageContext) -> dict:
             input_ids = blocks[indices].to(accelerator.device, non_blocking=True)
             if train.group_dropout or learnable is not None:  # the same random draws per micro-batch whatever the process count
                 torch.manual_seed(config.run.seed * 1_000_003 + step * 1009 + accelerator.process_index * accumulation + micro)
-            last = micro == len(micro_batches) - 1
-            with (nullcontext() if last else accelerator.no_sync(objective)):
-                with accelerator.autocast():
-                    with torch.no_grad():
-                        teacher_out = teacher_outputs(teacher, input_ids, train.loss)
-                    loss, parts = objective(input_ids, teacher_out)
-                accelerator.backward(loss / accumulation)
-            for name, value in {"loss": loss.detach(), **parts}.items():
+            loss, parts = forward_backward(accelerator, objective, teacher, input_ids, train.loss, 1 / accumulation,
+                                           sync=micro == len(micro_batches) - 1)
+            for name, value in {"loss": loss, **parts}.items():
                 step_losses[name] = step_losses.get(name, 0) + value / accumulation
         grad_norm = accelerator.clip_grad_norm_(trainable, train.max_grad_norm) if train.max_grad_norm else None
         optimizer.step()
@@ -271,8 +310,10 @@ def run(ctx: StageContext) -> dict:
 
         done = step + 1
         if done % train.log_every == 0 or done == train.steps:
-            row = _log_window(accelerator, window, done, scheduler.get_last_lr()[0],
-                              tokens_per_step * len(window) / (time.perf_counter() - window_start))
+            tokens_per_s = tokens_per_step * len(window) / (time.perf_counter() - window_start)
+            row = _log_window(accelerator, window, done, scheduler.get_last_lr()[0], tokens_per_s)
+            if peak_flops:
+                row["mfu"] = tokens_per_s * step_flops / (peak_flops * accelerator.num_processes)
             history.append(row)
             if accelerator.is_main_process:
                 write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
