@@ -25,9 +25,20 @@ def test_end_to_end_smoke_prints_the_table_for_every_case():
         assert dense > 0 and sparse > 0
 
 
+def test_train_throughput_smoke_runs_every_variant_on_the_same_loss():
+    result = run_script("benchmarks/train_throughput.py", "--smoke")
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = {line.split("|")[1].strip(): line.split("|") for line in result.stdout.splitlines()
+            if line.startswith("| baseline") or line.startswith("| pipeline")}
+    assert set(rows) == {"baseline", "pipeline", "pipeline+compile", "pipeline+checkpointing"}
+    for name, cells in rows.items():
+        assert float(cells[2]) > 0, name  # tokens/s
+        assert float(cells[8]) < 1e-3, name  # first-batch loss relative to the plain loop's
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU refusal")
 def test_gpu_benchmarks_refuse_without_a_gpu():
-    for script in ("benchmarks/linear_2_4.py", "benchmarks/end_to_end.py"):
+    for script in ("benchmarks/linear_2_4.py", "benchmarks/end_to_end.py", "benchmarks/train_throughput.py"):
         result = run_script(script)
         assert result.returncode == 2
         assert "needs a CUDA GPU" in result.stderr

@@ -218,6 +218,15 @@ def forward_backward(accelerator: Accelerator, objective: nn.Module, teacher: nn
     return total.detach(), parts
 
 
+def optimizer_step(accelerator: Accelerator, optimizer, trainable: list[torch.Tensor], max_grad_norm: float):
+    """Clip (when max_grad_norm > 0), step, clear the gradients; returns the grad norm as a device
+    tensor (or None), read on the host only at log time."""
+    grad_norm = accelerator.clip_grad_norm_(trainable, max_grad_norm) if max_grad_norm else None
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
 def run(ctx: StageContext) -> dict:
     config: Config = ctx.config
     accelerator = ctx.accelerator
@@ -293,10 +302,8 @@ def run(ctx: StageContext) -> dict:
                                            sync=micro == len(micro_batches) - 1)
             for name, value in {"loss": loss, **parts}.items():
                 step_losses[name] = step_losses.get(name, 0) + value / accumulation
-        grad_norm = accelerator.clip_grad_norm_(trainable, train.max_grad_norm) if train.max_grad_norm else None
-        optimizer.step()
+        grad_norm = optimizer_step(accelerator, optimizer, trainable, train.max_grad_norm)
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
         if dynamic is not None:
             dynamic.after_step(step + 1)
         elif learnable is not None:

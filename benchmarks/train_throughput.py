@@ -1,0 +1,214 @@
+"""The distill step against a plain distillation loop: tokens/s, peak memory, MFU, loss, same run.
+
+    python benchmarks/train_throughput.py --model demo --batch 16 --seq 1024
+    python benchmarks/train_throughput.py --model 1b --batch 8 --seq 2048
+    python benchmarks/train_throughput.py --smoke          # tiny shapes on CPU: checks the script only
+
+Models: `demo` is the demo teacher (SmolLM2-135M; `--teacher DIR` for a local copy) with a 2:4
+magnitude student of it; `1b` is a Llama-shaped model of about 1.2B parameters (hidden 2048, MLP 8192,
+16 layers, vocab 128256) with random weights, teacher and student of the same shape.
+
+Variants (each from the same initial student, on the same batches):
+  baseline       the plain loop of issue #5: teacher bf16 without grad, student fp32 under bf16
+                 autocast, full fp32 logits for both, forward KL through F.kl_div, fused AdamW,
+                 masks re-applied by a Python loop over the projections
+  pipeline       the distill stage's own step (distill.stages.train): chunked KD loss with the output
+                 projections, fused mask re-application, gradient clipping, no host sync
+  +compile       the same with speed.compile (per-layer torch.compile)
+  +checkpointing the same with speed.activation_checkpointing
+The loss of each variant on the first batch (before any update) is printed beside the baseline's:
+they compute the same forward KL. MFU counts 6 x student + 2 x teacher parameters per token
+(distill.throughput) against the bf16 peak measured here with a large matrix product.
+Table last. A variant that runs out of memory is reported as OOM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, tie_word_embeddings=True)
+SMOKE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=1024, max_position_embeddings=512, tie_word_embeddings=True)
+VARIANTS = ("baseline", "pipeline", "pipeline+compile", "pipeline+checkpointing")
+
+
+def build_models(args, device: torch.device):
+    """(teacher in bf16, dense fp32 student weights with their 2:4 masks)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from distill.config import PROJECTIONS
+    from distill.sparsity import nm_mask, target_linears
+
+    if args.model == "demo":
+        from distill.models import fetch_demo_teacher
+
+        source = args.teacher or fetch_demo_teacher()
+        student = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    else:
+        torch.manual_seed(0)
+        student = LlamaForCausalLM(LlamaConfig(**(SMOKE if args.model == "smoke" else LLAMA_1B)))
+    teacher = copy.deepcopy(student).to(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    teacher.requires_grad_(False).eval()
+    masks = {name: nm_mask(linear.weight.abs(), 2, 4) for name, linear in target_linears(student, PROJECTIONS)}
+    return teacher, student, masks
+
+
+def plain_step_factory(teacher, student, masks, device):
+    """The baseline loop of issue #5, written the way a first version usually is."""
+    from distill.sparsity import remove_masks, install_masks
+
+    model = remove_masks(install_masks(copy.deepcopy(student), masks)).to(device).train()
+    pairs = [(model.get_submodule(name).weight, mask.to(device)) for name, mask in masks.items()]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
+
+    def step(input_ids: torch.Tensor, update: bool = True) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            with torch.no_grad():
+                teacher_logits = teacher(input_ids=input_ids).logits.float()
+            student_logits = model(input_ids=input_ids).logits.float()
+        loss = F.kl_div(F.log_softmax(student_logits, -1).flatten(0, 1), F.log_softmax(teacher_logits, -1).flatten(0, 1),
+                        log_target=True, reduction="batchmean")
+        if update:
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for weight, mask in pairs:
+                    weight.mul_(mask)
+        return loss.detach()
+
+    return step, model
+
+
+def pipeline_step_factory(teacher, student, masks, device, variant: str, chunk_tokens: int):
+    """The distill stage's step, through the same functions the stage calls."""
+    from accelerate import Accelerator
+
+    from distill.config import LossConfig, SpeedConfig
+    from distill.patterns import Pattern
+    from distill.sparsity import apply_masks_, install_masks, mask_pairs
+    from distill.stages.train import DistillationObjective, forward_backward, optimizer_step, speed_up, teacher_outputs
+
+    accelerator = Accelerator(mixed_precision="bf16", cpu=device.type == "cpu")
+    model = install_masks(copy.deepcopy(student), masks).to(device).train()
+    speed_up(model, SpeedConfig(compile="compile" in variant, activation_checkpointing="checkpointing" in variant),
+             training=True)
+    loss_config = LossConfig(chunk_tokens=chunk_tokens)
+    objective = DistillationObjective(model, loss_config, Pattern(kind="nm", n=2, m=4))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
+    objective, optimizer = accelerator.prepare(objective, optimizer)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    pairs = mask_pairs(model)
+
+    def step(input_ids: torch.Tensor, update: bool = True) -> torch.Tensor:
+        if not update:
+            with torch.no_grad(), accelerator.autocast():
+                return objective(input_ids, teacher_outputs(teacher, input_ids, loss_config))[0].detach()
+        loss, _ = forward_backward(accelerator, objective, teacher, input_ids, loss_config, 1.0, sync=True)
+        optimizer_step(accelerator, optimizer, trainable, max_grad_norm=1.0)
+        apply_masks_(pairs)
+        return loss
+
+    return step, model
+
+
+def run_variant(variant, teacher, student, masks, device, args, batches) -> dict:
+    from distill.throughput import flops_per_token
+
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        if variant == "baseline":
+            step, model = plain_step_factory(teacher, student, masks, device)
+        else:
+            step, model = pipeline_step_factory(teacher, student, masks, device, variant, args.chunk_tokens)
+        first_loss = float(step(batches[0], update=False))
+        for input_ids in batches[:args.warmup]:
+            step(input_ids)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        for input_ids in batches[args.warmup:]:
+            loss = step(input_ids)
+        float(loss)  # one host sync, at the end
+        elapsed = time.perf_counter() - started
+    except torch.OutOfMemoryError:
+        return {"variant": variant, "oom": True}
+    tokens = (len(batches) - args.warmup) * batches[0].numel()
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    result = {"variant": variant, "oom": False, "tokens_per_s": tokens / elapsed, "peak_gib": peak,
+              "first_loss": first_loss, "flop_per_token": flops_per_token(model, teacher)}
+    del step, model
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=["demo", "1b"], default="demo")
+    parser.add_argument("--teacher", help="a local save_pretrained dir for --model demo (default: the cached demo teacher)")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per variant")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--chunk-tokens", type=int, default=1024)
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--json", help="save every measurement (JSON)")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU, to check the script")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.model, args.batch, args.seq, args.steps, args.warmup, args.chunk_tokens = "smoke", 2, 32, 2, 1, 16
+        device = torch.device("cpu")
+    elif torch.cuda.is_available():
+        device = torch.device("cuda")
+    else:
+        print("train_throughput.py needs a CUDA GPU (or --smoke); none is visible", file=sys.stderr)
+        return 2
+    variants = args.variants.split(",")
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        print(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}", file=sys.stderr)
+        return 2
+
+    from distill.throughput import measured_peak_flops
+
+    peak_flops = measured_peak_flops(device)
+    teacher, student, masks = build_models(args, device)
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, student.config.vocab_size, (args.batch, args.seq), generator=generator).to(device)
+               for _ in range(args.warmup + args.steps)]
+    rows = [run_variant(variant, teacher, student, masks, device, args, batches) for variant in variants]
+    device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"device": device_name, "torch": torch.__version__, "args": vars(args),
+                       "peak_flops": peak_flops, "rows": rows}, handle, indent=1)
+
+    baseline = next((row for row in rows if row["variant"] == "baseline" and not row["oom"]), None)
+    print(f"\ndistill step vs plain loop, {args.model} model, batch {args.batch}x{args.seq}, {device_name}, "
+          f"torch {torch.__version__}, measured bf16 peak {peak_flops / 1e12:.0f} TFLOP/s\n")
+    print("| variant | tokens/s | vs baseline | peak GiB | vs baseline | MFU | first-batch loss | rel. diff |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for row in rows:
+        if row["oom"]:
+            print(f"| {row['variant']} | OOM | | | | | | |")
+            continue
+        mfu = row["tokens_per_s"] * row["flop_per_token"] / peak_flops
+        speed = f"{row['tokens_per_s'] / baseline['tokens_per_s']:.2f}x" if baseline else "-"
+        memory = f"{row['peak_gib'] / baseline['peak_gib']:.2f}x" if baseline and device.type == "cuda" else "-"
+        diff = f"{abs(row['first_loss'] - baseline['first_loss']) / abs(baseline['first_loss']):.1e}" if baseline else "-"
+        print(f"| {row['variant']} | {row['tokens_per_s']:.0f} | {speed} | {row['peak_gib']:.1f} | {memory} | "
+              f"{mfu:.1%} | {row['first_loss']:.5f} | {diff} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
