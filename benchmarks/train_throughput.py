@@ -29,6 +29,7 @@ import copy
 import json
 import sys
 import time
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -112,7 +113,8 @@ def pipeline_step_factory(teacher, student, masks, device, variant: str, chunk_t
         if not update:
             with torch.no_grad(), accelerator.autocast():
                 return objective(input_ids, teacher_outputs(teacher, input_ids, loss_config))[0].detach()
-        loss, _ = forward_backward(accelerator, objective, teacher, input_ids, loss_config, 1.0, sync=True)
+        signal = partial(teacher_outputs, teacher, input_ids, loss_config)
+        loss, _ = forward_backward(accelerator, objective, signal, input_ids, 1.0, sync=True)
         optimizer_step(accelerator, optimizer, trainable, max_grad_norm=1.0)
         apply_masks_(pairs)
         return loss

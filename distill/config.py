@@ -86,6 +86,10 @@ class PruneConfig:
     scope: str = "layer"  # unstructured: the fraction per layer, or over all layers at once (global)
     targets: List[str] = field(default_factory=lambda: list(PROJECTIONS))
     incompatible: str = "error"  # a target whose input size is not a multiple of m: error | dense
+    # nm: reorder each gated MLP's intermediate channels (function unchanged) so down_proj's groups keep
+    # more score, by `permute_sweeps` sweeps of pairwise group exchanges (distill.permutation)
+    permute: bool = False
+    permute_sweeps: int = 100
 
 
 @dataclass
@@ -100,6 +104,10 @@ class LossConfig:
     # so no batch-sized logits tensor exists; 0 computes full logits (needed for heads with extras
     # such as logit soft-capping)
     chunk_tokens: int = 1024
+    # > 0: the teacher_logits stage caches the teacher's `teacher_topk` most likely tokens per training
+    # position (all ranks share the work) and distill compares on those k tokens plus "any other",
+    # without running the teacher; needs temperature 1 and no hidden-state matching
+    teacher_topk: int = 0
 
 
 @dataclass
@@ -319,6 +327,9 @@ def validate(config: Config) -> None:
         raise DistillError(f"config key 'prune.n': N:M sparsity needs N < M, got {prune.n}:{prune.m}")
     if not 0.0 < prune.sparsity < 1.0:
         raise DistillError(f"config key 'prune.sparsity': {prune.sparsity} is not in (0, 1)")
+    _positive("prune.permute_sweeps", prune.permute_sweeps)
+    if prune.permute and prune.pattern != "nm":
+        raise DistillError(f"config key 'prune.permute': channel permutation serves N:M patterns, not '{prune.pattern}'")
     if prune.criterion == "sparsegpt" and prune.pattern != "nm":
         raise DistillError(f"config key 'prune.criterion': sparsegpt prunes N:M patterns only, not '{prune.pattern}'")
     if prune.scope == "global" and (prune.pattern != "unstructured" or prune.criterion == "magnitude"):
@@ -363,6 +374,13 @@ def validate(config: Config) -> None:
     if not 0.0 < loss.jsd_beta < 1.0:
         raise DistillError(f"config key 'train.loss.jsd_beta': {loss.jsd_beta} is not in (0, 1)")
     _positive("train.loss.chunk_tokens", loss.chunk_tokens, allow_zero=True)
+    _positive("train.loss.teacher_topk", loss.teacher_topk, allow_zero=True)
+    if loss.teacher_topk and loss.temperature != 1.0:
+        raise DistillError(f"config key 'train.loss.temperature': the cached teacher (train.loss.teacher_topk) is "
+                           f"stored at temperature 1, got {loss.temperature}")
+    if loss.teacher_topk and loss.hidden_weight:
+        raise DistillError("config key 'train.loss.hidden_weight': hidden-state matching needs the live teacher; "
+                           "set train.loss.teacher_topk=0")
     _positive("train.loss.temperature", loss.temperature)
     _positive("train.loss.kd_weight", loss.kd_weight, allow_zero=True)
     _positive("train.loss.lm_weight", loss.lm_weight, allow_zero=True)

@@ -7,11 +7,18 @@ Two ways to the same number:
                              positions at a time, each chunk recomputed in backward: no batch-sized
                              logits tensor ever exists (the vocabulary is most of the memory of a
                              small model's step)
+
+The teacher comes either live (its logits, or its hidden states and output projection) or from the
+teacher_logits stage's cache: its k most likely tokens per position with their log-probabilities
+(`TopK`). A cached teacher is compared on k + 1 outcomes, the k tokens and "any other token", for
+teacher and student alike (`topk_divergence`); coarse-graining never increases a divergence, so this
+is a lower bound of the full one, equal to it when the teacher's tail is empty.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +52,31 @@ def divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind:
     return value * temperature**2
 
 
+class TopK(NamedTuple):
+    """The teacher's k most likely tokens per position: log-probabilities [..., k] and token ids [..., k]."""
+
+    logp: torch.Tensor
+    index: torch.Tensor
+
+    def rows(self, rows: slice | None = None) -> "TopK":
+        k = self.logp.shape[-1]
+        logp, index = self.logp.reshape(-1, k), self.index.reshape(-1, k)
+        return TopK(logp[rows], index[rows]) if rows is not None else TopK(logp, index)
+
+
+def _with_tail(top_logp: torch.Tensor) -> torch.Tensor:
+    """[..., k] log-probabilities of k outcomes -> [..., k + 1] with "everything else" last."""
+    mass = top_logp.exp().sum(-1, keepdim=True).clamp(max=1 - 1e-6)  # the rest keeps a sliver of mass
+    return torch.cat([top_logp, torch.log1p(-mass)], dim=-1)
+
+
+def topk_divergence(student_logits: torch.Tensor, teacher: TopK, kind: str, beta: float = 0.5) -> torch.Tensor:
+    """Per-position divergence [rows] between the cached teacher and the student (logits [rows, vocab])
+    on the teacher's k tokens plus one outcome for all the others; at temperature 1."""
+    student_logp = F.log_softmax(student_logits.float(), dim=-1).gather(-1, teacher.index.long())
+    return divergence(_with_tail(student_logp), _with_tail(teacher.logp.float()), kind, 1.0, beta)
+
+
 def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """T^2 * KL(softmax(teacher / T) || softmax(student / T)), averaged over positions."""
     vocab = student_logits.shape[-1]
@@ -69,14 +101,20 @@ def distillation_loss(
     teacher_logits: torch.Tensor | None,
     input_ids: torch.Tensor,
     config: LossConfig,
+    teacher_topk: TopK | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """kd_weight * divergence + lm_weight * next-token loss, and the parts (detached) for logging."""
+    """kd_weight * divergence + lm_weight * next-token loss, and the parts (detached) for logging.
+    The teacher is `teacher_logits`, or the cached `teacher_topk` when given."""
     parts: dict[str, torch.Tensor] = {}
     total = student_logits.new_zeros((), dtype=torch.float32)
     if config.kd_weight:
         vocab = student_logits.shape[-1]
-        kd = divergence(student_logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab),
-                        config.divergence, config.temperature, config.jsd_beta).mean()
+        if teacher_topk is not None:
+            kd = topk_divergence(student_logits.reshape(-1, vocab), teacher_topk.rows(), config.divergence,
+                                 config.jsd_beta).mean()
+        else:
+            kd = divergence(student_logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab),
+                            config.divergence, config.temperature, config.jsd_beta).mean()
         total = total + config.kd_weight * kd
         parts["kd"] = kd.detach()
     if config.lm_weight:
@@ -86,13 +124,16 @@ def distillation_loss(
     return total, parts
 
 
-def _chunk_sums(student_hidden, teacher_hidden, student_weight, student_bias, teacher_weight, teacher_bias, targets,
-                kind: str, temperature: float, beta: float, with_kd: bool, with_lm: bool) -> torch.Tensor:
+def _chunk_sums(student_hidden, teacher_hidden, student_weight, student_bias, teacher_weight, teacher_bias,
+                topk_logp, topk_index, targets, kind: str, temperature: float, beta: float, with_kd: bool,
+                with_lm: bool) -> torch.Tensor:
     """[sum of divergences, sum of token losses] over one chunk of positions."""
     student_logits = F.linear(student_hidden, student_weight, student_bias).float()
     zero = student_logits.new_zeros(())
     kd = zero
-    if with_kd:
+    if with_kd and topk_logp is not None:
+        kd = topk_divergence(student_logits, TopK(topk_logp, topk_index), kind, beta).sum()
+    elif with_kd:
         teacher_logits = F.linear(teacher_hidden, teacher_weight, teacher_bias)
         kd = divergence(student_logits, teacher_logits, kind, temperature, beta).sum()
     lm = F.cross_entropy(student_logits, targets, ignore_index=IGNORE, reduction="sum") if with_lm else zero
@@ -106,23 +147,29 @@ def chunked_distillation_loss(
     teacher_head: torch.nn.Module | None,
     input_ids: torch.Tensor,
     config: LossConfig,
+    teacher_topk: TopK | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The same loss as `distillation_loss(student_head(student_hidden), teacher_head(teacher_hidden), ...)`,
-    computed `config.chunk_tokens` positions at a time; each chunk's logits are recomputed in
-    backward (activation checkpointing) instead of being stored."""
+    """The same loss as `distillation_loss(student_head(student_hidden), teacher_head(teacher_hidden), ...)`
+    (or with the cached `teacher_topk` in place of the teacher's hidden states and head), computed
+    `config.chunk_tokens` positions at a time; each chunk's logits are recomputed in backward
+    (activation checkpointing) instead of being stored."""
     hidden_size = student_hidden.shape[-1]
     student_rows = student_hidden.reshape(-1, hidden_size)
-    teacher_rows = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]) if teacher_hidden is not None else None
     targets = next_token_targets(input_ids).reshape(-1)
     with_kd, with_lm = bool(config.kd_weight), bool(config.lm_weight)
-    teacher_weight = teacher_head.weight if with_kd else None
-    teacher_bias = getattr(teacher_head, "bias", None) if with_kd else None
+    live_teacher = with_kd and teacher_topk is None
+    teacher_rows = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]) if live_teacher else None
+    teacher_weight = teacher_head.weight if live_teacher else None
+    teacher_bias = getattr(teacher_head, "bias", None) if live_teacher else None
+    cached = teacher_topk.rows() if with_kd and teacher_topk is not None else None
     sums = student_rows.new_zeros(2, dtype=torch.float32)
     for start in range(0, student_rows.shape[0], config.chunk_tokens):
         rows = slice(start, start + config.chunk_tokens)
         sums = sums + checkpoint(
-            _chunk_sums, student_rows[rows], teacher_rows[rows] if with_kd else None,
-            student_head.weight, getattr(student_head, "bias", None), teacher_weight, teacher_bias, targets[rows],
+            _chunk_sums, student_rows[rows], teacher_rows[rows] if live_teacher else None,
+            student_head.weight, getattr(student_head, "bias", None), teacher_weight, teacher_bias,
+            cached.logp[rows] if cached is not None else None,
+            cached.index[rows] if cached is not None else None, targets[rows],
             config.divergence, config.temperature, config.jsd_beta, with_kd, with_lm, use_reentrant=False,
         )
     parts: dict[str, torch.Tensor] = {}

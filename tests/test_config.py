@@ -34,6 +34,9 @@ def test_demo_config_loads_and_overrides_reach_nested_keys():
     ("- a list", [], "must hold a mapping"),
     ("train: {loss: {divergence: tv}}", [], "'train.loss.divergence': 'tv' is not one of"),
     ("{}", ["train.loss.jsd_beta=1.0"], "'train.loss.jsd_beta': 1.0 is not in (0, 1)"),
+    ("train: {loss: {teacher_topk: 8, temperature: 2.0}}", [], "the cached teacher (train.loss.teacher_topk) is stored at temperature 1"),
+    ("train: {loss: {teacher_topk: 8, hidden_weight: 1.0}}", [], "hidden-state matching needs the live teacher"),
+    ("speed: {compile: sometimes}", [], "config key 'speed.compile'"),
     ("data: {sources: [{name: a, kind: files, files: [x.txt], heldout_fraction: lots}]}", [],
      "config key 'data.sources[0].heldout_fraction'"),
 ])

@@ -141,3 +141,69 @@ def test_hidden_state_matching_is_the_mean_normalized_mse_over_layers():
     assert float(hidden_state_matching(teacher, teacher)) == 0.0
     with pytest.raises(ValueError, match="equal depth"):
         hidden_state_matching(student[:2], teacher)
+
+
+def reference_topk_divergence(student, teacher, k, kind, beta=0.5):
+    """float64, from the definition: both distributions coarse-grained to the teacher's k most likely
+    tokens plus one outcome holding all the other tokens' probability."""
+    s = torch.softmax(student.double(), -1)
+    t = torch.softmax(teacher.double(), -1)
+    top = t.topk(k, dim=-1).indices
+    coarse = lambda p: torch.cat([p.gather(-1, top), 1 - p.gather(-1, top).sum(-1, keepdim=True)], -1)
+    return reference_divergence(coarse(s).log(), coarse(t).log(), kind, 1.0, beta)
+
+
+def cached_topk(teacher_logits, k):
+    from distill.losses import TopK
+
+    top = F.log_softmax(teacher_logits.float(), -1).topk(k, dim=-1)
+    return TopK(top.values, top.indices.int())
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("k", [1, 8, 60])
+def test_topk_divergence_matches_its_definition_and_never_exceeds_the_full_one(kind, k):
+    from distill.losses import divergence, topk_divergence
+
+    torch.manual_seed(k)
+    student, teacher = torch.randn(12, 61) * 2, torch.randn(12, 61) * 2
+    actual = topk_divergence(student, cached_topk(teacher, k), kind, beta=0.3)
+    expected = reference_topk_divergence(student, teacher, k, kind, beta=0.3)
+    assert float((actual.double() - expected).abs().max() / expected.abs().max()) < 1e-4
+    full = divergence(student, teacher, kind, 1.0, 0.3)
+    # (up to the sliver of mass the "other tokens" outcome keeps when the top k hold nearly all of it)
+    assert bool((actual <= full * (1 + 1e-4)).all()), "coarse-graining cannot increase a divergence"
+
+
+def test_topk_divergence_with_the_whole_vocabulary_is_the_full_divergence():
+    from distill.losses import divergence, topk_divergence
+
+    torch.manual_seed(4)
+    student, teacher = torch.randn(6, 40), torch.randn(6, 40)
+    for kind in ("forward_kl", "reverse_kl", "jsd"):
+        actual = topk_divergence(student, cached_topk(teacher, 40), kind)
+        expected = divergence(student, teacher, kind, 1.0)
+        assert float((actual - expected).abs().max() / expected.abs().max()) < 1e-4, kind
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "jsd"])
+@pytest.mark.parametrize("chunk_tokens", [3, 1000])
+def test_chunked_topk_loss_equals_the_plain_topk_loss_with_the_same_gradients(kind, chunk_tokens):
+    from distill.losses import chunked_distillation_loss
+
+    torch.manual_seed(chunk_tokens)
+    batch, length, hidden, vocab, k = 2, 7, 16, 61, 5
+    head = torch.nn.Linear(hidden, vocab, bias=False).double()
+    student_hidden = torch.randn(batch, length, hidden, dtype=torch.float64, requires_grad=True)
+    teacher_topk = cached_topk(torch.randn(batch, length, vocab) * 2, k)
+    ids = torch.randint(0, vocab, (batch, length))
+    config = LossConfig(divergence=kind, lm_weight=0.4, chunk_tokens=chunk_tokens, teacher_topk=k)
+
+    plain, _ = distillation_loss(head(student_hidden), None, ids, config, teacher_topk=teacher_topk)
+    plain_grads = torch.autograd.grad(plain, [student_hidden, head.weight])
+    chunked, _ = chunked_distillation_loss(student_hidden, head, None, None, ids, config, teacher_topk=teacher_topk)
+    chunked_grads = torch.autograd.grad(chunked, [student_hidden, head.weight])
+    assert float(chunked) == pytest.approx(float(plain), rel=1e-6)
+    for expected, actual in zip(plain_grads, chunked_grads):
+        assert float(expected.norm()) > 0
+        assert float((actual - expected).norm() / expected.norm()) < 1e-6

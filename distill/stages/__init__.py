@@ -2,14 +2,16 @@
 
 from distill.models import teacher_files
 from distill.pipeline import Stage
-from distill.stages import evaluate, export, prune, teacher, train
+from distill.stages import evaluate, export, prune, teacher, teacher_logits, train
 
 STAGES = [
     Stage("teacher", ("run.seed", "teacher", "data", "calibration", "prune.targets"), (), teacher.run,
           input_files=lambda config: teacher_files(config.teacher) + teacher.source_files(config),
           uses_autocast=lambda config: any(source.kind == "teacher" for source in config.data.sources)),
+    Stage("teacher_logits", ("teacher", "train.loss.teacher_topk", "train.micro_batch_size"), ("teacher",),
+          teacher_logits.run, uses_autocast=lambda config: config.train.loss.teacher_topk > 0),
     Stage("prune", ("teacher", "prune"), ("teacher",), prune.run),
-    Stage("distill", ("run.seed", "teacher", "train"), ("prune",), train.run,
+    Stage("distill", ("run.seed", "teacher", "train"), ("prune", "teacher_logits"), train.run,
           uses_autocast=lambda config: True),
     Stage("export", ("export",), ("distill",), export.run),
     Stage("evaluate", ("teacher", "eval"), ("teacher", "prune", "export"), evaluate.run,

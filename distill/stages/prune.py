@@ -9,6 +9,9 @@ criterion:
   sparsegpt: layer-by-layer pruning with second-order weight updates (distill.criteria); runs on
              the main process (it is sequential over layers)
 A projection whose input size is not a multiple of M is refused or left dense (prune.incompatible).
+With prune.permute, the intermediate channels of every gated MLP are first reordered so that
+down_proj's N:M groups keep more of the Wanda (or, for magnitude, |W|) score (distill.permutation);
+the model computes the same function, and every criterion then runs on the reordered model.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from distill.errors import DistillError
 from distill.io import load_tensors
 from distill.models import load_teacher
 from distill.patterns import Pattern, global_unstructured_masks
+from distill.permutation import gated_mlps, kept_score, nm_channel_permutation, permute_mlp_channels
 from distill.pipeline import StageContext
 from distill.sparsity import install_masks, sparsity_report, target_linears
 from distill.stages.teacher import CALIBRATION_FILE, DATA_FILE, calibration_blocks
@@ -72,6 +76,27 @@ def weight_scores(model: torch.nn.Module, prune: PruneConfig, statistics: dict[s
     return scores
 
 
+def permute_mlp_channels_for_nm(model: torch.nn.Module, prune: PruneConfig, statistics: dict[str, torch.Tensor],
+                                seed: int, skip: set[str]) -> dict[str, float]:
+    """Reorder each gated MLP's intermediate channels (in place, with down_proj's input statistics)
+    so down_proj's N:M mask keeps more score; returns {mlp name: relative gain in kept score}."""
+    targets = dict(target_linears(model, prune.targets))
+    gains = {}
+    for name, mlp in gated_mlps(model):
+        down = f"{name}.down_proj"
+        if down not in targets or down in skip:
+            continue
+        score = mlp.down_proj.weight.detach().abs().float()
+        if prune.criterion != "magnitude" and down in statistics:
+            score = score * statistics[down].sqrt().to(score)
+        perm = nm_channel_permutation(score, prune.n, prune.m, prune.permute_sweeps, seed)
+        gains[name] = kept_score(score[:, perm], prune.n, prune.m) / kept_score(score, prune.n, prune.m) - 1
+        permute_mlp_channels(mlp, perm)
+        if down in statistics:
+            statistics[down] = statistics[down][perm.to(statistics[down].device)]
+    return gains
+
+
 def run(ctx: StageContext) -> dict:
     config, accelerator = ctx.config, ctx.accelerator
     prune = config.prune
@@ -83,13 +108,22 @@ def run(ctx: StageContext) -> dict:
     dense = incompatible_projections(model, prune)
     calibration = calibration_blocks(load_tensors(ctx.stage_dir("teacher") / DATA_FILE)["train"].long(),
                                       config.calibration.num_blocks)
+    statistics = load_tensors(ctx.stage_dir("teacher") / CALIBRATION_FILE)
+    gains = {}
+    if prune.permute:
+        gains = permute_mlp_channels_for_nm(model, prune, statistics, config.run.seed, set(dense))
+        if not gains:
+            raise DistillError("config key 'prune.permute': no gated MLP (gate_proj, up_proj, down_proj) with down_proj "
+                               "among prune.targets to permute")
+        ctx.log(f"[prune] MLP channels permuted in {len(gains)} layers: down_proj keeps "
+                f"{100 * sum(gains.values()) / len(gains):+.2f}% score under {prune.n}:{prune.m} on average")
     if prune.criterion == "sparsegpt":
         masks = sparsegpt_masks(model, calibration, prune.targets, prune.n, prune.m, skip=set(dense))
     else:
         if on_all_ranks:
             scores = gradient_saliency(model, calibration, prune.targets, accelerator, prune.criterion)
         else:
-            scores = weight_scores(model, prune, load_tensors(ctx.stage_dir("teacher") / CALIBRATION_FILE))
+            scores = weight_scores(model, prune, statistics)
         if not accelerator.is_main_process:
             return {}
         masks = masks_from_scores(model, prune, scores, dense)
@@ -102,4 +136,7 @@ def run(ctx: StageContext) -> dict:
     save_student(model, ctx.work_dir / STUDENT_DIR, spec)
     sparsity = sparsity_report(model)
     ctx.log(f"[prune] {prune.criterion} {pattern.describe()} masks on {len(masks)} projections")
-    return {"masked": len(masks), "dense": dense, "mean_sparsity": sum(sparsity.values()) / len(sparsity)}
+    summary = {"masked": len(masks), "dense": dense, "mean_sparsity": sum(sparsity.values()) / len(sparsity)}
+    if gains:
+        summary["permutation_gain"] = gains
+    return summary

@@ -16,6 +16,7 @@ import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Callable
 
 import torch
 from accelerate import Accelerator
@@ -26,7 +27,7 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 from distill.config import Config, LossConfig, SpeedConfig, TrainConfig
 from distill.errors import DistillError
 from distill.io import load_tensors, read_json, write_json, write_text
-from distill.losses import chunked_distillation_loss, distillation_loss, hidden_state_matching
+from distill.losses import TopK, chunked_distillation_loss, distillation_loss, hidden_state_matching
 from distill.models import load_teacher
 from distill.mask_modes import DynamicMasks, LearnableMasks
 from distill.patterns import Pattern, group_dropout_mask, group_norms
@@ -34,6 +35,7 @@ from distill.pipeline import StageContext
 from distill.sparsity import apply_masks_, mask_pairs, masked_modules
 from distill.stages.prune import STUDENT_DIR
 from distill.stages.teacher import DATA_FILE
+from distill.stages.teacher_logits import TOPK_FILE
 from distill.student import load_student, save_student
 from distill.throughput import flops_per_token, measured_peak_flops
 from distill.tracking import start_tracking
@@ -144,11 +146,13 @@ class DistillationObjective(nn.Module):
             out = self.student.get_decoder()(input_ids=input_ids, use_cache=False, output_hidden_states=want_states)
             if want_logits:
                 total, parts = chunked_distillation_loss(out.last_hidden_state, self.student.get_output_embeddings(),
-                                                         teacher.get("hidden"), teacher.get("head"), input_ids, self.loss)
+                                                         teacher.get("hidden"), teacher.get("head"), input_ids, self.loss,
+                                                         teacher_topk=teacher.get("topk"))
         else:
             out = self.student(input_ids=input_ids, use_cache=False, output_hidden_states=want_states)
             if want_logits:
-                total, parts = distillation_loss(out.logits, teacher.get("logits"), input_ids, self.loss)
+                total, parts = distillation_loss(out.logits, teacher.get("logits"), input_ids, self.loss,
+                                                 teacher_topk=teacher.get("topk"))
         if want_states:
             matching = hidden_state_matching(out.hidden_states[1:], teacher["states"])
             total = total + self.loss.hidden_weight * matching
@@ -175,6 +179,11 @@ def teacher_outputs(teacher: nn.Module | None, input_ids: torch.Tensor, loss: Lo
         result = {"logits": out.logits}
     result["states"] = out.hidden_states[1:] if want_states else None
     return result
+
+
+def cached_teacher_outputs(cached: TopK, blocks: torch.Tensor, device: torch.device) -> dict:
+    """What DistillationObjective needs of a cached teacher: the top-k of these training blocks."""
+    return {"topk": TopK(cached.logp[blocks].to(device, non_blocking=True), cached.index[blocks].to(device, non_blocking=True))}
 
 
 def check_chunked_head(model: nn.Module, loss: LossConfig) -> None:
@@ -205,14 +214,15 @@ def speed_up(model: nn.Module, speed: SpeedConfig, training: bool) -> None:
             layer.compile()
 
 
-def forward_backward(accelerator: Accelerator, objective: nn.Module, teacher: nn.Module | None,
-                     input_ids: torch.Tensor, loss: LossConfig, scale: float, sync: bool) -> tuple[torch.Tensor, dict]:
-    """One micro-batch: teacher forward without grad, student forward and loss, backward of
-    `loss * scale`; gradients are all-reduced only when `sync` (the last micro-batch of a step)."""
+def forward_backward(accelerator: Accelerator, objective: nn.Module, teacher_signal: Callable[[], dict],
+                     input_ids: torch.Tensor, scale: float, sync: bool) -> tuple[torch.Tensor, dict]:
+    """One micro-batch: the teacher's signal without grad (`teacher_outputs`, or the cache), student
+    forward and loss, backward of `loss * scale`; gradients are all-reduced only when `sync` (the last
+    micro-batch of a step)."""
     with (nullcontext() if sync else accelerator.no_sync(objective)):
         with accelerator.autocast():
             with torch.no_grad():
-                teacher_out = teacher_outputs(teacher, input_ids, loss)
+                teacher_out = teacher_signal()
             total, parts = objective(input_ids, teacher_out)
         accelerator.backward(total * scale)
     return total.detach(), parts
@@ -237,8 +247,19 @@ def run(ctx: StageContext) -> dict:
     if accelerator.device.type == "cuda":
         blocks = blocks.pin_memory()  # so the copy of each micro-batch to the GPU is truly asynchronous
     schedule = BlockSchedule(len(blocks), train.global_batch_size, config.run.seed)
-    needs_teacher = train.loss.kd_weight > 0 or train.loss.hidden_weight > 0
+    cached = None
+    if train.loss.teacher_topk and train.loss.kd_weight:
+        tensors = load_tensors(ctx.stage_dir("teacher_logits") / TOPK_FILE)
+        cached = TopK(tensors["logp"], tensors["index"])
+        if cached.logp.shape[:2] != blocks.shape or cached.logp.shape[-1] != train.loss.teacher_topk:
+            raise DistillError(f"{ctx.stage_dir('teacher_logits') / TOPK_FILE} holds {tuple(cached.logp.shape)} "
+                               f"for {tuple(blocks.shape)} training blocks at k={train.loss.teacher_topk}; rerun the stage")
+        if accelerator.device.type == "cuda":
+            cached = TopK(cached.logp.pin_memory(), cached.index.pin_memory())
+    needs_teacher = (train.loss.kd_weight > 0 and cached is None) or train.loss.hidden_weight > 0
     teacher = load_teacher(config.teacher, accelerator.device) if needs_teacher else None
+    if cached is not None:
+        ctx.log(f"[distill] teacher from the cache of its top-{train.loss.teacher_topk} tokens; the teacher is not loaded")
     student = load_student(ctx.stage_dir("prune") / STUDENT_DIR, accelerator.device).train()
     check_chunked_head(student, train.loss)
     step_flops = flops_per_token(student, teacher)
@@ -298,7 +319,11 @@ def run(ctx: StageContext) -> dict:
             input_ids = blocks[indices].to(accelerator.device, non_blocking=True)
             if train.group_dropout or learnable is not None:  # the same random draws per micro-batch whatever the process count
                 torch.manual_seed(config.run.seed * 1_000_003 + step * 1009 + accelerator.process_index * accumulation + micro)
-            loss, parts = forward_backward(accelerator, objective, teacher, input_ids, train.loss, 1 / accumulation,
+            if cached is not None:
+                signal = partial(cached_teacher_outputs, cached, indices, accelerator.device)
+            else:
+                signal = partial(teacher_outputs, teacher, input_ids, train.loss)
+            loss, parts = forward_backward(accelerator, objective, signal, input_ids, 1 / accumulation,
                                            sync=micro == len(micro_batches) - 1)
             for name, value in {"loss": loss, **parts}.items():
                 step_losses[name] = step_losses.get(name, 0) + value / accumulation
