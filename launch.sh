@@ -7,8 +7,10 @@
 #   --accelerate      an accelerate config from configs/accelerate/ (default: single_gpu when a GPU
 #                     is visible, else cpu)
 #   --num-processes   processes to start (default 1; on CPU each process is a gloo rank)
+#                     (--accelerate fsdp: multi-GPU with the student sharded, i.e. train.sharding=fsdp;
+#                     on CPU ranks add train.sharding=fsdp to a cpu launch instead)
 #   key=value         dotted config overrides, e.g. train.steps=50 'eval.files=[a.txt,b.txt]'
-#   --only STAGE      run or re-run one stage (teacher, prune, distill, export, evaluate)
+#   --only STAGE      run or re-run one stage (teacher, teacher_logits, prune, distill, export, evaluate)
 #   --from STAGE      re-run STAGE and every stage after it
 #   --restart         delete the run dir and start over
 # Multi-node: export MACHINE_RANK, NUM_MACHINES, MAIN_PROCESS_IP (and MAIN_PROCESS_PORT) on each node.
@@ -24,7 +26,7 @@ while [ $# -gt 0 ]; do
     --accelerate=*) accelerate_config="${1#*=}"; shift ;;
     --num-processes) num_processes="$2"; shift 2 ;;
     --num-processes=*) num_processes="${1#*=}"; shift ;;
-    -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) pipeline_args+=("$1"); shift ;;
   esac
 done
@@ -51,8 +53,8 @@ fi
 
 # --quiet: a failing run ends with our one-line error and a non-zero exit, not a launcher traceback
 if [ "$accelerate_config" = fsdp ]; then
-  echo "launch.sh: error: the distill stage does not run under FSDP yet (issue #5); use multi_gpu" >&2
-  exit 2
+  # distill shards the student itself (torch FSDP2, distill/sharding.py) on a plain multi-process launch
+  pipeline_args+=("train.sharding=fsdp")
 fi
 launch=(--quiet --config_file "$config_file" --num_processes "$num_processes")
 if [ "$accelerate_config" = cpu ]; then

@@ -1,5 +1,6 @@
-"""One-shot pruning quality on the demo teacher (SmolLM2-135M-Instruct): wikitext-2 test perplexity of
-the dense teacher and of each criterion's N:M student, before any training.
+"""Pruning and distillation quality on the demo teacher (SmolLM2-135M-Instruct), wikitext-2 test perplexity.
+
+One-shot (default): the dense teacher and each criterion's N:M student, before any training.
 
     python benchmarks/quality.py [--criteria magnitude,wanda,sparsegpt,taylor,fisher] [--max-windows 0]
                                  [--calibration-windows 128] [--json quality.json]
@@ -8,12 +9,22 @@ Protocol: the test text is tokenized whole and cut into non-overlapping 512-toke
 is exp of the mean next-token loss over all windows (--max-windows limits them, 0 = all, ~610).
 Calibration (Wanda statistics, gradients, SparseGPT Hessians) uses windows of wikitext-2 *valid*,
 never test. Runs on CPU or one GPU (fp32). The table is printed last.
+
+Distillation (--distill): the pipeline itself (launch.sh) on configs/quality.yaml, once per variant
+(fixed, dynamic and learnable masks; forward KL, reverse KL, JSD, KL + LM loss, the cached top-k
+teacher; channel permutation), each with the same training budget, overrides of the config given by
+--set applying to all. Training text is wikitext-2 valid; the evaluate stage scores wikitext-2 test
+in 512-token windows (`eval.max_blocks` of them). The run dir is shared, so a variant re-runs only
+the stages it changes.
+
+    python benchmarks/quality.py --distill [--variants fixed,dynamic,...] [--set key=value ...] [--json distill.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,7 +42,59 @@ from distill.sparsity import install_masks
 from distill.stages.prune import masks_from_scores, weight_scores
 from distill.stages.teacher import calibration_blocks
 
-WIKITEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2"
+REPO = Path(__file__).resolve().parents[1]
+WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2"
+
+# label -> overrides of configs/quality.yaml; "fixed" is the base (Wanda 2:4, fixed mask, forward KL)
+DISTILL_VARIANTS = {
+    "fixed": [],
+    "dynamic": ["train.mask_mode=dynamic"],
+    "learnable": ["train.mask_mode=learnable"],
+    "reverse_kl": ["train.loss.divergence=reverse_kl"],
+    "jsd": ["train.loss.divergence=jsd"],
+    "kl+lm": ["train.loss.lm_weight=0.5"],
+    "topk64": ["train.loss.teacher_topk=64"],
+    "permute": ["prune.permute=true"],
+}
+
+
+def distill_variants(args) -> int:
+    """Run the pipeline once per variant and tabulate wikitext-2 test perplexity."""
+    from distill.config import load_config
+
+    names = args.variants.split(",")
+    unknown = [name for name in names if name not in DISTILL_VARIANTS]
+    if unknown:
+        print(f"unknown variants {unknown}; known: {', '.join(DISTILL_VARIANTS)}", file=sys.stderr)
+        return 2
+    rows = []
+    for name in names:
+        overrides = [*args.set, *DISTILL_VARIANTS[name]]
+        run_dir = REPO / load_config(args.config, overrides).run_dir
+        started = time.time()
+        result = subprocess.run(["bash", str(REPO / "launch.sh"), args.config, *overrides], cwd=REPO,
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            print(f"variant {name} failed:\n{result.stderr[-3000:]}", file=sys.stderr)
+            return 1
+        report = json.loads((run_dir / "evaluate" / "report.json").read_text())["sources"]["test"]
+        distill = json.loads((run_dir / "distill" / "manifest.json").read_text())
+        rows.append({"variant": name, "overrides": DISTILL_VARIANTS[name], "teacher_ppl": report["teacher"]["ppl"],
+                     "oneshot_ppl": report["oneshot"]["ppl"], "student_ppl": report["student"]["ppl"],
+                     "student_kl": report["student"]["kl"], "tokens": distill["summary"]["tokens"],
+                     "distill_seconds": distill["seconds"], "wall_seconds": time.time() - started})
+        print(f"{name}: student {rows[-1]['student_ppl']:.2f} (one-shot {rows[-1]['oneshot_ppl']:.2f}), "
+              f"distill {distill['seconds']:.0f} s", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"config": args.config, "set": args.set, "rows": rows}, indent=1))
+    print(f"\ndistillation at a fixed budget, {args.config} {' '.join(args.set)}; wikitext-2 test, "
+          f"{report['tokens'] // 512} windows of 512 tokens; teacher {rows[0]['teacher_ppl']:.2f}\n")
+    print("| variant | overrides | one-shot ppl | student ppl | student KL | tokens | distill s |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for row in rows:
+        print(f"| {row['variant']} | {' '.join(row['overrides']) or '-'} | {row['oneshot_ppl']:.2f} | "
+              f"{row['student_ppl']:.2f} | {row['student_kl']:.4f} | {row['tokens']} | {row['distill_seconds']:.0f} |")
+    return 0
 
 
 def pruned_student(criterion: str, n: int, m: int, calibration: torch.Tensor, accelerator: Accelerator) -> torch.nn.Module:
@@ -56,7 +119,13 @@ def main(argv=None) -> int:
     parser.add_argument("--max-windows", type=int, default=0, help="test windows of 512 tokens (0: all)")
     parser.add_argument("--calibration-windows", type=int, default=128)
     parser.add_argument("--json", help="save the results (JSON)")
+    parser.add_argument("--distill", action="store_true", help="the distillation variants instead of one-shot")
+    parser.add_argument("--config", default="configs/quality.yaml", help="--distill: the base config")
+    parser.add_argument("--variants", default=",".join(DISTILL_VARIANTS), help="--distill: which variants")
+    parser.add_argument("--set", nargs="*", default=[], help="--distill: overrides for every variant (key=value)")
     args = parser.parse_args(argv)
+    if args.distill:
+        return distill_variants(args)
     n, m = map(int, args.pattern.split(":"))
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     tokenizer = load_tokenizer(TeacherConfig(source="demo"))

@@ -134,6 +134,9 @@ class TrainConfig:
     gumbel_temperature: float = 1.0
     group_lasso: float = 0.0  # weight of the sum of the pattern's group norms (pushes whole groups to zero)
     group_dropout: float = 0.0  # probability of dropping each whole group of the pattern in a forward
+    # ddp: every process holds the whole student (accelerate's DDP); fsdp: parameters, gradients,
+    # optimizer state and masks sharded over the processes (torch FSDP2, distill.sharding); fixed masks
+    sharding: str = "ddp"
     log_every: int = 5
     checkpoint_every: int = 25
     keep_checkpoints: int = 2
@@ -354,6 +357,13 @@ def validate(config: Config) -> None:
     _positive("train.group_lasso", train.group_lasso, allow_zero=True)
     if not 0.0 <= train.group_dropout < 1.0:
         raise DistillError(f"config key 'train.group_dropout': {train.group_dropout} is not in [0, 1)")
+    _choice("train.sharding", train.sharding, ["ddp", "fsdp"])
+    if train.sharding == "fsdp":
+        unsupported = [key for key, used in (("mask_mode", train.mask_mode != "fixed"), ("group_lasso", train.group_lasso),
+                                             ("group_dropout", train.group_dropout)) if used]
+        if unsupported:
+            raise DistillError(f"config key 'train.sharding': fsdp trains fixed masks only; "
+                               f"unset train.{unsupported[0]} or use ddp")
     _positive("train.log_every", train.log_every)
     _positive("train.checkpoint_every", train.checkpoint_every)
     _positive("train.keep_checkpoints", train.keep_checkpoints)

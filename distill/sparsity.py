@@ -91,6 +91,8 @@ class MaskedLinear(nn.Linear):
             weight = self.weight * self.sampled_mask()
         elif self.dynamic:
             weight = SparseRefinedSTE.apply(self.weight, self.mask, self.refine_decay)
+        elif self.mask is None:  # sharded training (distill.sharding): the weight is zero where pruned
+            weight = self.weight
         else:
             weight = self.weight * self.mask
         if self.training and self.drop_groups is not None and self.drop_rate > 0:

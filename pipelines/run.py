@@ -13,7 +13,7 @@ import signal
 import sys
 
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, ProjectConfiguration, set_seed
 
 from distill.config import load_config
 from distill.errors import DistillError
@@ -55,6 +55,9 @@ def main(argv=None) -> int:
             # masks are identical on every rank: no need to broadcast buffers each forward
             kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
         )
+        if accelerator.distributed_type == DistributedType.FSDP:
+            raise DistillError("accelerate's FSDP plugin is not used: launch plain processes and set "
+                               "train.sharding=fsdp (bash launch.sh --accelerate fsdp does both)")
         set_seed(config.run.seed)
         Pipeline(config, accelerator, STAGES).run(only=args.only, start_from=args.start_from, restart=args.restart)
         accelerator.end_training()

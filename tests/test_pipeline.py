@@ -128,8 +128,8 @@ def test_a_failing_stage_leaves_the_finished_one_intact(tmp_path, finished_run):
         weights.write_bytes(original)
 
 
-def _start(config: Path) -> subprocess.Popen:
-    return subprocess.Popen(launch_command(config), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def _start(config: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(launch_command(config, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _pipeline_processes(config: Path) -> list[str]:
@@ -145,7 +145,7 @@ def _pipeline_processes(config: Path) -> list[str]:
     return found
 
 
-def _kill_after_first_checkpoint(process: subprocess.Popen, checkpoints: Path, timeout: float = 300) -> None:
+def _kill_after_first_checkpoint(process: subprocess.Popen, checkpoints: Path, config: Path, timeout: float = 300) -> None:
     deadline = time.time() + timeout
     while not (checkpoints / "latest.json").is_file():
         assert process.poll() is None, f"the run ended before its first checkpoint:\n{process.stderr.read()[-3000:]}"
@@ -154,40 +154,42 @@ def _kill_after_first_checkpoint(process: subprocess.Popen, checkpoints: Path, t
     process.send_signal(signal.SIGKILL)  # the launcher; its worker must die with it
     process.wait()
     deadline = time.time() + 10
-    while _pipeline_processes(Path(process.args[-1])) and time.time() < deadline:
+    while _pipeline_processes(config) and time.time() < deadline:
         time.sleep(0.1)
-    assert not _pipeline_processes(Path(process.args[-1])), "a worker outlived the killed launcher"
+    assert not _pipeline_processes(config), "a worker outlived the killed launcher"
 
 
-@pytest.mark.parametrize("mask_mode", ["fixed", "dynamic", "learnable"])
-def test_kill_in_distill_then_resume_gives_the_bitwise_same_student(tmp_path, tiny_teacher, mask_mode):
+@pytest.mark.parametrize("mask_mode,sharding", [("fixed", "ddp"), ("dynamic", "ddp"), ("learnable", "ddp"), ("fixed", "fsdp")])
+def test_kill_in_distill_then_resume_gives_the_bitwise_same_student(tmp_path, tiny_teacher, mask_mode, sharding):
+    """fsdp: two gloo ranks with the student sharded, killed and resumed from the gathered checkpoint."""
     train = {"steps": 24, "checkpoint_every": 4, "log_every": 1, "global_batch_size": 8, "micro_batch_size": 4,
-             "mask_mode": mask_mode, "mask_update_every": 3, "mask_init_logit": 0.02, "mask_lr": 0.05}
+             "mask_mode": mask_mode, "mask_update_every": 3, "mask_init_logit": 0.02, "mask_lr": 0.05, "sharding": sharding}
+    ranks = ["--num-processes", "2"] if sharding == "fsdp" else []
     reference = write_config(tmp_path / "reference.yaml", tiny_config(tmp_path, tiny_teacher, name="reference", train=train))
-    launch(reference)
+    launch(reference, *ranks)
 
     killed = write_config(tmp_path / "killed.yaml", tiny_config(tmp_path, tiny_teacher, name="killed", train=train))
     run_dir = tmp_path / "runs" / "killed"
-    process = _start(killed)
-    _kill_after_first_checkpoint(process, run_dir / "distill.partial" / "checkpoints")
+    process = _start(killed, *ranks)
+    _kill_after_first_checkpoint(process, run_dir / "distill.partial" / "checkpoints", killed)
     assert process.returncode == -signal.SIGKILL
     assert not (run_dir / "distill").exists(), "the kill must land in the middle of distill"
     latest = json.loads((run_dir / "distill.partial" / "checkpoints" / "latest.json").read_text())
 
     # a changed training config must not silently continue from these checkpoints
-    refused = launch(killed, "train.lr=0.005", check=False)
+    refused = launch(killed, *ranks, "train.lr=0.005", check=False)
     assert refused.returncode != 0 and "Traceback" not in refused.stderr
     assert "config.train.lr: 0.001 -> 0.005" in refused.stderr and "--restart" in refused.stderr
     assert (run_dir / "distill.partial" / "checkpoints" / latest["name"]).is_dir(), "nothing may be lost"
     # so must a change upstream, before the upstream stage is replaced
     prune_manifest = (run_dir / "prune" / "manifest.json").read_text()
-    refused = launch(killed, "prune.criterion=magnitude", check=False)
+    refused = launch(killed, *ranks, "prune.criterion=magnitude", check=False)
     assert refused.returncode != 0 and "stage 'prune' runs again" in refused.stderr
     assert (run_dir / "prune" / "manifest.json").read_text() == prune_manifest
 
     # speed options may change on resume (no fingerprint holds them) and compute the same student
-    speed = ["speed.activation_checkpointing=true", "speed.peak_tflops=0.5"] if mask_mode == "fixed" else []
-    resumed = launch(killed, *speed)
+    speed = ["speed.activation_checkpointing=true", "speed.peak_tflops=0.5"] if (mask_mode, sharding) == ("fixed", "ddp") else []
+    resumed = launch(killed, *ranks, *speed)
     assert "[distill] resuming the unfinished run" in resumed.stdout
     assert f"resumed from" in resumed.stdout and f"at step {latest['step']}" in resumed.stdout
     expected, actual = student_tensors(tmp_path / "runs" / "reference"), student_tensors(run_dir)
@@ -228,15 +230,20 @@ def test_corrupt_checkpoint_is_reported_and_kept(tmp_path, tiny_teacher):
     assert "[evaluate] finished" in restarted.stdout
 
 
-@pytest.mark.parametrize("teacher_topk", [0, 16])
-def test_two_processes_follow_the_same_loss_curve_as_one(tmp_path, tiny_teacher, teacher_topk):
-    """Live teacher, or the teacher's top-k cached by both ranks (then distill never loads the teacher)."""
+@pytest.mark.parametrize("teacher_topk,sharding", [(0, "ddp"), (16, "ddp"), (0, "fsdp")])
+def test_two_processes_follow_the_same_loss_curve_as_one(tmp_path, tiny_teacher, teacher_topk, sharding):
+    """Two gloo ranks against one process for the same global batch: with a live teacher, with the
+    teacher's top-k cached by both ranks (then distill never loads the teacher), and with the student
+    sharded by FSDP2 (parameters, gradients, optimizer state and masks)."""
     train = {"steps": 6, "global_batch_size": 8, "micro_batch_size": 2, "log_every": 1, "loss": {"teacher_topk": teacher_topk}}
     one = write_config(tmp_path / "one.yaml", tiny_config(tmp_path, tiny_teacher, name="one", train=train))
-    two = write_config(tmp_path / "two.yaml", tiny_config(tmp_path, tiny_teacher, name="two", train=train))
+    two = write_config(tmp_path / "two.yaml", tiny_config(tmp_path, tiny_teacher, name="two",
+                                                          train={**train, "sharding": sharding}))
     first = run_pipeline(one)
     result = run_pipeline(two, processes=2)
     assert result.stdout.count("[distill] finished") == 1, "only the main process prints"
+    summary = json.loads((tmp_path / "runs" / "two" / "distill" / "manifest.json").read_text())["summary"]
+    assert summary["sharding"] == sharding and summary["masked_weights_zero"] is True
     not_loaded = "the teacher is not loaded"
     assert (not_loaded in first.stdout) == (not_loaded in result.stdout) == bool(teacher_topk)
     if teacher_topk:

@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 from accelerate import Accelerator
 from torch import nn
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
@@ -36,6 +37,7 @@ from distill.sparsity import apply_masks_, mask_pairs, masked_modules
 from distill.stages.prune import STUDENT_DIR
 from distill.stages.teacher import DATA_FILE
 from distill.stages.teacher_logits import TOPK_FILE
+from distill.sharding import ShardedTrainingState, full_student_state, mask_local_shards_, shard_objective
 from distill.student import load_student, save_student
 from distill.throughput import flops_per_token, measured_peak_flops
 from distill.tracking import start_tracking
@@ -219,6 +221,8 @@ def forward_backward(accelerator: Accelerator, objective: nn.Module, teacher_sig
     """One micro-batch: the teacher's signal without grad (`teacher_outputs`, or the cache), student
     forward and loss, backward of `loss * scale`; gradients are all-reduced only when `sync` (the last
     micro-batch of a step)."""
+    if hasattr(objective, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter on the last micro-batch only
+        objective.set_requires_gradient_sync(sync)
     with (nullcontext() if sync else accelerator.no_sync(objective)):
         with accelerator.autocast():
             with torch.no_grad():
@@ -271,6 +275,16 @@ def run(ctx: StageContext) -> dict:
     pattern = Pattern.from_spec(spec)
     learnable = (LearnableMasks(student, pattern, train.mask_init_logit, train.gumbel_temperature)
                  if train.mask_mode == "learnable" else None)
+    if train.group_dropout:
+        for _, module in masked_modules(student):
+            module.drop_groups = partial(group_dropout_mask, pattern, rate=train.group_dropout)
+            module.drop_rate = train.group_dropout
+    objective = DistillationObjective(student, train.loss, pattern, train.group_lasso)
+    sharded = None  # the masked projections, when the student is sharded (train.sharding=fsdp)
+    if train.sharding == "fsdp":
+        if accelerator.num_processes < 2:
+            raise DistillError("config key 'train.sharding': fsdp shards over processes; launch at least 2")
+        sharded = shard_objective(objective, student)
     mask_logits = learnable.parameters() if learnable is not None else []
     weights = [p for p in student.parameters() if p.requires_grad and all(p is not q for q in mask_logits)]
     groups = [{"params": weights}]
@@ -282,14 +296,12 @@ def run(ctx: StageContext) -> dict:
     # Not passed to prepare(): accelerate would step a prepared scheduler once per process.
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(optimizer, train.warmup_steps, train.steps,
                                                             min_lr_rate=train.min_lr_ratio)
-    if train.group_dropout:
-        for _, module in masked_modules(student):
-            module.drop_groups = partial(group_dropout_mask, pattern, rate=train.group_dropout)
-            module.drop_rate = train.group_dropout
-    objective = DistillationObjective(student, train.loss, pattern, train.group_lasso)
-    objective, optimizer = accelerator.prepare(objective, optimizer)
-    accelerator.register_for_checkpointing(scheduler, schedule)
-    masks = mask_pairs(student)
+    if sharded is None:
+        objective, optimizer = accelerator.prepare(objective, optimizer)
+        accelerator.register_for_checkpointing(scheduler, schedule)
+        masks = mask_pairs(student)
+    else:  # accelerate does not know the sharded model: its state travels as one custom object
+        accelerator.register_for_checkpointing(ShardedTrainingState(objective, optimizer), scheduler, schedule)
     dynamic = (DynamicMasks(student, pattern, train.mask_update_every, train.refine_decay)
                if train.mask_mode == "dynamic" else None)
 
@@ -327,15 +339,21 @@ def run(ctx: StageContext) -> dict:
                                            sync=micro == len(micro_batches) - 1)
             for name, value in {"loss": loss, **parts}.items():
                 step_losses[name] = step_losses.get(name, 0) + value / accumulation
+        if sharded is not None:  # the projections ran unmasked: their pruned weights got gradients
+            mask_local_shards_([module.weight.grad for module in sharded], sharded)
         grad_norm = optimizer_step(accelerator, optimizer, trainable, train.max_grad_norm)
         scheduler.step()
         if dynamic is not None:
             dynamic.after_step(step + 1)
         elif learnable is not None:
             learnable.after_step()
+        elif sharded is not None:
+            mask_local_shards_([module.weight for module in sharded], sharded)
         else:
             apply_masks_(masks)
         schedule.step = step + 1
+        if isinstance(grad_norm, DTensor):
+            grad_norm = grad_norm.full_tensor()
         if grad_norm is not None:
             step_losses["grad_norm"] = grad_norm.detach() if torch.is_tensor(grad_norm) else torch.tensor(grad_norm)
         window.append(step_losses)
@@ -356,7 +374,16 @@ def run(ctx: StageContext) -> dict:
             save_checkpoint(accelerator, checkpoints, done, train.keep_checkpoints)
 
     accelerator.wait_for_everyone()
-    final = accelerator.unwrap_model(objective).student
+    if sharded is None:
+        final = accelerator.unwrap_model(objective).student
+    else:  # gathered onto the main process, into an unsharded student with the prune stage's masks
+        state = full_student_state(objective)
+        final = load_student(ctx.stage_dir("prune") / STUDENT_DIR) if accelerator.is_main_process else None
+        if final is not None:
+            missing, unexpected = final.load_state_dict(state, strict=False)
+            if unexpected or any(not key.endswith(".mask") for key in missing):
+                raise DistillError(f"the sharded student's state does not fit its architecture: missing {missing[:3]}, "
+                                   f"unexpected {unexpected[:3]}")
     for masks_in_training in (dynamic, learnable):
         if masks_in_training is not None:
             masks_in_training.finish(final)
@@ -368,10 +395,12 @@ def run(ctx: StageContext) -> dict:
         shutil.rmtree(checkpoints, ignore_errors=True)
     for tracker in accelerator.trackers:  # not end_training(): that would tear down the process group
         tracker.finish()
-    zeros_kept = all(bool((module.weight[~module.mask] == 0).all()) for _, module in masked_modules(final))
-    return {"steps": train.steps, "tokens": train.steps * tokens_per_step, "processes": accelerator.num_processes,
-            "final": history[-1] if history else {},
-            "masked_weights_zero": zeros_kept}
+    summary = {"steps": train.steps, "tokens": train.steps * tokens_per_step, "processes": accelerator.num_processes,
+               "sharding": train.sharding, "final": history[-1] if history else {}}
+    if final is not None:
+        summary["masked_weights_zero"] = all(bool((module.weight[~module.mask] == 0).all())
+                                             for _, module in masked_modules(final))
+    return summary
 
 
 def _log_window(accelerator: Accelerator, window: list[dict[str, torch.Tensor]], step: int, lr: float, tokens_per_s: float) -> dict:
