@@ -12,9 +12,13 @@ the weight. The projections then run on the weights alone (they hold zeros where
 masks are applied to the local gradient shards before clipping (so the gradient norm is that of
 the masked model) and to the local weight shards after each step.
 
+The frozen teacher's decoder layers are sharded too (each gathered for its forward and freed after
+it); its embeddings, final norm and output projection stay whole on every rank, because the chunked
+loss uses the output projection again when it recomputes chunks in backward. With
+train.loss.teacher_topk the teacher is not loaded during distill at all.
+
 Checkpoints hold full (gathered) model and optimizer state dicts, written by the main process and
-read by every rank, so a run can resume on another number of processes. The teacher is not sharded:
-it runs replicated in its own dtype, or not at all with train.loss.teacher_topk.
+read by every rank, so a run can resume on another number of processes.
 """
 
 from __future__ import annotations
@@ -37,13 +41,26 @@ from distill.sparsity import MaskedLinear, masked_modules
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
+def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+    layers = getattr(model.get_decoder(), "layers", None)
+    if layers is None:
+        raise DistillError(f"train.sharding=fsdp: {type(model).__name__} has no decoder `layers` to shard")
+    return layers
+
+
+def shard_teacher(teacher: nn.Module) -> None:
+    """fully_shard every decoder layer of the frozen teacher (in place). Each layer is its own root
+    unit, and FSDP keeps a root unsharded after forward (expecting backward); the teacher has no
+    backward, so every layer frees its gathered parameters right after its forward."""
+    for layer in _decoder_layers(teacher):
+        fully_shard(layer)
+        layer.register_forward_hook(lambda module, args, output: module.reshard())
+
+
 def shard_objective(objective: nn.Module, student: nn.Module) -> list[MaskedLinear]:
     """fully_shard every decoder layer of `student`, then `objective` as the root unit (in place);
     each mask is cut down to the rows of its weight's local shard. Returns the masked projections."""
-    layers = getattr(student.get_decoder(), "layers", None)
-    if layers is None:
-        raise DistillError(f"train.sharding=fsdp: {type(student).__name__} has no decoder `layers` to shard")
-    for layer in layers:
+    for layer in _decoder_layers(student):
         fully_shard(layer)
     fully_shard(objective)
     modules = [module for _, module in masked_modules(student)]

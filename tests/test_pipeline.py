@@ -244,6 +244,7 @@ def test_two_processes_follow_the_same_loss_curve_as_one(tmp_path, tiny_teacher,
     assert result.stdout.count("[distill] finished") == 1, "only the main process prints"
     summary = json.loads((tmp_path / "runs" / "two" / "distill" / "manifest.json").read_text())["summary"]
     assert summary["sharding"] == sharding and summary["masked_weights_zero"] is True
+    assert summary.get("teacher_layers_sharded") == (None if teacher_topk else sharding == "fsdp")
     not_loaded = "the teacher is not loaded"
     assert (not_loaded in first.stdout) == (not_loaded in result.stdout) == bool(teacher_topk)
     if teacher_topk:

@@ -37,7 +37,8 @@ from distill.sparsity import apply_masks_, mask_pairs, masked_modules
 from distill.stages.prune import STUDENT_DIR
 from distill.stages.teacher import DATA_FILE
 from distill.stages.teacher_logits import TOPK_FILE
-from distill.sharding import ShardedTrainingState, full_student_state, mask_local_shards_, shard_objective
+from distill.sharding import (ShardedTrainingState, full_student_state, mask_local_shards_, shard_objective,
+                             shard_teacher)
 from distill.student import load_student, save_student
 from distill.throughput import flops_per_token, measured_peak_flops
 from distill.tracking import start_tracking
@@ -285,6 +286,8 @@ def run(ctx: StageContext) -> dict:
         if accelerator.num_processes < 2:
             raise DistillError("config key 'train.sharding': fsdp shards over processes; launch at least 2")
         sharded = shard_objective(objective, student)
+        if teacher is not None:
+            shard_teacher(teacher)
     mask_logits = learnable.parameters() if learnable is not None else []
     weights = [p for p in student.parameters() if p.requires_grad and all(p is not q for q in mask_logits)]
     groups = [{"params": weights}]
@@ -397,6 +400,8 @@ def run(ctx: StageContext) -> dict:
         tracker.finish()
     summary = {"steps": train.steps, "tokens": train.steps * tokens_per_step, "processes": accelerator.num_processes,
                "sharding": train.sharding, "final": history[-1] if history else {}}
+    if teacher is not None:
+        summary["teacher_layers_sharded"] = all(isinstance(p, DTensor) for p in teacher.get_decoder().layers.parameters())
     if final is not None:
         summary["masked_weights_zero"] = all(bool((module.weight[~module.mask] == 0).all())
                                              for _, module in masked_modules(final))
