@@ -77,10 +77,12 @@ class CalibrationConfig:
 @dataclass
 class PruneConfig:
     criterion: str = "wanda"  # magnitude | wanda | sparsegpt | taylor | fisher
-    pattern: str = "nm"  # nm | block | channel | unstructured (only 2:4 runs on sparse kernels)
+    # nm | block | channel | unstructured | mlp_channels | heads (only 2:4 runs on sparse kernels;
+    # mlp_channels and heads remove whole channels / head groups across their projections)
+    pattern: str = "nm"
     n: int = 2  # nm: keep n weights ...
     m: int = 4  # ... in every group of m consecutive input weights
-    sparsity: float = 0.5  # block, channel, unstructured: fraction of weights removed
+    sparsity: float = 0.5  # block, channel, unstructured, mlp_channels, heads: fraction removed per layer
     block: int = 4  # block: b x b tiles
     channel_axis: str = "input"  # channel: remove input columns or output rows
     scope: str = "layer"  # unstructured: the fraction per layer, or over all layers at once (global)
@@ -160,6 +162,9 @@ class ExportConfig:
     # on CUDA, the student runs on PyTorch's 2:4 kernels and its logits are compared to the dense
     # model's; this is the largest relative error accepted
     kernel_tolerance: float = 0.05
+    # mlp_channels and heads: cut the removed channels / heads out, so hf/ is a smaller dense model
+    # (its config says how much smaller); false exports dense-with-zeros
+    shrink: bool = True
 
 
 @dataclass
@@ -320,7 +325,7 @@ def validate(config: Config) -> None:
     prune = config.prune
     _choice("prune.criterion", prune.criterion, ["magnitude", "wanda", "sparsegpt", "taylor", "fisher"])
     _choice("prune.incompatible", prune.incompatible, ["error", "dense"])
-    _choice("prune.pattern", prune.pattern, ["nm", "block", "channel", "unstructured"])
+    _choice("prune.pattern", prune.pattern, ["nm", "block", "channel", "unstructured", "mlp_channels", "heads"])
     _choice("prune.channel_axis", prune.channel_axis, ["input", "output"])
     _choice("prune.scope", prune.scope, ["layer", "global"])
     _positive("prune.m", prune.m)
@@ -372,6 +377,12 @@ def validate(config: Config) -> None:
         raise DistillError(f"config key 'train.min_lr_ratio': {train.min_lr_ratio} is not in [0, 1]")
     if len(train.betas) != 2:
         raise DistillError(f"config key 'train.betas': needs two values, got {len(train.betas)}")
+    if prune.pattern in ("mlp_channels", "heads"):
+        spanning = [key for key, used in (("mask_mode", train.mask_mode != "fixed"), ("group_lasso", train.group_lasso),
+                                          ("group_dropout", train.group_dropout)) if used]
+        if spanning:
+            raise DistillError(f"config key 'train.{spanning[0]}': not available with prune.pattern={prune.pattern} "
+                               f"(its groups span several projections); use fixed masks")
     if train.mask_mode == "dynamic" and prune.scope == "global":
         raise DistillError("config key 'train.mask_mode': dynamic masks are re-chosen per layer; use prune.scope=layer")
     if train.global_batch_size % train.micro_batch_size:

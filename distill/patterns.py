@@ -4,9 +4,11 @@
   block         whole b x b tiles removed, the lowest-scoring `sparsity` fraction of tiles per layer
   channel       whole input columns or output rows removed, the lowest-scoring fraction per layer
   unstructured  any weights, the lowest-scoring fraction per layer or over all layers at once
+  mlp_channels  whole intermediate channels of gated MLPs, across gate/up/down (distill.structured)
+  heads         whole attention head groups, across q/k/v/o (distill.structured)
 
-Only 2:4 goes to the sparse runtime; the export stage writes the other patterns as dense-with-zeros
-models and says so in the report.
+Only 2:4 goes to the sparse runtime; mlp_channels and heads export as smaller dense models
+(export.shrink), the other patterns as dense-with-zeros models, and the report says which.
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ import torch
 
 from distill.config import PruneConfig
 from distill.sparsity import nm_mask
+from distill.structured import structure_violations
+
+SPANNING = ("mlp_channels", "heads")  # patterns whose groups span several projections
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,10 @@ class Pattern:
             return f"{self.block}x{self.block} blocks, {self.sparsity:.0%} removed"
         if self.kind == "channel":
             return f"{self.axis} channels, {self.sparsity:.0%} removed"
+        if self.kind == "mlp_channels":
+            return f"MLP channels, {self.sparsity:.0%} removed"
+        if self.kind == "heads":
+            return f"attention head groups, {self.sparsity:.0%} removed"
         return f"unstructured ({self.scope}), {self.sparsity:.0%} removed"
 
     def incompatible(self, shape: tuple[int, int]) -> str | None:
@@ -65,6 +74,8 @@ class Pattern:
 
     def mask(self, scores: torch.Tensor) -> torch.Tensor:
         """The bool mask (True = kept) of one layer from its weight scores."""
+        if self.kind in SPANNING:
+            raise ValueError(f"{self.kind} masks span several projections: use distill.structured.structured_masks")
         rows, cols = scores.shape
         if self.kind == "nm":
             return nm_mask(scores, self.n, self.m)
@@ -81,6 +92,8 @@ class Pattern:
 
     def violations(self, mask: torch.Tensor) -> int:
         """How many groups, tiles, channels of `mask` break the pattern (0: it holds)."""
+        if self.kind in SPANNING:
+            return structure_violations(mask)
         rows, cols = mask.shape
         if self.kind == "nm":
             return int((mask.reshape(rows, cols // self.m, self.m).sum(-1) > self.n).sum())

@@ -73,3 +73,38 @@ def test_group_norms_and_group_dropout_act_on_whole_groups(pattern):
     group_norms(pattern, zeroed).sum().backward()
     assert not torch.isnan(weight.grad).any()
     assert bool((weight.grad[~dropped] == 0).all())
+
+
+@pytest.mark.parametrize("kind", ["mlp_channels", "heads"])
+def test_spanning_masks_remove_whole_channels_across_projections(tiny_teacher, kind):
+    from transformers import AutoModelForCausalLM
+
+    from distill.config import PROJECTIONS
+    from distill.patterns import Pattern
+    from distill.sparsity import target_linears
+    from distill.structured import structured_masks
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_teacher)
+    torch.manual_seed(3)
+    scores = {name: torch.rand_like(linear.weight) for name, linear in target_linears(model, PROJECTIONS)}
+    masks = structured_masks(model, kind, scores, 0.5)
+    pattern = Pattern(kind=kind, sparsity=0.5)
+    parts = ("gate_proj", "up_proj", "down_proj") if kind == "mlp_channels" else ("q_proj", "k_proj", "v_proj", "o_proj")
+    assert sorted({name.rsplit(".", 1)[1] for name in masks}) == sorted(parts)
+    for name, mask in masks.items():
+        assert pattern.violations(mask) == 0, name
+        assert float(mask.float().mean()) == pytest.approx(0.5), name
+    broken = masks[next(iter(masks))].clone()
+    broken[0, 0] = ~broken[0, 0]
+    assert pattern.violations(broken) > 0
+    layer = "model.layers.0.mlp" if kind == "mlp_channels" else "model.layers.0.self_attn"
+    if kind == "mlp_channels":  # the same channels go in every projection of the MLP
+        assert torch.equal(masks[f"{layer}.gate_proj"][:, 0], masks[f"{layer}.down_proj"][0])
+        assert torch.equal(masks[f"{layer}.up_proj"][:, 0], masks[f"{layer}.down_proj"][0])
+    else:  # a kv head goes with both query heads that share it (4 heads, 2 kv heads, head_dim 16)
+        kv_kept = masks[f"{layer}.k_proj"][::16, 0]
+        assert torch.equal(masks[f"{layer}.q_proj"][::32, 0], kv_kept)
+        assert torch.equal(masks[f"{layer}.o_proj"][0, ::32], kv_kept)
+        assert int(kv_kept.sum()) == 1
+    with pytest.raises(ValueError, match="span several projections"):
+        pattern.mask(scores[next(iter(scores))])

@@ -306,3 +306,32 @@ def test_a_pattern_no_kernel_runs_exports_dense_with_zeros_and_the_report_says_s
     weight = model.get_submodule("model.layers.1.mlp.up_proj").weight  # [128, 64]: 8 x 4 tiles of 16 x 16
     tiles_zero = (weight.reshape(8, 16, 4, 16) == 0).all(3).all(1)
     assert int(tiles_zero.sum()) == 8  # a quarter of the 32 tiles, each entirely zero
+
+
+@pytest.mark.parametrize("pattern,changed", [("mlp_channels", {"intermediate_size": (128, 64)}),
+                                             ("heads", {"num_attention_heads": (4, 2), "num_key_value_heads": (2, 1)})])
+def test_spanning_patterns_export_a_smaller_dense_model_that_the_report_scores(tmp_path, tiny_teacher, pattern, changed):
+    """Whole MLP channels or head groups removed across their projections; export cuts them out, and
+    evaluate scores the smaller model loaded with plain from_pretrained: the same perplexity as the
+    distilled masked student."""
+    config = write_config(tmp_path / f"{pattern}.yaml", tiny_config(
+        tmp_path, tiny_teacher, name=pattern, train={"steps": 2}, prune={"criterion": "wanda", "pattern": pattern}))
+    run_pipeline(config)
+    run_dir = tmp_path / "runs" / pattern
+    report = json.loads((run_dir / "evaluate" / "report.json").read_text())
+    for key, (before, after) in changed.items():
+        assert report["export"]["shrunk"][key] == [before, after]
+    assert "exported as a smaller dense model" in (run_dir / "evaluate" / "report.md").read_text()
+    smaller = AutoModelForCausalLM.from_pretrained(run_dir / "export" / "hf")
+    for key, (_, after) in changed.items():
+        assert getattr(smaller.config, key) == after
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_teacher)
+    assert sum(p.numel() for p in smaller.parameters()) < sum(p.numel() for p in teacher.parameters())
+    # the masked student from distill and the shrunk export compute the same function
+    from distill.student import load_student
+
+    masked = load_student(run_dir / "distill" / "student")
+    ids = torch.randint(0, teacher.config.vocab_size, (2, 20))
+    with torch.no_grad():
+        expected, actual = masked(input_ids=ids).logits, smaller(input_ids=ids).logits
+    assert float((actual - expected).norm() / expected.norm()) < 1e-5

@@ -3,6 +3,8 @@
   hf/      a Hugging Face model dir (config, tokenizer, safetensors) with zeros where pruned: loads
            with AutoModelForCausalLM.from_pretrained anywhere
   packed/  kept values + positions per group (see distill.packing), plus config and tokenizer
+For mlp_channels and heads patterns (export.shrink), hf/ is instead a smaller dense model with the
+removed channels or heads cut out, checked to give the dense-with-zeros model's logits.
 The packed form is loaded back and must reproduce hf/ bitwise (weights and logits). On CUDA the
 packed student also runs on the 2:4 runtime (distill.runtime: our Triton kernel, then cuSPARSELt)
 and its logits are compared with the dense model's.
@@ -19,10 +21,11 @@ from distill.errors import DistillError
 from distill.io import load_tensors
 from distill.packing import load_packed, save_packed
 from distill.pipeline import StageContext
-from distill.patterns import Pattern
+from distill.patterns import SPANNING, Pattern
 from distill.sparsity import masked_modules, remove_masks
 from distill.stages.prune import STUDENT_DIR
 from distill.stages.teacher import DATA_FILE
+from distill.structured import shrink
 from distill.student import load_student
 
 
@@ -73,10 +76,20 @@ def run(ctx: StageContext) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(ctx.stage_dir("teacher") / "tokenizer")
     dense = remove_masks(student)
     hf_dir = ctx.work_dir / "hf"
+    shrunk = None
+    if pattern.kind in SPANNING and config.export.shrink:
+        shrunk = shrink_and_verify(dense, pattern.kind, _probe_batch(ctx))
     dense.save_pretrained(hf_dir)
     tokenizer.save_pretrained(hf_dir)
     summary = {"verified": True, "pattern": pattern.describe(), "masked": len(masked), "hf_dir": str(hf_dir),
                "dense_bytes": sum(p.stat().st_size for p in hf_dir.glob("*.safetensors"))}
+    if shrunk is not None:
+        summary["shrunk"] = shrunk
+        summary["note"] = (f"{pattern.describe()}: exported as a smaller dense model ("
+                           + ", ".join(f"{key} {old} -> {new}" for key, (old, new) in shrunk.items() if old != new) + ")")
+        ctx.log(f"[export] {summary['note']}")
+        summary["packed_dir"] = None
+        return summary
     if pattern.kind != "nm":
         summary["packed_dir"] = None
         summary["note"] = f"{pattern.describe()}: exported dense-with-zeros only, no sparse kernel runs this pattern"
@@ -111,6 +124,20 @@ def run(ctx: StageContext) -> dict:
                 raise DistillError(f"2:4 kernel path {path}: logits differ from dense by {error:.3g} (> export.kernel_tolerance)")
         ctx.log(f"[export] 2:4 kernels match the dense model: relative error {errors}")
     return summary
+
+
+@torch.no_grad()
+def shrink_and_verify(dense: torch.nn.Module, kind: str, probe: torch.Tensor) -> dict[str, tuple[int, int]]:
+    """Cut a spanning pattern's removed channels or heads out of `dense` (in place); the smaller
+    model must give the dense-with-zeros model's logits. Returns {config key: (before, after)}."""
+    before = {key: getattr(dense.config, key, None) for key in ("intermediate_size", "num_attention_heads",
+                                                                "num_key_value_heads", "head_dim")}
+    expected = dense.eval()(input_ids=probe).logits
+    changes = shrink(dense, kind)
+    error = relative_error(dense(input_ids=probe).logits, expected)
+    if error > 1e-5:
+        raise DistillError(f"the shrunk model's logits differ from the dense-with-zeros model's by {error:.3g}")
+    return {key: (before[key], value) for key, value in changes.items()}
 
 
 def _probe_batch(ctx: StageContext) -> torch.Tensor:

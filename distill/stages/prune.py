@@ -23,11 +23,12 @@ from distill.criteria import gradient_saliency, sparsegpt_masks
 from distill.errors import DistillError
 from distill.io import load_tensors
 from distill.models import load_teacher
-from distill.patterns import Pattern, global_unstructured_masks
+from distill.patterns import SPANNING, Pattern, global_unstructured_masks
 from distill.permutation import gated_mlps, kept_score, nm_channel_permutation, permute_mlp_channels
 from distill.pipeline import StageContext
 from distill.sparsity import install_masks, sparsity_report, target_linears
 from distill.stages.teacher import CALIBRATION_FILE, DATA_FILE, calibration_blocks
+from distill.structured import structured_masks
 from distill.student import save_student
 
 STUDENT_DIR = "student"
@@ -60,6 +61,8 @@ def masks_from_scores(model: torch.nn.Module, prune: PruneConfig, scores: dict[s
         raise DistillError(f"prune.targets {prune.targets} matched no projection that can be pruned")
     if pattern.kind == "unstructured" and pattern.scope == "global":
         return global_unstructured_masks(chosen, pattern.sparsity)
+    if pattern.kind in SPANNING:
+        return structured_masks(model, pattern.kind, chosen, pattern.sparsity)
     return {name: pattern.mask(score) for name, score in chosen.items()}
 
 
