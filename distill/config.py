@@ -140,6 +140,9 @@ class TrainConfig:
     # optimizer state and masks sharded over the processes (torch FSDP2, distill.sharding); fixed masks
     sharding: str = "ddp"
     log_every: int = 5
+    # perplexity of the student on the held-out blocks every `eval_every` steps (a multiple of
+    # log_every; 0: never), logged as `heldout_ppl`: the recovery curve
+    eval_every: int = 0
     checkpoint_every: int = 25
     keep_checkpoints: int = 2
     loss: LossConfig = field(default_factory=LossConfig)
@@ -370,6 +373,12 @@ def validate(config: Config) -> None:
             raise DistillError(f"config key 'train.sharding': fsdp trains fixed masks only; "
                                f"unset train.{unsupported[0]} or use ddp")
     _positive("train.log_every", train.log_every)
+    _positive("train.eval_every", train.eval_every, allow_zero=True)
+    if train.eval_every % train.log_every:
+        raise DistillError(f"config key 'train.eval_every': {train.eval_every} is not a multiple of train.log_every "
+                           f"({train.log_every})")
+    if train.eval_every and train.sharding == "fsdp":
+        raise DistillError("config key 'train.eval_every': the recovery curve is not measured under fsdp yet; use 0")
     _positive("train.checkpoint_every", train.checkpoint_every)
     _positive("train.keep_checkpoints", train.keep_checkpoints)
     _positive("train.max_grad_norm", train.max_grad_norm, allow_zero=True)

@@ -236,6 +236,8 @@ def test_two_processes_follow_the_same_loss_curve_as_one(tmp_path, tiny_teacher,
     teacher's top-k cached by both ranks (then distill never loads the teacher), and with the student
     sharded by FSDP2 (parameters, gradients, optimizer state and masks)."""
     train = {"steps": 6, "global_batch_size": 8, "micro_batch_size": 2, "log_every": 1, "loss": {"teacher_topk": teacher_topk}}
+    if sharding == "ddp":  # the recovery curve: held-out perplexity every 3 steps
+        train["eval_every"] = 3
     one = write_config(tmp_path / "one.yaml", tiny_config(tmp_path, tiny_teacher, name="one", train=train))
     two = write_config(tmp_path / "two.yaml", tiny_config(tmp_path, tiny_teacher, name="two",
                                                           train={**train, "sharding": sharding}))
@@ -267,6 +269,15 @@ def test_two_processes_follow_the_same_loss_curve_as_one(tmp_path, tiny_teacher,
         assert b["loss"] == pytest.approx(a["loss"], rel=loss_tolerance), (a, b)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3), (a, b)
     assert curve_one[-1]["loss"] < curve_one[0]["loss"]
+    if sharding == "ddp":
+        assert [row["step"] for row in curve_one if "heldout_ppl" in row] == [3, 6]
+        for a, b in zip(curve_one, curve_two):
+            assert ("heldout_ppl" in a) == ("heldout_ppl" in b)
+            if "heldout_ppl" in a:
+                assert b["heldout_ppl"] == pytest.approx(a["heldout_ppl"], rel=1e-3)
+        # the last point is the finished student on the same held-out blocks the evaluate stage scores
+        report = json.loads((tmp_path / "runs" / "one" / "evaluate" / "report.json").read_text())
+        assert curve_one[-1]["heldout_ppl"] == pytest.approx(report["sources"]["wiki"]["student"]["ppl"], rel=1e-4)
     report_one = json.loads((tmp_path / "runs" / "one" / "evaluate" / "report.json").read_text())
     report_two = json.loads((tmp_path / "runs" / "two" / "evaluate" / "report.json").read_text())
     assert report_two["sources"]["wiki"]["student"]["ppl"] == pytest.approx(report_one["sources"]["wiki"]["student"]["ppl"], rel=1e-3)

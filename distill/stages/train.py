@@ -27,6 +27,7 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from distill.config import Config, LossConfig, SpeedConfig, TrainConfig
 from distill.errors import DistillError
+from distill.evaluation import score_models
 from distill.io import load_tensors, read_json, write_json, write_text
 from distill.losses import TopK, chunked_distillation_loss, distillation_loss, hidden_state_matching
 from distill.models import load_teacher
@@ -248,7 +249,10 @@ def run(ctx: StageContext) -> dict:
     train = config.train
     accumulation = accumulation_steps(train, accelerator.num_processes)
 
-    blocks = load_tensors(ctx.stage_dir("teacher") / DATA_FILE)["train"].long()
+    data = load_tensors(ctx.stage_dir("teacher") / DATA_FILE)
+    blocks = data["train"].long()
+    heldout = [tensor.long() for name, tensor in sorted(data.items()) if name.startswith("heldout.") and len(tensor)]
+    heldout = torch.cat(heldout) if heldout and train.eval_every else None
     if accelerator.device.type == "cuda":
         blocks = blocks.pin_memory()  # so the copy of each micro-batch to the GPU is truly asynchronous
     schedule = BlockSchedule(len(blocks), train.global_batch_size, config.run.seed)
@@ -367,6 +371,8 @@ def run(ctx: StageContext) -> dict:
             row = _log_window(accelerator, window, done, scheduler.get_last_lr()[0], tokens_per_s)
             if peak_flops:
                 row["mfu"] = tokens_per_s * step_flops / (peak_flops * accelerator.num_processes)
+            if heldout is not None and (done % train.eval_every == 0 or done == train.steps):
+                row["heldout_ppl"] = heldout_perplexity(accelerator, student, heldout, train.micro_batch_size)
             history.append(row)
             if accelerator.is_main_process:
                 write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
@@ -406,6 +412,18 @@ def run(ctx: StageContext) -> dict:
         summary["masked_weights_zero"] = all(bool((module.weight[~module.mask] == 0).all())
                                              for _, module in masked_modules(final))
     return summary
+
+
+def heldout_perplexity(accelerator: Accelerator, student: nn.Module, heldout: torch.Tensor, batch_size: int) -> float:
+    """The student's perplexity on the held-out blocks (ranks share them), in eval mode: learnable
+    masks take their most likely pattern and group dropout is off."""
+    student.eval()
+    try:
+        with accelerator.autocast():
+            return score_models({"student": student}, heldout, accelerator, batch_size, reference=None,
+                                desc="held-out")["student"]["ppl"]
+    finally:
+        student.train()
 
 
 def _log_window(accelerator: Accelerator, window: list[dict[str, torch.Tensor]], step: int, lr: float, tokens_per_s: float) -> dict:
