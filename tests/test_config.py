@@ -74,3 +74,9 @@ def test_cli_reports_bad_input_in_one_line_and_exits_non_zero(tmp_path, tiny_tea
         assert len(lines) == 1 and message in lines[0], (case, result.stderr[-2000:])
         assert "Traceback" not in result.stderr, case
     assert not (tmp_path / "runs" / "tiny" / "teacher").exists(), "bad input must not produce stage output"
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda path: path.name)
+def test_every_shipped_config_validates(path):
+    config = load_config(path)
+    assert config.run.name and config.train.steps > 0
