@@ -51,7 +51,12 @@ class Sparse24Linear(nn.Module):
         if self._semi_structured is None and self.table.uses(self.out_features, self.in_features, "cusparselt"):
             from torch.sparse import to_sparse_semi_structured
 
-            self._semi_structured = to_sparse_semi_structured(self.weight_dense())
+            try:
+                self._semi_structured = to_sparse_semi_structured(self.weight_dense())
+            except (RuntimeError, ValueError) as error:  # shapes or dtypes cuSPARSELt does not take
+                raise DistillError(f"{self.name}: cuSPARSELt cannot take this {self.out_features}x{self.in_features} "
+                                   f"{self.values.dtype} weight ({str(error).splitlines()[0]}); remove the shape's "
+                                   f"cusparselt entries from the crossover table") from None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m = x.numel() // self.in_features
