@@ -3,11 +3,12 @@
     python benchmarks/linear_2_4.py [--write-table crossover.json] [--json results.json]
     python benchmarks/linear_2_4.py --shapes 576x576,192x576,1536x576,576x1536   # the demo student's
 
-
 For each weight shape and M (tokens) it times, as device time per call with the calls captured in a
-CUDA graph (so host overhead is out of the number):
+CUDA graph (so host overhead is out of the number), each call on the next of several copies of the
+weight that together exceed the L2 cache (so small M reads its weight from memory, as in a model):
   dense        F.linear on the dense-with-zeros weight (cuBLAS)
-  triton       our kernel on the compressed layout (distill.runtime.triton_kernels)
+  triton       our kernel on the compressed layout (distill.runtime.triton_kernels), at the fastest of
+               its candidate tiles for that shape and M (`candidate_tiles`; the table records them)
   cslt         F.linear on torch.sparse.to_sparse_semi_structured (cuSPARSELt)
   cslt eager   the same without a CUDA graph (wall time per call: what users saw)
   dispatch     Sparse24Linear with the crossover table built from this run's timings
@@ -29,18 +30,30 @@ SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]  # (out, in)
 MS = [1, 4, 16, 64, 256, 1024, 2048, 8192]
 
 
-def graphed_time(fn, calls: int = 20, replays: int = 10) -> float:
-    """Median device seconds per call of `fn`, `calls` calls captured in one CUDA graph."""
+# Weights rotate among copies that together exceed the L2 cache (50 MB on H100), so small-M calls
+# stream their weight from device memory as they would in a model, not from cache (METHOD.md).
+ROTATION_BYTES = 200e6
+MAX_COPIES = 16
+
+
+def copies_for(n: int, k: int) -> int:
+    return int(min(MAX_COPIES, max(1, -(-ROTATION_BYTES // (n * k * 2)))))
+
+
+def graphed_time(fns, calls: int = 24, replays: int = 10) -> float:
+    """Median device seconds per call, `calls` calls (cycling over `fns`, one per weight copy)
+    captured in one CUDA graph, so host overhead is out of the number."""
+    fns = fns if isinstance(fns, list) else [fns]
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        for _ in range(3):
+        for fn in fns:
             fn()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
+        for call in range(calls):
+            fns[call % len(fns)]()
     graph.replay()
     torch.cuda.synchronize()
     times = []
@@ -78,53 +91,65 @@ def main(argv=None) -> int:
 
     from distill.runtime import CrossoverTable, Sparse24Linear
     from distill.runtime.layout import compress_2_4
-    from distill.runtime.triton_kernels import sparse24_matmul
+    from distill.runtime.triton_kernels import candidate_tiles, sparse24_matmul
     from distill.sparsity import nm_mask
     from torch.sparse import to_sparse_semi_structured
 
     device_name = torch.cuda.get_device_name()
     ms = [int(m) for m in args.ms.split(",")]
     torch.manual_seed(0)
-    rows, timings = [], {}
+    rows, timings, best_tiles = [], {}, {}
     shapes = [tuple(int(size) for size in shape.split("x")) for shape in args.shapes.split(",")]
+    layers_by_shape = {}
     for n, k in shapes:
-        weight = torch.randn(n, k, device="cuda")
-        weight = (weight * nm_mask(weight.abs(), 2, 4)).to(torch.bfloat16)
-        values, meta = compress_2_4(weight)
-        semi = to_sparse_semi_structured(weight)
+        weights = []
+        for _ in range(copies_for(n, k)):
+            weight = torch.randn(n, k, device="cuda")
+            weights.append((weight * nm_mask(weight.abs(), 2, 4)).to(torch.bfloat16))
+        compressed = [compress_2_4(weight) for weight in weights]
+        semis = [to_sparse_semi_structured(weight) for weight in weights]
         shape = f"{n}x{k}"
-        timings[shape] = {}
+        timings[shape], best_tiles[shape] = {}, {}
         for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            reference = x.double() @ weight.double().T
+            reference = x.double() @ weights[0].double().T
+
+            def triton_calls(tiles):
+                return [lambda v=v, meta=meta: sparse24_matmul(x, v, meta, tiles=tiles) for v, meta in compressed]
+
+            tried = {tiles: graphed_time(triton_calls(tiles)) for tiles in candidate_tiles(m, k)}
+            tiles = best_tiles[shape][m] = min(tried, key=tried.get)
             paths = {
-                "dense": lambda: F.linear(x, weight),
-                "triton": lambda: sparse24_matmul(x, values, meta),
-                "cslt": lambda: F.linear(x, semi),
+                "dense": [lambda w=w: F.linear(x, w) for w in weights],
+                "triton": triton_calls(tiles),
+                "cslt": [lambda w=w: F.linear(x, w) for w in semis],
             }
-            row = {"shape": shape, "m": m}
+            row = {"shape": shape, "m": m, "weight_copies": len(weights), "triton_tiles": list(tiles),
+                   "tiles_tried": len(tried)}
             times = {}
-            for path, fn in paths.items():
-                out = fn()
+            for path, fns in paths.items():
+                out = fns[0]()
                 row[f"{path}_error"] = float((out.double() - reference).norm() / reference.norm())
-                times[path] = graphed_time(fn)
-            row["cslt_eager_s"] = eager_time(paths["cslt"])
+                times[path] = graphed_time(fns)
+            row["cslt_eager_s"] = eager_time(paths["cslt"][0])
             row.update({f"{path}_s": seconds for path, seconds in times.items()})
             timings[shape][m] = {"dense": times["dense"], "triton": times["triton"], "cusparselt": times["cslt"]}
             rows.append(row)
-            print(f"{shape} M={m}: dense {times['dense'] * 1e6:.1f} us, triton x{times['dense'] / times['triton']:.2f}, "
-                  f"cslt x{times['dense'] / times['cslt']:.2f}", flush=True)
+            print(f"{shape} M={m}: dense {times['dense'] * 1e6:.1f} us, triton x{times['dense'] / times['triton']:.2f} "
+                  f"(tiles {tiles}), cslt x{times['dense'] / times['cslt']:.2f}", flush=True)
+        layers_by_shape[shape] = weights
 
     # the dispatcher, with the crossover table from these very timings (5% margin towards dense)
-    table = CrossoverTable.from_timings(device_name, timings, min_gain=1.05)
-    for row in rows:
-        n, k = map(int, row["shape"].split("x"))
-        weight = torch.randn(n, k, device="cuda")
-        weight = (weight * nm_mask(weight.abs(), 2, 4)).to(torch.bfloat16)
-        layer = Sparse24Linear(weight, None, row["shape"], table)
-        x = torch.randn(row["m"], k, device="cuda", dtype=torch.bfloat16)
-        row["dispatch_path"] = table.choose(n, k, row["m"])
-        row["dispatch_s"] = graphed_time(lambda: layer(x))
+    table = CrossoverTable.from_timings(device_name, timings, min_gain=1.05, tiles=best_tiles)
+    for shape, weights in layers_by_shape.items():
+        layers = [Sparse24Linear(weight, None, shape, table) for weight in weights]
+        for layer in layers:
+            layer.prepare_kernels()
+        for row in (row for row in rows if row["shape"] == shape):
+            x = torch.randn(row["m"], layers[0].in_features, device="cuda", dtype=torch.bfloat16)
+            row["dispatch_path"] = table.choose(layers[0].out_features, layers[0].in_features, row["m"])
+            row["dispatch_s"] = graphed_time([lambda layer=layer: layer(x) for layer in layers])
+        del layers
     if args.write_table:
         table.save(args.write_table)
     if args.json:

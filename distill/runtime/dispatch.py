@@ -24,22 +24,28 @@ class CrossoverTable:
     # "NxK" -> [{"max_m": 16, "path": "triton"}, ..., {"max_m": null, "path": "cusparselt"}], ascending max_m
     shapes: dict[str, list[dict]] = field(default_factory=dict)
 
-    def choose(self, n: int, k: int, m: int, on_gpu: bool = True) -> str:
+    def entry(self, n: int, k: int, m: int, on_gpu: bool = True) -> dict:
+        """The table's entry for M tokens through an N x K weight: {"path", and for triton "tiles"}."""
         if not on_gpu:
-            return "reference"
+            return {"path": "reference"}
         for entry in self.shapes.get(f"{n}x{k}", []):
             if entry["max_m"] is None or m <= entry["max_m"]:
-                return entry["path"]
-        return "dense"
+                return entry
+        return {"path": "dense"}
+
+    def choose(self, n: int, k: int, m: int, on_gpu: bool = True) -> str:
+        return self.entry(n, k, m, on_gpu)["path"]
 
     def uses(self, n: int, k: int, path: str) -> bool:
         return any(entry["path"] == path for entry in self.shapes.get(f"{n}x{k}", []))
 
     @classmethod
-    def from_timings(cls, device: str, timings: dict[str, dict[int, dict[str, float]]], min_gain: float = 1.0) -> "CrossoverTable":
+    def from_timings(cls, device: str, timings: dict[str, dict[int, dict[str, float]]], min_gain: float = 1.0,
+                     tiles: dict[str, dict[int, list[int]]] | None = None) -> "CrossoverTable":
         """Build a table from {shape: {m: {path: seconds}}}: per M the fastest path, and dense
-        unless a sparse path is at least `min_gain` times faster than dense. Neighbouring M with the
-        same choice merge into one range; the last range is open-ended."""
+        unless a sparse path is at least `min_gain` times faster than dense; triton entries carry
+        the fastest tiles measured for that M (`tiles`: {shape: {m: tiles}}). Neighbouring M with
+        the same choice merge into one range; the last range is open-ended."""
         shapes = {}
         for shape, by_m in timings.items():
             ranges: list[dict] = []
@@ -47,10 +53,13 @@ class CrossoverTable:
                 times = by_m[m]
                 best = min((path for path in times if path != "dense"), key=times.get, default="dense")
                 path = best if best != "dense" and times["dense"] / times[best] >= min_gain else "dense"
-                if ranges and ranges[-1]["path"] == path:
+                entry = {"max_m": m, "path": path}
+                if path == "triton" and tiles and m in tiles.get(shape, {}):
+                    entry["tiles"] = list(tiles[shape][m])
+                if ranges and {**ranges[-1], "max_m": m} == entry:
                     ranges[-1]["max_m"] = m
                 else:
-                    ranges.append({"max_m": m, "path": path})
+                    ranges.append(entry)
             if ranges:
                 ranges[-1]["max_m"] = None
             shapes[shape] = ranges

@@ -60,12 +60,12 @@ class Sparse24Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m = x.numel() // self.in_features
-        path = self.table.choose(self.out_features, self.in_features, m, on_gpu=x.is_cuda or INTERPRETED)
-        self.last_path = path
+        entry = self.table.entry(self.out_features, self.in_features, m, on_gpu=x.is_cuda or INTERPRETED)
+        path = self.last_path = entry["path"]
         if path == "triton":
             from distill.runtime.triton_kernels import sparse24_matmul
 
-            return sparse24_matmul(x, self.values, self.meta, self.bias)
+            return sparse24_matmul(x, self.values, self.meta, self.bias, tiles=entry.get("tiles"))
         if path == "cusparselt":
             self.prepare_kernels()
             return F.linear(x, self._semi_structured, self.bias)

@@ -74,19 +74,35 @@ def _sparse24_matmul_kernel(
              mask=in_m[:, None] & in_n[None, :])
 
 
-def block_sizes(m: int, k: int) -> tuple[int, int, int]:
-    """Tile sizes by problem size: decode-sized M gets the smallest M tile tl.dot allows."""
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); a crossover table measured by
+# benchmarks/linear_2_4.py carries the fastest per shape and M, and these defaults fill in otherwise
+Tiles = tuple[int, int, int, int, int]
+
+
+def block_sizes(m: int, k: int) -> Tiles:
+    """Default tiles by problem size: decode-sized M gets the smallest M tile tl.dot allows."""
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64
     block_k = 128 if k % 128 == 0 else 64 if k % 64 == 0 else 32
-    block_n = 64
-    return block_m, block_n, block_k
+    return block_m, 64, block_k, 4, 3
+
+
+def candidate_tiles(m: int, k: int) -> list[Tiles]:
+    """The tiles benchmarks/linear_2_4.py tries for M tokens and input size K."""
+    block_ms = [16] if m <= 16 else [16, 32] if m <= 32 else [32, 64] if m <= 64 else [64, 128]
+    block_ks = [bk for bk in (64, 128) if k % bk == 0] or [32]
+    return [(bm, bn, bk, 4 if bm * bn <= 4096 else 8, stages)
+            for bm in block_ms for bn in (32, 64, 128) for bk in block_ks for stages in (3, 4)]
+
+
+def _full_tiles(tiles) -> Tiles:
+    return tuple(tiles) + (4, 3) if len(tiles) == 3 else tuple(tiles)
 
 
 def _launch(x2: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None,
-            y: torch.Tensor, tiles: tuple[int, int, int]) -> None:
+            y: torch.Tensor, tiles) -> None:
     m, k = x2.shape
     n = values.shape[0]
-    block_m, block_n, block_k = tiles
+    block_m, block_n, block_k, num_warps, num_stages = _full_tiles(tiles)
     if k % block_k:
         raise ValueError(f"input size {k} is not a multiple of the K tile {block_k}")
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
@@ -94,29 +110,31 @@ def _launch(x2: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: to
         x2, values, meta, bias if bias is not None else values, y,
         m, n, k, x2.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, DOT_IN_FP32=INTERPRETED and x2.dtype == torch.bfloat16,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
     )
 
 
 @torch.library.custom_op("distill::sparse24_mm", mutates_args=())
-def sparse24_mm(x2: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def sparse24_mm(x2: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None,
+                tiles: list[int]) -> torch.Tensor:
     """x2 [M, K] (unit stride along K) @ W.T, as one opaque op for torch.compile."""
     y = torch.empty(x2.shape[0], values.shape[0], dtype=x2.dtype, device=x2.device)
-    _launch(x2, values, meta, bias, y, block_sizes(x2.shape[0], x2.shape[1]))
+    _launch(x2, values, meta, bias, y, tiles)
     return y
 
 
 @sparse24_mm.register_fake
-def _(x2: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _(x2: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None,
+      tiles: list[int]) -> torch.Tensor:
     return x2.new_empty(x2.shape[0], values.shape[0])
 
 
 def sparse24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None = None,
-                    tiles: tuple[int, int, int] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                    tiles=None, out: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] @ W.T for the 2:4 weight W given as (values [N, K/2], meta [N, K/32]).
 
-    `tiles` overrides the tile sizes and `out` ([M, N], contiguous) receives the result (tests pass a
-    poisoned one); without them the call goes through the compile-traceable custom op."""
+    `tiles` (BLOCK_M, BLOCK_N, BLOCK_K[, num_warps, num_stages]) overrides `block_sizes`; `out`
+    ([M, N], contiguous) receives the result (tests pass a poisoned one) and bypasses the custom op."""
     k = x.shape[-1]
     n = values.shape[0]
     if values.shape[1] * 2 != k or meta.shape[1] * 32 != k:
@@ -124,9 +142,10 @@ def sparse24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, b
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    if tiles is None and out is None:
-        y = sparse24_mm(x2, values, meta, bias)
+    tiles = _full_tiles(tiles) if tiles is not None else block_sizes(x2.shape[0], k)
+    if out is None:
+        y = sparse24_mm(x2, values, meta, bias, list(tiles))
     else:
-        y = out if out is not None else torch.empty(x2.shape[0], n, dtype=x.dtype, device=x.device)
-        _launch(x2, values, meta, bias, y, tiles or block_sizes(x2.shape[0], k))
+        y = out
+        _launch(x2, values, meta, bias, y, tiles)
     return y.reshape(*x.shape[:-1], n)

@@ -33,3 +33,16 @@ def test_table_round_trips_and_bad_tables_are_clear_errors(tmp_path):
         CrossoverTable.load(tmp_path / "broken.json")
     with pytest.raises(DistillError, match="crossover table not found"):
         CrossoverTable.load(tmp_path / "none.json")
+
+
+def test_triton_entries_carry_their_fastest_tiles_and_split_where_tiles_differ():
+    timings = {"4096x4096": {m: {"dense": 10.0, "triton": 5.0, "cusparselt": 20.0} for m in (1, 4, 16, 64)}}
+    tiles = {"4096x4096": {1: [16, 32, 128, 4, 3], 4: [16, 32, 128, 4, 3], 16: [16, 64, 128, 4, 4],
+                           64: [32, 64, 128, 4, 3]}}
+    table = CrossoverTable.from_timings("H100", timings, tiles=tiles)
+    assert table.shapes["4096x4096"] == [
+        {"max_m": 4, "path": "triton", "tiles": [16, 32, 128, 4, 3]},
+        {"max_m": 16, "path": "triton", "tiles": [16, 64, 128, 4, 4]},
+        {"max_m": None, "path": "triton", "tiles": [32, 64, 128, 4, 3]}]
+    assert table.entry(4096, 4096, 10)["tiles"] == [16, 64, 128, 4, 4]
+    assert table.entry(4096, 4096, 3, on_gpu=False) == {"path": "reference"}

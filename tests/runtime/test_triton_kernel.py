@@ -32,7 +32,7 @@ def test_kernel_matches_float64_reference_and_writes_every_element(m, n, k, dtyp
     assert relative_error(out, expected) < TOLERANCE[dtype]
 
 
-@pytest.mark.parametrize("tiles", [(16, 64, 32), (16, 32, 64), (32, 64, 128)])
+@pytest.mark.parametrize("tiles", [(16, 64, 32), (16, 32, 64), (32, 64, 128), (16, 128, 64, 8, 4)])
 def test_every_tile_shape_gives_the_same_product(tiles):
     torch.manual_seed(7)
     weight = random_2_4_weight(100, 256, torch.float32).to(DEVICE)
