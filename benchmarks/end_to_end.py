@@ -85,6 +85,7 @@ def packed_student(path: str, device: torch.device, dtype: torch.dtype):
 
 
 def measure(model, device: torch.device, vocab: int, args) -> dict:
+    torch._dynamo.reset()  # every model and case gets fresh compiles, never another model's graphs
     compiled = model.forward
     if device.type == "cuda":
         compiled = torch.compile(model.forward, mode="reduce-overhead")
@@ -112,8 +113,10 @@ def measure(model, device: torch.device, vocab: int, args) -> dict:
 def compare(label: str, dense, names: list[str], table, device, vocab: int, args) -> list[dict]:
     from distill.runtime import Sparse24Linear, sparsify
 
-    dense_result = measure(dense, device, vocab, args)
+    # copied before dense runs: generate caches its compiled forward on the model, and a copy made
+    # afterwards would reuse the dense model's graphs
     sparse = copy.deepcopy(dense)
+    dense_result = measure(dense, device, vocab, args)
     sparsify(sparse, names, table, keep_dense=any(e["path"] == "dense" for r in table.shapes.values() for e in r)
              or not table.shapes)
     for module in sparse.modules():
@@ -148,6 +151,9 @@ def main(argv=None) -> int:
         device, dtype = torch.device("cuda"), torch.bfloat16
     else:
         print("end_to_end.py needs a CUDA GPU (or --smoke); none is visible", file=sys.stderr)
+        return 2
+    if device.type == "cuda" and not args.table:  # without one, every projection would run dense
+        print("end_to_end.py needs --table (from benchmarks/linear_2_4.py --write-table) on CUDA", file=sys.stderr)
         return 2
     table = CrossoverTable.load(args.table) if args.table else CrossoverTable()
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import sys
 import time
@@ -90,7 +91,8 @@ def plain_step_factory(teacher, student, masks, device):
 
 
 def pipeline_step_factory(teacher, student, masks, device, variant: str, chunk_tokens: int):
-    """The distill stage's step, through the same functions the stage calls."""
+    """The distill stage's step, through the same functions the stage calls (+compile compiles a
+    copy of the teacher too, as the stage does)."""
     from accelerate import Accelerator
 
     from distill.config import LossConfig, SpeedConfig
@@ -100,8 +102,11 @@ def pipeline_step_factory(teacher, student, masks, device, variant: str, chunk_t
 
     accelerator = Accelerator(mixed_precision="bf16", cpu=device.type == "cpu")
     model = install_masks(copy.deepcopy(student), masks).to(device).train()
-    speed_up(model, SpeedConfig(compile="compile" in variant, activation_checkpointing="checkpointing" in variant),
-             training=True)
+    speed = SpeedConfig(compile="compile" in variant, activation_checkpointing="checkpointing" in variant)
+    speed_up(model, speed, training=True)
+    if speed.compile:
+        teacher = copy.deepcopy(teacher)
+        speed_up(teacher, speed, training=False)
     loss_config = LossConfig(chunk_tokens=chunk_tokens)
     objective = DistillationObjective(model, loss_config, Pattern(kind="nm", n=2, m=4))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
@@ -125,6 +130,7 @@ def pipeline_step_factory(teacher, student, masks, device, variant: str, chunk_t
 def run_variant(variant, teacher, student, masks, device, args, batches) -> dict:
     from distill.throughput import flops_per_token
 
+    gc.collect()  # a compiled module holds a reference cycle: free the previous variant's student now
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)

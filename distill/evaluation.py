@@ -37,7 +37,7 @@ def score_models(
         reference_logp = None
         log_probs = {}
         for name, model in models.items():
-            logits = model(input_ids=input_ids).logits.float()
+            logits = model(input_ids=input_ids, use_cache=False).logits.float()
             logp = F.log_softmax(logits, dim=-1)
             nll[name] -= logp[:, :-1].gather(-1, input_ids[:, 1:, None]).double().sum()
             if name == reference:

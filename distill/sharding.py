@@ -17,22 +17,23 @@ it); its embeddings, final norm and output projection stay whole on every rank, 
 loss uses the output projection again when it recomputes chunks in backward. With
 train.loss.teacher_topk the teacher is not loaded during distill at all.
 
-Checkpoints hold full (gathered) model and optimizer state dicts, written by the main process and
-read by every rank, so a run can resume on another number of processes.
+Parameters are gathered in the autocast dtype (bf16 under bf16 mixed precision) and gradients are
+reduced in fp32 (`MixedPrecisionPolicy`), with fp32 master weights in the optimizer.
+
+Checkpoints of the model and optimizer go through torch.distributed.checkpoint: every rank writes
+and reads its own shards (no rank ever holds the whole state), and DCP reshards on load, so a run can
+resume on another number of processes.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from distill.errors import DistillError
@@ -57,12 +58,19 @@ def shard_teacher(teacher: nn.Module) -> None:
         layer.register_forward_hook(lambda module, args, output: module.reshard())
 
 
-def shard_objective(objective: nn.Module, student: nn.Module) -> list[MaskedLinear]:
+def precision_policy(mixed_precision: str) -> MixedPrecisionPolicy:
+    """Gather parameters in the autocast dtype, reduce gradients in fp32 (accelerate's setting)."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
+    return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype else MixedPrecisionPolicy()
+
+
+def shard_objective(objective: nn.Module, student: nn.Module, mixed_precision: str) -> list[MaskedLinear]:
     """fully_shard every decoder layer of `student`, then `objective` as the root unit (in place);
     each mask is cut down to the rows of its weight's local shard. Returns the masked projections."""
+    policy = precision_policy(mixed_precision)
     for layer in _decoder_layers(student):
-        fully_shard(layer)
-    fully_shard(objective)
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(objective, mp_policy=policy)
     modules = [module for _, module in masked_modules(student)]
     for module in modules:
         local = distribute_tensor(module.mask.to(module.weight.dtype), module.weight.device_mesh,
@@ -79,22 +87,25 @@ def mask_local_shards_(tensors: list[torch.Tensor], modules: list[MaskedLinear])
     torch._foreach_mul_(locals_, [module.local_mask for module in modules])
 
 
-class ShardedTrainingState:
-    """The sharded model and optimizer as one checkpointable object for accelerate's save_state /
-    load_state (`register_for_checkpointing`): state_dict gathers full state dicts (every rank takes
-    part; the main process holds the result), load_state_dict gives each rank its shards back."""
+class ShardedCheckpoint:
+    """The sharded model and optimizer in a checkpoint dir, through torch.distributed.checkpoint
+    (every rank calls save and load; each writes and reads its own shards)."""
 
     def __init__(self, objective: nn.Module, optimizer: torch.optim.Optimizer):
         self.objective, self.optimizer = objective, optimizer
 
-    def state_dict(self) -> dict:
-        return {"model": get_model_state_dict(self.objective, options=FULL),
-                "optimizer": get_optimizer_state_dict(self.objective, self.optimizer, options=FULL)}
+    def _state(self) -> dict:
+        model, optimizer = get_state_dict(self.objective, self.optimizer)
+        return {"model": model, "optimizer": optimizer}
 
-    def load_state_dict(self, state: dict) -> None:
-        options = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(self.objective, state["model"], options=options)
-        set_optimizer_state_dict(self.objective, self.optimizer, state["optimizer"], options=options)
+    def save(self, directory: Path) -> None:
+        dcp.save(self._state(), checkpoint_id=str(directory))
+
+    def load(self, directory: Path) -> None:
+        state = self._state()  # the structure to fill, optimizer state included
+        dcp.load(state, checkpoint_id=str(directory))
+        set_state_dict(self.objective, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"])
 
 
 def full_student_state(objective: nn.Module) -> dict[str, torch.Tensor]:

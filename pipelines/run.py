@@ -29,7 +29,7 @@ def parse_args(argv):
     parser.add_argument("--only", metavar="STAGE", help="run (or re-run) this stage alone")
     parser.add_argument("--from", dest="start_from", metavar="STAGE", help="re-run this stage and every later one")
     parser.add_argument("--restart", action="store_true", help="delete the run dir and start over")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # overrides may follow --only and friends
 
 
 def die_with_launcher() -> None:
@@ -55,6 +55,9 @@ def main(argv=None) -> int:
             # masks are identical on every rank: no need to broadcast buffers each forward
             kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
         )
+        if config.train.sharding == "fsdp" and accelerator.num_processes < 2:
+            raise DistillError("config key 'train.sharding': fsdp shards over processes; launch at least 2 "
+                               "(launch.sh --num-processes N)")
         if accelerator.distributed_type == DistributedType.FSDP:
             raise DistillError("accelerate's FSDP plugin is not used: launch plain processes and set "
                                "train.sharding=fsdp (bash launch.sh --accelerate fsdp does both)")

@@ -80,3 +80,16 @@ def test_cli_reports_bad_input_in_one_line_and_exits_non_zero(tmp_path, tiny_tea
 def test_every_shipped_config_validates(path):
     config = load_config(path)
     assert config.run.name and config.train.steps > 0
+
+
+def test_overrides_may_follow_the_stage_flags():
+    """launch.sh --accelerate fsdp appends train.sharding=fsdp after whatever the user typed."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("run_entry", REPO / "pipelines" / "run.py")
+    entry = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(entry)
+    args = entry.parse_args(["c.yaml", "train.steps=3", "--only", "distill", "train.sharding=fsdp"])
+    assert (args.config, args.only, args.overrides) == ("c.yaml", "distill", ["train.steps=3", "train.sharding=fsdp"])
+    args = entry.parse_args(["--restart", "c.yaml", "train.sharding=fsdp"])
+    assert args.restart and args.overrides == ["train.sharding=fsdp"]

@@ -80,7 +80,7 @@ def weight_scores(model: torch.nn.Module, prune: PruneConfig, statistics: dict[s
 
 
 def permute_mlp_channels_for_nm(model: torch.nn.Module, prune: PruneConfig, statistics: dict[str, torch.Tensor],
-                                seed: int, skip: set[str]) -> dict[str, float]:
+                                skip: set[str]) -> dict[str, float]:
     """Reorder each gated MLP's intermediate channels (in place, with down_proj's input statistics)
     so down_proj's N:M mask keeps more score; returns {mlp name: relative gain in kept score}."""
     targets = dict(target_linears(model, prune.targets))
@@ -92,7 +92,7 @@ def permute_mlp_channels_for_nm(model: torch.nn.Module, prune: PruneConfig, stat
         score = mlp.down_proj.weight.detach().abs().float()
         if prune.criterion != "magnitude" and down in statistics:
             score = score * statistics[down].sqrt().to(score)
-        perm = nm_channel_permutation(score, prune.n, prune.m, prune.permute_sweeps, seed)
+        perm = nm_channel_permutation(score, prune.n, prune.m, prune.permute_sweeps)  # seed 0: prune is not fingerprinted by run.seed
         gains[name] = kept_score(score[:, perm], prune.n, prune.m) / kept_score(score, prune.n, prune.m) - 1
         permute_mlp_channels(mlp, perm)
         if down in statistics:
@@ -114,7 +114,7 @@ def run(ctx: StageContext) -> dict:
     statistics = load_tensors(ctx.stage_dir("teacher") / CALIBRATION_FILE)
     gains = {}
     if prune.permute:
-        gains = permute_mlp_channels_for_nm(model, prune, statistics, config.run.seed, set(dense))
+        gains = permute_mlp_channels_for_nm(model, prune, statistics, set(dense))
         if not gains:
             raise DistillError("config key 'prune.permute': no gated MLP (gate_proj, up_proj, down_proj) with down_proj "
                                "among prune.targets to permute")

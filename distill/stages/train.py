@@ -38,7 +38,7 @@ from distill.sparsity import apply_masks_, mask_pairs, masked_modules
 from distill.stages.prune import STUDENT_DIR
 from distill.stages.teacher import DATA_FILE
 from distill.stages.teacher_logits import TOPK_FILE
-from distill.sharding import (ShardedTrainingState, full_student_state, mask_local_shards_, shard_objective,
+from distill.sharding import (ShardedCheckpoint, full_student_state, mask_local_shards_, shard_objective,
                              shard_teacher)
 from distill.student import load_student, save_student
 from distill.throughput import flops_per_token, measured_peak_flops
@@ -95,13 +95,19 @@ def latest_checkpoint(root: Path) -> Path | None:
     return path
 
 
-def save_checkpoint(accelerator: Accelerator, root: Path, step: int, keep: int) -> None:
+SHARDED_DIR = "sharded"  # inside a checkpoint: the sharded model and optimizer (train.sharding=fsdp)
+
+
+def save_checkpoint(accelerator: Accelerator, root: Path, step: int, keep: int,
+                    sharded: ShardedCheckpoint | None = None) -> None:
     name = f"step_{step:08d}"
     temp = root / f".{name}.tmp"
     if accelerator.is_main_process and temp.exists():
         shutil.rmtree(temp)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(temp), safe_serialization=True)
+    if sharded is not None:
+        sharded.save(temp / SHARDED_DIR)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         final = root / name
@@ -115,9 +121,11 @@ def save_checkpoint(accelerator: Accelerator, root: Path, step: int, keep: int) 
     accelerator.wait_for_everyone()
 
 
-def load_checkpoint(accelerator: Accelerator, path: Path) -> None:
+def load_checkpoint(accelerator: Accelerator, path: Path, sharded: ShardedCheckpoint | None = None) -> None:
     try:
         accelerator.load_state(str(path))
+        if sharded is not None:
+            sharded.load(path / SHARDED_DIR)
     except Exception as error:  # a truncated or foreign checkpoint fails in many ways
         raise DistillError(f"checkpoint {path} could not be loaded ({type(error).__name__}: "
                            f"{str(error).splitlines()[0] if str(error) else 'no detail'}); "
@@ -187,7 +195,14 @@ def teacher_outputs(teacher: nn.Module | None, input_ids: torch.Tensor, loss: Lo
 
 def cached_teacher_outputs(cached: TopK, blocks: torch.Tensor, device: torch.device) -> dict:
     """What DistillationObjective needs of a cached teacher: the top-k of these training blocks."""
-    return {"topk": TopK(cached.logp[blocks].to(device, non_blocking=True), cached.index[blocks].to(device, non_blocking=True))}
+    return {"topk": TopK(to_device(cached.logp[blocks], device), to_device(cached.index[blocks], device))}
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host to device without making the host wait: through pinned memory on CUDA."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def check_chunked_head(model: nn.Module, loss: LossConfig) -> None:
@@ -253,8 +268,6 @@ def run(ctx: StageContext) -> dict:
     blocks = data["train"].long()
     heldout = [tensor.long() for name, tensor in sorted(data.items()) if name.startswith("heldout.") and len(tensor)]
     heldout = torch.cat(heldout) if heldout and train.eval_every else None
-    if accelerator.device.type == "cuda":
-        blocks = blocks.pin_memory()  # so the copy of each micro-batch to the GPU is truly asynchronous
     schedule = BlockSchedule(len(blocks), train.global_batch_size, config.run.seed)
     cached = None
     if train.loss.teacher_topk and train.loss.kd_weight:
@@ -263,8 +276,6 @@ def run(ctx: StageContext) -> dict:
         if cached.logp.shape[:2] != blocks.shape or cached.logp.shape[-1] != train.loss.teacher_topk:
             raise DistillError(f"{ctx.stage_dir('teacher_logits') / TOPK_FILE} holds {tuple(cached.logp.shape)} "
                                f"for {tuple(blocks.shape)} training blocks at k={train.loss.teacher_topk}; rerun the stage")
-        if accelerator.device.type == "cuda":
-            cached = TopK(cached.logp.pin_memory(), cached.index.pin_memory())
     needs_teacher = (train.loss.kd_weight > 0 and cached is None) or train.loss.hidden_weight > 0
     teacher = load_teacher(config.teacher, accelerator.device) if needs_teacher else None
     if cached is not None:
@@ -289,7 +300,7 @@ def run(ctx: StageContext) -> dict:
     if train.sharding == "fsdp":
         if accelerator.num_processes < 2:
             raise DistillError("config key 'train.sharding': fsdp shards over processes; launch at least 2")
-        sharded = shard_objective(objective, student)
+        sharded = shard_objective(objective, student, accelerator.mixed_precision)
         if teacher is not None:
             shard_teacher(teacher)
     mask_logits = learnable.parameters() if learnable is not None else []
@@ -307,15 +318,16 @@ def run(ctx: StageContext) -> dict:
         objective, optimizer = accelerator.prepare(objective, optimizer)
         accelerator.register_for_checkpointing(scheduler, schedule)
         masks = mask_pairs(student)
-    else:  # accelerate does not know the sharded model: its state travels as one custom object
-        accelerator.register_for_checkpointing(ShardedTrainingState(objective, optimizer), scheduler, schedule)
+    else:  # accelerate does not know the sharded model: checkpoints save it beside accelerate's state
+        accelerator.register_for_checkpointing(scheduler, schedule)
+    sharded_checkpoint = ShardedCheckpoint(objective, optimizer) if sharded is not None else None
     dynamic = (DynamicMasks(student, pattern, train.mask_update_every, train.refine_decay)
                if train.mask_mode == "dynamic" else None)
 
     checkpoints = ctx.work_dir / CHECKPOINTS
     resume_from = latest_checkpoint(checkpoints)
     if resume_from is not None:
-        load_checkpoint(accelerator, resume_from)
+        load_checkpoint(accelerator, resume_from, sharded_checkpoint)
         ctx.log(f"[distill] resumed from {resume_from} at step {schedule.step}")
     metrics_path = ctx.work_dir / METRICS_FILE
     history = _read_metrics(metrics_path, schedule.step)
@@ -335,7 +347,7 @@ def run(ctx: StageContext) -> dict:
         step_losses: dict[str, torch.Tensor] = {}
         micro_batches = schedule.micro_batches(step, accelerator.process_index, accelerator.num_processes, train.micro_batch_size)
         for micro, indices in enumerate(micro_batches):
-            input_ids = blocks[indices].to(accelerator.device, non_blocking=True)
+            input_ids = to_device(blocks[indices], accelerator.device)
             if train.group_dropout or learnable is not None:  # the same random draws per micro-batch whatever the process count
                 torch.manual_seed(config.run.seed * 1_000_003 + step * 1009 + accelerator.process_index * accumulation + micro)
             if cached is not None:
@@ -367,6 +379,8 @@ def run(ctx: StageContext) -> dict:
 
         done = step + 1
         if done % train.log_every == 0 or done == train.steps:
+            if accelerator.device.type == "cuda":  # count the window's queued GPU work in its time
+                torch.cuda.synchronize(accelerator.device)
             tokens_per_s = tokens_per_step * len(window) / (time.perf_counter() - window_start)
             row = _log_window(accelerator, window, done, scheduler.get_last_lr()[0], tokens_per_s)
             if peak_flops:
@@ -380,7 +394,7 @@ def run(ctx: StageContext) -> dict:
             accelerator.log({f"train/{k}": v for k, v in row.items() if k != "step"}, step=done)
             window, window_start = [], time.perf_counter()
         if done % train.checkpoint_every == 0 and done < train.steps:
-            save_checkpoint(accelerator, checkpoints, done, train.keep_checkpoints)
+            save_checkpoint(accelerator, checkpoints, done, train.keep_checkpoints, sharded_checkpoint)
 
     accelerator.wait_for_everyone()
     if sharded is None:
