@@ -5,8 +5,10 @@
     python benchmarks/train_throughput.py --smoke          # tiny shapes on CPU: checks the script only
 
 Models: `demo` is the demo teacher (SmolLM2-135M; `--teacher DIR` for a local copy) with a 2:4
-magnitude student of it; `1b` is a Llama-shaped model of about 1.2B parameters (hidden 2048, MLP 8192,
-16 layers, vocab 128256) with random weights, teacher and student of the same shape.
+magnitude student of it; `demo-shaped` has its exact shapes with random weights (for machines the
+teacher cannot reach: the device machines take no download and 64 MiB of files, the teacher is
+270 MB); `1b` is a Llama-shaped model of about 1.2B parameters (hidden 2048, MLP 8192, 16 layers,
+vocab 128256) with random weights, teacher and student of the same shape.
 
 Variants (each from the same initial student, on the same batches):
   baseline       the plain loop of issue #5: teacher bf16 without grad, student fp32 under bf16
@@ -37,6 +39,8 @@ import torch.nn.functional as F
 
 LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                 num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, tie_word_embeddings=True)
+SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                    num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192, tie_word_embeddings=True)
 SMOKE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=1024, max_position_embeddings=512, tie_word_embeddings=True)
 VARIANTS = ("baseline", "pipeline", "pipeline+compile", "pipeline+checkpointing")
@@ -56,7 +60,8 @@ def build_models(args, device: torch.device):
         student = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     else:
         torch.manual_seed(0)
-        student = LlamaForCausalLM(LlamaConfig(**(SMOKE if args.model == "smoke" else LLAMA_1B)))
+        shapes = {"smoke": SMOKE, "demo-shaped": SMOLLM2_135M, "1b": LLAMA_1B}[args.model]
+        student = LlamaForCausalLM(LlamaConfig(**shapes))
     teacher = copy.deepcopy(student).to(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
     teacher.requires_grad_(False).eval()
     masks = {name: nm_mask(linear.weight.abs(), 2, 4) for name, linear in target_linears(student, PROJECTIONS)}
@@ -161,7 +166,7 @@ def run_variant(variant, teacher, student, masks, device, args, batches) -> dict
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=["demo", "1b"], default="demo")
+    parser.add_argument("--model", choices=["demo", "demo-shaped", "1b"], default="demo")
     parser.add_argument("--teacher", help="a local save_pretrained dir for --model demo (default: the cached demo teacher)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=1024)
