@@ -5,7 +5,9 @@
   LearnableMasks  a Gumbel-softmax choice per group among the C(m, n) candidate N:M patterns,
                   trained straight-through
 Either way the masks are the projections' `mask` buffers, so checkpoints carry them, and `finish`
-turns them back into fixed masks with the pruned weights zeroed for good.
+turns them back into fixed masks with the pruned weights zeroed for good. Both start from the
+teacher's values under the pruned positions (`revive_pruned_weights`): the prune stage zeroed them,
+and a mask that moves onto a zero weight could only lose.
 """
 
 from __future__ import annotations
@@ -17,6 +19,19 @@ from torch import nn
 
 from distill.patterns import Pattern
 from distill.sparsity import apply_masks_, mask_pairs, masked_modules
+
+
+@torch.no_grad()
+def revive_pruned_weights(student: nn.Module, teacher: nn.Module) -> int:
+    """Put the teacher's weights back under every pruned position of the student's masked
+    projections (the kept ones stay as trained or pruned); the masked function is unchanged.
+    Returns how many weights were revived."""
+    revived = 0
+    for name, module in masked_modules(student):
+        dense = teacher.get_submodule(name).weight.to(module.weight.dtype)
+        module.weight.copy_(torch.where(module.mask, module.weight, dense))
+        revived += int((~module.mask).sum())
+    return revived
 
 
 class DynamicMasks:

@@ -138,3 +138,28 @@ def test_learnable_masks_sample_valid_patterns_and_train_their_logits():
     assert layer.mask[0, :4].tolist() == [True, True, False, False]
     assert nm_violations(layer.weight.detach(), 2, 4) == 0 and bool((layer.weight[~layer.mask] == 0).all())
     assert "0.choice_logits" not in model.state_dict()
+
+
+def test_moving_masks_start_from_the_teachers_values_under_pruned_positions(tiny_teacher):
+    from transformers import AutoModelForCausalLM
+
+    from distill.config import PROJECTIONS
+    from distill.mask_modes import revive_pruned_weights
+    from distill.sparsity import install_masks, masked_modules, nm_mask, target_linears
+
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_teacher).eval()
+    student = AutoModelForCausalLM.from_pretrained(tiny_teacher).eval()
+    install_masks(student, {name: nm_mask(linear.weight.abs(), 2, 4) for name, linear in target_linears(student, PROJECTIONS)})
+    ids = torch.randint(0, teacher.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        before = student(input_ids=ids).logits
+    kept = {name: module.weight[module.mask].clone() for name, module in masked_modules(student)}
+    revived = revive_pruned_weights(student, teacher)
+    assert revived == sum(int((~module.mask).sum()) for _, module in masked_modules(student)) > 0
+    for name, module in masked_modules(student):
+        dense = teacher.get_submodule(name).weight
+        assert torch.equal(module.weight[~module.mask], dense[~module.mask]), name
+        assert torch.equal(module.weight[module.mask], kept[name]), name
+        assert bool((module.weight[~module.mask] != 0).any()), name
+    with torch.no_grad():
+        assert torch.equal(student(input_ids=ids).logits, before), "the masked function is unchanged"

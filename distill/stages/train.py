@@ -31,7 +31,7 @@ from distill.evaluation import score_models
 from distill.io import load_tensors, read_json, write_json, write_text
 from distill.losses import TopK, chunked_distillation_loss, distillation_loss, hidden_state_matching
 from distill.models import load_teacher
-from distill.mask_modes import DynamicMasks, LearnableMasks
+from distill.mask_modes import DynamicMasks, LearnableMasks, revive_pruned_weights
 from distill.patterns import Pattern, group_dropout_mask, group_norms
 from distill.pipeline import StageContext
 from distill.sparsity import apply_masks_, mask_pairs, masked_modules
@@ -289,6 +289,10 @@ def run(ctx: StageContext) -> dict:
     spec = json.loads((ctx.stage_dir("prune") / STUDENT_DIR / "sparsity.json").read_text())
 
     pattern = Pattern.from_spec(spec)
+    if train.mask_mode in ("dynamic", "learnable"):  # moving masks start from the teacher's dense values
+        source = teacher if teacher is not None else load_teacher(config.teacher, accelerator.device)
+        revive_pruned_weights(student, source)
+        del source
     learnable = (LearnableMasks(student, pattern, train.mask_init_logit, train.gumbel_temperature)
                  if train.mask_mode == "learnable" else None)
     if train.group_dropout:
