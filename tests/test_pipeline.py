@@ -217,7 +217,7 @@ def test_corrupt_checkpoint_is_reported_and_kept(tmp_path, tiny_teacher):
     run_dir = tmp_path / "runs" / "corrupt"
     process = _start(config)
     checkpoints = run_dir / "distill.partial" / "checkpoints"
-    _kill_after_first_checkpoint(process, checkpoints)
+    _kill_after_first_checkpoint(process, checkpoints, config)
     latest = checkpoints / json.loads((checkpoints / "latest.json").read_text())["name"]
     weights = latest / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
