@@ -35,11 +35,16 @@ def revive_pruned_weights(student: nn.Module, teacher: nn.Module) -> int:
 
 
 class DynamicMasks:
-    """Dynamic masks: every `every` steps each projection's mask is re-chosen from |W| under the
-    student's pattern; between updates pruned weights keep training through the SR-STE."""
+    """Dynamic masks: every `every` steps each projection's mask is re-chosen from its current
+    weights under the student's pattern, scored |W| times the input feature norms when given
+    (`input_norms`: {projection name: ||X_j||}, Wanda's score, so a re-choice does not fall back to
+    magnitude pruning); between updates pruned weights keep training through the SR-STE."""
 
-    def __init__(self, student: nn.Module, pattern: Pattern, every: int, decay: float):
-        self.modules = [module for _, module in masked_modules(student)]
+    def __init__(self, student: nn.Module, pattern: Pattern, every: int, decay: float,
+                 input_norms: dict[str, torch.Tensor] | None = None):
+        named = list(masked_modules(student))
+        self.modules = [module for _, module in named]
+        self.norms = [(input_norms or {}).get(name) for name, _ in named]
         self.pattern, self.every = pattern, every
         for module in self.modules:
             module.dynamic, module.refine_decay = True, decay
@@ -47,8 +52,11 @@ class DynamicMasks:
     @torch.no_grad()
     def after_step(self, done: int) -> None:
         if done % self.every == 0:
-            for module in self.modules:
-                module.mask.copy_(self.pattern.mask(module.weight.abs().float()))
+            for module, norms in zip(self.modules, self.norms):
+                score = module.weight.abs().float()
+                if norms is not None:
+                    score = score * norms.to(score)
+                module.mask.copy_(self.pattern.mask(score))
 
     def finish(self, student: nn.Module) -> None:
         """Back to fixed masks, with the pruned weights zeroed for good."""

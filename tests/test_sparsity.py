@@ -114,6 +114,22 @@ def test_dynamic_masks_follow_the_weights_and_keep_the_pattern():
     assert nm_violations(layer.weight.detach(), 2, 4) == 0
 
 
+def test_dynamic_masks_score_with_the_input_norms_when_given():
+    from distill.mask_modes import DynamicMasks
+    from distill.patterns import Pattern
+
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(16, 8))
+    install_masks(model, {"0": nm_mask(torch.rand(8, 16), 2, 4)})
+    layer = model[0]
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(8, 16))
+    norms = torch.rand(16) * 10
+    DynamicMasks(model, Pattern("nm", n=2, m=4), every=1, decay=0.0, input_norms={"0": norms}).after_step(1)
+    assert torch.equal(layer.mask, nm_mask(layer.weight.abs() * norms, 2, 4))
+    assert not torch.equal(layer.mask, nm_mask(layer.weight.abs(), 2, 4))
+
+
 def test_learnable_masks_sample_valid_patterns_and_train_their_logits():
     from distill.patterns import Pattern
     from distill.mask_modes import LearnableMasks

@@ -36,7 +36,7 @@ from distill.patterns import Pattern, group_dropout_mask, group_norms
 from distill.pipeline import StageContext
 from distill.sparsity import apply_masks_, mask_pairs, masked_modules
 from distill.stages.prune import STUDENT_DIR
-from distill.stages.teacher import DATA_FILE
+from distill.stages.teacher import CALIBRATION_FILE, DATA_FILE
 from distill.stages.teacher_logits import TOPK_FILE
 from distill.sharding import (ShardedCheckpoint, full_student_state, mask_local_shards_, shard_objective,
                              shard_teacher)
@@ -325,8 +325,12 @@ def run(ctx: StageContext) -> dict:
     else:  # accelerate does not know the sharded model: checkpoints save it beside accelerate's state
         accelerator.register_for_checkpointing(scheduler, schedule)
     sharded_checkpoint = ShardedCheckpoint(objective, optimizer) if sharded is not None else None
-    dynamic = (DynamicMasks(student, pattern, train.mask_update_every, train.refine_decay)
-               if train.mask_mode == "dynamic" else None)
+    dynamic = None
+    if train.mask_mode == "dynamic":  # re-chosen by Wanda's score unless the student was cut by magnitude
+        statistics = load_tensors(ctx.stage_dir("teacher") / CALIBRATION_FILE)
+        norms = ({name: statistics[name].sqrt() for name in spec["masked"] if name in statistics}
+                 if spec.get("criterion") != "magnitude" else None)
+        dynamic = DynamicMasks(student, pattern, train.mask_update_every, train.refine_decay, norms)
 
     checkpoints = ctx.work_dir / CHECKPOINTS
     resume_from = latest_checkpoint(checkpoints)
