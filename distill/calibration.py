@@ -42,3 +42,9 @@ def input_square_sums(
     reduced = {name: accelerator.reduce(total, "sum").cpu() for name, total in sums.items()}
     reduced["tokens"] = accelerator.reduce(tokens, "sum").cpu().reshape(1)
     return reduced
+
+
+def wanda_score(weight: torch.Tensor, square_sums: torch.Tensor | None) -> torch.Tensor:
+    """|W_ij| * ||X_j||_2 (Sun et al., 2023) from a projection's input square sums; |W| without them."""
+    score = weight.detach().abs().float()
+    return score * square_sums.sqrt().to(score) if square_sums is not None else score

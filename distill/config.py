@@ -123,8 +123,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
     max_grad_norm: float = 1.0  # 0 disables clipping
-    # fixed: the prune stage's masks; dynamic: masks re-chosen (same pattern, by |W|) every
-    # mask_update_every steps, gradients reaching pruned weights through a sparse-refined STE;
+    # fixed: the prune stage's masks; dynamic: masks re-chosen (same pattern, by Wanda's score on the
+    # current weights, |W| for a magnitude student) every mask_update_every steps, gradients reaching
+    # pruned weights through a sparse-refined STE;
     # learnable: a Gumbel-softmax choice per group among the N:M candidate patterns
     mask_mode: str = "fixed"
     mask_update_every: int = 10
@@ -366,12 +367,12 @@ def validate(config: Config) -> None:
     if not 0.0 <= train.group_dropout < 1.0:
         raise DistillError(f"config key 'train.group_dropout': {train.group_dropout} is not in [0, 1)")
     _choice("train.sharding", train.sharding, ["ddp", "fsdp"])
-    if train.sharding == "fsdp":
-        unsupported = [key for key, used in (("mask_mode", train.mask_mode != "fixed"), ("group_lasso", train.group_lasso),
-                                             ("group_dropout", train.group_dropout)) if used]
-        if unsupported:
-            raise DistillError(f"config key 'train.sharding': fsdp trains fixed masks only; "
-                               f"unset train.{unsupported[0]} or use ddp")
+    # features that act on a projection's whole mask: fsdp holds a shard of it, spanning groups cross projections
+    per_projection = [key for key, used in (("mask_mode", train.mask_mode != "fixed"), ("group_lasso", train.group_lasso),
+                                            ("group_dropout", train.group_dropout)) if used]
+    if train.sharding == "fsdp" and per_projection:
+        raise DistillError(f"config key 'train.sharding': fsdp trains fixed masks only; "
+                           f"unset train.{per_projection[0]} or use ddp")
     _positive("train.log_every", train.log_every)
     _positive("train.eval_every", train.eval_every, allow_zero=True)
     if train.eval_every % train.log_every:
@@ -386,12 +387,9 @@ def validate(config: Config) -> None:
         raise DistillError(f"config key 'train.min_lr_ratio': {train.min_lr_ratio} is not in [0, 1]")
     if len(train.betas) != 2:
         raise DistillError(f"config key 'train.betas': needs two values, got {len(train.betas)}")
-    if prune.pattern in ("mlp_channels", "heads"):
-        spanning = [key for key, used in (("mask_mode", train.mask_mode != "fixed"), ("group_lasso", train.group_lasso),
-                                          ("group_dropout", train.group_dropout)) if used]
-        if spanning:
-            raise DistillError(f"config key 'train.{spanning[0]}': not available with prune.pattern={prune.pattern} "
-                               f"(its groups span several projections); use fixed masks")
+    if prune.pattern in ("mlp_channels", "heads") and per_projection:
+        raise DistillError(f"config key 'train.{per_projection[0]}': not available with prune.pattern={prune.pattern} "
+                           f"(its groups span several projections); use fixed masks")
     if train.mask_mode == "dynamic" and prune.scope == "global":
         raise DistillError("config key 'train.mask_mode': dynamic masks are re-chosen per layer; use prune.scope=layer")
     if train.global_batch_size % train.micro_batch_size:

@@ -1,7 +1,8 @@
 """How masks behave during distillation besides staying fixed.
 
-  DynamicMasks    re-chosen from |W| under the student's pattern every k steps; pruned weights keep
-                  training through the sparse-refined STE (distill.sparsity.SparseRefinedSTE)
+  DynamicMasks    re-chosen from the current weights (Wanda's score, or |W|) under the student's
+                  pattern every k steps; pruned weights keep training through the sparse-refined
+                  STE (distill.sparsity.SparseRefinedSTE)
   LearnableMasks  a Gumbel-softmax choice per group among the C(m, n) candidate N:M patterns,
                   trained straight-through
 Either way the masks are the projections' `mask` buffers, so checkpoints carry them, and `finish`
@@ -17,6 +18,7 @@ import itertools
 import torch
 from torch import nn
 
+from distill.calibration import wanda_score
 from distill.patterns import Pattern
 from distill.sparsity import apply_masks_, mask_pairs, masked_modules
 
@@ -36,15 +38,15 @@ def revive_pruned_weights(student: nn.Module, teacher: nn.Module) -> int:
 
 class DynamicMasks:
     """Dynamic masks: every `every` steps each projection's mask is re-chosen from its current
-    weights under the student's pattern, scored |W| times the input feature norms when given
-    (`input_norms`: {projection name: ||X_j||}, Wanda's score, so a re-choice does not fall back to
-    magnitude pruning); between updates pruned weights keep training through the SR-STE."""
+    weights under the student's pattern, by Wanda's score when the projection's input square sums
+    are given (`square_sums`: {projection name: sum of x_j^2}, so a re-choice does not fall back to
+    magnitude pruning), else by |W|; between updates pruned weights keep training through the SR-STE."""
 
     def __init__(self, student: nn.Module, pattern: Pattern, every: int, decay: float,
-                 input_norms: dict[str, torch.Tensor] | None = None):
+                 square_sums: dict[str, torch.Tensor] | None = None):
         named = list(masked_modules(student))
         self.modules = [module for _, module in named]
-        self.norms = [(input_norms or {}).get(name) for name, _ in named]
+        self.square_sums = [(square_sums or {}).get(name) for name, _ in named]
         self.pattern, self.every = pattern, every
         for module in self.modules:
             module.dynamic, module.refine_decay = True, decay
@@ -52,11 +54,8 @@ class DynamicMasks:
     @torch.no_grad()
     def after_step(self, done: int) -> None:
         if done % self.every == 0:
-            for module, norms in zip(self.modules, self.norms):
-                score = module.weight.abs().float()
-                if norms is not None:
-                    score = score * norms.to(score)
-                module.mask.copy_(self.pattern.mask(score))
+            for module, sums in zip(self.modules, self.square_sums):
+                module.mask.copy_(self.pattern.mask(wanda_score(module.weight, sums)))
 
     def finish(self, student: nn.Module) -> None:
         """Back to fixed masks, with the pruned weights zeroed for good."""

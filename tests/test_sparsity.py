@@ -125,7 +125,7 @@ def test_dynamic_masks_score_with_the_input_norms_when_given():
     with torch.no_grad():
         layer.weight.copy_(torch.randn(8, 16))
     norms = torch.rand(16) * 10
-    DynamicMasks(model, Pattern("nm", n=2, m=4), every=1, decay=0.0, input_norms={"0": norms}).after_step(1)
+    DynamicMasks(model, Pattern("nm", n=2, m=4), every=1, decay=0.0, square_sums={"0": norms**2}).after_step(1)
     assert torch.equal(layer.mask, nm_mask(layer.weight.abs() * norms, 2, 4))
     assert not torch.equal(layer.mask, nm_mask(layer.weight.abs(), 2, 4))
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from distill.config import PruneConfig
+from distill.calibration import wanda_score
 from distill.criteria import gradient_saliency, sparsegpt_masks
 from distill.errors import DistillError
 from distill.io import load_tensors
@@ -70,12 +71,9 @@ def weight_scores(model: torch.nn.Module, prune: PruneConfig, statistics: dict[s
     """Scores of the criteria computed from weights (and the teacher stage's input statistics)."""
     scores = {}
     for name, linear in target_linears(model, prune.targets):
-        score = linear.weight.detach().abs().float()
-        if prune.criterion == "wanda":
-            if name not in statistics:
-                continue
-            score = score * statistics[name].sqrt().to(score)
-        scores[name] = score
+        if prune.criterion == "wanda" and name not in statistics:
+            continue
+        scores[name] = wanda_score(linear.weight, statistics[name] if prune.criterion == "wanda" else None)
     return scores
 
 
@@ -89,9 +87,7 @@ def permute_mlp_channels_for_nm(model: torch.nn.Module, prune: PruneConfig, stat
         down = f"{name}.down_proj"
         if down not in targets or down in skip:
             continue
-        score = mlp.down_proj.weight.detach().abs().float()
-        if prune.criterion != "magnitude" and down in statistics:
-            score = score * statistics[down].sqrt().to(score)
+        score = wanda_score(mlp.down_proj.weight, statistics.get(down) if prune.criterion != "magnitude" else None)
         perm = nm_channel_permutation(score, prune.n, prune.m, prune.permute_sweeps)  # seed 0: prune is not fingerprinted by run.seed
         gains[name] = kept_score(score[:, perm], prune.n, prune.m) / kept_score(score, prune.n, prune.m) - 1
         permute_mlp_channels(mlp, perm)

@@ -327,10 +327,9 @@ def run(ctx: StageContext) -> dict:
     sharded_checkpoint = ShardedCheckpoint(objective, optimizer) if sharded is not None else None
     dynamic = None
     if train.mask_mode == "dynamic":  # re-chosen by Wanda's score unless the student was cut by magnitude
-        statistics = load_tensors(ctx.stage_dir("teacher") / CALIBRATION_FILE)
-        norms = ({name: statistics[name].sqrt() for name in spec["masked"] if name in statistics}
-                 if spec.get("criterion") != "magnitude" else None)
-        dynamic = DynamicMasks(student, pattern, train.mask_update_every, train.refine_decay, norms)
+        square_sums = (load_tensors(ctx.stage_dir("teacher") / CALIBRATION_FILE)
+                       if spec.get("criterion") != "magnitude" else None)
+        dynamic = DynamicMasks(student, pattern, train.mask_update_every, train.refine_decay, square_sums)
 
     checkpoints = ctx.work_dir / CHECKPOINTS
     resume_from = latest_checkpoint(checkpoints)
