@@ -32,7 +32,11 @@ def test_kernel_matches_float64_reference_and_writes_every_element(m, n, k, dtyp
     assert relative_error(out, expected) < TOLERANCE[dtype]
 
 
-@pytest.mark.parametrize("tiles", [(16, 64, 32), (16, 32, 64), (32, 64, 128), (16, 128, 64, 8, 4)])
+# the last four split K: evenly, unevenly (8 K tiles in slices of 3, 3, 2), and more ways than
+# there are K tiles (clamped to one slice per tile)
+@pytest.mark.parametrize("tiles", [(16, 64, 32), (16, 32, 64), (32, 64, 128), (16, 128, 64, 8, 4),
+                                   (16, 32, 64, 4, 4, 2), (16, 64, 32, 4, 3, 3), (16, 32, 128, 4, 4, 8),
+                                   (32, 32, 64, 4, 3, 4)])
 def test_every_tile_shape_gives_the_same_product(tiles):
     torch.manual_seed(7)
     weight = random_2_4_weight(100, 256, torch.float32).to(DEVICE)
@@ -41,6 +45,33 @@ def test_every_tile_shape_gives_the_same_product(tiles):
     out = sparse24_matmul(x, values, meta, tiles=tiles)
     assert out.shape == (2, 5, 100)
     assert relative_error(out, x.double() @ weight.double().T) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_k_adds_the_bias_once_and_writes_every_element(dtype):
+    torch.manual_seed(11)
+    weight = random_2_4_weight(96, 512, dtype).to(DEVICE)
+    x = torch.randn(3, 512, device=DEVICE).to(dtype)
+    bias = (10 * torch.randn(96, device=DEVICE)).to(dtype)  # large, so a bias added twice would show
+    values, meta = compress_2_4(weight)
+    poisoned = torch.full((3, 96), float("nan"), dtype=dtype, device=DEVICE)
+    out = sparse24_matmul(x, values, meta, bias, tiles=(16, 32, 64, 4, 3, 4), out=poisoned)
+    expected = x.double() @ weight.double().T + bias.double()
+    assert not torch.isnan(out).any(), "every output element must be written"
+    assert relative_error(out, expected) < TOLERANCE[dtype]
+
+
+def test_every_candidate_tile_is_valid_for_its_shape():
+    """The benchmark's sweep must only try tiles the kernel accepts: K tiles dividing K, splits
+    no larger than the number of K tiles; decode-sized M gets split-K candidates, large M none."""
+    from distill.runtime.triton_kernels import candidate_tiles
+
+    for m in (1, 4, 16, 64, 2048):
+        for k in (576, 1536, 4096, 14336):
+            tiles = candidate_tiles(m, k)
+            assert tiles and all(len(t) == 6 and k % t[2] == 0 and k // t[2] >= t[5] for t in tiles)
+            splits = {t[5] for t in tiles}
+            assert (splits > {1}) == (m <= 16), (m, k, splits)
 
 
 def test_input_size_mismatch_is_refused():
