@@ -131,10 +131,12 @@ class TrainConfig:
     mask_update_every: int = 10
     refine_decay: float = 2.0e-4  # dynamic: SR-STE pull of pruned weights towards zero
     # learnable: every group picks one of the C(m, n) candidate patterns through Gumbel-softmax logits,
-    # initialised to favour the prune stage's choice by `mask_init_logit`, trained at `mask_lr`
+    # initialised to favour the prune stage's choice by `mask_init_logit`, trained at `mask_lr`; the
+    # Gumbel noise is scaled by `mask_noise` at the first step, falling linearly to 0 at the last
     mask_lr: float = 0.05
     mask_init_logit: float = 3.0
     gumbel_temperature: float = 1.0
+    mask_noise: float = 1.0
     group_lasso: float = 0.0  # weight of the sum of the pattern's group norms (pushes whole groups to zero)
     group_dropout: float = 0.0  # probability of dropping each whole group of the pattern in a forward
     # ddp: every process holds the whole student (accelerate's DDP); fsdp: parameters, gradients,
@@ -361,6 +363,7 @@ def validate(config: Config) -> None:
         raise DistillError(f"config key 'train.mask_mode': learnable masks choose among N:M patterns, not '{prune.pattern}'")
     _positive("train.mask_lr", train.mask_lr)
     _positive("train.gumbel_temperature", train.gumbel_temperature)
+    _positive("train.mask_noise", train.mask_noise, allow_zero=True)
     _positive("train.mask_update_every", train.mask_update_every)
     _positive("train.refine_decay", train.refine_decay, allow_zero=True)
     _positive("train.group_lasso", train.group_lasso, allow_zero=True)
@@ -378,8 +381,6 @@ def validate(config: Config) -> None:
     if train.eval_every % train.log_every:
         raise DistillError(f"config key 'train.eval_every': {train.eval_every} is not a multiple of train.log_every "
                            f"({train.log_every})")
-    if train.eval_every and train.sharding == "fsdp":
-        raise DistillError("config key 'train.eval_every': the recovery curve is not measured under fsdp yet; use 0")
     _positive("train.checkpoint_every", train.checkpoint_every)
     _positive("train.keep_checkpoints", train.keep_checkpoints)
     _positive("train.max_grad_norm", train.max_grad_norm, allow_zero=True)

@@ -23,17 +23,28 @@ def score_models(
     batch_size: int,
     reference: str | None = "teacher",
     desc: str = "evaluating",
+    lockstep: bool = False,
 ) -> dict[str, dict[str, float]]:
     """{model name: {"ppl": ..., "kl": ...}} on `blocks` [n, length]; "kl" is KL(reference || model)
-    per token at temperature 1, present for every model but the reference."""
+    per token at temperature 1, present for every model but the reference.
+
+    lockstep: every rank runs the same number of forwards, for models whose parameters are sharded
+    (FSDP gathers them in each forward, a collective that all ranks must join); a rank whose blocks
+    ran out repeats its first block and does not count it."""
     mine = blocks[accelerator.process_index:: accelerator.num_processes]
+    most_blocks = math.ceil(len(blocks) / accelerator.num_processes) if lockstep else len(mine)
+    rounds = math.ceil(most_blocks / batch_size)
     device = accelerator.device
     nll = {name: torch.zeros((), dtype=torch.float64, device=device) for name in models}
     kl = {name: torch.zeros((), dtype=torch.float64, device=device) for name in models}
     predicted = torch.zeros((), dtype=torch.float64, device=device)
     positions = torch.zeros((), dtype=torch.float64, device=device)
-    for start in tqdm(range(0, len(mine), batch_size), desc=desc, disable=not accelerator.is_main_process):
+    for start in tqdm(range(0, rounds * batch_size, batch_size), desc=desc, disable=not accelerator.is_main_process):
         input_ids = mine[start:start + batch_size].to(device)
+        if not len(input_ids):  # lockstep only: a forward to join the others' collectives, not counted
+            for model in models.values():
+                model(input_ids=blocks[:1].to(device), use_cache=False)
+            continue
         reference_logp = None
         log_probs = {}
         for name, model in models.items():

@@ -85,6 +85,7 @@ class MaskedLinear(nn.Linear):
     # `candidates` [C, m] of every group, set by distill.stages.train.LearnableMasks
     candidates = None
     gumbel_temperature: float = 1.0
+    gumbel_noise: float = 1.0  # scale of the Gumbel noise; 0 picks each group's most likely candidate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if getattr(self, "choice_logits", None) is not None and self.training:
@@ -103,7 +104,7 @@ class MaskedLinear(nn.Linear):
     def sampled_mask(self) -> torch.Tensor:
         """A hard N:M mask drawn by Gumbel-softmax from the choice logits; the gradient flows to the
         logits through the soft probabilities (straight-through)."""
-        gumbel = -torch.empty_like(self.choice_logits).exponential_().log()
+        gumbel = -torch.empty_like(self.choice_logits).exponential_().log() * self.gumbel_noise
         soft = torch.softmax((self.choice_logits + gumbel) / self.gumbel_temperature, dim=-1)
         hard = F.one_hot(soft.argmax(-1), soft.shape[-1]).to(soft.dtype)
         choice = hard + soft - soft.detach()

@@ -235,11 +235,13 @@ def test_two_processes_follow_the_same_loss_curve_as_one(tmp_path, tiny_teacher,
     """Two gloo ranks against one process for the same global batch: with a live teacher, with the
     teacher's top-k cached by both ranks (then distill never loads the teacher), and with the student
     sharded by FSDP2 (parameters, gradients, optimizer state and masks)."""
-    train = {"steps": 6, "global_batch_size": 8, "micro_batch_size": 2, "log_every": 1, "loss": {"teacher_topk": teacher_topk}}
-    if sharding == "ddp":  # the recovery curve: held-out perplexity every 3 steps
-        train["eval_every"] = 3
-    one = write_config(tmp_path / "one.yaml", tiny_config(tmp_path, tiny_teacher, name="one", train=train))
-    two = write_config(tmp_path / "two.yaml", tiny_config(tmp_path, tiny_teacher, name="two",
+    # the recovery curve: held-out perplexity every 3 steps, on 5 blocks, which two ranks split 3 + 2
+    # (in 2 and 1 micro-batches: under fsdp the short rank must still join the parameter gathers)
+    train = {"steps": 6, "global_batch_size": 8, "micro_batch_size": 2, "log_every": 1, "eval_every": 3,
+             "loss": {"teacher_topk": teacher_topk}}
+    data = {**tiny_config(tmp_path, tiny_teacher)["data"], "max_heldout_blocks": 5}
+    one = write_config(tmp_path / "one.yaml", tiny_config(tmp_path, tiny_teacher, name="one", train=train, data=data))
+    two = write_config(tmp_path / "two.yaml", tiny_config(tmp_path, tiny_teacher, name="two", data=data,
                                                           train={**train, "sharding": sharding}))
     first = run_pipeline(one)
     result = run_pipeline(two, processes=2)
@@ -269,17 +271,17 @@ def test_two_processes_follow_the_same_loss_curve_as_one(tmp_path, tiny_teacher,
         assert b["loss"] == pytest.approx(a["loss"], rel=loss_tolerance), (a, b)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3), (a, b)
     assert curve_one[-1]["loss"] < curve_one[0]["loss"]
-    if sharding == "ddp":
-        assert [row["step"] for row in curve_one if "heldout_ppl" in row] == [3, 6]
-        for a, b in zip(curve_one, curve_two):
-            assert ("heldout_ppl" in a) == ("heldout_ppl" in b)
-            if "heldout_ppl" in a:
-                assert b["heldout_ppl"] == pytest.approx(a["heldout_ppl"], rel=1e-3)
-        # the last point is the finished student on the same held-out blocks the evaluate stage scores
-        report = json.loads((tmp_path / "runs" / "one" / "evaluate" / "report.json").read_text())
-        assert curve_one[-1]["heldout_ppl"] == pytest.approx(report["sources"]["wiki"]["student"]["ppl"], rel=1e-4)
+    assert [row["step"] for row in curve_one if "heldout_ppl" in row] == [3, 6]
+    for a, b in zip(curve_one, curve_two):
+        assert ("heldout_ppl" in a) == ("heldout_ppl" in b)
+        if "heldout_ppl" in a:
+            assert b["heldout_ppl"] == pytest.approx(a["heldout_ppl"], rel=1e-3)
+    # the last point is the finished student on the same held-out blocks the evaluate stage scores
     report_one = json.loads((tmp_path / "runs" / "one" / "evaluate" / "report.json").read_text())
     report_two = json.loads((tmp_path / "runs" / "two" / "evaluate" / "report.json").read_text())
+    assert len(load_file(tmp_path / "runs" / "one" / "teacher" / "data.safetensors")["heldout.wiki"]) == 5
+    for curve, report in ((curve_one, report_one), (curve_two, report_two)):
+        assert curve[-1]["heldout_ppl"] == pytest.approx(report["sources"]["wiki"]["student"]["ppl"], rel=1e-4)
     assert report_two["sources"]["wiki"]["student"]["ppl"] == pytest.approx(report_one["sources"]["wiki"]["student"]["ppl"], rel=1e-3)
 
 

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -154,6 +156,33 @@ def test_learnable_masks_sample_valid_patterns_and_train_their_logits():
     assert layer.mask[0, :4].tolist() == [True, True, False, False]
     assert nm_violations(layer.weight.detach(), 2, 4) == 0 and bool((layer.weight[~layer.mask] == 0).all())
     assert "0.choice_logits" not in model.state_dict()
+
+
+def test_learnable_mask_noise_redraws_the_expected_share_of_groups_and_anneals_to_none():
+    """At full noise a group whose chosen candidate leads by 3.0 is redrawn with probability
+    5 / (e^3 + 5) (2:4 has 6 candidates); the noise falls linearly, and at the last step every
+    group takes its most likely candidate, the mask that will be exported."""
+    from distill.patterns import Pattern
+    from distill.mask_modes import LearnableMasks
+
+    torch.manual_seed(9)
+    model = nn.Sequential(nn.Linear(512, 64))
+    install_masks(model, {"0": nm_mask(torch.rand(64, 512), 2, 4)})
+    layer = model[0]
+    learnable = LearnableMasks(model, Pattern("nm", n=2, m=4), init_logit=3.0, temperature=1.0, noise=1.0)
+    groups = layer.mask.numel() // 4
+
+    def redrawn_share() -> float:
+        sampled = layer.sampled_mask().detach().round().bool()
+        return float((sampled != layer.mask).reshape(groups, 4).any(-1).float().mean())
+
+    expected = 5 / (math.exp(3.0) + 5)
+    learnable.anneal(0, 100)
+    assert redrawn_share() == pytest.approx(expected, abs=0.02)  # 8192 groups: ~5 standard deviations
+    learnable.anneal(50, 100)
+    assert layer.gumbel_noise == 0.5 and redrawn_share() < expected / 2
+    learnable.anneal(100, 100)
+    assert redrawn_share() == 0.0
 
 
 def test_moving_masks_start_from_the_teachers_values_under_pruned_positions(tiny_teacher):

@@ -293,7 +293,7 @@ def run(ctx: StageContext) -> dict:
         source = teacher if teacher is not None else load_teacher(config.teacher, accelerator.device)
         revive_pruned_weights(student, source)
         del source
-    learnable = (LearnableMasks(student, pattern, train.mask_init_logit, train.gumbel_temperature)
+    learnable = (LearnableMasks(student, pattern, train.mask_init_logit, train.gumbel_temperature, train.mask_noise)
                  if train.mask_mode == "learnable" else None)
     if train.group_dropout:
         for _, module in masked_modules(student):
@@ -352,6 +352,8 @@ def run(ctx: StageContext) -> dict:
                     desc="distill", disable=not accelerator.is_main_process)
     for step in progress:
         step_losses: dict[str, torch.Tensor] = {}
+        if learnable is not None:
+            learnable.anneal(step, train.steps)
         micro_batches = schedule.micro_batches(step, accelerator.process_index, accelerator.num_processes, train.micro_batch_size)
         for micro, indices in enumerate(micro_batches):
             input_ids = to_device(blocks[indices], accelerator.device)
@@ -393,7 +395,8 @@ def run(ctx: StageContext) -> dict:
             if peak_flops:
                 row["mfu"] = tokens_per_s * step_flops / (peak_flops * accelerator.num_processes)
             if heldout is not None and (done % train.eval_every == 0 or done == train.steps):
-                row["heldout_ppl"] = heldout_perplexity(accelerator, student, heldout, train.micro_batch_size)
+                row["heldout_ppl"] = heldout_perplexity(accelerator, student, heldout, train.micro_batch_size,
+                                                        objective if sharded is not None else None)
             history.append(row)
             if accelerator.is_main_process:
                 write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
@@ -435,15 +438,24 @@ def run(ctx: StageContext) -> dict:
     return summary
 
 
-def heldout_perplexity(accelerator: Accelerator, student: nn.Module, heldout: torch.Tensor, batch_size: int) -> float:
+def heldout_perplexity(accelerator: Accelerator, student: nn.Module, heldout: torch.Tensor, batch_size: int,
+                       sharded_root: nn.Module | None = None) -> float:
     """The student's perplexity on the held-out blocks (ranks share them), in eval mode: learnable
-    masks take their most likely pattern and group dropout is off."""
+    masks take their most likely pattern and group dropout is off.
+
+    sharded_root: the FSDP root (the objective) when the student is sharded. The root owns the
+    embeddings, final norm and output projection, which it gathers only in its own forward, so they
+    are gathered here for the student's forward; its decoder layers gather themselves."""
     student.eval()
+    if sharded_root is not None:
+        sharded_root.unshard()
     try:
         with accelerator.autocast():
             return score_models({"student": student}, heldout, accelerator, batch_size, reference=None,
-                                desc="held-out")["student"]["ppl"]
+                                desc="held-out", lockstep=sharded_root is not None)["student"]["ppl"]
     finally:
+        if sharded_root is not None:
+            sharded_root.reshard()
         student.train()
 
 
