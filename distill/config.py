@@ -26,6 +26,9 @@ class RunConfig:
     name: str = "run"
     output_dir: str = "runs"  # the run dir is <output_dir>/<name>: derived from the config alone
     seed: int = 0
+    # how long a rank waits in a collective: ranks wait at a barrier while the main process alone
+    # exports and writes the student, which for a large model outlasts NCCL's 10-minute default
+    collective_timeout_minutes: int = 60
 
 
 @dataclass
@@ -302,6 +305,7 @@ def _positive(path: str, value: float, allow_zero: bool = False) -> None:
 
 def validate(config: Config) -> None:
     """Checks that the schema's types cannot express; each names the key it is about."""
+    _positive("run.collective_timeout_minutes", config.run.collective_timeout_minutes)
     _choice("teacher.dtype", config.teacher.dtype, ["auto", "float32", "bfloat16", "float16"])
     _positive("data.block_size", config.data.block_size)
     names = [source.name for source in config.data.sources]

@@ -11,9 +11,11 @@ import argparse
 import os
 import signal
 import sys
+from datetime import timedelta
 
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, DistributedType, ProjectConfiguration, set_seed
+from accelerate.utils import (DistributedDataParallelKwargs, DistributedType, InitProcessGroupKwargs,
+                               ProjectConfiguration, set_seed)
 
 from distill.config import load_config
 from distill.errors import DistillError
@@ -52,8 +54,11 @@ def main(argv=None) -> int:
         accelerator = Accelerator(
             log_with=log_with(config),
             project_config=ProjectConfiguration(project_dir=str(config.run_dir), logging_dir=str(config.run_dir / "logs")),
-            # masks are identical on every rank: no need to broadcast buffers each forward
-            kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+            kwargs_handlers=[
+                # masks are identical on every rank: no need to broadcast buffers each forward
+                DistributedDataParallelKwargs(broadcast_buffers=False),
+                InitProcessGroupKwargs(timeout=timedelta(minutes=config.run.collective_timeout_minutes)),
+            ],
         )
         if config.train.sharding == "fsdp" and accelerator.num_processes < 2:
             raise DistillError("config key 'train.sharding': fsdp shards over processes; launch at least 2 "
