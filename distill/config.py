@@ -149,7 +149,7 @@ class TrainConfig:
     # perplexity of the student on the held-out blocks every `eval_every` steps (a multiple of
     # log_every; 0: never), logged as `heldout_ppl`: the recovery curve
     eval_every: int = 0
-    checkpoint_every: int = 25
+    checkpoint_every: int = 25  # a multiple of log_every, so a resumed run logs the same averages
     keep_checkpoints: int = 2
     loss: LossConfig = field(default_factory=LossConfig)
 
@@ -386,6 +386,9 @@ def validate(config: Config) -> None:
         raise DistillError(f"config key 'train.eval_every': {train.eval_every} is not a multiple of train.log_every "
                            f"({train.log_every})")
     _positive("train.checkpoint_every", train.checkpoint_every)
+    if train.checkpoint_every % train.log_every:  # a resumed run logs the same windows as an uninterrupted one
+        raise DistillError(f"config key 'train.checkpoint_every': {train.checkpoint_every} is not a multiple of "
+                           f"train.log_every ({train.log_every})")
     _positive("train.keep_checkpoints", train.keep_checkpoints)
     _positive("train.max_grad_norm", train.max_grad_norm, allow_zero=True)
     if not 0.0 <= train.min_lr_ratio <= 1.0:

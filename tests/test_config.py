@@ -37,6 +37,7 @@ def test_demo_config_loads_and_overrides_reach_nested_keys():
     ("train: {loss: {teacher_topk: 8, temperature: 2.0}}", [], "the cached teacher (train.loss.teacher_topk) is stored at temperature 1"),
     ("train: {loss: {teacher_topk: 8, hidden_weight: 1.0}}", [], "hidden-state matching needs the live teacher"),
     ("speed: {compile: sometimes}", [], "config key 'speed.compile'"),
+    ("{}", ["train.checkpoint_every=7"], "'train.checkpoint_every': 7 is not a multiple of train.log_every (5)"),
     ("{}", ["run.collective_timeout_minutes=0"], "'run.collective_timeout_minutes': 0 must be > 0"),
     ("{}", ["train.mask_noise=-1"], "'train.mask_noise': -1.0 must be >= 0"),
     ("data: {sources: [{name: a, kind: files, files: [x.txt], heldout_fraction: lots}]}", [],

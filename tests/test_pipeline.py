@@ -212,7 +212,7 @@ def test_kill_in_distill_then_resume_gives_the_bitwise_same_student(tmp_path, ti
 
 
 def test_corrupt_checkpoint_is_reported_and_kept(tmp_path, tiny_teacher):
-    train = {"steps": 40, "checkpoint_every": 4, "global_batch_size": 8, "micro_batch_size": 4}
+    train = {"steps": 40, "checkpoint_every": 4, "log_every": 2, "global_batch_size": 8, "micro_batch_size": 4}
     config = write_config(tmp_path / "c.yaml", tiny_config(tmp_path, tiny_teacher, name="corrupt", train=train))
     run_dir = tmp_path / "runs" / "corrupt"
     process = _start(config)
