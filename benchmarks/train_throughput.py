@@ -103,7 +103,8 @@ def pipeline_step_factory(teacher, student, masks, device, variant: str, chunk_t
     from distill.config import LossConfig, SpeedConfig
     from distill.patterns import Pattern
     from distill.sparsity import apply_masks_, install_masks, mask_pairs
-    from distill.stages.train import DistillationObjective, forward_backward, optimizer_step, speed_up, teacher_outputs
+    from distill.objective import DistillationObjective, teacher_outputs
+    from distill.stages.train import forward_backward, optimizer_step, speed_up
 
     accelerator = Accelerator(mixed_precision="bf16", cpu=device.type == "cpu")
     model = install_masks(copy.deepcopy(student), masks).to(device).train()

@@ -137,3 +137,10 @@ def split_blocks(blocks: torch.Tensor, source: SourceConfig, max_heldout: int) -
         num_heldout = max(num_heldout, 1)
     heldout = blocks[len(blocks) - num_heldout:]
     return SourceBlocks(train=blocks[: len(blocks) - num_heldout], heldout=heldout[:max_heldout])
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host to device without making the host wait: through pinned memory on CUDA."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)

@@ -82,7 +82,7 @@ class MaskedLinear(nn.Linear):
     drop_rate: float = 0.0
 
     # learnable masks: a `choice_logits` parameter [out, groups, C] over the candidate N:M patterns
-    # `candidates` [C, m] of every group, set by distill.stages.train.LearnableMasks
+    # `candidates` [C, m] of every group, set by distill.mask_modes.LearnableMasks
     candidates = None
     gumbel_temperature: float = 1.0
     gumbel_noise: float = 1.0  # scale of the Gumbel noise; 0 picks each group's most likely candidate

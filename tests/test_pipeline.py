@@ -4,10 +4,8 @@ refusing stale checkpoints, two processes against one, and wandb offline logging
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -191,7 +189,7 @@ def test_kill_in_distill_then_resume_gives_the_bitwise_same_student(tmp_path, ti
     speed = ["speed.activation_checkpointing=true", "speed.peak_tflops=0.5"] if (mask_mode, sharding) == ("fixed", "ddp") else []
     resumed = launch(killed, *ranks, *speed)
     assert "[distill] resuming the unfinished run" in resumed.stdout
-    assert f"resumed from" in resumed.stdout and f"at step {latest['step']}" in resumed.stdout
+    assert "resumed from" in resumed.stdout and f"at step {latest['step']}" in resumed.stdout
     expected, actual = student_tensors(tmp_path / "runs" / "reference"), student_tensors(run_dir)
     assert expected.keys() == actual.keys()
     for name in expected:

@@ -3,18 +3,17 @@
 The global batch of every optimizer step is fixed by the config and by the step number alone
 (`BlockSchedule`), then split over processes and accumulation micro-steps, so one process and N
 processes see the same data and follow the same loss curve, and a resumed run continues exactly
-where the checkpoint left off. Checkpoints are accelerate `save_state` dirs (model with masks,
-optimizer, scheduler, RNG, data position) written under a temporary name and renamed when complete.
+where the checkpoint left off (distill.checkpoints). What is optimized, the student with its loss,
+is distill.objective.
 """
 
 from __future__ import annotations
 
 import json
-import os
-from functools import partial
 import shutil
 import time
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -25,26 +24,27 @@ from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-from distill.config import Config, LossConfig, SpeedConfig, TrainConfig
+from distill.checkpoints import CHECKPOINTS, latest_checkpoint, load_checkpoint, save_checkpoint
+from distill.config import Config, SpeedConfig, TrainConfig
+from distill.data import to_device
 from distill.errors import DistillError
 from distill.evaluation import score_models
-from distill.io import load_tensors, read_json, write_json, write_text
-from distill.losses import TopK, chunked_distillation_loss, distillation_loss, hidden_state_matching
-from distill.models import load_teacher
+from distill.io import load_tensors, write_text
+from distill.losses import TopK
 from distill.mask_modes import DynamicMasks, LearnableMasks, revive_pruned_weights
-from distill.patterns import Pattern, group_dropout_mask, group_norms
+from distill.models import load_teacher
+from distill.objective import DistillationObjective, cached_teacher_outputs, check_chunked_head, teacher_outputs
+from distill.patterns import Pattern, group_dropout_mask
 from distill.pipeline import StageContext
+from distill.sharding import ShardedCheckpoint, full_student_state, mask_local_shards_, shard_objective, shard_teacher
 from distill.sparsity import apply_masks_, mask_pairs, masked_modules
 from distill.stages.prune import STUDENT_DIR
 from distill.stages.teacher import CALIBRATION_FILE, DATA_FILE
 from distill.stages.teacher_logits import TOPK_FILE
-from distill.sharding import (ShardedCheckpoint, full_student_state, mask_local_shards_, shard_objective,
-                             shard_teacher)
 from distill.student import load_student, save_student
 from distill.throughput import flops_per_token, measured_peak_flops
 from distill.tracking import start_tracking
 
-CHECKPOINTS = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -85,133 +85,11 @@ def accumulation_steps(train: TrainConfig, world: int) -> int:
     return per_process // train.micro_batch_size
 
 
-def latest_checkpoint(root: Path) -> Path | None:
-    pointer = root / "latest.json"
-    if not pointer.is_file():
-        return None
-    path = root / read_json(pointer)["name"]
-    if not path.is_dir():
-        raise DistillError(f"checkpoint pointer {pointer} names {path.name}, which does not exist")
-    return path
-
-
-SHARDED_DIR = "sharded"  # inside a checkpoint: the sharded model and optimizer (train.sharding=fsdp)
-
-
-def save_checkpoint(accelerator: Accelerator, root: Path, step: int, keep: int,
-                    sharded: ShardedCheckpoint | None = None) -> None:
-    name = f"step_{step:08d}"
-    temp = root / f".{name}.tmp"
-    if accelerator.is_main_process and temp.exists():
-        shutil.rmtree(temp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(temp), safe_serialization=True)
-    if sharded is not None:
-        sharded.save(temp / SHARDED_DIR)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        final = root / name
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(temp, final)
-        write_json(root / "latest.json", {"name": name, "step": step})
-        finished = sorted(path for path in root.glob("step_*") if path.is_dir())
-        for old in finished[:-keep]:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-
-
-def load_checkpoint(accelerator: Accelerator, path: Path, sharded: ShardedCheckpoint | None = None) -> None:
-    try:
-        accelerator.load_state(str(path))
-        if sharded is not None:
-            sharded.load(path / SHARDED_DIR)
-    except Exception as error:  # a truncated or foreign checkpoint fails in many ways
-        raise DistillError(f"checkpoint {path} could not be loaded ({type(error).__name__}: "
-                           f"{str(error).splitlines()[0] if str(error) else 'no detail'}); "
-                           f"rerun with --restart to start over") from None
-
-
 def _read_metrics(path: Path, upto_step: int) -> list[dict]:
     if not path.is_file():
         return []
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return [row for row in rows if row["step"] <= upto_step]
-
-
-class DistillationObjective(nn.Module):
-    """The student and its loss in one forward, so that DDP and FSDP see every use of the student's
-    parameters (the output projection included) inside the wrapped module's forward."""
-
-    def __init__(self, student: nn.Module, loss: LossConfig, pattern: Pattern, group_lasso: float = 0.0):
-        super().__init__()
-        self.student = student
-        self.loss = loss
-        self.pattern = pattern
-        self.group_lasso = group_lasso
-
-    def forward(self, input_ids: torch.Tensor, teacher: dict):
-        want_states = self.loss.hidden_weight > 0
-        want_logits = self.loss.kd_weight > 0 or self.loss.lm_weight > 0
-        total, parts = torch.zeros((), device=input_ids.device), {}
-        if self.loss.chunk_tokens:
-            out = self.student.get_decoder()(input_ids=input_ids, use_cache=False, output_hidden_states=want_states)
-            if want_logits:
-                total, parts = chunked_distillation_loss(out.last_hidden_state, self.student.get_output_embeddings(),
-                                                         teacher.get("hidden"), teacher.get("head"), input_ids, self.loss,
-                                                         teacher_topk=teacher.get("topk"))
-        else:
-            out = self.student(input_ids=input_ids, use_cache=False, output_hidden_states=want_states)
-            if want_logits:
-                total, parts = distillation_loss(out.logits, teacher.get("logits"), input_ids, self.loss,
-                                                 teacher_topk=teacher.get("topk"))
-        if want_states:
-            matching = hidden_state_matching(out.hidden_states[1:], teacher["states"])
-            total = total + self.loss.hidden_weight * matching
-            parts["hidden"] = matching.detach()
-        if self.group_lasso:
-            lasso = sum(group_norms(self.pattern, module.weight * module.mask).sum()
-                        for _, module in masked_modules(self.student))
-            total = total + self.group_lasso * lasso
-            parts["group_lasso"] = lasso.detach()
-        return total, parts
-
-
-def teacher_outputs(teacher: nn.Module | None, input_ids: torch.Tensor, loss: LossConfig) -> dict:
-    """What DistillationObjective needs of the teacher: its final hidden states and output projection
-    for the chunked loss, full logits otherwise, and every layer's output for hidden-state matching."""
-    if teacher is None:
-        return {}
-    want_states = loss.hidden_weight > 0
-    if loss.chunk_tokens:
-        out = teacher.get_decoder()(input_ids=input_ids, use_cache=False, output_hidden_states=want_states)
-        result = {"hidden": out.last_hidden_state, "head": teacher.get_output_embeddings()}
-    else:
-        out = teacher(input_ids=input_ids, use_cache=False, output_hidden_states=want_states)
-        result = {"logits": out.logits}
-    result["states"] = out.hidden_states[1:] if want_states else None
-    return result
-
-
-def cached_teacher_outputs(cached: TopK, blocks: torch.Tensor, device: torch.device) -> dict:
-    """What DistillationObjective needs of a cached teacher: the top-k of these training blocks."""
-    return {"topk": TopK(to_device(cached.logp[blocks], device), to_device(cached.index[blocks], device))}
-
-
-def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Host to device without making the host wait: through pinned memory on CUDA."""
-    if device.type == "cuda":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.to(device)
-
-
-def check_chunked_head(model: nn.Module, loss: LossConfig) -> None:
-    """The chunked loss applies the output projection itself: refuse heads that do more."""
-    extras = [key for key in ("final_logit_softcapping", "logit_scale", "logits_scaling")
-              if getattr(model.config, key, None) not in (None, 1, 1.0)]
-    if loss.chunk_tokens and extras:
-        raise DistillError(f"the model's output head applies {', '.join(extras)}, which the chunked loss does not; "
-                           f"set train.loss.chunk_tokens=0")
 
 
 def speed_up(model: nn.Module, speed: SpeedConfig, training: bool) -> None:

@@ -1,0 +1,64 @@
+"""Checkpoints of the distill stage: accelerate `save_state` dirs (model with masks, optimizer,
+scheduler, RNG, data position; under train.sharding=fsdp the sharded model and optimizer beside
+them), written under a temporary name and renamed when complete, with a `latest.json` pointer
+written last, so a kill at any moment leaves the previous checkpoint whole and named.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from accelerate import Accelerator
+
+from distill.errors import DistillError
+from distill.io import read_json, write_json
+from distill.sharding import ShardedCheckpoint
+
+CHECKPOINTS = "checkpoints"  # inside the stage's work dir
+SHARDED_DIR = "sharded"  # inside a checkpoint: the sharded model and optimizer (train.sharding=fsdp)
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    pointer = root / "latest.json"
+    if not pointer.is_file():
+        return None
+    path = root / read_json(pointer)["name"]
+    if not path.is_dir():
+        raise DistillError(f"checkpoint pointer {pointer} names {path.name}, which does not exist")
+    return path
+
+
+def save_checkpoint(accelerator: Accelerator, root: Path, step: int, keep: int,
+                    sharded: ShardedCheckpoint | None = None) -> None:
+    name = f"step_{step:08d}"
+    temp = root / f".{name}.tmp"
+    if accelerator.is_main_process and temp.exists():
+        shutil.rmtree(temp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(temp), safe_serialization=True)
+    if sharded is not None:
+        sharded.save(temp / SHARDED_DIR)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        final = root / name
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(temp, final)
+        write_json(root / "latest.json", {"name": name, "step": step})
+        finished = sorted(path for path in root.glob("step_*") if path.is_dir())
+        for old in finished[:-keep]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def load_checkpoint(accelerator: Accelerator, path: Path, sharded: ShardedCheckpoint | None = None) -> None:
+    try:
+        accelerator.load_state(str(path))
+        if sharded is not None:
+            sharded.load(path / SHARDED_DIR)
+    except Exception as error:  # a truncated or foreign checkpoint fails in many ways
+        raise DistillError(f"checkpoint {path} could not be loaded ({type(error).__name__}: "
+                           f"{str(error).splitlines()[0] if str(error) else 'no detail'}); "
+                           f"rerun with --restart to start over") from None

@@ -1,0 +1,83 @@
+"""What the distill stage optimizes: the student and its loss in one module, and the teacher's side
+of the loss (live outputs or the cached top-k).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from distill.config import LossConfig
+from distill.data import to_device
+from distill.errors import DistillError
+from distill.losses import TopK, chunked_distillation_loss, distillation_loss, hidden_state_matching
+from distill.patterns import Pattern, group_norms
+from distill.sparsity import masked_modules
+
+
+class DistillationObjective(nn.Module):
+    """The student and its loss in one forward, so that DDP and FSDP see every use of the student's
+    parameters (the output projection included) inside the wrapped module's forward."""
+
+    def __init__(self, student: nn.Module, loss: LossConfig, pattern: Pattern, group_lasso: float = 0.0):
+        super().__init__()
+        self.student = student
+        self.loss = loss
+        self.pattern = pattern
+        self.group_lasso = group_lasso
+
+    def forward(self, input_ids: torch.Tensor, teacher: dict):
+        want_states = self.loss.hidden_weight > 0
+        want_logits = self.loss.kd_weight > 0 or self.loss.lm_weight > 0
+        total, parts = torch.zeros((), device=input_ids.device), {}
+        if self.loss.chunk_tokens:
+            out = self.student.get_decoder()(input_ids=input_ids, use_cache=False, output_hidden_states=want_states)
+            if want_logits:
+                total, parts = chunked_distillation_loss(out.last_hidden_state, self.student.get_output_embeddings(),
+                                                         teacher.get("hidden"), teacher.get("head"), input_ids, self.loss,
+                                                         teacher_topk=teacher.get("topk"))
+        else:
+            out = self.student(input_ids=input_ids, use_cache=False, output_hidden_states=want_states)
+            if want_logits:
+                total, parts = distillation_loss(out.logits, teacher.get("logits"), input_ids, self.loss,
+                                                 teacher_topk=teacher.get("topk"))
+        if want_states:
+            matching = hidden_state_matching(out.hidden_states[1:], teacher["states"])
+            total = total + self.loss.hidden_weight * matching
+            parts["hidden"] = matching.detach()
+        if self.group_lasso:
+            lasso = sum(group_norms(self.pattern, module.weight * module.mask).sum()
+                        for _, module in masked_modules(self.student))
+            total = total + self.group_lasso * lasso
+            parts["group_lasso"] = lasso.detach()
+        return total, parts
+
+
+def teacher_outputs(teacher: nn.Module | None, input_ids: torch.Tensor, loss: LossConfig) -> dict:
+    """What DistillationObjective needs of the teacher: its final hidden states and output projection
+    for the chunked loss, full logits otherwise, and every layer's output for hidden-state matching."""
+    if teacher is None:
+        return {}
+    want_states = loss.hidden_weight > 0
+    if loss.chunk_tokens:
+        out = teacher.get_decoder()(input_ids=input_ids, use_cache=False, output_hidden_states=want_states)
+        result = {"hidden": out.last_hidden_state, "head": teacher.get_output_embeddings()}
+    else:
+        out = teacher(input_ids=input_ids, use_cache=False, output_hidden_states=want_states)
+        result = {"logits": out.logits}
+    result["states"] = out.hidden_states[1:] if want_states else None
+    return result
+
+
+def cached_teacher_outputs(cached: TopK, blocks: torch.Tensor, device: torch.device) -> dict:
+    """What DistillationObjective needs of a cached teacher: the top-k of these training blocks."""
+    return {"topk": TopK(to_device(cached.logp[blocks], device), to_device(cached.index[blocks], device))}
+
+
+def check_chunked_head(model: nn.Module, loss: LossConfig) -> None:
+    """The chunked loss applies the output projection itself: refuse heads that do more."""
+    extras = [key for key in ("final_logit_softcapping", "logit_scale", "logits_scaling")
+              if getattr(model.config, key, None) not in (None, 1, 1.0)]
+    if loss.chunk_tokens and extras:
+        raise DistillError(f"the model's output head applies {', '.join(extras)}, which the chunked loss does not; "
+                           f"set train.loss.chunk_tokens=0")
