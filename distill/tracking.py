@@ -37,6 +37,27 @@ def start_tracking(accelerator: Accelerator, config: Config, state_dir: Path) ->
     accelerator.init_trackers(project, config=_flat_hparams(to_dict(config)), init_kwargs=init_kwargs)
 
 
+def log_row(accelerator: Accelerator, row: dict, prefix: str) -> None:
+    """A metrics row ({"step": ..., name: value}) to every tracker, each name under `prefix`."""
+    accelerator.log({f"{prefix}{key}": value for key, value in row.items() if key != "step"}, step=row["step"])
+
+
+def resend_rows(accelerator: Accelerator, rows: list[dict], prefix: str) -> None:
+    """After a resume, send the rows kept from before the kill again. A killed process loses what
+    its trackers still buffered (wandb and tensorboard write in the background; a SIGKILLed run can
+    leave its wandb file without a single row), while the metrics file is written at every log. A
+    wandb run continued online knows its last step and would drop earlier ones with a warning, so
+    only rows from its current step on are sent there; offline it starts from 0 and takes them all."""
+    if not accelerator.trackers or not accelerator.is_main_process:
+        return
+    first = 0
+    if any(tracker.name == "wandb" for tracker in accelerator.trackers):
+        first = accelerator.get_tracker("wandb", unwrap=True).step
+    for row in rows:
+        if row["step"] >= first:
+            log_row(accelerator, row, prefix)
+
+
 def _flat_hparams(data: dict, prefix: str = "") -> dict:
     """Trackers want flat scalars (tensorboard refuses lists and dicts)."""
     flat = {}

@@ -86,8 +86,9 @@ def launch_command(config_path: Path, *args: str) -> list[str]:
     return ["bash", str(REPO / "launch.sh"), "--accelerate", "cpu", str(config_path), *args]
 
 
-def launch(config_path: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(launch_command(config_path, *args), capture_output=True, text=True)
+def launch(config_path: Path, *args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    result = subprocess.run(launch_command(config_path, *args), capture_output=True, text=True,
+                            env={**os.environ, **(env or {})})
     if check and result.returncode != 0:
         raise AssertionError(f"launch.sh failed ({result.returncode}):\n{result.stderr[-4000:]}")
     return result

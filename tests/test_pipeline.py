@@ -4,6 +4,7 @@ refusing stale checkpoints, two processes against one, and wandb offline logging
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import time
@@ -126,8 +127,9 @@ def test_a_failing_stage_leaves_the_finished_one_intact(tmp_path, finished_run):
         weights.write_bytes(original)
 
 
-def _start(config: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen(launch_command(config, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def _start(config: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen(launch_command(config, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})
 
 
 def _pipeline_processes(config: Path) -> list[str]:
@@ -144,10 +146,15 @@ def _pipeline_processes(config: Path) -> list[str]:
 
 
 def _kill_after_first_checkpoint(process: subprocess.Popen, checkpoints: Path, config: Path, timeout: float = 300) -> None:
+    _kill_when(process, lambda: (checkpoints / "latest.json").is_file(), config, timeout)
+
+
+def _kill_when(process: subprocess.Popen, ready, config: Path, timeout: float = 300) -> None:
+    """SIGKILL the launcher as soon as `ready()` holds, and check that its workers died with it."""
     deadline = time.time() + timeout
-    while not (checkpoints / "latest.json").is_file():
-        assert process.poll() is None, f"the run ended before its first checkpoint:\n{process.stderr.read()[-3000:]}"
-        assert time.time() < deadline, "no checkpoint in time"
+    while not ready():
+        assert process.poll() is None, f"the run ended before it was due to be killed:\n{process.stderr.read()[-3000:]}"
+        assert time.time() < deadline, "the run did not get there in time"
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)  # the launcher; its worker must die with it
     process.wait()
@@ -300,6 +307,41 @@ def test_wandb_offline_run_holds_the_logged_metrics(tmp_path, tiny_teacher):
         assert row["train/loss"] == pytest.approx(expected["loss"], rel=1e-6)
         assert row["train/lr"] == pytest.approx(expected["lr"], rel=1e-6)
         assert row["train/tokens_per_s"] > 0
+
+
+def test_a_killed_and_resumed_wandb_run_logs_every_step(tmp_path, tiny_teacher):
+    """Killed after logging steps past its checkpoint: whatever the killed process's wandb file kept
+    (a SIGKILL loses what wandb still buffered), the resumed run's offline file holds every step,
+    the ones before the checkpoint sent again from metrics.jsonl, all with the metrics file's values."""
+    env = {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path / "wandb"), "WANDB_SILENT": "true"}
+    config = write_config(tmp_path / "w.yaml", tiny_config(
+        tmp_path, tiny_teacher, name="tracked", train={"steps": 16, "checkpoint_every": 4, "log_every": 1},
+        tracking={"backend": "wandb", "project": "distill-tests"}))
+    partial = tmp_path / "runs" / "tracked" / "distill.partial"
+
+    def logged_past_checkpoint() -> bool:
+        latest, rows = partial / "checkpoints" / "latest.json", partial / "metrics.jsonl"
+        if not (latest.is_file() and rows.is_file()):
+            return False
+        last_logged = json.loads(rows.read_text().splitlines()[-1])["step"]
+        return last_logged > json.loads(latest.read_text())["step"]
+
+    process = _start(config, env=env)
+    _kill_when(process, logged_past_checkpoint, config)
+    checkpoint_step = json.loads((partial / "checkpoints" / "latest.json").read_text())["step"]
+    logged_before_kill = [json.loads(line)["step"] for line in (partial / "metrics.jsonl").read_text().splitlines()]
+    assert max(logged_before_kill) > checkpoint_step
+    resumed = launch(config, env=env)
+    assert f"at step {checkpoint_step}" in resumed.stdout
+
+    files = sorted((tmp_path / "wandb").rglob("run-*.wandb"))  # offline-run-<time>-<id>: oldest first
+    assert len(files) == 2, files
+    killed_rows, resumed_rows = ([row for row in history(path) if "train/loss" in row] for path in files)
+    expected = {row["step"]: row for row in metrics(tmp_path / "runs" / "tracked")}
+    assert [row["_step"] for row in resumed_rows] == sorted(expected) == list(range(1, 17))
+    assert {row["_step"] for row in killed_rows} <= set(logged_before_kill)
+    for row in killed_rows + resumed_rows:
+        assert row["train/loss"] == pytest.approx(expected[row["_step"]]["loss"], rel=1e-6)
 
 
 def test_a_pattern_no_kernel_runs_exports_dense_with_zeros_and_the_report_says_so(tmp_path, tiny_teacher):

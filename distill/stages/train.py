@@ -43,7 +43,7 @@ from distill.stages.teacher import CALIBRATION_FILE, DATA_FILE
 from distill.stages.teacher_logits import TOPK_FILE
 from distill.student import load_student, save_student
 from distill.throughput import flops_per_token, measured_peak_flops
-from distill.tracking import start_tracking
+from distill.tracking import log_row, resend_rows, start_tracking
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -85,11 +85,11 @@ def accumulation_steps(train: TrainConfig, world: int) -> int:
     return per_process // train.micro_batch_size
 
 
-def _read_metrics(path: Path, upto_step: int) -> list[dict]:
+def _read_metrics(path: Path) -> list[dict]:
+    """The rows logged so far (a resumed run keeps those up to its checkpoint and recomputes the rest)."""
     if not path.is_file():
         return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [row for row in rows if row["step"] <= upto_step]
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def speed_up(model: nn.Module, speed: SpeedConfig, training: bool) -> None:
@@ -215,8 +215,10 @@ def run(ctx: StageContext) -> dict:
         load_checkpoint(accelerator, resume_from, sharded_checkpoint)
         ctx.log(f"[distill] resumed from {resume_from} at step {schedule.step}")
     metrics_path = ctx.work_dir / METRICS_FILE
-    history = _read_metrics(metrics_path, schedule.step)
+    history = [row for row in _read_metrics(metrics_path) if row["step"] <= schedule.step]
     start_tracking(accelerator, config, ctx.work_dir)
+    if resume_from is not None:
+        resend_rows(accelerator, history, prefix="train/")
 
     tokens_per_step = train.global_batch_size * blocks.shape[1]
     peak_flops = config.speed.peak_tflops * 1e12
@@ -279,7 +281,7 @@ def run(ctx: StageContext) -> dict:
             if accelerator.is_main_process:
                 write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
                 progress.set_postfix(loss=f"{row['loss']:.4f}")
-            accelerator.log({f"train/{k}": v for k, v in row.items() if k != "step"}, step=done)
+            log_row(accelerator, row, prefix="train/")
             window, window_start = [], time.perf_counter()
         if done % train.checkpoint_every == 0 and done < train.steps:
             save_checkpoint(accelerator, checkpoints, done, train.keep_checkpoints, sharded_checkpoint)
