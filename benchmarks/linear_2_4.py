@@ -8,7 +8,8 @@ CUDA graph (so host overhead is out of the number), each call on the next of sev
 weight that together exceed the L2 cache (so small M reads its weight from memory, as in a model):
   dense        F.linear on the dense-with-zeros weight (cuBLAS)
   triton       our kernel on the compressed layout (distill.runtime.triton_kernels), at the fastest of
-               its candidate tiles for that shape and M (`candidate_tiles`; the table records them)
+               its candidate tiles for that shape and M (`candidate_tiles`, split-K included for
+               M <= 16; the table records the winner, the JSON the tiles the GPU refused)
   cslt         F.linear on torch.sparse.to_sparse_semi_structured (cuSPARSELt)
   cslt eager   the same without a CUDA graph (wall time per call: what users saw)
   dispatch     Sparse24Linear with the crossover table built from this run's timings
@@ -94,6 +95,7 @@ def main(argv=None) -> int:
     from distill.runtime.triton_kernels import candidate_tiles, sparse24_matmul
     from distill.sparsity import nm_mask
     from torch.sparse import to_sparse_semi_structured
+    from triton.runtime.errors import OutOfResources
 
     device_name = torch.cuda.get_device_name()
     ms = [int(m) for m in args.ms.split(",")]
@@ -117,7 +119,12 @@ def main(argv=None) -> int:
             def triton_calls(tiles):
                 return [lambda v=v, meta=meta: sparse24_matmul(x, v, meta, tiles=tiles) for v, meta in compressed]
 
-            tried = {tiles: graphed_time(triton_calls(tiles)) for tiles in candidate_tiles(m, k)}
+            tried, refused = {}, []
+            for tiles in candidate_tiles(m, k):
+                try:  # the warm-up call compiles before any graph capture, so a refusal leaves no capture open
+                    tried[tiles] = graphed_time(triton_calls(tiles))
+                except OutOfResources:  # e.g. deep K tiles x pipeline stages over the shared memory
+                    refused.append(list(tiles))
             tiles = best_tiles[shape][m] = min(tried, key=tried.get)
             paths = {
                 "dense": [lambda w=w: F.linear(x, w) for w in weights],
@@ -125,7 +132,7 @@ def main(argv=None) -> int:
                 "cslt": [lambda w=w: F.linear(x, w) for w in semis],
             }
             row = {"shape": shape, "m": m, "weight_copies": len(weights), "triton_tiles": list(tiles),
-                   "tiles_tried": len(tried)}
+                   "tiles_tried": len(tried), "tiles_refused": refused}
             times = {}
             for path, fns in paths.items():
                 out = fns[0]()

@@ -30,7 +30,7 @@ def score_models(
 
     lockstep: every rank runs the same number of forwards, for models whose parameters are sharded
     (FSDP gathers them in each forward, a collective that all ranks must join); a rank whose blocks
-    ran out repeats its first block and does not count it."""
+    ran out runs the first batch of blocks again and does not count it."""
     mine = blocks[accelerator.process_index:: accelerator.num_processes]
     most_blocks = math.ceil(len(blocks) / accelerator.num_processes) if lockstep else len(mine)
     rounds = math.ceil(most_blocks / batch_size)
@@ -43,7 +43,7 @@ def score_models(
         input_ids = mine[start:start + batch_size].to(device)
         if not len(input_ids):  # lockstep only: a forward to join the others' collectives, not counted
             for model in models.values():
-                model(input_ids=blocks[:1].to(device), use_cache=False)
+                model(input_ids=blocks[:batch_size].to(device), use_cache=False)
             continue
         reference_logp = None
         log_probs = {}

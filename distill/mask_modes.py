@@ -89,13 +89,14 @@ class LearnableMasks:
             module.candidates = candidates.to(groups.device)
             module.choice_logits = nn.Parameter(current.float() * init_logit)
             module.gumbel_temperature = temperature
+            module.gumbel_noise = noise
         self.noise = noise
 
     def anneal(self, step: int, steps: int) -> None:
-        """Set the noise for `step` of `steps` (a function of the step alone, so a resumed run
-        draws with the same scale as an uninterrupted one)."""
+        """Set the noise for `step` (0-based) of `steps`: full at the first, none at the last. A
+        function of the step alone, so a resumed run draws with the same scale as an uninterrupted one."""
         for module in self.modules:
-            module.gumbel_noise = self.noise * (1 - step / steps)
+            module.gumbel_noise = self.noise * (1 - step / max(steps - 1, 1))
 
     def parameters(self) -> list[nn.Parameter]:
         return [module.choice_logits for module in self.modules]

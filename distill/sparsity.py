@@ -104,8 +104,10 @@ class MaskedLinear(nn.Linear):
     def sampled_mask(self) -> torch.Tensor:
         """A hard N:M mask drawn by Gumbel-softmax from the choice logits; the gradient flows to the
         logits through the soft probabilities (straight-through)."""
-        gumbel = -torch.empty_like(self.choice_logits).exponential_().log() * self.gumbel_noise
-        soft = torch.softmax((self.choice_logits + gumbel) / self.gumbel_temperature, dim=-1)
+        logits = self.choice_logits
+        if self.gumbel_noise > 0:
+            logits = logits - torch.empty_like(logits).exponential_().log() * self.gumbel_noise
+        soft = torch.softmax(logits / self.gumbel_temperature, dim=-1)
         hard = F.one_hot(soft.argmax(-1), soft.shape[-1]).to(soft.dtype)
         choice = hard + soft - soft.detach()
         mask = choice @ self.candidates.to(choice.dtype)  # [out, groups, m]

@@ -177,12 +177,13 @@ def test_learnable_mask_noise_redraws_the_expected_share_of_groups_and_anneals_t
         return float((sampled != layer.mask).reshape(groups, 4).any(-1).float().mean())
 
     expected = 5 / (math.exp(3.0) + 5)
-    learnable.anneal(0, 100)
+    assert layer.gumbel_noise == 1.0, "full noise from the start, before any anneal"
+    learnable.anneal(0, 101)
     assert redrawn_share() == pytest.approx(expected, abs=0.02)  # 8192 groups: ~5 standard deviations
-    learnable.anneal(50, 100)
+    learnable.anneal(50, 101)
     assert layer.gumbel_noise == 0.5 and redrawn_share() < expected / 2
-    learnable.anneal(100, 100)
-    assert redrawn_share() == 0.0
+    learnable.anneal(100, 101)  # the last of 101 steps
+    assert layer.gumbel_noise == 0.0 and redrawn_share() == 0.0
 
 
 def test_moving_masks_start_from_the_teachers_values_under_pruned_positions(tiny_teacher):

@@ -327,9 +327,9 @@ def heldout_perplexity(accelerator: Accelerator, student: nn.Module, heldout: to
     embeddings, final norm and output projection, which it gathers only in its own forward, so they
     are gathered here for the student's forward; its decoder layers gather themselves."""
     student.eval()
-    if sharded_root is not None:
-        sharded_root.unshard()
     try:
+        if sharded_root is not None:
+            sharded_root.unshard()
         with accelerator.autocast():
             return score_models({"student": student}, heldout, accelerator, batch_size, reference=None,
                                 desc="held-out", lockstep=sharded_root is not None)["student"]["ppl"]
