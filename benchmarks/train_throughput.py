@@ -21,6 +21,8 @@ Variants (each from the same initial student, on the same batches):
 The loss of each variant on the first batch (before any update) is printed beside the baseline's:
 they compute the same forward KL. MFU counts 6 x student + 2 x teacher parameters per token
 (distill.throughput) against the bf16 peak measured here with a large matrix product.
+"host syncs/step" counts the calls in one step that made the host wait for the GPU (CUDA's sync
+debug mode); the distill step is meant to have none, reading its losses only at log intervals.
 Table last. A variant that runs out of memory is reported as OOM.
 """
 
@@ -32,6 +34,7 @@ import gc
 import json
 import sys
 import time
+import warnings
 from functools import partial
 
 import torch
@@ -133,6 +136,21 @@ def pipeline_step_factory(teacher, student, masks, device, variant: str, chunk_t
     return step, model
 
 
+def host_syncs(step, input_ids: torch.Tensor, device: torch.device) -> int | None:
+    """How many calls in one training step made the host wait for the GPU (torch's CUDA sync debug
+    mode warns at each); None off CUDA. The step's loss is not read, as in the stage's loop."""
+    if device.type != "cuda":
+        return None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step(input_ids)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchronizing" in str(warning.message) for warning in caught)
+
+
 def run_variant(variant, teacher, student, masks, device, args, batches) -> dict:
     from distill.throughput import flops_per_token
 
@@ -148,6 +166,7 @@ def run_variant(variant, teacher, student, masks, device, args, batches) -> dict
         first_loss = float(step(batches[0], update=False))
         for input_ids in batches[:args.warmup]:
             step(input_ids)
+        syncs = host_syncs(step, batches[0], device)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         started = time.perf_counter()
@@ -160,7 +179,7 @@ def run_variant(variant, teacher, student, masks, device, args, batches) -> dict
     tokens = (len(batches) - args.warmup) * batches[0].numel()
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     result = {"variant": variant, "oom": False, "tokens_per_s": tokens / elapsed, "peak_gib": peak,
-              "first_loss": first_loss, "flop_per_token": flops_per_token(model, teacher)}
+              "first_loss": first_loss, "flop_per_token": flops_per_token(model, teacher), "host_syncs_per_step": syncs}
     del step, model
     return result
 
@@ -209,18 +228,19 @@ def main(argv=None) -> int:
     baseline = next((row for row in rows if row["variant"] == "baseline" and not row["oom"]), None)
     print(f"\ndistill step vs plain loop, {args.model} model, batch {args.batch}x{args.seq}, {device_name}, "
           f"torch {torch.__version__}, measured bf16 peak {peak_flops / 1e12:.0f} TFLOP/s\n")
-    print("| variant | tokens/s | vs baseline | peak GiB | vs baseline | MFU | first-batch loss | rel. diff |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| variant | tokens/s | vs baseline | peak GiB | vs baseline | MFU | first-batch loss | rel. diff | host syncs/step |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         if row["oom"]:
-            print(f"| {row['variant']} | OOM | | | | | | |")
+            print(f"| {row['variant']} | OOM | | | | | | | |")
             continue
         mfu = row["tokens_per_s"] * row["flop_per_token"] / peak_flops
         speed = f"{row['tokens_per_s'] / baseline['tokens_per_s']:.2f}x" if baseline else "-"
         memory = f"{row['peak_gib'] / baseline['peak_gib']:.2f}x" if baseline and device.type == "cuda" else "-"
         diff = f"{abs(row['first_loss'] - baseline['first_loss']) / abs(baseline['first_loss']):.1e}" if baseline else "-"
+        syncs = "-" if row["host_syncs_per_step"] is None else row["host_syncs_per_step"]
         print(f"| {row['variant']} | {row['tokens_per_s']:.0f} | {speed} | {row['peak_gib']:.1f} | {memory} | "
-              f"{mfu:.1%} | {row['first_loss']:.5f} | {diff} |")
+              f"{mfu:.1%} | {row['first_loss']:.5f} | {diff} | {syncs} |")
     return 0
 
 
