@@ -38,11 +38,12 @@ def _keep(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
 
 
 def _head_geometry(model: nn.Module) -> tuple[int, int, int]:
+    """(key/value heads, head dim, query heads per key/value head), the same in every layer."""
     config = model.config
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return heads, kv_heads, head_dim
+    return kv_heads, head_dim, heads // kv_heads
 
 
 def structured_masks(model: nn.Module, kind: str, scores: dict[str, torch.Tensor], sparsity: float) -> dict[str, torch.Tensor]:
@@ -52,6 +53,7 @@ def structured_masks(model: nn.Module, kind: str, scores: dict[str, torch.Tensor
     groups = _modules_with(model, parts)
     if not groups:
         raise DistillError(f"pattern {kind}: the model has no module with {', '.join(parts)}")
+    kv_heads, head_dim, per_group = _head_geometry(model)
     masks = {}
     for name, _ in groups:
         names = {part: f"{name}.{part}" for part in parts}
@@ -67,8 +69,6 @@ def structured_masks(model: nn.Module, kind: str, scores: dict[str, torch.Tensor
             masks[names["up_proj"]] = rows.expand_as(s["up_proj"]).clone()
             masks[names["down_proj"]] = keep[None, :].expand_as(s["down_proj"]).clone()
         else:
-            heads, kv_heads, head_dim = _head_geometry(model)
-            per_group = heads // kv_heads
             group_score = (s["q_proj"].sum(1).reshape(kv_heads, per_group * head_dim).sum(1)
                            + s["k_proj"].sum(1).reshape(kv_heads, head_dim).sum(1)
                            + s["v_proj"].sum(1).reshape(kv_heads, head_dim).sum(1)
@@ -111,6 +111,7 @@ def shrink(model: nn.Module, kind: str) -> dict[str, int]:
     number of channels or heads (true for a per-layer fraction of equal-sized layers)."""
     parts = MLP_PARTS if kind == "mlp_channels" else ATTENTION_PARTS
     groups = _modules_with(model, parts)
+    kv_heads, head_dim, per_group = _head_geometry(model)
     kept_counts = set()
     for name, module in groups:
         if kind == "mlp_channels":
@@ -119,8 +120,6 @@ def shrink(model: nn.Module, kind: str) -> dict[str, int]:
             module.down_proj = _cut(module.down_proj, cols=keep)
             kept_counts.add(int(keep.sum()))
         else:
-            heads, kv_heads, head_dim = _head_geometry(model)
-            per_group = heads // kv_heads
             alive = ((module.q_proj.weight != 0).any(1).reshape(kv_heads, -1).any(1)
                      | (module.k_proj.weight != 0).any(1).reshape(kv_heads, -1).any(1)
                      | (module.v_proj.weight != 0).any(1).reshape(kv_heads, -1).any(1)
@@ -136,8 +135,7 @@ def shrink(model: nn.Module, kind: str) -> dict[str, int]:
     if kind == "mlp_channels":
         changes = {"intermediate_size": kept}
     else:
-        heads, kv_heads, head_dim = _head_geometry(model)
-        changes = {"num_attention_heads": kept * (heads // kv_heads), "num_key_value_heads": kept, "head_dim": head_dim}
+        changes = {"num_attention_heads": kept * per_group, "num_key_value_heads": kept, "head_dim": head_dim}
         for _, module in groups:  # attention modules cache their geometry
             for attribute, value in (("num_heads", changes["num_attention_heads"]),
                                      ("num_key_value_heads", kept), ("head_dim", head_dim)):
