@@ -126,6 +126,8 @@ def main(argv=None) -> int:
                 except OutOfResources:  # e.g. deep K tiles x pipeline stages over the shared memory
                     refused.append(list(tiles))
             tiles = best_tiles[shape][m] = min(tried, key=tried.get)
+            # the winner is timed again below with the other paths: the minimum over many noisy
+            # timings is biased low, a fresh one is not
             paths = {
                 "dense": [lambda w=w: F.linear(x, w) for w in weights],
                 "triton": triton_calls(tiles),
