@@ -66,6 +66,10 @@ if [ "$accelerate_config" = cpu ]; then
   else
     launch+=(--cpu)
   fi
+  # the cores, shared among the processes (said here, so accelerate does not warn that it guessed)
+  cores=$(nproc 2>/dev/null || echo 1)
+  threads=$(( cores / num_processes > 0 ? cores / num_processes : 1 ))
+  launch+=(--num_cpu_threads_per_process "$threads")
 fi
 [ -n "${NUM_MACHINES:-}" ] && launch+=(--num_machines "$NUM_MACHINES")
 [ -n "${MACHINE_RANK:-}" ] && launch+=(--machine_rank "$MACHINE_RANK")

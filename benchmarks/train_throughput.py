@@ -49,6 +49,14 @@ SMOKE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_att
 VARIANTS = ("baseline", "pipeline", "pipeline+compile", "pipeline+checkpointing")
 
 
+def bf16_autocast(device: torch.device) -> bool:
+    """bf16 autocast where the pipeline would use it (always on the GPUs this benchmark is for; on a
+    CPU smoke run only where the CPU computes bf16 natively)."""
+    from distill.precision import Precision, choose_precision
+
+    return choose_precision(Precision.AUTO, device).precision is Precision.BF16
+
+
 def build_models(args, device: torch.device):
     """(teacher in bf16, dense fp32 student weights with their 2:4 masks)."""
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
@@ -80,7 +88,7 @@ def plain_step_factory(teacher, student, masks, device):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
 
     def step(input_ids: torch.Tensor, update: bool = True) -> torch.Tensor:
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_autocast(device)):
             with torch.no_grad():
                 teacher_logits = teacher(input_ids=input_ids).logits.float()
             student_logits = model(input_ids=input_ids).logits.float()
@@ -109,7 +117,7 @@ def pipeline_step_factory(teacher, student, masks, device, variant: str, chunk_t
     from distill.objective import DistillationObjective, teacher_outputs
     from distill.stages.train import forward_backward, optimizer_step, speed_up
 
-    accelerator = Accelerator(mixed_precision="bf16", cpu=device.type == "cpu")
+    accelerator = Accelerator(mixed_precision="bf16" if bf16_autocast(device) else "no", cpu=device.type == "cpu")
     model = install_masks(copy.deepcopy(student), masks).to(device).train()
     speed = SpeedConfig(compile="compile" in variant, activation_checkpointing="checkpointing" in variant)
     speed_up(model, speed, training=True)

@@ -8,6 +8,7 @@ cannot express (choices, ranges, N < M). Every failure becomes one `DistillError
 from __future__ import annotations
 
 import dataclasses
+import enum
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
@@ -17,6 +18,7 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from distill.errors import DistillError
+from distill.precision import Precision
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -26,6 +28,10 @@ class RunConfig:
     name: str = "run"
     output_dir: str = "runs"  # the run dir is <output_dir>/<name>: derived from the config alone
     seed: int = 0
+    # auto: bf16 autocast where the hardware computes bf16 natively (CUDA with bf16, CPUs with
+    # AVX512-BF16 or AMX), fp32 elsewhere; bf16 or fp32 force it. The effective precision is part of
+    # the fingerprint of every stage whose results depend on it (distill.precision)
+    precision: Precision = Precision.AUTO
     # how long a rank waits in a collective: ranks wait at a barrier while the main process alone
     # exports and writes the student, which for a large model outlasts NCCL's 10-minute default
     collective_timeout_minutes: int = 60
@@ -285,8 +291,13 @@ def config_from_dict(raw: dict, overrides: List[str] | None = None) -> Config:
     return config
 
 
+def _plain(pairs: list[tuple[str, Any]]) -> dict:
+    return {key: value.value if isinstance(value, enum.Enum) else value for key, value in pairs}
+
+
 def to_dict(config: Any) -> dict:
-    return dataclasses.asdict(config)
+    """The config as plain data (choices as their string values), for YAML and fingerprints."""
+    return dataclasses.asdict(config, dict_factory=_plain)
 
 
 def to_yaml(config: Config) -> str:

@@ -116,6 +116,27 @@ def sparsegpt_nm(weight: torch.Tensor, hessian: torch.Tensor, n: int, m: int, bl
     return (weight * mask), mask
 
 
+def _shared_input_groups(layer: nn.Module, linears: dict[str, nn.Linear], sample: tuple[tuple, dict]) -> list[list[str]]:
+    """The projections of `layer`, grouped by the input they read (the same tensor in one forward)."""
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [linear.register_forward_pre_hook(lambda module, args, name=name: seen.setdefault(name, args[0]))
+             for name, linear in linears.items()]
+    try:
+        layer(*sample[0], **sample[1])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    groups: list[list[str]] = []
+    for name in linears:  # tensors held in `seen` stay alive, so identity means the same input
+        for group in groups:
+            if seen.get(name) is not None and seen.get(name) is seen.get(group[0]):
+                group.append(name)
+                break
+        else:
+            groups.append([name])
+    return groups
+
+
 @torch.no_grad()
 def sparsegpt_masks(model: nn.Module, blocks: torch.Tensor, targets: list[str], n: int, m: int,
                     batch_size: int = 4, skip: set[str] = frozenset()) -> dict[str, torch.Tensor]:
@@ -127,23 +148,29 @@ def sparsegpt_masks(model: nn.Module, blocks: torch.Tensor, targets: list[str], 
     for layer in tqdm(layers, desc="sparsegpt"):
         linears = {name: linear for name, linear in target_linears(layer, targets)
                    if f"{prefix[id(layer)]}.{name}" not in skip}
-        hessians = {name: torch.zeros(linear.in_features, linear.in_features, dtype=torch.float64)
-                    for name, linear in linears.items()}
+        groups = _shared_input_groups(layer, linears, inputs[0])
+        hessians = [torch.zeros(linears[names[0]].in_features, linears[names[0]].in_features, dtype=torch.float64)
+                    for names in groups]
 
-        def accumulate(module, args, name):
+        def accumulate(args, index):
             x = args[0].reshape(-1, args[0].shape[-1]).double()
-            hessians[name] += x.T @ x
+            hessians[index] += x.T @ x
 
-        hooks = [linear.register_forward_pre_hook(lambda module, args, name=name: accumulate(module, args, name))
-                 for name, linear in linears.items()]
+        hooks = [linears[names[0]].register_forward_pre_hook(lambda module, args, index=index: accumulate(args, index))
+                 for index, names in enumerate(groups)]
         for args, kwargs in inputs:
             layer(*args, **kwargs)
         for hook in hooks:
             hook.remove()
-        for name, linear in linears.items():
-            pruned, mask = sparsegpt_nm(linear.weight, hessians[name], n, m)
-            linear.weight.copy_(pruned.to(linear.weight.dtype))
-            masks[f"{prefix[id(layer)]}.{name}"] = mask
+        for names, hessian in zip(groups, hessians):
+            # rows are pruned independently under one shared Hessian: projections that read the same
+            # input (q/k/v, gate/up) go through one sweep, stacked, with the same result as one by one
+            stacked = torch.cat([linears[name].weight for name in names])
+            pruned, mask = sparsegpt_nm(stacked, hessian, n, m)
+            sizes = [linears[name].out_features for name in names]
+            for name, weight, part in zip(names, pruned.split(sizes), mask.split(sizes)):
+                linears[name].weight.copy_(weight.to(linears[name].weight.dtype))
+                masks[f"{prefix[id(layer)]}.{name}"] = part
         # the next layer sees this layer's pruned outputs
         inputs = [_with_hidden(args, kwargs, layer(*args, **kwargs)) for args, kwargs in inputs]
     return masks

@@ -21,6 +21,7 @@ from accelerate import Accelerator
 from distill import __version__
 from distill.config import Config, to_dict, to_yaml
 from distill.errors import DistillError
+from distill.precision import Precision
 from distill.io import fingerprint, read_json, replace_dir, write_json, write_text
 
 
@@ -46,8 +47,9 @@ class Stage:
     upstream: tuple[str, ...]  # stages whose output it reads
     run: Callable[[StageContext], dict]  # returns a summary kept in the manifest
     input_files: Callable[[Config], list[str]] = field(default=lambda config: [])
-    # whether its results depend on the accelerate mixed-precision setting (for this config)
-    uses_autocast: Callable[[Config], bool] = field(default=lambda config: False)
+    # whether its results depend on the precision it computes in (for this config): then the effective
+    # precision is part of its fingerprint
+    depends_on_precision: Callable[[Config], bool] = field(default=lambda config: False)
 
 
 def flatten(data, prefix: str = "") -> dict:
@@ -68,6 +70,21 @@ def flatten(data, prefix: str = "") -> dict:
 def _select(config: Config, keys: tuple[str, ...]) -> dict:
     full = flatten(to_dict(config))
     return {key: value for key, value in full.items() if any(key == k or key.startswith((k + ".", k + "[")) for k in keys)}
+
+
+PRECISION_KEY = "precision"
+# run dirs made before distill.precision recorded accelerate's setting under this key
+_LEGACY_PRECISION_KEY, _LEGACY_PRECISION_VALUES = "accelerate.mixed_precision", {"bf16": "bf16", "no": "fp32"}
+
+
+def upgrade_inputs(inputs: dict) -> dict:
+    """A saved inputs dict in today's keys, so a run dir from an older release still matches."""
+    if _LEGACY_PRECISION_KEY not in inputs:
+        return inputs
+    inputs = dict(inputs)
+    old = inputs.pop(_LEGACY_PRECISION_KEY)
+    inputs[PRECISION_KEY] = _LEGACY_PRECISION_VALUES.get(old, old)
+    return inputs
 
 
 def _file_stamp(path: str) -> dict:
@@ -111,6 +128,7 @@ class Pipeline:
         self.accelerator = accelerator
         self.stages = stages
         self.run_dir = config.run_dir
+        self.precision = (Precision.BF16 if accelerator.mixed_precision == "bf16" else Precision.FP32).value
 
     def inputs(self, stage: Stage) -> dict:
         """What a stage's fingerprint covers, as a flat dict (so changes can be named key by key)."""
@@ -120,8 +138,8 @@ class Pipeline:
         for name in stage.upstream:
             manifest = self.manifest(name)
             inputs[f"upstream.{name}"] = manifest["completion"] if manifest else None
-        if stage.uses_autocast(self.config):
-            inputs["accelerate.mixed_precision"] = self.accelerator.mixed_precision
+        if stage.depends_on_precision(self.config):
+            inputs[PRECISION_KEY] = self.precision
         inputs["distill.version"] = __version__
         return inputs
 
@@ -167,24 +185,35 @@ class Pipeline:
             upstream_runs = [f"stage '{name}' runs again" for name in stage.upstream if name in will_run]
             partial = self.run_dir / f"{stage.name}.partial" / "inputs.json"
             if partial.is_file():
-                previous = read_json(partial)
-                changes = upstream_runs + ([describe_changes(previous["inputs"], inputs)] if previous["fingerprint"] != stamp else [])
-                if changes:
-                    raise DistillError(
-                        f"stage '{stage.name}' has an unfinished run in {partial.parent} made with other inputs "
-                        f"({'; '.join(changes)}); rerun with --restart to start over")
+                previous = upgrade_inputs(read_json(partial)["inputs"])
+                if fingerprint(previous) != stamp or upstream_runs:
+                    raise DistillError(self._refusal(stage, partial.parent, previous, inputs, upstream_runs))
                 action, reason = "resuming the unfinished run", str(partial.parent)
-            elif manifest and manifest["fingerprint"] == stamp and stage.name not in forced and not upstream_runs:
+            elif manifest and fingerprint(upgrade_inputs(manifest["inputs"])) == stamp and stage.name not in forced \
+                    and not upstream_runs:
                 action, reason = "skip", ""
             elif manifest:
                 action = "running again"
-                reason = "asked for" if stage.name in forced else "; ".join(upstream_runs) or describe_changes(manifest["inputs"], inputs)
+                reason = ("asked for" if stage.name in forced
+                          else "; ".join(upstream_runs) or describe_changes(upgrade_inputs(manifest["inputs"]), inputs))
             else:
                 action, reason = "running", ""
             if action != "skip":
                 will_run.add(stage.name)
             steps.append((stage, action, reason))
         return steps
+
+    @staticmethod
+    def _refusal(stage: Stage, partial: Path, previous: dict, inputs: dict, upstream_runs: list[str]) -> str:
+        """Why an unfinished run cannot be resumed, and how to go on."""
+        old, new = previous.get(PRECISION_KEY), inputs.get(PRECISION_KEY)
+        if old != new and old is not None and new is not None:
+            return (f"stage '{stage.name}' has an unfinished run in {partial} computed in {old} and this launch "
+                    f"computes in {new}; resume it with run.precision={old}, or delete {partial} to start that "
+                    f"stage over in {new}")
+        changes = upstream_runs + [describe_changes(previous, inputs)]
+        return (f"stage '{stage.name}' has an unfinished run in {partial} made with other inputs "
+                f"({'; '.join(change for change in changes if change)}); rerun with --restart to start over")
 
     def _run_stage(self, stage: Stage) -> None:
         accelerator = self.accelerator

@@ -11,17 +11,14 @@ import argparse
 import os
 import signal
 import sys
-from datetime import timedelta
 
-from accelerate import Accelerator
-from accelerate.utils import (DistributedDataParallelKwargs, DistributedType, InitProcessGroupKwargs,
-                               ProjectConfiguration, set_seed)
+from accelerate.utils import set_seed
 
+from distill.accelerator import build_accelerator
 from distill.config import load_config
 from distill.errors import DistillError
 from distill.pipeline import Pipeline, check_input_paths
 from distill.stages import STAGES
-from distill.tracking import log_with
 
 
 def parse_args(argv):
@@ -51,21 +48,8 @@ def main(argv=None) -> int:
     try:
         config = load_config(args.config, args.overrides)
         check_input_paths(config)
-        accelerator = Accelerator(
-            log_with=log_with(config),
-            project_config=ProjectConfiguration(project_dir=str(config.run_dir), logging_dir=str(config.run_dir / "logs")),
-            kwargs_handlers=[
-                # masks are identical on every rank: no need to broadcast buffers each forward
-                DistributedDataParallelKwargs(broadcast_buffers=False),
-                InitProcessGroupKwargs(timeout=timedelta(minutes=config.run.collective_timeout_minutes)),
-            ],
-        )
-        if config.train.sharding == "fsdp" and accelerator.num_processes < 2:
-            raise DistillError("config key 'train.sharding': fsdp shards over processes; launch at least 2 "
-                               "(launch.sh --num-processes N)")
-        if accelerator.distributed_type == DistributedType.FSDP:
-            raise DistillError("accelerate's FSDP plugin is not used: launch plain processes and set "
-                               "train.sharding=fsdp (bash launch.sh --accelerate fsdp does both)")
+        accelerator, precision = build_accelerator(config)
+        accelerator.print(f"distill: {precision.describe()}", flush=True)
         set_seed(config.run.seed)
         Pipeline(config, accelerator, STAGES).run(only=args.only, start_from=args.start_from, restart=args.restart)
         accelerator.end_training()

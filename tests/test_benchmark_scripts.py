@@ -25,6 +25,7 @@ def test_end_to_end_smoke_prints_the_table_for_every_case():
         assert dense > 0 and sparse > 0
 
 
+@pytest.mark.slow  # compiles every variant
 def test_train_throughput_smoke_runs_every_variant_on_the_same_loss():
     result = run_script("benchmarks/train_throughput.py", "--smoke")
     assert result.returncode == 0, result.stderr[-2000:]

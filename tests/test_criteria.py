@@ -78,3 +78,24 @@ def test_sparsegpt_handles_group_sizes_that_do_not_divide_its_column_block(n, m)
     pruned, mask = sparsegpt_nm(weight, x.double().T @ x.double(), n, m)
     assert bool((mask.reshape(8, cols // m, m).sum(-1) == n).all())
     assert bool((pruned[~mask] == 0).all())
+
+
+def test_projections_that_share_an_input_are_pruned_in_one_sweep_with_the_same_result(tiny_teacher, calibration):
+    from distill.criteria import _decoder_layers, _first_layer_inputs, _shared_input_groups, sparsegpt_nm
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_teacher, dtype=torch.float32).eval()
+    layer = _decoder_layers(model)[0]
+    linears = dict(target_linears(layer, PROJECTIONS))
+    with torch.no_grad():
+        groups = _shared_input_groups(layer, linears, _first_layer_inputs(model, calibration[:2], 2)[0])
+    assert groups == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+                      ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+    torch.manual_seed(0)
+    x = torch.randn(200, 16, dtype=torch.float64)
+    hessian = x.T @ x
+    first, second = torch.randn(5, 16), torch.randn(3, 16)
+    stacked, stacked_mask = sparsegpt_nm(torch.cat([first, second]), hessian, 2, 4, block_size=8)
+    alone = [sparsegpt_nm(weight, hessian, 2, 4, block_size=8) for weight in (first, second)]
+    assert torch.equal(stacked_mask, torch.cat([mask for _, mask in alone]))
+    expected = torch.cat([weight for weight, _ in alone])
+    assert float((stacked - expected).abs().max() / expected.abs().max()) < 1e-12

@@ -55,7 +55,7 @@ def loss_and_gradients(teacher, student, input_ids, loss: LossConfig):
     return total.detach(), grads, sum(saved)
 
 
-@pytest.mark.parametrize("option", ["activation_checkpointing", "compile"])
+@pytest.mark.parametrize("option", ["activation_checkpointing", pytest.param("compile", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("hidden_weight", [0.0, 0.5])
 def test_speed_option_gives_the_plain_loss_and_gradients(teacher_and_student, option, hidden_weight):
     teacher, student = teacher_and_student

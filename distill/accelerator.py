@@ -1,0 +1,41 @@
+"""The Accelerator every stage runs under: process group, device, precision and trackers, from the
+config alone (the accelerate config file chooses processes and machines, never the precision)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from accelerate import Accelerator, PartialState
+from accelerate.utils import (DistributedDataParallelKwargs, DistributedType, ProjectConfiguration, gather_object,
+                              parse_flag_from_env)
+
+from distill.config import Config
+from distill.errors import DistillError
+from distill.precision import PrecisionChoice, choose_precision
+from distill.tracking import log_with
+
+
+def build_accelerator(config: Config) -> tuple[Accelerator, PrecisionChoice]:
+    """The run's Accelerator and the precision it computes in, the same on every process."""
+    # the process group first: the precision depends on the device each process gets
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"),
+                         timeout=timedelta(minutes=config.run.collective_timeout_minutes))
+    choice = choose_precision(config.run.precision, state.device)
+    everyone = sorted(set(gather_object([choice.precision.value]))) if state.num_processes > 1 else [choice.precision.value]
+    if len(everyone) > 1:
+        raise DistillError(f"processes chose different precisions ({', '.join(everyone)}): their hardware differs; "
+                           f"set run.precision to one of them")
+    accelerator = Accelerator(
+        mixed_precision=choice.mixed_precision,
+        log_with=log_with(config),
+        project_config=ProjectConfiguration(project_dir=str(config.run_dir), logging_dir=str(config.run_dir / "logs")),
+        # masks are identical on every rank: no need to broadcast buffers each forward
+        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+    )
+    if config.train.sharding == "fsdp" and accelerator.num_processes < 2:
+        raise DistillError("config key 'train.sharding': fsdp shards over processes; launch at least 2 "
+                           "(launch.sh --num-processes N)")
+    if accelerator.distributed_type == DistributedType.FSDP:
+        raise DistillError("accelerate's FSDP plugin is not used: launch plain processes and set "
+                           "train.sharding=fsdp (bash launch.sh --accelerate fsdp does both)")
+    return accelerator, choice

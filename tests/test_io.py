@@ -1,0 +1,103 @@
+"""Atomic writes and the distill stage's checkpoints, on real files and a real Accelerator."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from distill.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from distill.errors import DistillError
+from distill.io import atomic_write, load_tensors, read_json, replace_dir, save_tensors, write_json
+
+
+def test_a_write_that_fails_leaves_the_old_file_and_no_temporary(tmp_path):
+    target = tmp_path / "out.json"
+    write_json(target, {"version": 1})
+
+    def broken(temp):
+        temp.write_text('{"version": 2, "half')
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        atomic_write(target, broken)
+    assert read_json(target) == {"version": 1}
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out.json"]
+
+
+def test_corrupt_files_are_named_in_one_line(tmp_path):
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(DistillError, match=r"corrupt JSON file .*bad.json"):
+        read_json(tmp_path / "bad.json")
+    tensors = {"a": torch.randn(3, 5)}
+    save_tensors(tmp_path / "t.safetensors", tensors)
+    assert torch.equal(load_tensors(tmp_path / "t.safetensors")["a"], tensors["a"])
+    data = (tmp_path / "t.safetensors").read_bytes()
+    (tmp_path / "t.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DistillError, match=r"corrupt safetensors file .*t.safetensors"):
+        load_tensors(tmp_path / "t.safetensors")
+    with pytest.raises(DistillError, match="missing file"):
+        load_tensors(tmp_path / "absent.safetensors")
+
+
+def test_replace_dir_swaps_a_finished_dir_in_whole(tmp_path):
+    old, new = tmp_path / "stage", tmp_path / "stage.partial"
+    old.mkdir()
+    (old / "a.txt").write_text("old")
+    new.mkdir()
+    (new / "b.txt").write_text("new")
+    replace_dir(new, old)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["stage"]
+    assert [path.name for path in old.iterdir()] == ["b.txt"]
+
+
+def _trained_pair(seed):
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(6, 4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    return model, optimizer
+
+
+def _step(model, optimizer):
+    loss = model(torch.randn(8, 6)).square().mean()
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def test_checkpoints_keep_the_newest_and_restore_weights_optimizer_and_rng(tmp_path):
+    accelerator = Accelerator(cpu=True, mixed_precision="no")
+    model, optimizer = accelerator.prepare(*_trained_pair(0))
+    root = tmp_path / "checkpoints"
+    assert latest_checkpoint(root) is None
+    for step in (1, 2, 3):
+        _step(model, optimizer)
+        save_checkpoint(accelerator, root, step, keep=2)
+    assert sorted(path.name for path in root.iterdir()) == ["latest.json", "step_00000002", "step_00000003"]
+    assert latest_checkpoint(root) == root / "step_00000003"
+    expected_weight = model.weight.detach().clone()
+    _step(model, optimizer)
+    expected_next = model.weight.detach().clone()
+
+    # a fresh process's model and optimizer, resumed from the checkpoint, take the same next step
+    resumed = Accelerator(cpu=True, mixed_precision="no")
+    model2, optimizer2 = resumed.prepare(*_trained_pair(1))
+    load_checkpoint(resumed, latest_checkpoint(root))
+    assert torch.equal(model2.weight, expected_weight)
+    _step(model2, optimizer2)
+    assert torch.equal(model2.weight, expected_next)
+
+
+def test_a_corrupt_checkpoint_or_pointer_is_refused_in_one_line(tmp_path):
+    accelerator = Accelerator(cpu=True, mixed_precision="no")
+    model, optimizer = accelerator.prepare(*_trained_pair(0))
+    root = tmp_path / "checkpoints"
+    save_checkpoint(accelerator, root, 1, keep=1)
+    weights = next((root / "step_00000001").glob("model*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(DistillError, match="could not be loaded") as refusal:
+        load_checkpoint(accelerator, latest_checkpoint(root))
+    assert "\n" not in str(refusal.value)
+    write_json(root / "latest.json", {"name": "step_00000009", "step": 9})
+    with pytest.raises(DistillError, match="step_00000009, which does not exist"):
+        latest_checkpoint(root)
