@@ -121,6 +121,11 @@ class LossConfig:
     teacher_topk: int = 0
 
 
+class NonFinite(str, enum.Enum):
+    STOP = "stop"
+    SKIP = "skip"
+
+
 @dataclass
 class TrainConfig:
     steps: int = 100
@@ -153,6 +158,10 @@ class TrainConfig:
     # optimizer state and masks sharded over the processes (torch FSDP2, distill.sharding); fixed masks
     sharding: str = "ddp"
     log_every: int = 5
+    # a non-finite loss or gradient norm: stop (exit with one line naming the step and the last good
+    # checkpoint, which is kept; checked at log steps, so no extra host sync) or skip (drop that step's
+    # update and count it; checked every step)
+    on_nonfinite: NonFinite = NonFinite.STOP
     # perplexity of the student on the held-out blocks every `eval_every` steps (a multiple of
     # log_every; 0: never), logged as `heldout_ppl`: the recovery curve
     eval_every: int = 0

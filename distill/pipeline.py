@@ -23,6 +23,7 @@ from distill.config import Config, to_dict, to_yaml
 from distill.errors import DistillError
 from distill.precision import Precision
 from distill.io import fingerprint, read_json, replace_dir, write_json, write_text
+from distill.locking import run_dir_lock
 
 
 @dataclass
@@ -154,6 +155,10 @@ class Pipeline:
         for chosen in (only, start_from):
             if chosen is not None and chosen not in self._names():
                 raise DistillError(f"unknown stage '{chosen}' (stages: {', '.join(self._names())})")
+        with run_dir_lock(self.run_dir, hold=self.accelerator.is_main_process):
+            self._run(only, start_from, restart)
+
+    def _run(self, only: str | None, start_from: str | None, restart: bool) -> None:
         accelerator = self.accelerator
         if restart and accelerator.is_main_process and self.run_dir.exists():
             shutil.rmtree(self.run_dir)

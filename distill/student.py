@@ -31,6 +31,13 @@ def save_student(model: nn.Module, directory: Path, spec: dict) -> None:
     write_json(directory / "sparsity.json", {**spec, "masked": masked})
 
 
+def check_finite(model: nn.Module, what: str) -> None:
+    """Refuse a model with a NaN or infinite weight, naming the first such tensor."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise DistillError(f"{what} has non-finite values in {name}; it is not saved or used")
+
+
 def load_student(directory: Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
     directory = Path(directory)
     for required in ("config.json", "model.safetensors", "sparsity.json"):

@@ -3,7 +3,7 @@ import re
 import pytest
 import yaml
 
-from conftest import REPO, run_pipeline, tiny_config, write_config
+from conftest import REPO, launch, run_pipeline, tiny_config, write_config
 from distill.config import load_config
 from distill.errors import DistillError
 
@@ -96,3 +96,15 @@ def test_overrides_may_follow_the_stage_flags():
     assert (args.config, args.only, args.overrides) == ("c.yaml", "distill", ["train.steps=3", "train.sharding=fsdp"])
     args = entry.parse_args(["--restart", "c.yaml", "train.sharding=fsdp"])
     assert args.restart and args.overrides == ["train.sharding=fsdp"]
+
+
+def test_launch_says_the_precision_and_why_in_its_first_line(tmp_path, tiny_teacher):
+    from distill.precision import choose_precision
+
+    config = write_config(tmp_path / "c.yaml", tiny_config(tmp_path, tiny_teacher))
+    expected = f"distill: {choose_precision('auto', 'cpu').describe()}"
+    # --only evaluate on a new run dir stops right after the launch line, with its one-line refusal
+    for overrides, first_line in (([], expected), (["run.precision=fp32"], "distill: precision fp32 (forced by run.precision)")):
+        result = launch(config, "--only", "evaluate", *overrides, check=False)
+        assert result.returncode != 0 and "needs stage 'teacher' finished first" in result.stderr
+        assert result.stdout.splitlines()[0] == first_line, result.stdout[:500]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -390,3 +391,45 @@ def test_spanning_patterns_export_a_smaller_dense_model_that_the_report_scores(t
     with torch.no_grad():
         expected, actual = masked(input_ids=ids).logits, smaller(input_ids=ids).logits
     assert float((actual - expected).norm() / expected.norm()) < 1e-5
+
+
+def test_a_diverging_run_stops_in_one_line_and_never_finishes_a_nan_student(tmp_path, tiny_teacher):
+    train = {"lr": 1e12, "warmup_steps": 0, "max_grad_norm": 0.0}
+    config = write_config(tmp_path / "nan.yaml", tiny_config(tmp_path, tiny_teacher, name="nan", train=train))
+    result = run_pipeline(config, check=False)
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("distill: error:")]
+    assert len(errors) == 1 and "is not finite within steps" in errors[0] and "Traceback" not in result.stderr
+    run_dir = tmp_path / "runs" / "nan"
+    assert (run_dir / "prune" / "manifest.json").is_file() and not (run_dir / "distill").exists()
+    assert not (run_dir / "export").exists()
+    assert f"delete {run_dir / 'distill.partial'} to start distill over" in errors[0]
+    shutil.rmtree(run_dir / "distill.partial")  # as the message says
+
+    # skip: the non-finite steps are dropped and counted, and the run finishes with finite weights
+    skipped = run_pipeline(config, "train.on_nonfinite=skip", "--only", "distill", check=False)
+    if skipped.returncode == 0:
+        rows = metrics(run_dir)
+        assert rows[-1]["skipped_steps"] > 0 and all(row["loss"] == row["loss"] for row in rows if "loss" in row)
+        weights = student_tensors(run_dir)
+        assert all(bool(torch.isfinite(tensor).all()) for tensor in weights.values() if tensor.is_floating_point())
+    else:  # the one finite giant step it took left infinite weights: refused, never saved
+        assert "has non-finite values in" in skipped.stderr and not (run_dir / "distill").exists()
+
+
+@pytest.mark.slow  # two launches at once
+def test_two_launches_on_one_run_dir_the_second_is_refused_and_the_first_finishes(tmp_path, tiny_teacher):
+    config = write_config(tmp_path / "twice.yaml", tiny_config(tmp_path, tiny_teacher, name="twice"))
+    run_dir = tmp_path / "runs" / "twice"
+    first = _start(config)
+    deadline = time.time() + 120
+    while not (run_dir / "teacher.partial").exists():
+        assert first.poll() is None and time.time() < deadline, "the first launch did not start its first stage"
+        time.sleep(0.05)
+    second = launch(config, check=False)
+    assert second.returncode != 0
+    errors = [line for line in second.stderr.splitlines() if line.startswith("distill: error:")]
+    assert len(errors) == 1 and f"run dir {run_dir} is in use by PID" in errors[0], second.stderr[-2000:]
+    _, first_errors = first.communicate(timeout=600)  # reads the pipes, so the first launch never blocks on them
+    assert first.returncode == 0, first_errors[-3000:]
+    assert all((run_dir / stage / "manifest.json").is_file() for stage in STAGES)

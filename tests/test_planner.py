@@ -98,3 +98,17 @@ def test_a_run_dir_from_before_the_precision_key_still_matches(tmp_path, acceler
     manifest["inputs"]["accelerate.mixed_precision"] = "bf16"
     path.write_text(json.dumps(manifest))
     assert actions(make_pipeline(tmp_path, accelerator))[0] == ("first", "running again", "precision: 'bf16' -> 'fp32'")
+
+
+def test_a_second_launch_on_a_locked_run_dir_is_refused_naming_the_holder(tmp_path, accelerator):
+    import os
+
+    from distill.locking import run_dir_lock
+
+    pipeline = make_pipeline(tmp_path, accelerator)
+    with run_dir_lock(tmp_path / "plan"):
+        with pytest.raises(DistillError, match=rf"run dir .*plan is in use by PID {os.getpid()} on host "):
+            pipeline.run()
+        assert not (tmp_path / "plan" / "first").exists()
+    pipeline.run()  # released at the end of the first launch
+    assert (tmp_path / "plan" / "third" / "manifest.json").is_file()

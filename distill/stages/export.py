@@ -26,7 +26,7 @@ from distill.sparsity import masked_modules, remove_masks
 from distill.stages.prune import STUDENT_DIR
 from distill.stages.teacher import DATA_FILE
 from distill.structured import shrink
-from distill.student import load_student
+from distill.student import check_finite, load_student
 
 
 def verify_structure(model: torch.nn.Module, pattern: Pattern) -> None:
@@ -70,6 +70,7 @@ def run(ctx: StageContext) -> dict:
     spec = json.loads((student_dir / "sparsity.json").read_text())
     pattern, masked = Pattern.from_spec(spec), spec["masked"]
     student = load_student(student_dir)
+    check_finite(student, f"the student in {student_dir}")  # before the structure check: NaN reads as unpruned
     verify_structure(student, pattern)
     ctx.log(f"[export] {len(masked)} projections verified: {pattern.describe()}")
 

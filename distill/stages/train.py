@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from distill.checkpoints import CHECKPOINTS, latest_checkpoint, load_checkpoint, save_checkpoint
-from distill.config import Config, SpeedConfig, TrainConfig
+from distill.config import Config, NonFinite, SpeedConfig, TrainConfig
 from distill.data import to_device
 from distill.errors import DistillError
 from distill.evaluation import score_models
@@ -41,7 +41,7 @@ from distill.sparsity import apply_masks_, mask_pairs, masked_modules
 from distill.stages.prune import STUDENT_DIR
 from distill.stages.teacher import CALIBRATION_FILE, DATA_FILE
 from distill.stages.teacher_logits import TOPK_FILE
-from distill.student import load_student, save_student
+from distill.student import check_finite, load_student, save_student
 from distill.throughput import flops_per_token, measured_peak_flops
 from distill.tracking import log_row, resend_rows, start_tracking
 
@@ -127,13 +127,23 @@ def forward_backward(accelerator: Accelerator, objective: nn.Module, teacher_sig
     return total.detach(), parts
 
 
-def optimizer_step(accelerator: Accelerator, optimizer, trainable: list[torch.Tensor], max_grad_norm: float):
-    """Clip (when max_grad_norm > 0), step, clear the gradients; returns the grad norm as a device
-    tensor (or None), read on the host only at log time."""
+def optimizer_step(accelerator: Accelerator, optimizer, trainable: list[torch.Tensor], max_grad_norm: float,
+                   loss: torch.Tensor | None = None, skip_nonfinite: bool = False):
+    """Clip (when max_grad_norm > 0), step, clear the gradients. Returns (grad norm as a device tensor
+    or None, finite: a device bool saying the loss and grad norm were finite), both read on the host
+    only at log time, except with `skip_nonfinite`: then a non-finite step is not applied, which needs
+    one host read of `finite` per step."""
     grad_norm = accelerator.clip_grad_norm_(trainable, max_grad_norm) if max_grad_norm else None
-    optimizer.step()
+    if isinstance(grad_norm, DTensor):
+        grad_norm = grad_norm.full_tensor()
+    finite = torch.ones((), dtype=torch.bool, device=accelerator.device)
+    for value in (loss, grad_norm):
+        if torch.is_tensor(value):
+            finite = finite & torch.isfinite(value.detach()).all()
+    if not skip_nonfinite or bool(finite):
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return grad_norm
+    return grad_norm, finite
 
 
 def run(ctx: StageContext) -> dict:
@@ -227,6 +237,7 @@ def run(ctx: StageContext) -> dict:
     if peak_flops:
         ctx.log(f"[distill] MFU against {peak_flops / 1e12:.0f} TFLOP/s per device, {step_flops / 1e9:.2f} GFLOP per token")
     window: list[dict[str, torch.Tensor]] = []  # device tensors, read on the host only at log time
+    skipped_steps = int(history[-1].get("skipped_steps", 0)) if history else 0  # on resume, from the log
     window_start = time.perf_counter()
     progress = tqdm(range(schedule.step, train.steps), initial=schedule.step, total=train.steps,
                     desc="distill", disable=not accelerator.is_main_process)
@@ -249,7 +260,9 @@ def run(ctx: StageContext) -> dict:
                 step_losses[name] = step_losses.get(name, 0) + value / accumulation
         if sharded is not None:  # the projections ran unmasked: their pruned weights got gradients
             mask_local_shards_([module.weight.grad for module in sharded], sharded)
-        grad_norm = optimizer_step(accelerator, optimizer, trainable, train.max_grad_norm)
+        skip = train.on_nonfinite is NonFinite.SKIP
+        grad_norm, finite = optimizer_step(accelerator, optimizer, trainable, train.max_grad_norm,
+                                           step_losses["loss"], skip_nonfinite=skip)
         scheduler.step()
         if dynamic is not None:
             dynamic.after_step(step + 1)
@@ -260,18 +273,27 @@ def run(ctx: StageContext) -> dict:
         else:
             apply_masks_(masks)
         schedule.step = step + 1
-        if isinstance(grad_norm, DTensor):
-            grad_norm = grad_norm.full_tensor()
         if grad_norm is not None:
             step_losses["grad_norm"] = grad_norm.detach() if torch.is_tensor(grad_norm) else torch.tensor(grad_norm)
-        window.append(step_losses)
+        if skip and not bool(finite):  # read already by optimizer_step: no further sync
+            skipped_steps += 1
+        else:
+            step_losses["nonfinite"] = (~finite).float()
+            window.append(step_losses)
 
         done = step + 1
         if done % train.log_every == 0 or done == train.steps:
             if accelerator.device.type == "cuda":  # count the window's queued GPU work in its time
                 torch.cuda.synchronize(accelerator.device)
             tokens_per_s = tokens_per_step * len(window) / (time.perf_counter() - window_start)
-            row = _log_window(accelerator, window, done, scheduler.get_last_lr()[0], tokens_per_s)
+            if window:
+                row = _log_window(accelerator, window, done, scheduler.get_last_lr()[0], tokens_per_s)
+            else:  # every step of the window was skipped (train.on_nonfinite=skip): nothing to average
+                row = {"step": done, "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens_per_s}
+            if row.pop("nonfinite", 0.0) > 0:  # stop: before this window's weights reach any checkpoint
+                raise DistillError(_nonfinite_message(ctx.work_dir, checkpoints, done - len(window) + 1, done))
+            if skip:
+                row["skipped_steps"] = skipped_steps
             if peak_flops:
                 row["mfu"] = tokens_per_s * step_flops / (peak_flops * accelerator.num_processes)
             if heldout is not None and (done % train.eval_every == 0 or done == train.steps):
@@ -280,7 +302,7 @@ def run(ctx: StageContext) -> dict:
             history.append(row)
             if accelerator.is_main_process:
                 write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
-                progress.set_postfix(loss=f"{row['loss']:.4f}")
+                progress.set_postfix(loss=f"{row.get('loss', float('nan')):.4f}")
             log_row(accelerator, row, prefix="train/")
             window, window_start = [], time.perf_counter()
         if done % train.checkpoint_every == 0 and done < train.steps:
@@ -300,6 +322,8 @@ def run(ctx: StageContext) -> dict:
     for masks_in_training in (dynamic, learnable):
         if masks_in_training is not None:
             masks_in_training.finish(final)
+    if final is not None:
+        check_finite(final, f"the distilled student (after {train.steps} steps)")
     if accelerator.is_main_process:
         save_student(final, ctx.work_dir / STUDENT_DIR, {k: v for k, v in spec.items() if k != "masked"})
         # the finished student replaces the checkpoints; the pointer goes first so a crash midway
@@ -316,6 +340,15 @@ def run(ctx: StageContext) -> dict:
         summary["masked_weights_zero"] = all(bool((module.weight[~module.mask] == 0).all())
                                              for _, module in masked_modules(final))
     return summary
+
+
+def _nonfinite_message(work_dir: Path, checkpoints: Path, first: int, last: int) -> str:
+    latest = latest_checkpoint(checkpoints)
+    kept = (f"the last good checkpoint, {latest}, is kept" if latest is not None
+            else f"no checkpoint was written before it; {work_dir} holds no weights worth keeping")
+    return (f"the loss or gradient norm is not finite within steps {first}-{last}; stopped before saving anything "
+            f"from them: {kept}. Lower train.lr (or set train.on_nonfinite=skip) and delete {work_dir} to start "
+            f"distill over")
 
 
 def heldout_perplexity(accelerator: Accelerator, student: nn.Module, heldout: torch.Tensor, batch_size: int,
