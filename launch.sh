@@ -51,12 +51,12 @@ if ! [[ "$num_processes" =~ ^[1-9][0-9]*$ ]]; then
   exit 2
 fi
 
-# --quiet: a failing run ends with our one-line error and a non-zero exit, not a launcher traceback
 if [ "$accelerate_config" = fsdp ]; then
   # distill shards the student itself (torch FSDP2, distill/sharding.py) on a plain multi-process launch
   pipeline_args+=("train.sharding=fsdp")
 fi
-launch=(--quiet --config_file "$config_file" --num_processes "$num_processes")
+# pipelines/launch.py: a failing run ends with its one-line error and its own exit code, no launcher traceback
+launch=(--config_file "$config_file" --num_processes "$num_processes")
 if [ "$accelerate_config" = cpu ]; then
   if [ "$num_processes" -gt 1 ]; then
     # accelerate's --cpu launcher starts a single process; several CPU ranks go through the

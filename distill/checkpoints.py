@@ -9,6 +9,9 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
+
+import torch
 
 from accelerate import Accelerator
 
@@ -60,5 +63,40 @@ def load_checkpoint(accelerator: Accelerator, path: Path, sharded: ShardedCheckp
             sharded.load(path / SHARDED_DIR)
     except Exception as error:  # a truncated or foreign checkpoint fails in many ways
         raise DistillError(f"checkpoint {path} could not be loaded ({type(error).__name__}: "
-                           f"{str(error).splitlines()[0] if str(error) else 'no detail'}); "
-                           f"rerun with --restart to start over") from None
+                           f"{str(error).splitlines()[0] if str(error) else 'no detail'})") from None
+
+
+def _candidates(root: Path) -> list[Path]:
+    """Finished checkpoints, newest first: the one `latest.json` names, then the others by step."""
+    found = sorted((path for path in root.glob("step_*") if path.is_dir()), reverse=True)
+    try:
+        latest = latest_checkpoint(root)
+    except DistillError:  # a pointer to a deleted checkpoint: the dirs themselves still tell
+        latest = None
+    return ([latest] if latest is not None else []) + [path for path in found if path != latest]
+
+
+def resume(accelerator: Accelerator, root: Path, sharded: ShardedCheckpoint | None = None,
+           log: Callable[[str], None] = print) -> Path | None:
+    """Load the newest checkpoint every process can read, saying so when it is not the latest;
+    None when there is none. Refuses in one line, keeping the files, when none is readable."""
+    unreadable = []
+    for path in _candidates(root):
+        try:
+            load_checkpoint(accelerator, path, sharded)
+            loaded = 1.0
+        except DistillError as error:
+            unreadable.append(str(error))
+            loaded = 0.0
+        # every process must resume from the same checkpoint, also when one of them could not read it
+        agreed = accelerator.reduce(torch.tensor(loaded, device=accelerator.device), "sum")
+        if float(agreed) == accelerator.num_processes:
+            if unreadable:
+                log(f"[distill] {unreadable[0]}; resuming from the older {path.name} instead")
+            return path
+        if loaded and not unreadable:
+            unreadable.append(f"checkpoint {path} could not be loaded by every process")
+    if unreadable:
+        raise DistillError(f"{unreadable[0]}, and no older checkpoint is readable; the files are kept: delete "
+                           f"{root.parent} to start the stage over (or rerun with --restart)")
+    return None

@@ -450,3 +450,14 @@ def validate(config: Config) -> None:
     _positive("eval.max_blocks", config.eval.max_blocks, allow_zero=True)
     _positive("eval.batch_size", config.eval.batch_size)
     _choice("tracking.backend", config.tracking.backend, ["wandb", "tensorboard", "none"])
+
+
+def check_input_paths(config: Config) -> None:
+    """Fail before any work when a named input file is missing."""
+    for index, source in enumerate(config.data.sources):
+        for path in source.files:
+            if not Path(path).is_file():
+                raise DistillError(f"config key 'data.sources[{index}].files': file not found: {path}")
+    for path in config.eval.files:
+        if not Path(path).is_file():
+            raise DistillError(f"config key 'eval.files': file not found: {path}")

@@ -112,17 +112,6 @@ def describe_changes(old: dict, new: dict) -> str:
     return "; ".join(changes)
 
 
-def check_input_paths(config: Config) -> None:
-    """Fail before any work when a named input file is missing."""
-    for index, source in enumerate(config.data.sources):
-        for path in source.files:
-            if not Path(path).is_file():
-                raise DistillError(f"config key 'data.sources[{index}].files': file not found: {path}")
-    for path in config.eval.files:
-        if not Path(path).is_file():
-            raise DistillError(f"config key 'eval.files': file not found: {path}")
-
-
 class Pipeline:
     def __init__(self, config: Config, accelerator: Accelerator, stages: list[Stage]):
         self.config = config

@@ -2,9 +2,11 @@
 
 launch.sh runs this instead of `python -m accelerate.commands.launch`: with several processes the
 torch launcher raises ChildFailedError with a long traceback after the worker has already printed
-`distill: error: ...`; here it becomes a plain non-zero exit.
+`distill: error: ...`, and one process's failure becomes accelerate's CalledProcessError; here both
+become a plain exit with the worker's own exit code (2 for a refused input).
 """
 
+import subprocess
 import sys
 
 from accelerate.commands.launch import launch_command, launch_command_parser
@@ -13,12 +15,15 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 def main() -> int:
     args = launch_command_parser().parse_args(sys.argv[1:])
+    args.quiet = False  # quiet turns the worker's exit code into 1; the error below keeps it instead
     try:
         launch_command(args)
+    except subprocess.CalledProcessError as failure:  # one process: it printed its own one-line error
+        return failure.returncode
     except ChildFailedError as failure:
         codes = sorted({error.exitcode for error in failure.failures.values()})
         print(f"launch: {len(failure.failures)} process(es) failed with exit code {codes}", file=sys.stderr)
-        return 1
+        return max(code for code in codes if code) if any(codes) else 1
     return 0
 
 

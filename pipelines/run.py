@@ -12,13 +12,10 @@ import os
 import signal
 import sys
 
-from accelerate.utils import set_seed
-
-from distill.accelerator import build_accelerator
-from distill.config import load_config
+# only light imports here: a mistake in the config is reported before torch, transformers and
+# accelerate load (seconds on a busy machine)
+from distill.config import check_input_paths, load_config
 from distill.errors import DistillError
-from distill.pipeline import Pipeline, check_input_paths
-from distill.stages import STAGES
 
 
 def parse_args(argv):
@@ -48,6 +45,12 @@ def main(argv=None) -> int:
     try:
         config = load_config(args.config, args.overrides)
         check_input_paths(config)
+        from accelerate.utils import set_seed
+
+        from distill.accelerator import build_accelerator
+        from distill.pipeline import Pipeline
+        from distill.stages import STAGES
+
         accelerator, precision = build_accelerator(config)
         accelerator.print(f"distill: {precision.describe()}", flush=True)
         set_seed(config.run.seed)

@@ -106,5 +106,5 @@ def test_launch_says_the_precision_and_why_in_its_first_line(tmp_path, tiny_teac
     # --only evaluate on a new run dir stops right after the launch line, with its one-line refusal
     for overrides, first_line in (([], expected), (["run.precision=fp32"], "distill: precision fp32 (forced by run.precision)")):
         result = launch(config, "--only", "evaluate", *overrides, check=False)
-        assert result.returncode != 0 and "needs stage 'teacher' finished first" in result.stderr
+        assert result.returncode == 2 and "needs stage 'teacher' finished first" in result.stderr
         assert result.stdout.splitlines()[0] == first_line, result.stdout[:500]

@@ -217,23 +217,31 @@ def test_kill_in_distill_then_resume_gives_the_bitwise_same_student(tmp_path, ti
 
 
 @pytest.mark.slow  # several processes or a kill and resume
-def test_corrupt_checkpoint_is_reported_and_kept(tmp_path, tiny_teacher):
+def test_an_unreadable_latest_checkpoint_falls_back_to_an_older_one_or_is_refused(tmp_path, tiny_teacher):
     train = {"steps": 40, "checkpoint_every": 4, "log_every": 2, "global_batch_size": 8, "micro_batch_size": 4}
     config = write_config(tmp_path / "c.yaml", tiny_config(tmp_path, tiny_teacher, name="corrupt", train=train))
     run_dir = tmp_path / "runs" / "corrupt"
     process = _start(config)
     checkpoints = run_dir / "distill.partial" / "checkpoints"
-    _kill_after_first_checkpoint(process, checkpoints, config)
-    latest = checkpoints / json.loads((checkpoints / "latest.json").read_text())["name"]
-    weights = latest / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:1000])
-    result = launch(config, check=False)
-    assert result.returncode != 0
-    error = [line for line in result.stderr.splitlines() if line.startswith("distill: error:")]
-    assert len(error) == 1 and "could not be loaded" in error[0] and latest.name in error[0]
-    assert weights.stat().st_size == 1000, "the checkpoint is left for the user to inspect"
-    restarted = launch(config, "--restart")
-    assert "[evaluate] finished" in restarted.stdout
+    _kill_when(process, lambda: (checkpoints / "step_00000008").is_dir() and (checkpoints / "latest.json").is_file()
+               and "step_00000008" in (checkpoints / "latest.json").read_text(), config)
+    older, latest = checkpoints / "step_00000004" / "model.safetensors", checkpoints / "step_00000008" / "model.safetensors"
+    intact = older.read_bytes()
+    for weights in (older, latest):
+        weights.write_bytes(weights.read_bytes()[:1000])
+
+    refused = launch(config, check=False)
+    assert refused.returncode == 2
+    error = [line for line in refused.stderr.splitlines() if line.startswith("distill: error:")]
+    assert len(error) == 1 and "step_00000008 could not be loaded" in error[0], refused.stderr[-2000:]
+    assert "no older checkpoint is readable" in error[0] and f"delete {run_dir / 'distill.partial'}" in error[0]
+    assert older.stat().st_size == latest.stat().st_size == 1000, "the checkpoints are left for the user to inspect"
+
+    older.write_bytes(intact)  # the older one readable again: the run resumes from it
+    resumed = launch(config)
+    assert "resuming from the older step_00000004 instead" in resumed.stdout
+    assert "resumed from" in resumed.stdout and "at step 4" in resumed.stdout
+    assert "[evaluate] finished" in resumed.stdout
 
 
 @pytest.mark.slow  # several processes or a kill and resume
@@ -427,7 +435,7 @@ def test_two_launches_on_one_run_dir_the_second_is_refused_and_the_first_finishe
         assert first.poll() is None and time.time() < deadline, "the first launch did not start its first stage"
         time.sleep(0.05)
     second = launch(config, check=False)
-    assert second.returncode != 0
+    assert second.returncode == 2
     errors = [line for line in second.stderr.splitlines() if line.startswith("distill: error:")]
     assert len(errors) == 1 and f"run dir {run_dir} is in use by PID" in errors[0], second.stderr[-2000:]
     _, first_errors = first.communicate(timeout=600)  # reads the pipes, so the first launch never blocks on them

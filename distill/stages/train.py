@@ -24,7 +24,7 @@ from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-from distill.checkpoints import CHECKPOINTS, latest_checkpoint, load_checkpoint, save_checkpoint
+from distill.checkpoints import CHECKPOINTS, latest_checkpoint, resume, save_checkpoint
 from distill.config import Config, NonFinite, SpeedConfig, TrainConfig
 from distill.data import to_device
 from distill.errors import DistillError
@@ -220,9 +220,8 @@ def run(ctx: StageContext) -> dict:
         dynamic = DynamicMasks(student, pattern, train.mask_update_every, train.refine_decay, square_sums)
 
     checkpoints = ctx.work_dir / CHECKPOINTS
-    resume_from = latest_checkpoint(checkpoints)
+    resume_from = resume(accelerator, checkpoints, sharded_checkpoint, ctx.log)
     if resume_from is not None:
-        load_checkpoint(accelerator, resume_from, sharded_checkpoint)
         ctx.log(f"[distill] resumed from {resume_from} at step {schedule.step}")
     metrics_path = ctx.work_dir / METRICS_FILE
     history = [row for row in _read_metrics(metrics_path) if row["step"] <= schedule.step]
