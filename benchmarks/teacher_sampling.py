@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from contextlib import nullcontext
-
 import torch
 
 VARIANTS = ("generate", "generate-static-compiled", "distill")
@@ -60,7 +58,7 @@ def main(argv=None) -> int:
     source = args.teacher or fetch_demo_teacher()
     tokenizer = AutoTokenizer.from_pretrained(source)
     choice = choose_precision(args.precision, "cpu")
-    autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if choice.precision is Precision.BF16 else nullcontext)
+    bf16 = choice.precision is Precision.BF16
     rows = []
     for variant in args.variants.split(","):
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
@@ -68,7 +66,7 @@ def main(argv=None) -> int:
             model.forward = torch.compile(model.forward)
         torch.manual_seed(0)
         started = time.perf_counter()
-        with torch.no_grad(), autocast():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             if variant == "distill":
                 written = run_distill(model, tokenizer, args)
             else:
@@ -85,7 +83,7 @@ def main(argv=None) -> int:
     print("|---|---:|---:|---:|---:|")
     for variant, seconds, tokens in rows:
         ratio = f"{tokens / seconds / base:.2f}x" if base else "-"
-        print(f"| {variant} | {seconds:.1f} | {tokens} | {tokens / seconds:.0f} | {ratio} |")
+        print(f"| {variant} | {seconds:.2f} | {tokens} | {tokens / seconds:.0f} | {ratio} |")
     return 0
 
 

@@ -43,3 +43,15 @@ def test_gpu_benchmarks_refuse_without_a_gpu():
         result = run_script(script)
         assert result.returncode == 2
         assert "needs a CUDA GPU" in result.stderr
+
+
+def test_teacher_sampling_prints_a_row_per_variant(tiny_teacher):
+    result = run_script("benchmarks/teacher_sampling.py", "--teacher", str(tiny_teacher), "--batch", "2",
+                        "--new-tokens", "4", "--variants", "generate,distill")
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = {line.split("|")[1].strip(): line.split("|")[2:5] for line in result.stdout.splitlines()
+            if line.startswith(("| generate", "| distill"))}
+    assert set(rows) == {"generate", "distill"}
+    for seconds, kept, tokens_per_s in rows.values():
+        assert float(seconds) >= 0 and 2 <= int(kept) <= 2 * 5  # each sequence keeps 1 to 4 tokens plus EOS
+        assert int(tokens_per_s) > 0
