@@ -13,11 +13,7 @@ import json
 import os
 import socket
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
-
-from distill.errors import DistillError
 
 
 def lock_path(run_dir: Path) -> Path:
@@ -34,28 +30,33 @@ def _holder(descriptor: int) -> str:
         return "another launch"
 
 
-@contextmanager
-def run_dir_lock(run_dir: Path, hold: bool = True) -> Iterator[None]:
-    """Hold the run dir's lock for the `with` block (when `hold`; the main process holds it for all
-    ranks); refuse in one line, naming the holder, when another launch holds it."""
-    if not hold:
-        yield
-        return
-    path = lock_path(Path(run_dir))
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as error:
-        raise DistillError(f"cannot create the run dir's lock {path}: {error.strerror}") from None
-    try:
+class RunDirLock:
+    """The run dir's lock, taken by one process (the main one) for all the ranks of a launch."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir, self.path = Path(run_dir), lock_path(Path(run_dir))
+        self.descriptor: int | None = None
+
+    def try_acquire(self) -> str | None:
+        """Take the lock; None when taken, else the one-line reason it could not be."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:
+            return f"cannot create the run dir's lock {self.path}: {error.strerror}"
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise DistillError(f"run dir {run_dir} is in use by {_holder(descriptor)}; wait for that launch "
-                               f"to end, or stop it") from None
+            holder = _holder(descriptor)
+            os.close(descriptor)
+            return f"run dir {self.run_dir} is in use by {holder}; wait for that launch to end, or stop it"
         os.ftruncate(descriptor, 0)
         os.pwrite(descriptor, json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
                                           "started": time.time()}).encode(), 0)
-        yield
-    finally:
-        os.close(descriptor)  # closing drops the lock
+        self.descriptor = descriptor
+        return None
+
+    def release(self) -> None:
+        if self.descriptor is not None:
+            os.close(self.descriptor)  # closing drops the lock
+            self.descriptor = None

@@ -17,13 +17,14 @@ from pathlib import Path
 from typing import Callable
 
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 
 from distill import __version__
 from distill.config import Config, to_dict, to_yaml
 from distill.errors import DistillError
 from distill.precision import Precision
 from distill.io import fingerprint, read_json, replace_dir, write_json, write_text
-from distill.locking import run_dir_lock
+from distill.locking import RunDirLock
 
 
 @dataclass
@@ -84,7 +85,7 @@ def upgrade_inputs(inputs: dict) -> dict:
         return inputs
     inputs = dict(inputs)
     old = inputs.pop(_LEGACY_PRECISION_KEY)
-    inputs[PRECISION_KEY] = _LEGACY_PRECISION_VALUES.get(old, old)
+    inputs[PRECISION_KEY] = _LEGACY_PRECISION_VALUES.get(old, f"{old} (accelerate)")
     return inputs
 
 
@@ -144,8 +145,18 @@ class Pipeline:
         for chosen in (only, start_from):
             if chosen is not None and chosen not in self._names():
                 raise DistillError(f"unknown stage '{chosen}' (stages: {', '.join(self._names())})")
-        with run_dir_lock(self.run_dir, hold=self.accelerator.is_main_process):
+        # the main process takes the lock for the launch; every process refuses together
+        lock = RunDirLock(self.run_dir) if self.accelerator.is_main_process else None
+        refusal = lock.try_acquire() if lock is not None else None
+        if self.accelerator.num_processes > 1:
+            refusal = broadcast_object_list([refusal])[0]
+        if refusal:
+            raise DistillError(refusal)
+        try:
             self._run(only, start_from, restart)
+        finally:
+            if lock is not None:
+                lock.release()
 
     def _run(self, only: str | None, start_from: str | None, restart: bool) -> None:
         accelerator = self.accelerator

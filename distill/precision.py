@@ -85,7 +85,7 @@ def choose_precision(setting: Precision | str, device) -> PrecisionChoice:
         return PrecisionChoice(setting, "forced by run.precision")
     device = torch.device(device)
     if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
+        if torch.cuda.is_bf16_supported(including_emulation=False):
             return PrecisionChoice(Precision.BF16, f"{torch.cuda.get_device_name(device)} computes bf16 natively")
         return PrecisionChoice(Precision.FP32, f"{torch.cuda.get_device_name(device)} has no bf16")
     if device.type == "cpu":

@@ -31,11 +31,19 @@ def save_student(model: nn.Module, directory: Path, spec: dict) -> None:
     write_json(directory / "sparsity.json", {**spec, "masked": masked})
 
 
-def check_finite(model: nn.Module, what: str) -> None:
-    """Refuse a model with a NaN or infinite weight, naming the first such tensor."""
+def nonfinite_problem(model: nn.Module, what: str) -> str | None:
+    """Why `model` must not be used (a NaN or infinite weight, the first one named), or None."""
     for name, tensor in model.state_dict().items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise DistillError(f"{what} has non-finite values in {name}; it is not saved or used")
+            return f"{what} has non-finite values in {name}; it is not saved or used"
+    return None
+
+
+def check_finite(model: nn.Module, what: str) -> None:
+    """Refuse a model with a NaN or infinite weight, naming the first such tensor."""
+    problem = nonfinite_problem(model, what)
+    if problem:
+        raise DistillError(problem)
 
 
 def load_student(directory: Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:

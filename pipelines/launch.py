@@ -19,12 +19,18 @@ def main() -> int:
     try:
         launch_command(args)
     except subprocess.CalledProcessError as failure:  # one process: it printed its own one-line error
-        return failure.returncode
+        return exit_code(failure.returncode)
     except ChildFailedError as failure:
         codes = sorted({error.exitcode for error in failure.failures.values()})
         print(f"launch: {len(failure.failures)} process(es) failed with exit code {codes}", file=sys.stderr)
-        return max(code for code in codes if code) if any(codes) else 1
+        _, first = failure.get_first_failure()
+        return exit_code(first.exitcode)
     return 0
+
+
+def exit_code(code: int) -> int:
+    """A worker's exit code as a shell reports it: killed by signal N is 128 + N, never 0."""
+    return 128 - code if code < 0 else code or 1
 
 
 if __name__ == "__main__":

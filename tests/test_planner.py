@@ -103,12 +103,14 @@ def test_a_run_dir_from_before_the_precision_key_still_matches(tmp_path, acceler
 def test_a_second_launch_on_a_locked_run_dir_is_refused_naming_the_holder(tmp_path, accelerator):
     import os
 
-    from distill.locking import run_dir_lock
+    from distill.locking import RunDirLock
 
     pipeline = make_pipeline(tmp_path, accelerator)
-    with run_dir_lock(tmp_path / "plan"):
-        with pytest.raises(DistillError, match=rf"run dir .*plan is in use by PID {os.getpid()} on host "):
-            pipeline.run()
-        assert not (tmp_path / "plan" / "first").exists()
-    pipeline.run()  # released at the end of the first launch
+    holder = RunDirLock(tmp_path / "plan")
+    assert holder.try_acquire() is None
+    with pytest.raises(DistillError, match=rf"run dir .*plan is in use by PID {os.getpid()} on host "):
+        pipeline.run()
+    assert not (tmp_path / "plan" / "first").exists()
+    holder.release()  # the first launch ends
+    pipeline.run()
     assert (tmp_path / "plan" / "third" / "manifest.json").is_file()

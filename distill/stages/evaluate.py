@@ -99,7 +99,8 @@ def run(ctx: StageContext) -> dict:
 
 def _training_history(ctx: StageContext) -> list[dict]:
     path = ctx.stage_dir("distill") / METRICS_FILE
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    return [row for row in rows if "loss" in row]  # a window whose every step was skipped has none
 
 
 def _table(sources: dict) -> str:

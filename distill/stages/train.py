@@ -19,6 +19,7 @@ from typing import Callable
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 from torch import nn
 from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
@@ -41,7 +42,7 @@ from distill.sparsity import apply_masks_, mask_pairs, masked_modules
 from distill.stages.prune import STUDENT_DIR
 from distill.stages.teacher import CALIBRATION_FILE, DATA_FILE
 from distill.stages.teacher_logits import TOPK_FILE
-from distill.student import check_finite, load_student, save_student
+from distill.student import load_student, nonfinite_problem, save_student
 from distill.throughput import flops_per_token, measured_peak_flops
 from distill.tracking import log_row, resend_rows, start_tracking
 
@@ -140,6 +141,8 @@ def optimizer_step(accelerator: Accelerator, optimizer, trainable: list[torch.Te
     for value in (loss, grad_norm):
         if torch.is_tensor(value):
             finite = finite & torch.isfinite(value.detach()).all()
+    if skip_nonfinite:  # every process skips the same steps: a loss is local to its process
+        finite = accelerator.reduce(finite.float(), "sum") == accelerator.num_processes
     if not skip_nonfinite or bool(finite):
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -321,8 +324,12 @@ def run(ctx: StageContext) -> dict:
     for masks_in_training in (dynamic, learnable):
         if masks_in_training is not None:
             masks_in_training.finish(final)
-    if final is not None:
-        check_finite(final, f"the distilled student (after {train.steps} steps)")
+    # under fsdp only the main process holds the gathered student: it decides for every process
+    problem = nonfinite_problem(final, f"the distilled student (after {train.steps} steps)") if final is not None else None
+    if accelerator.num_processes > 1:
+        problem = broadcast_object_list([problem])[0]
+    if problem:
+        raise DistillError(problem)
     if accelerator.is_main_process:
         save_student(final, ctx.work_dir / STUDENT_DIR, {k: v for k, v in spec.items() if k != "masked"})
         # the finished student replaces the checkpoints; the pointer goes first so a crash midway
