@@ -22,9 +22,9 @@ from accelerate.utils import broadcast_object_list
 from distill import __version__
 from distill.config import Config, to_dict, to_yaml
 from distill.errors import DistillError
-from distill.precision import Precision
 from distill.io import fingerprint, read_json, replace_dir, write_json, write_text
 from distill.locking import RunDirLock
+from distill.precision import Precision
 
 
 @dataclass

@@ -239,6 +239,7 @@ def run(ctx: StageContext) -> dict:
     if peak_flops:
         ctx.log(f"[distill] MFU against {peak_flops / 1e12:.0f} TFLOP/s per device, {step_flops / 1e9:.2f} GFLOP per token")
     window: list[dict[str, torch.Tensor]] = []  # device tensors, read on the host only at log time
+    skip = train.on_nonfinite is NonFinite.SKIP
     skipped_steps = int(history[-1].get("skipped_steps", 0)) if history else 0  # on resume, from the log
     window_start = time.perf_counter()
     progress = tqdm(range(schedule.step, train.steps), initial=schedule.step, total=train.steps,
@@ -262,7 +263,6 @@ def run(ctx: StageContext) -> dict:
                 step_losses[name] = step_losses.get(name, 0) + value / accumulation
         if sharded is not None:  # the projections ran unmasked: their pruned weights got gradients
             mask_local_shards_([module.weight.grad for module in sharded], sharded)
-        skip = train.on_nonfinite is NonFinite.SKIP
         grad_norm, finite = optimizer_step(accelerator, optimizer, trainable, train.max_grad_norm,
                                            step_losses["loss"], skip_nonfinite=skip)
         scheduler.step()
