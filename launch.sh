@@ -2,7 +2,7 @@
 # Run the distill pipeline through `accelerate launch`.
 #
 #   bash launch.sh [--accelerate cpu|single_gpu|multi_gpu|fsdp] [--num-processes N] CONFIG [key=value ...]
-#                  [--only STAGE] [--from STAGE] [--restart]
+#                  [--only STAGE] [--from STAGE] [--discard-partial STAGE] [--restart]
 #
 #   --accelerate      an accelerate config from configs/accelerate/ (default: single_gpu when a GPU
 #                     is visible, else cpu)
@@ -11,7 +11,8 @@
 #                     on CPU ranks add train.sharding=fsdp to a cpu launch instead)
 #   key=value         dotted config overrides, e.g. train.steps=50 'eval.files=[a.txt,b.txt]'
 #   --only STAGE      run or re-run one stage (teacher, teacher_logits, prune, distill, export, evaluate)
-#   --from STAGE      re-run STAGE and every stage after it
+#   --from STAGE      re-run STAGE and every stage after it (--only/--from drop STAGE's unfinished run)
+#   --discard-partial STAGE   drop STAGE's unfinished run, keep every finished stage, go on as usual
 #   --restart         delete the run dir and start over
 # Multi-node: export MACHINE_RANK, NUM_MACHINES, MAIN_PROCESS_IP (and MAIN_PROCESS_PORT) on each node.
 set -euo pipefail
@@ -26,7 +27,7 @@ while [ $# -gt 0 ]; do
     --accelerate=*) accelerate_config="${1#*=}"; shift ;;
     --num-processes) num_processes="$2"; shift 2 ;;
     --num-processes=*) num_processes="${1#*=}"; shift ;;
-    -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) pipeline_args+=("$1"); shift ;;
   esac
 done

@@ -64,7 +64,8 @@ def llama_shaped(layers: int, device: torch.device, dtype: torch.dtype, smoke: b
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from distill.config import PROJECTIONS
-    from distill.sparsity import nm_mask, target_linears
+    from distill.sparsity import nm_mask
+    from distill.targets import target_linears
 
     config = LlamaConfig(num_hidden_layers=layers, **(SMOKE if smoke else LLAMA_8B))
     with torch.device(device):

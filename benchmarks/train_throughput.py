@@ -62,7 +62,8 @@ def build_models(args, device: torch.device):
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     from distill.config import PROJECTIONS
-    from distill.sparsity import nm_mask, target_linears
+    from distill.sparsity import nm_mask
+    from distill.targets import target_linears
 
     if args.model == "demo":
         from distill.models import fetch_demo_teacher

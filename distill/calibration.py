@@ -6,22 +6,25 @@ norm ||X_j||_2 is its square root. Ranks see different blocks and the sums are a
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 from torch import nn
 
-from distill.sparsity import target_linears
+from distill.targets import target_linears
 
 
 @torch.no_grad()
 def input_square_sums(
-    model: nn.Module, blocks: torch.Tensor, targets: list[str], accelerator: Accelerator, batch_size: int = 4
+    model: nn.Module, blocks: torch.Tensor, targets: Sequence[str], accelerator: Accelerator, batch_size: int = 4,
+    exclude: Sequence[str] = (),
 ) -> dict[str, torch.Tensor]:
     """{module name: sum over calibration tokens of x_j^2, float64 [in_features]} plus "tokens"."""
     sums: dict[str, torch.Tensor] = {}
     hooks = []
-    for name, linear in target_linears(model, targets):
+    for name, linear in target_linears(model, targets, exclude):
         sums[name] = torch.zeros(linear.in_features, dtype=torch.float64, device=accelerator.device)
 
         def accumulate(module, args, name=name):

@@ -27,7 +27,10 @@ def latest_checkpoint(root: Path) -> Path | None:
     pointer = root / "latest.json"
     if not pointer.is_file():
         return None
-    path = root / read_json(pointer)["name"]
+    data = read_json(pointer)
+    if not isinstance(data, dict) or not isinstance(data.get("name"), str) or "/" in data["name"]:
+        raise DistillError(f"corrupt checkpoint pointer {pointer}: expected {{\"name\": \"step_...\"}}")
+    path = root / data["name"]
     if not path.is_dir():
         raise DistillError(f"checkpoint pointer {pointer} names {path.name}, which does not exist")
     return path
@@ -40,9 +43,13 @@ def save_checkpoint(accelerator: Accelerator, root: Path, step: int, keep: int,
     if accelerator.is_main_process and temp.exists():
         shutil.rmtree(temp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(temp), safe_serialization=True)
-    if sharded is not None:
-        sharded.save(temp / SHARDED_DIR)
+    try:
+        accelerator.save_state(str(temp), safe_serialization=True)
+        if sharded is not None:
+            sharded.save(temp / SHARDED_DIR)
+    except OSError:  # a full disk or a lost permission: drop the half-written copy, keep the older ones
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         final = root / name
@@ -97,6 +104,7 @@ def resume(accelerator: Accelerator, root: Path, sharded: ShardedCheckpoint | No
         if loaded and not unreadable:
             unreadable.append(f"checkpoint {path} could not be loaded by every process")
     if unreadable:
+        stage = root.parent.name.removesuffix(".partial")
         raise DistillError(f"{unreadable[0]}, and no older checkpoint is readable; the files are kept: delete "
-                           f"{root.parent} to start the stage over (or rerun with --restart)")
+                           f"{root.parent} (or rerun with --discard-partial {stage}) to start the stage over")
     return None

@@ -20,6 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 from distill.errors import DistillError
 from distill.precision import Precision
 
+# the projections of a Llama-style decoder layer (tests and benchmarks name them; configs need not)
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -95,7 +96,11 @@ class PruneConfig:
     block: int = 4  # block: b x b tiles
     channel_axis: str = "input"  # channel: remove input columns or output rows
     scope: str = "layer"  # unstructured: the fraction per layer, or over all layers at once (global)
-    targets: List[str] = field(default_factory=lambda: list(PROJECTIONS))
+    # which decoder projections to prune (distill.targets): names or globs matched against a
+    # projection's last name (q_proj), its path in the layer (mlp.*) or its full name; "*" is every
+    # linear projection inside the decoder layers. `exclude` removes from that set.
+    targets: List[str] = field(default_factory=lambda: ["*"])
+    exclude: List[str] = field(default_factory=list)
     incompatible: str = "error"  # a target whose input size is not a multiple of m: error | dense
     # nm: reorder each gated MLP's intermediate channels (function unchanged) so down_proj's groups keep
     # more score, by `permute_sweeps` sweeps of pairwise group exchanges (distill.permutation)
@@ -324,8 +329,22 @@ def _positive(path: str, value: float, allow_zero: bool = False) -> None:
         raise DistillError(f"config key '{path}': {value} must be {bound}")
 
 
+# the run dir's name plus what the pipeline adds beside it (`.<name>.lock`) must fit one path
+# component, which most filesystems cap at 255 bytes
+MAX_RUN_NAME_BYTES = 255 - len(".") - len(".lock")
+
+
+def _check_run_name(name: str) -> None:
+    if not name or name in (".", "..") or "/" in name or "\0" in name:
+        raise DistillError(f"config key 'run.name': {name!r} is not a directory name (no '/', not '.' or '..')")
+    if len(name.encode()) > MAX_RUN_NAME_BYTES:
+        raise DistillError(f"config key 'run.name': {len(name.encode())} bytes is longer than the "
+                           f"{MAX_RUN_NAME_BYTES} a directory name can hold here; shorten it")
+
+
 def validate(config: Config) -> None:
     """Checks that the schema's types cannot express; each names the key it is about."""
+    _check_run_name(config.run.name)
     _positive("run.collective_timeout_minutes", config.run.collective_timeout_minutes)
     _choice("teacher.dtype", config.teacher.dtype, ["auto", "float32", "bfloat16", "float16"])
     _positive("data.block_size", config.data.block_size)
@@ -375,7 +394,7 @@ def validate(config: Config) -> None:
         raise DistillError("config key 'prune.scope': global needs pattern unstructured and a criterion whose "
                            "scores compare across layers (wanda, taylor, fisher)")
     if not prune.targets:
-        raise DistillError("config key 'prune.targets': name at least one projection to prune")
+        raise DistillError("config key 'prune.targets': name at least one projection to prune (\"*\" for all)")
 
     train = config.train
     _positive("train.steps", train.steps)
@@ -453,11 +472,32 @@ def validate(config: Config) -> None:
 
 
 def check_input_paths(config: Config) -> None:
-    """Fail before any work when a named input file is missing."""
-    for index, source in enumerate(config.data.sources):
-        for path in source.files:
-            if not Path(path).is_file():
-                raise DistillError(f"config key 'data.sources[{index}].files': file not found: {path}")
-    for path in config.eval.files:
+    """Fail before any work when a named input file is missing, or a text file is empty or binary."""
+    named = [(f"data.sources[{index}].files", path) for index, source in enumerate(config.data.sources)
+             for path in source.files] + [("eval.files", path) for path in config.eval.files]
+    for key, path in named:
         if not Path(path).is_file():
-            raise DistillError(f"config key 'eval.files': file not found: {path}")
+            raise DistillError(f"config key '{key}': file not found: {path}")
+        if Path(path).suffix in (".txt", ".text"):
+            try:
+                check_text_file(Path(path))
+            except DistillError as error:
+                raise DistillError(f"config key '{key}': {error}") from None
+
+
+def check_text_file(path: Path, prefix_bytes: int = 1 << 20) -> None:
+    """Refuse, in one line, a text file that is empty or not UTF-8 text (judged on its first MiB;
+    a later bad byte is reported by the reader)."""
+    with open(path, "rb") as handle:
+        head = handle.read(prefix_bytes)
+    if not head.strip():
+        raise DistillError(f"data file {path} holds no text (it is empty or only whitespace)")
+    if b"\0" in head:
+        offset = head.index(b"\0")
+        raise DistillError(f"data file {path} is binary, not text (a NUL byte at offset {offset})")
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as error:
+        if error.start < len(head) - 3:  # not merely a character cut at the end of the prefix
+            raise DistillError(f"data file {path} is not UTF-8 text (byte offset {error.start})") from None
+

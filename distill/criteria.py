@@ -12,19 +12,23 @@ shared across ranks and the sums added across ranks.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 from torch import nn
 
+from distill.errors import DistillError
 from distill.losses import next_token_loss
-from distill.sparsity import nm_mask, target_linears
+from distill.sparsity import nm_mask
+from distill.targets import decoder_layers, target_linears
 
 
-def gradient_saliency(model: nn.Module, blocks: torch.Tensor, targets: list[str], accelerator: Accelerator,
-                      kind: str, batch_size: int = 4) -> dict[str, torch.Tensor]:
+def gradient_saliency(model: nn.Module, blocks: torch.Tensor, targets: Sequence[str], accelerator: Accelerator,
+                      kind: str, batch_size: int = 4, exclude: Sequence[str] = ()) -> dict[str, torch.Tensor]:
     """{projection name: saliency [out, in]} for kind 'taylor' or 'fisher'."""
-    linears = dict(target_linears(model, targets))
+    linears = dict(target_linears(model, targets, exclude))
     sums = {name: torch.zeros_like(linear.weight, dtype=torch.float32) for name, linear in linears.items()}
     model.requires_grad_(False)
     for linear in linears.values():
@@ -46,10 +50,10 @@ class _StopForward(Exception):
 
 
 def _decoder_layers(model: nn.Module) -> nn.ModuleList:
-    layers = getattr(model.get_decoder(), "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise ValueError(f"{type(model).__name__}: no decoder `layers` list found for layer-by-layer pruning")
-    return layers
+    found = decoder_layers(model)
+    if found is None:
+        raise DistillError(f"{type(model).__name__}: no list of decoder layers found for layer-by-layer pruning")
+    return found[1]
 
 
 @torch.no_grad()
@@ -138,16 +142,16 @@ def _shared_input_groups(layer: nn.Module, linears: dict[str, nn.Linear], sample
 
 
 @torch.no_grad()
-def sparsegpt_masks(model: nn.Module, blocks: torch.Tensor, targets: list[str], n: int, m: int,
-                    batch_size: int = 4, skip: set[str] = frozenset()) -> dict[str, torch.Tensor]:
+def sparsegpt_masks(model: nn.Module, blocks: torch.Tensor, targets: Sequence[str], n: int, m: int,
+                    batch_size: int = 4, skip: set[str] = frozenset(), exclude: Sequence[str] = ()) -> dict[str, torch.Tensor]:
     """Prune `model` in place, one decoder layer at a time; returns {projection name: bool mask}."""
+    selected = {name for name, _ in target_linears(model, targets, exclude)} - set(skip)
     layers = _decoder_layers(model)
     inputs = _first_layer_inputs(model, blocks, batch_size)
     prefix = {id(layer): name for name, layer in model.named_modules() if any(layer is l for l in layers)}
     masks = {}
     for layer in tqdm(layers, desc="sparsegpt"):
-        linears = {name: linear for name, linear in target_linears(layer, targets)
-                   if f"{prefix[id(layer)]}.{name}" not in skip}
+        linears = {name: linear for name, linear in layer.named_modules() if f"{prefix[id(layer)]}.{name}" in selected}
         groups = _shared_input_groups(layer, linears, inputs[0])
         hessians = [torch.zeros(linears[names[0]].in_features, linears[names[0]].in_features, dtype=torch.float64)
                     for names in groups]

@@ -13,7 +13,7 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from distill.config import SourceConfig, TeacherSamplesConfig
+from distill.config import SourceConfig, TeacherSamplesConfig, check_text_file
 from distill.errors import DistillError
 from distill.sampling import sample_sequences
 
@@ -57,6 +57,8 @@ def tokenize_files(files: list[str], tokenizer: PreTrainedTokenizerBase, text_fi
         builder = FILE_BUILDERS.get(path.suffix)
         if builder is None:
             raise DistillError(f"data file {name}: unknown type '{path.suffix}' (use {', '.join(FILE_BUILDERS)})")
+        if builder == "text":
+            check_text_file(path)
         extra = {"keep_linebreaks": True} if builder == "text" else {}
         try:
             dataset = load_dataset(builder, data_files=str(path.resolve()), split="train", **extra)

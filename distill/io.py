@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Dict
@@ -17,8 +18,27 @@ from safetensors.torch import load_file, save_file
 from distill.errors import DistillError
 
 
+TEMP_PATTERN = re.compile(r"^\..+\.tmp\d*$")  # `.name.tmp<pid>` files, `.step_N.tmp` checkpoint dirs
+
+
 def _temp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def remove_stale_temporaries(root: Path) -> list[Path]:
+    """Delete the temp files and dirs a killed writer left under `root` (call it only while no
+    other process can be writing there, i.e. under the run dir's lock). Returns what was removed."""
+    removed = []
+    if not root.is_dir():
+        return removed
+    for directory, subdirs, files in os.walk(root):
+        for name in [*files, *subdirs]:
+            if TEMP_PATTERN.match(name):
+                path = Path(directory) / name
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+                removed.append(path)
+        subdirs[:] = [name for name in subdirs if not TEMP_PATTERN.match(name)]
+    return removed
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:

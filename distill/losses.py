@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from distill.config import LossConfig
+from distill.errors import DistillError
 
 IGNORE = -100
 
@@ -50,6 +51,57 @@ def divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind:
     else:
         raise ValueError(f"unknown divergence '{kind}'")
     return value * temperature**2
+
+
+class LogitTransform(NamedTuple):
+    """What a model's output head does after its projection, as transformers' forward does it:
+    Cohere's `logit_scale` multiplies, Granite's `logits_scaling` divides, Gemma-2's
+    `final_logit_softcapping` squashes with cap * tanh(logits / cap). The chunked loss applies
+    the projection itself, so it applies this too."""
+
+    multiply: float = 1.0
+    softcap: float | None = None
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.multiply != 1.0:
+            logits = logits * self.multiply
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+IDENTITY = LogitTransform()
+
+
+@torch.no_grad()
+def logit_transform(model: torch.nn.Module) -> LogitTransform:
+    """What `model`'s head does after its projection, read from its config and confirmed on a probe
+    (a config key alone does not say that the model's forward applies it): the transform that maps
+    head(decoder output) to the model's logits. None fits: refused, since the chunked loss could
+    not reproduce the model's logits."""
+    config = model.config
+    multiply = float(getattr(config, "logit_scale", None) or 1.0) / float(getattr(config, "logits_scaling", None) or 1.0)
+    softcap = getattr(config, "final_logit_softcapping", None)
+    candidates = dict.fromkeys([LogitTransform(multiply, float(softcap) if softcap else None),
+                                LogitTransform(1.0, float(softcap) if softcap else None), LogitTransform(multiply), IDENTITY])
+    head = model.get_output_embeddings()
+    probe = torch.arange(2, 6, device=head.weight.device)[None] % head.weight.shape[0]
+    training = model.training
+    model.eval()
+    try:
+        logits = model(input_ids=probe, use_cache=False).logits.float()
+        projected = head(model.get_decoder()(input_ids=probe, use_cache=False).last_hidden_state).float()
+    finally:
+        model.train(training)
+    # rounding of the model's dtype (at least float32's, where both sides are compared) on logits of
+    # this size; the candidates differ by far more (a soft cap bends large logits by tens of percent)
+    precision = max(torch.finfo(head.weight.dtype).eps, torch.finfo(torch.float32).eps)
+    tolerance = 8 * precision * (float(logits.abs().max()) + 1e-6)
+    for candidate in candidates:
+        if float((candidate(projected) - logits).abs().max()) <= tolerance:
+            return candidate
+    raise DistillError(f"{type(model).__name__}'s output head does more than its projection and known scalings "
+                       f"(logit_scale, logits_scaling, final_logit_softcapping); set train.loss.chunk_tokens=0")
 
 
 class TopK(NamedTuple):
@@ -126,15 +178,15 @@ def distillation_loss(
 
 def _chunk_sums(student_hidden, teacher_hidden, student_weight, student_bias, teacher_weight, teacher_bias,
                 topk_logp, topk_index, targets, kind: str, temperature: float, beta: float, with_kd: bool,
-                with_lm: bool) -> torch.Tensor:
+                with_lm: bool, student_transform: LogitTransform, teacher_transform: LogitTransform) -> torch.Tensor:
     """[sum of divergences, sum of token losses] over one chunk of positions."""
-    student_logits = F.linear(student_hidden, student_weight, student_bias).float()
+    student_logits = student_transform(F.linear(student_hidden, student_weight, student_bias).float())
     zero = student_logits.new_zeros(())
     kd = zero
     if with_kd and topk_logp is not None:
         kd = topk_divergence(student_logits, TopK(topk_logp, topk_index), kind, beta).sum()
     elif with_kd:
-        teacher_logits = F.linear(teacher_hidden, teacher_weight, teacher_bias)
+        teacher_logits = teacher_transform(F.linear(teacher_hidden, teacher_weight, teacher_bias).float())
         kd = divergence(student_logits, teacher_logits, kind, temperature, beta).sum()
     lm = F.cross_entropy(student_logits, targets, ignore_index=IGNORE, reduction="sum") if with_lm else zero
     return torch.stack([kd, lm])
@@ -148,11 +200,14 @@ def chunked_distillation_loss(
     input_ids: torch.Tensor,
     config: LossConfig,
     teacher_topk: TopK | None = None,
+    student_transform: LogitTransform = IDENTITY,
+    teacher_transform: LogitTransform = IDENTITY,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The same loss as `distillation_loss(student_head(student_hidden), teacher_head(teacher_hidden), ...)`
     (or with the cached `teacher_topk` in place of the teacher's hidden states and head), computed
     `config.chunk_tokens` positions at a time; each chunk's logits are recomputed in backward
-    (activation checkpointing) instead of being stored."""
+    (activation checkpointing) instead of being stored. `*_transform`: what each model's head does
+    after its projection (`logit_transform(model.config)`)."""
     hidden_size = student_hidden.shape[-1]
     student_rows = student_hidden.reshape(-1, hidden_size)
     targets = next_token_targets(input_ids).reshape(-1)
@@ -170,7 +225,8 @@ def chunked_distillation_loss(
             student_head.weight, getattr(student_head, "bias", None), teacher_weight, teacher_bias,
             cached.logp[rows] if cached is not None else None,
             cached.index[rows] if cached is not None else None, targets[rows],
-            config.divergence, config.temperature, config.jsd_beta, with_kd, with_lm, use_reentrant=False,
+            config.divergence, config.temperature, config.jsd_beta, with_kd, with_lm, student_transform,
+            teacher_transform, use_reentrant=False,
         )
     parts: dict[str, torch.Tensor] = {}
     total = sums.new_zeros(())

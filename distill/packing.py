@@ -19,6 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from distill.errors import DistillError
 from distill.io import load_tensors, save_tensors, write_json
+from distill.targets import linearize
 
 FORMAT = "distill.nm_packed.v1"
 
@@ -93,6 +94,7 @@ def load_packed(directory: Path, dtype: torch.dtype | None = None) -> nn.Module:
     state.update(tensors)
     config = AutoConfig.from_pretrained(directory)
     model = AutoModelForCausalLM.from_config(config, dtype=next(iter(state.values())).dtype)
+    linearize(model)  # packed in nn.Linear layout (distill.targets), Conv1D models included
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {name for name in model.state_dict() if name not in dict(model.named_parameters())}
     buffers = {name for name, _ in model.named_buffers()}

@@ -14,7 +14,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
@@ -22,7 +22,7 @@ from accelerate.utils import broadcast_object_list
 from distill import __version__
 from distill.config import Config, to_dict, to_yaml
 from distill.errors import DistillError
-from distill.io import fingerprint, read_json, replace_dir, write_json, write_text
+from distill.io import fingerprint, read_json, remove_stale_temporaries, replace_dir, write_json, write_text
 from distill.locking import RunDirLock
 from distill.precision import Precision
 
@@ -37,6 +37,12 @@ class StageContext:
     def stage_dir(self, name: str) -> Path:
         """The finished output of an upstream stage."""
         return self.run_dir / name
+
+    @property
+    def final_dir(self) -> Path:
+        """Where the running stage's output will be once it finishes (paths recorded in its
+        summary name this, not the work dir)."""
+        return self.run_dir / self.work_dir.name.removesuffix(".partial")
 
     def log(self, message: str) -> None:
         self.accelerator.print(message, flush=True)
@@ -80,13 +86,20 @@ _LEGACY_PRECISION_KEY, _LEGACY_PRECISION_VALUES = "accelerate.mixed_precision", 
 
 
 def upgrade_inputs(inputs: dict) -> dict:
-    """A saved inputs dict in today's keys, so a run dir from an older release still matches."""
-    if _LEGACY_PRECISION_KEY not in inputs:
-        return inputs
+    """A saved inputs dict in today's keys, so a run dir from an older release still matches: the
+    precision under its own key, and input files keyed by path (`file:<path>`), not by position."""
     inputs = dict(inputs)
-    old = inputs.pop(_LEGACY_PRECISION_KEY)
-    inputs[PRECISION_KEY] = _LEGACY_PRECISION_VALUES.get(old, f"{old} (accelerate)")
+    if _LEGACY_PRECISION_KEY in inputs:
+        old = inputs.pop(_LEGACY_PRECISION_KEY)
+        inputs[PRECISION_KEY] = _LEGACY_PRECISION_VALUES.get(old, f"{old} (accelerate)")
+    for key in [key for key in inputs if key.startswith("file[")]:
+        stamp = inputs.pop(key)
+        inputs[_file_key(stamp["path"])] = stamp
     return inputs
+
+
+def _file_key(path: str) -> str:
+    return f"file:{path}"
 
 
 def _file_stamp(path: str) -> dict:
@@ -105,30 +118,51 @@ def describe_changes(old: dict, new: dict) -> str:
             continue
         if key.startswith("upstream."):
             changes.append(f"stage '{key.removeprefix('upstream.')}' ran again")
-        elif key.startswith("file["):
-            path = (new.get(key) or old.get(key))["path"]
+        elif key.startswith("file:"):
+            path = key.removeprefix("file:")
             changes.append(f"input file {path} {'changed' if key in old and key in new else 'added' if key in new else 'removed'}")
         else:
             changes.append(f"{key}: {old.get(key, '<unset>')!r} -> {new.get(key, '<unset>')!r}")
     return "; ".join(changes)
 
 
+class Decision(NamedTuple):
+    """What a launch does with one stage: `action` is "skip", "running", "running again" or
+    "resuming the unfinished run"; `discard` says its unfinished `.partial/` is dropped first."""
+
+    stage: Stage
+    action: str
+    reason: str
+    discard: bool = False
+
+
+def _check_shape(path: Path, data, required: dict[str, type]) -> dict:
+    """`data` read from `path`, refused in one line unless it is a dict holding `required` keys of
+    the given types (valid JSON of the wrong shape is as corrupt as broken JSON)."""
+    if not isinstance(data, dict):
+        raise DistillError(f"corrupt file {path}: expected a JSON object, found {type(data).__name__}")
+    for key, kind in required.items():
+        if not isinstance(data.get(key), kind):
+            raise DistillError(f"corrupt file {path}: '{key}' is missing or not a {kind.__name__}")
+    return data
+
+
 class Pipeline:
-    def __init__(self, config: Config, accelerator: Accelerator, stages: list[Stage]):
+    def __init__(self, config: Config, accelerator: Accelerator, stages: list[Stage], discard: tuple[str, ...] = ()):
         self.config = config
         self.accelerator = accelerator
         self.stages = stages
         self.run_dir = config.run_dir
         self.precision = (Precision.BF16 if accelerator.mixed_precision == "bf16" else Precision.FP32).value
+        self.discard = set(discard)  # stages whose unfinished run the user asked to drop (--discard-partial)
 
     def inputs(self, stage: Stage) -> dict:
         """What a stage's fingerprint covers, as a flat dict (so changes can be named key by key)."""
         inputs = {f"config.{key}": value for key, value in _select(self.config, stage.config_keys).items()}
-        for index, path in enumerate(stage.input_files(self.config)):
-            inputs[f"file[{index}]"] = _file_stamp(path)
+        for path in stage.input_files(self.config):
+            inputs[_file_key(path)] = _file_stamp(path)
         for name in stage.upstream:
-            manifest = self.manifest(name)
-            inputs[f"upstream.{name}"] = manifest["completion"] if manifest else None
+            inputs[f"upstream.{name}"] = self._completion(name)
         if stage.depends_on_precision(self.config):
             inputs[PRECISION_KEY] = self.precision
         inputs["distill.version"] = __version__
@@ -136,13 +170,40 @@ class Pipeline:
 
     def manifest(self, name: str) -> dict | None:
         path = self.run_dir / name / "manifest.json"
-        return read_json(path) if path.is_file() else None
+        if not path.is_file():
+            return None
+        try:
+            return _check_shape(path, read_json(path), {"fingerprint": str, "inputs": dict, "completion": str})
+        except DistillError as error:
+            raise DistillError(f"{error}; rerun with --from {name} to run stage '{name}' again") from None
+
+    def _completion(self, name: str) -> str | None:
+        """The finished run of stage `name` that downstream stages fingerprint; None when there is
+        none or its manifest is unreadable (planning that stage itself refuses or re-runs it first)."""
+        try:
+            manifest = self.manifest(name)
+        except DistillError:
+            return None
+        return manifest["completion"] if manifest else None
+
+    def _partial(self, name: str) -> Path:
+        return self.run_dir / f"{name}.partial"
+
+    def _partial_inputs(self, name: str) -> dict | None:
+        """The inputs an unfinished run was started with (None when it never got to write them)."""
+        path = self._partial(name) / "inputs.json"
+        if not path.is_file():
+            return None
+        try:
+            return upgrade_inputs(_check_shape(path, read_json(path), {"inputs": dict})["inputs"])
+        except DistillError as error:
+            raise DistillError(f"{error}; rerun with --discard-partial {name} to drop that unfinished run") from None
 
     def _names(self) -> list[str]:
         return [stage.name for stage in self.stages]
 
     def run(self, only: str | None = None, start_from: str | None = None, restart: bool = False) -> None:
-        for chosen in (only, start_from):
+        for chosen in (only, start_from, *sorted(self.discard)):
             if chosen is not None and chosen not in self._names():
                 raise DistillError(f"unknown stage '{chosen}' (stages: {', '.join(self._names())})")
         # the main process takes the lock for the launch; every process refuses together
@@ -160,8 +221,12 @@ class Pipeline:
 
     def _run(self, only: str | None, start_from: str | None, restart: bool) -> None:
         accelerator = self.accelerator
-        if restart and accelerator.is_main_process and self.run_dir.exists():
-            shutil.rmtree(self.run_dir)
+        if accelerator.is_main_process:
+            if restart and self.run_dir.exists():
+                shutil.rmtree(self.run_dir)
+            # under the lock nothing else writes here: temp files are what a killed launch left
+            remove_stale_temporaries(self.run_dir)
+            self._finish_interrupted_landings()
         accelerator.wait_for_everyone()
 
         selected = [stage for stage in self.stages if only is None or stage.name == only]
@@ -171,54 +236,79 @@ class Pipeline:
                 if only and self.manifest(name) is None:
                     raise DistillError(f"stage '{stage.name}' needs stage '{name}' finished first; run the pipeline without --only")
         # decide everything before doing anything, so a refusal comes before any stage is replaced
-        for stage, action, reason in self.plan(selected, forced):
-            if action == "skip":
-                accelerator.print(f"[{stage.name}] up to date, skipped", flush=True)
+        for decision in self.plan(selected, forced):
+            stage = decision.stage
+            if decision.discard:
+                why = "asked to run it again" if stage.name in forced else "--discard-partial"
+                accelerator.print(f"[{stage.name}] discarding the unfinished run in {self._partial(stage.name)} ({why})", flush=True)
+                if accelerator.is_main_process:
+                    shutil.rmtree(self._partial(stage.name))
+                accelerator.wait_for_everyone()
+            if decision.action == "skip":
+                accelerator.print(f"[{stage.name}] up to date, skipped{f' ({decision.reason})' if decision.reason else ''}", flush=True)
             else:
-                accelerator.print(f"[{stage.name}] {action}{f' ({reason})' if reason else ''}", flush=True)
+                accelerator.print(f"[{stage.name}] {decision.action}{f' ({decision.reason})' if decision.reason else ''}", flush=True)
                 self._run_stage(stage)
 
-    def plan(self, selected: list[Stage], forced: set[str]) -> list[tuple[Stage, str, str]]:
-        """(stage, action, reason) for each selected stage; refuses to drop an unfinished run whose
-        inputs changed, naming what changed."""
+    def _finish_interrupted_landings(self) -> None:
+        """A stage whose `.partial/` holds its manifest had finished and was being renamed into place
+        when the launch died: complete the rename instead of running it again."""
+        for name in self._names():
+            partial = self._partial(name)
+            if (partial / "manifest.json").is_file():
+                replace_dir(partial, self.run_dir / name)
+                (self.run_dir / name / "inputs.json").unlink(missing_ok=True)
+
+    def plan(self, selected: list[Stage], forced: set[str]) -> list[Decision]:
+        """A Decision for each selected stage. An unfinished run resumes when its inputs are today's;
+        with other inputs it is kept, and the finished stage used, when that one matches; otherwise
+        the launch is refused, naming what changed (nothing has been touched yet)."""
         will_run: set[str] = set()
-        steps = []
+        decisions = []
         for stage in selected:
+            name = stage.name
             inputs = self.inputs(stage)
             stamp = fingerprint(inputs)
-            manifest = self.manifest(stage.name)
-            upstream_runs = [f"stage '{name}' runs again" for name in stage.upstream if name in will_run]
-            partial = self.run_dir / f"{stage.name}.partial" / "inputs.json"
-            if partial.is_file():
-                previous = upgrade_inputs(read_json(partial)["inputs"])
-                if fingerprint(previous) != stamp or upstream_runs:
-                    raise DistillError(self._refusal(stage, partial.parent, previous, inputs, upstream_runs))
-                action, reason = "resuming the unfinished run", str(partial.parent)
-            elif manifest and fingerprint(upgrade_inputs(manifest["inputs"])) == stamp and stage.name not in forced \
-                    and not upstream_runs:
-                action, reason = "skip", ""
-            elif manifest:
-                action = "running again"
-                reason = ("asked for" if stage.name in forced
-                          else "; ".join(upstream_runs) or describe_changes(upgrade_inputs(manifest["inputs"]), inputs))
+            manifest = None if name in forced else self.manifest(name)
+            finished = manifest is not None and fingerprint(upgrade_inputs(manifest["inputs"])) == stamp
+            upstream_runs = [f"stage '{up}' runs again" for up in stage.upstream if up in will_run]
+            has_partial = self._partial(name).is_dir()
+            discard = has_partial and (name in forced or name in self.discard)
+            previous = self._partial_inputs(name) if has_partial and not discard else None
+            if previous is not None and fingerprint(previous) == stamp and not upstream_runs:
+                decision = Decision(stage, "resuming the unfinished run", str(self._partial(name)))
+            elif previous is not None and finished and not upstream_runs:
+                decision = Decision(stage, "skip", f"the unfinished run in {self._partial(name)} was made with other "
+                                                   f"inputs and is kept; --discard-partial {name} drops it")
+            elif previous is not None:
+                raise DistillError(self._refusal(stage, previous, inputs, upstream_runs))
+            elif finished and not upstream_runs:
+                decision = Decision(stage, "skip", "", discard)
+            elif name in forced:  # its manifest is not read: --from/--only also recovers a corrupt one
+                again = (self.run_dir / name / "manifest.json").is_file()
+                decision = Decision(stage, "running again" if again else "running", "asked for" if again else "", discard)
+            elif manifest is not None:
+                reason = "; ".join(upstream_runs) or describe_changes(upgrade_inputs(manifest["inputs"]), inputs)
+                decision = Decision(stage, "running again", reason, discard)
             else:
-                action, reason = "running", ""
-            if action != "skip":
-                will_run.add(stage.name)
-            steps.append((stage, action, reason))
-        return steps
+                decision = Decision(stage, "running", "", discard)
+            if decision.action != "skip":
+                will_run.add(name)
+            decisions.append(decision)
+        return decisions
 
-    @staticmethod
-    def _refusal(stage: Stage, partial: Path, previous: dict, inputs: dict, upstream_runs: list[str]) -> str:
+    def _refusal(self, stage: Stage, previous: dict, inputs: dict, upstream_runs: list[str]) -> str:
         """Why an unfinished run cannot be resumed, and how to go on."""
+        partial = self._partial(stage.name)
         old, new = previous.get(PRECISION_KEY), inputs.get(PRECISION_KEY)
         if old != new and old is not None and new is not None:
             return (f"stage '{stage.name}' has an unfinished run in {partial} computed in {old} and this launch "
-                    f"computes in {new}; resume it with run.precision={old}, or delete {partial} to start that "
-                    f"stage over in {new}")
+                    f"computes in {new}; resume it with run.precision={old}, or rerun with --discard-partial "
+                    f"{stage.name} to start that stage over in {new}")
         changes = upstream_runs + [describe_changes(previous, inputs)]
         return (f"stage '{stage.name}' has an unfinished run in {partial} made with other inputs "
-                f"({'; '.join(change for change in changes if change)}); rerun with --restart to start over")
+                f"({'; '.join(change for change in changes if change)}); go back to those inputs to resume it, or "
+                f"rerun with --discard-partial {stage.name} to drop it and run the stage afresh (other stages are kept)")
 
     def _run_stage(self, stage: Stage) -> None:
         accelerator = self.accelerator
@@ -230,7 +320,6 @@ class Pipeline:
         if accelerator.is_main_process:
             work_dir.mkdir(parents=True, exist_ok=True)
             write_json(saved_inputs, {"fingerprint": stamp, "inputs": inputs})
-            write_text(self.run_dir / "config.yaml", to_yaml(self.config))  # the config the run dir now reflects
         accelerator.wait_for_everyone()
 
         started = time.time()
@@ -249,5 +338,7 @@ class Pipeline:
             })
             replace_dir(work_dir, self.run_dir / stage.name)
             (self.run_dir / stage.name / "inputs.json").unlink()  # after the rename: a crash before it leaves a resumable partial
+            # the config the finished stages now reflect; a failed or refused stage never changes it
+            write_text(self.run_dir / "config.yaml", to_yaml(self.config))
         accelerator.wait_for_everyone()
         accelerator.print(f"[{stage.name}] finished in {seconds:.1f} s", flush=True)

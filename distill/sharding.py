@@ -38,15 +38,16 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from distill.errors import DistillError
 from distill.sparsity import MaskedLinear, masked_modules
+from distill.targets import decoder_layers
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def _decoder_layers(model: nn.Module) -> nn.ModuleList:
-    layers = getattr(model.get_decoder(), "layers", None)
-    if layers is None:
-        raise DistillError(f"train.sharding=fsdp: {type(model).__name__} has no decoder `layers` to shard")
-    return layers
+    found = decoder_layers(model)
+    if found is None:
+        raise DistillError(f"train.sharding=fsdp: {type(model).__name__} has no list of decoder layers to shard")
+    return found[1]
 
 
 def shard_teacher(teacher: nn.Module) -> None:

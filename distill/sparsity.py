@@ -130,13 +130,6 @@ def masked_modules(model: nn.Module) -> Iterator[tuple[str, MaskedLinear]]:
             yield name, module
 
 
-def target_linears(model: nn.Module, targets: list[str]) -> Iterator[tuple[str, nn.Linear]]:
-    """The nn.Linear modules whose last name component is in `targets` (e.g. q_proj, down_proj)."""
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in targets:
-            yield name, module
-
-
 def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from distill.errors import DistillError
+from distill.targets import decoder_layers
 
 MLP_PARTS = ("gate_proj", "up_proj", "down_proj")
 ATTENTION_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -52,7 +53,10 @@ def structured_masks(model: nn.Module, kind: str, scores: dict[str, torch.Tensor
     parts = MLP_PARTS if kind == "mlp_channels" else ATTENTION_PARTS
     groups = _modules_with(model, parts)
     if not groups:
-        raise DistillError(f"pattern {kind}: the model has no module with {', '.join(parts)}")
+        found = decoder_layers(model)
+        layer = [path for path, module in found[1][0].named_modules() if isinstance(module, nn.Linear)] if found else []
+        raise DistillError(f"pattern {kind} needs {', '.join(parts)} as separate projections; {type(model).__name__}'s "
+                           f"decoder layers have {', '.join(layer) or 'none'} (fused or otherwise named): use pattern nm")
     kv_heads, head_dim, per_group = _head_geometry(model)
     masks = {}
     for name, _ in groups:

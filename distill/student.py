@@ -20,6 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from distill.errors import DistillError
 from distill.io import atomic_write, write_json
 from distill.sparsity import install_masks, masked_modules
+from distill.targets import linearize
 
 
 def save_student(model: nn.Module, directory: Path, spec: dict) -> None:
@@ -54,6 +55,7 @@ def load_student(directory: Path, device: torch.device | str = "cpu", dtype: tor
     spec = json.loads((directory / "sparsity.json").read_text())
     config = AutoConfig.from_pretrained(directory)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    linearize(model)  # saved in the layout it trained in (distill.targets)
     install_masks(model, {name: torch.ones(model.get_submodule(name).weight.shape, dtype=torch.bool)
                           for name in spec["masked"]})
     try:

@@ -3,11 +3,13 @@
     accelerate launch --config_file configs/accelerate/cpu.yaml pipelines/run.py configs/demo.yaml [key=value ...]
 
 Finished stages whose inputs did not change are skipped; an interrupted stage resumes from its last
-checkpoint. `--only STAGE` re-runs one stage, `--from STAGE` re-runs it and everything after it,
-`--restart` deletes the run dir and starts over.
+checkpoint. `--only STAGE` re-runs one stage, `--from STAGE` re-runs it and everything after it
+(both drop that stage's unfinished run first), `--discard-partial STAGE` drops one stage's unfinished
+run and goes on as usual, `--restart` deletes the run dir and starts over.
 """
 
 import argparse
+import errno
 import os
 import signal
 import sys
@@ -24,6 +26,8 @@ def parse_args(argv):
     parser.add_argument("overrides", nargs="*", help="dotted overrides such as train.steps=50")
     parser.add_argument("--only", metavar="STAGE", help="run (or re-run) this stage alone")
     parser.add_argument("--from", dest="start_from", metavar="STAGE", help="re-run this stage and every later one")
+    parser.add_argument("--discard-partial", metavar="STAGE", action="append", default=[],
+                        help="drop this stage's unfinished run (its .partial dir), keeping every finished stage")
     parser.add_argument("--restart", action="store_true", help="delete the run dir and start over")
     return parser.parse_intermixed_args(argv)  # overrides may follow --only and friends
 
@@ -54,12 +58,31 @@ def main(argv=None) -> int:
         accelerator, precision = build_accelerator(config)
         accelerator.print(f"distill: {precision.describe()}", flush=True)
         set_seed(config.run.seed)
-        Pipeline(config, accelerator, STAGES).run(only=args.only, start_from=args.start_from, restart=args.restart)
+        pipeline = Pipeline(config, accelerator, STAGES, discard=tuple(args.discard_partial))
+        pipeline.run(only=args.only, start_from=args.start_from, restart=args.restart)
         accelerator.end_training()
     except DistillError as error:
         print(f"distill: error: {error}", file=sys.stderr, flush=True)
         return 2
+    except OSError as error:  # the filesystem said no: one line naming the file, not a traceback
+        print(f"distill: error: {describe_os_error(error)}", file=sys.stderr, flush=True)
+        return 2
     return 0
+
+
+def describe_os_error(error: OSError) -> str:
+    """One line for a failed read or write, with what to do about the usual causes."""
+    where = f" ({error.filename})" if error.filename else ""
+    advice = {
+        errno.ENOSPC: "; its temp files were removed and the last finished stage and checkpoint are kept: free space "
+                      "and run the same command again",
+        errno.EDQUOT: "; free space and run the same command again",
+        errno.EACCES: "; give this user write access there, or set run.output_dir to a writable dir",
+        errno.EPERM: "; give this user write access there, or set run.output_dir to a writable dir",
+        errno.EROFS: "; set run.output_dir to a writable dir",
+        errno.ENAMETOOLONG: "; shorten run.name or run.output_dir",
+    }.get(error.errno, "")
+    return f"{error.strerror or type(error).__name__}{where}{advice}"
 
 
 if __name__ == "__main__":

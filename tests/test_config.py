@@ -1,4 +1,6 @@
+import os
 import re
+import shutil
 
 import pytest
 import yaml
@@ -10,10 +12,10 @@ from distill.errors import DistillError
 
 def test_demo_config_loads_and_overrides_reach_nested_keys():
     config = load_config(REPO / "configs" / "demo.yaml",
-                         ["train.steps=7", "train.loss.temperature=2", "data.sources.0.samples.num_sequences=3",
+                         ["train.steps=7", "train.loss.kd_weight=2", "data.sources.0.samples.num_sequences=3",
                           "eval.files=[a.txt,b.txt]", "train.lr=1e-3"])
     assert config.train.steps == 7
-    assert config.train.loss.temperature == 2.0
+    assert config.train.loss.kd_weight == 2.0
     assert config.data.sources[0].samples.num_sequences == 3
     assert config.eval.files == ["a.txt", "b.txt"]
     assert config.train.lr == pytest.approx(1e-3)
@@ -42,6 +44,8 @@ def test_demo_config_loads_and_overrides_reach_nested_keys():
     ("{}", ["train.mask_noise=-1"], "'train.mask_noise': -1.0 must be >= 0"),
     ("data: {sources: [{name: a, kind: files, files: [x.txt], heldout_fraction: lots}]}", [],
      "config key 'data.sources[0].heldout_fraction'"),
+    ("{}", ["run.name=" + "n" * 300], "'run.name': 300 bytes is longer than the 249"),
+    ("{}", ["run.name=a/b"], "'run.name': 'a/b' is not a directory name"),
 ])
 def test_bad_config_is_one_clear_error(tmp_path, text, overrides, message):
     path = tmp_path / "bad.yaml"
@@ -68,15 +72,32 @@ def test_cli_reports_bad_input_in_one_line_and_exits_non_zero(tmp_path, tiny_tea
         "missing data": (["data.sources.0.files=[/no/such/file.txt]"], "file not found: /no/such/file.txt"),
         "missing teacher": (["teacher.source=/no/such/teacher"], "teacher.source not found: /no/such/teacher"),
         "missing eval file": (["eval.files=[/no/such/eval.txt]"], "file not found: /no/such/eval.txt"),
+        "empty data file": ([f"data.sources.0.files=[{tmp_path / 'empty.txt'}]"], "holds no text"),
+        "binary eval file": ([f"eval.files=[{tmp_path / 'binary.txt'}]"], "is binary, not text (a NUL byte at offset 4)"),
+        "latin-1 eval file": ([f"eval.files=[{tmp_path / 'latin1.txt'}]"], "is not UTF-8 text (byte offset 3)"),
+        "corrupt teacher": ([f"teacher.source={tmp_path / 'corrupt_teacher'}"],
+                            "could not load teacher"),
+        "read-only output dir": ([f"run.output_dir={tmp_path / 'readonly' / 'runs'}"], "Permission denied"),
     }
+    (tmp_path / "empty.txt").write_text(" \n\n")
+    (tmp_path / "binary.txt").write_bytes(b"ELF\x01\x00\x00garbage")
+    (tmp_path / "latin1.txt").write_bytes("Caf\u00e9 au lait".encode("latin-1"))
+    corrupt = tmp_path / "corrupt_teacher"
+    shutil.copytree(tiny_teacher, corrupt)
+    weights = corrupt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    (tmp_path / "readonly").mkdir()
+    (tmp_path / "readonly").chmod(0o500)
+    if os.access(tmp_path / "readonly", os.W_OK):  # root writes anywhere: no permission error to provoke
+        del cases["read-only output dir"]
     config = write_config(tmp_path / "c.yaml", tiny_config(tmp_path, tiny_teacher))
-    for case, (overrides, message) in cases.items():
-        result = run_pipeline(config, *overrides, check=False)
+    for index, (case, (overrides, message)) in enumerate(cases.items()):
+        result = run_pipeline(config, f"run.name=case{index}", *overrides, check=False)  # a run dir each
         assert result.returncode == 2, case
         lines = [line for line in result.stderr.splitlines() if line.startswith("distill: error:")]
         assert len(lines) == 1 and message in lines[0], (case, result.stderr[-2000:])
         assert "Traceback" not in result.stderr, case
-    assert not (tmp_path / "runs" / "tiny" / "teacher").exists(), "bad input must not produce stage output"
+    assert not list(tmp_path.glob("runs/*/teacher")), "bad input must not produce stage output"
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda path: path.name)

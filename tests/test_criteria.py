@@ -9,7 +9,8 @@ from conftest import VALID_TEXT
 from distill.config import PROJECTIONS, PruneConfig
 from distill.criteria import gradient_saliency, sparsegpt_masks, sparsegpt_nm
 from distill.data import pack, tokenize_files
-from distill.sparsity import nm_mask, nm_violations, target_linears
+from distill.sparsity import nm_mask, nm_violations
+from distill.targets import target_linears
 from distill.stages.prune import masks_from_scores
 
 

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import errno
+from pathlib import Path
+
 import pytest
 import torch
 from accelerate import Accelerator
 
 from distill.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from distill.errors import DistillError
-from distill.io import atomic_write, load_tensors, read_json, replace_dir, save_tensors, write_json
+from distill.io import (atomic_write, load_tensors, read_json, remove_stale_temporaries, replace_dir, save_tensors,
+                       write_json)
 
 
 def test_a_write_that_fails_leaves_the_old_file_and_no_temporary(tmp_path):
@@ -101,3 +105,37 @@ def test_a_corrupt_checkpoint_or_pointer_is_refused_in_one_line(tmp_path):
     write_json(root / "latest.json", {"name": "step_00000009", "step": 9})
     with pytest.raises(DistillError, match="step_00000009, which does not exist"):
         latest_checkpoint(root)
+    write_json(root / "latest.json", ["step_00000001"])  # valid JSON, wrong shape
+    with pytest.raises(DistillError, match="corrupt checkpoint pointer .*latest.json"):
+        latest_checkpoint(root)
+
+
+def test_a_checkpoint_that_fails_to_write_leaves_no_temporary_and_keeps_the_older_one(tmp_path, monkeypatch):
+    accelerator = Accelerator(cpu=True, mixed_precision="no")
+    model, optimizer = accelerator.prepare(*_trained_pair(0))
+    root = tmp_path / "checkpoints"
+    save_checkpoint(accelerator, root, 1, keep=2)
+
+    def full_disk(directory, **kwargs):
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        (Path(directory) / "model.safetensors").write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device", str(directory))
+
+    monkeypatch.setattr(accelerator, "save_state", full_disk)
+    with pytest.raises(OSError):
+        save_checkpoint(accelerator, root, 2, keep=2)
+    assert sorted(path.name for path in root.iterdir()) == ["latest.json", "step_00000001"]
+    assert latest_checkpoint(root).name == "step_00000001"
+
+
+def test_stale_temporaries_are_found_and_removed_and_nothing_else(tmp_path):
+    keep = [tmp_path / "config.yaml", tmp_path / "distill" / "metrics.jsonl", tmp_path / "distill" / ".hidden"]
+    stale = [tmp_path / ".config.yaml.tmp123", tmp_path / "distill" / ".metrics.jsonl.tmp9"]
+    for path in keep + stale:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("x")
+    (tmp_path / "distill" / "checkpoints" / ".step_00000004.tmp").mkdir(parents=True)
+    (tmp_path / "distill" / "checkpoints" / ".step_00000004.tmp" / "model.safetensors").write_text("half")
+    removed = remove_stale_temporaries(tmp_path)
+    assert sorted(removed) == sorted(stale + [tmp_path / "distill" / "checkpoints" / ".step_00000004.tmp"])
+    assert all(path.exists() for path in keep) and not any(path.exists() for path in stale)

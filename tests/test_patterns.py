@@ -81,7 +81,7 @@ def test_spanning_masks_remove_whole_channels_across_projections(tiny_teacher, k
 
     from distill.config import PROJECTIONS
     from distill.patterns import Pattern
-    from distill.sparsity import target_linears
+    from distill.targets import target_linears
     from distill.structured import structured_masks
 
     model = AutoModelForCausalLM.from_pretrained(tiny_teacher)

@@ -184,7 +184,7 @@ def test_kill_in_distill_then_resume_gives_the_bitwise_same_student(tmp_path, ti
     # a changed training config must not silently continue from these checkpoints
     refused = launch(killed, *ranks, "train.lr=0.005", check=False)
     assert refused.returncode != 0 and "Traceback" not in refused.stderr
-    assert "config.train.lr: 0.001 -> 0.005" in refused.stderr and "--restart" in refused.stderr
+    assert "config.train.lr: 0.001 -> 0.005" in refused.stderr and "--discard-partial distill" in refused.stderr
     assert (run_dir / "distill.partial" / "checkpoints" / latest["name"]).is_dir(), "nothing may be lost"
     # so must a change upstream, before the upstream stage is replaced
     prune_manifest = (run_dir / "prune" / "manifest.json").read_text()

@@ -4,6 +4,7 @@ write real files: what runs, what is skipped, what is refused and why."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from accelerate import Accelerator
@@ -22,10 +23,18 @@ def _writer(name):
     return run
 
 
+def _reader_of_eval_files(ctx):
+    """Reads every eval file the way a stage would, failing on one that is not text."""
+    for path in ctx.config.eval.files:
+        if "\0" in Path(path).read_text(errors="replace"):
+            raise DistillError(f"eval file {path} is not text")
+    return _writer("third")(ctx)
+
+
 STAGES = [
     Stage("first", ("data.block_size",), (), _writer("first"), depends_on_precision=lambda config: True),
     Stage("second", ("train.lr",), ("first",), _writer("second")),
-    Stage("third", ("eval",), ("first", "second"), _writer("third")),
+    Stage("third", ("eval",), ("first", "second"), _reader_of_eval_files, input_files=lambda config: config.eval.files),
 ]
 
 
@@ -34,15 +43,15 @@ def accelerator():
     return Accelerator(cpu=True, mixed_precision="no")
 
 
-def make_pipeline(tmp_path, accelerator, **overrides):
+def make_pipeline(tmp_path, accelerator, discard=(), **overrides):
     raw = {"run": {"name": "plan", "output_dir": str(tmp_path)},
            "data": {"sources": [{"name": "wiki", "kind": "files", "files": [str(VALID_TEXT)]}]}}
     config = config_from_dict(raw, [f"{key}={value}" for key, value in overrides.items()])
-    return Pipeline(config, accelerator, STAGES)
+    return Pipeline(config, accelerator, STAGES, discard=discard)
 
 
 def actions(pipeline, forced=()):
-    return [(stage.name, action, reason) for stage, action, reason in pipeline.plan(STAGES, set(forced))]
+    return [(decision.stage.name, decision.action, decision.reason) for decision in pipeline.plan(STAGES, set(forced))]
 
 
 def test_a_new_run_dir_runs_everything_and_a_finished_one_skips_everything(tmp_path, accelerator):
@@ -114,3 +123,84 @@ def test_a_second_launch_on_a_locked_run_dir_is_refused_naming_the_holder(tmp_pa
     holder.release()  # the first launch ends
     pipeline.run()
     assert (tmp_path / "plan" / "third" / "manifest.json").is_file()
+
+
+def test_a_failed_stage_leaves_config_yaml_and_its_finished_output_and_going_back_works(tmp_path, accelerator):
+    """The lockout of issue #13: a finished run, a new eval file that fails, then back to the old config."""
+    make_pipeline(tmp_path, accelerator).run()
+    run_dir = tmp_path / "plan"
+    config_yaml, third = (run_dir / "config.yaml").read_text(), (run_dir / "third" / "manifest.json").read_text()
+    garbage = tmp_path / "garbage.txt"
+    garbage.write_bytes(b"\0\1\2" * 100)
+    with pytest.raises(DistillError, match="is not text"):
+        make_pipeline(tmp_path, accelerator, **{"eval.files": f"[{garbage}]"}).run()
+    assert (run_dir / "third.partial").is_dir(), "the failed attempt is kept"
+    assert (run_dir / "config.yaml").read_text() == config_yaml, "a failed stage never changes config.yaml"
+    assert (run_dir / "third" / "manifest.json").read_text() == third
+
+    # the new config again: refused, naming the real difference and the way out
+    with pytest.raises(DistillError) as refusal:
+        actions(make_pipeline(tmp_path, accelerator, **{"eval.files": f"[{tmp_path / 'other.txt'}]"}))
+    message = str(refusal.value)
+    assert f"input file {garbage} removed" in message and f"input file {tmp_path / 'other.txt'} added" in message
+    assert "--discard-partial third" in message and "changed" not in message
+
+    # back to the config of the finished stages: nothing runs, the unfinished attempt is kept
+    back = actions(make_pipeline(tmp_path, accelerator))
+    assert [action for _, action, _ in back] == ["skip"] * 3
+    assert "was made with other inputs and is kept" in back[2][2] and "--discard-partial third" in back[2][2]
+    make_pipeline(tmp_path, accelerator).run()
+    assert (run_dir / "third.partial").is_dir() and (run_dir / "third" / "manifest.json").read_text() == third
+
+    # --only (and --from) drop the stage's unfinished run and run it again; --discard-partial just drops it
+    only = make_pipeline(tmp_path, accelerator)
+    assert only.plan(STAGES, {"third"})[2].discard
+    only.run(only="third")
+    assert not (run_dir / "third.partial").exists() and (run_dir / "third" / "manifest.json").read_text() != third
+    (run_dir / "third.partial").mkdir()
+    write_json(run_dir / "third.partial" / "inputs.json", {"inputs": {"config.eval.batch_size": 99}})
+    finished = (run_dir / "third" / "manifest.json").read_text()
+    make_pipeline(tmp_path, accelerator, discard=("third",)).run()
+    assert not (run_dir / "third.partial").exists() and (run_dir / "third" / "manifest.json").read_text() == finished
+
+
+def test_a_manifest_of_the_wrong_shape_is_refused_in_one_line_and_from_recovers(tmp_path, accelerator):
+    make_pipeline(tmp_path, accelerator).run()
+    path = tmp_path / "plan" / "second" / "manifest.json"
+    path.write_text(json.dumps(["valid", "json", "wrong", "shape"]))
+    with pytest.raises(DistillError) as refusal:
+        make_pipeline(tmp_path, accelerator).run()
+    message = str(refusal.value)
+    assert f"corrupt file {path}: expected a JSON object, found list" in message and "--from second" in message
+    assert "\n" not in message
+    make_pipeline(tmp_path, accelerator).run(start_from="second")
+    assert read_json(path)["stage"] == "second"
+
+
+def test_what_a_killed_launch_left_is_cleaned_up_or_finished(tmp_path, accelerator):
+    make_pipeline(tmp_path, accelerator).run()
+    run_dir = tmp_path / "plan"
+    stale = [run_dir / ".config.yaml.tmp4242", run_dir / "second" / ".manifest.json.tmp17"]
+    for path in stale:
+        path.write_text("half written")
+    (run_dir / "third" / ".step_00000004.tmp").mkdir()
+    # killed while landing: the finished output was still in third.partial, manifest written
+    (run_dir / "third").rename(run_dir / "third.partial")
+    completion = read_json(run_dir / "third.partial" / "manifest.json")["completion"]
+    plan = make_pipeline(tmp_path, accelerator)
+    plan.run()
+    assert not any(path.exists() for path in stale) and not (run_dir / "third" / ".step_00000004.tmp").exists()
+    assert not (run_dir / "third.partial").exists()
+    assert read_json(run_dir / "third" / "manifest.json")["completion"] == completion, "landed, not run again"
+
+
+def test_input_files_are_keyed_by_path_and_old_run_dirs_keyed_by_position_still_match(tmp_path, accelerator):
+    text = tmp_path / "eval.txt"
+    text.write_text("some text\n")
+    make_pipeline(tmp_path, accelerator, **{"eval.files": f"[{text}]"}).run()
+    path = tmp_path / "plan" / "third" / "manifest.json"
+    manifest = read_json(path)
+    assert manifest["inputs"][f"file:{text}"]["path"] == str(text)
+    manifest["inputs"]["file[0]"] = manifest["inputs"].pop(f"file:{text}")  # as releases before 0.2 wrote it
+    path.write_text(json.dumps(manifest))
+    assert [action for _, action, _ in actions(make_pipeline(tmp_path, accelerator, **{"eval.files": f"[{text}]"}))] == ["skip"] * 3

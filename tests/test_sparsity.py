@@ -191,7 +191,8 @@ def test_moving_masks_start_from_the_teachers_values_under_pruned_positions(tiny
 
     from distill.config import PROJECTIONS
     from distill.mask_modes import revive_pruned_weights
-    from distill.sparsity import install_masks, masked_modules, nm_mask, target_linears
+    from distill.sparsity import install_masks, masked_modules, nm_mask
+    from distill.targets import target_linears
 
     teacher = AutoModelForCausalLM.from_pretrained(tiny_teacher).eval()
     student = AutoModelForCausalLM.from_pretrained(tiny_teacher).eval()

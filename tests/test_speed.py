@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM
 
 from distill.config import PROJECTIONS, LossConfig, SpeedConfig
 from distill.patterns import Pattern
-from distill.sparsity import install_masks, nm_mask, target_linears
+from distill.sparsity import install_masks, nm_mask
+from distill.targets import target_linears
 from distill.objective import DistillationObjective, teacher_outputs
 from distill.stages.train import speed_up
 from distill.throughput import flops_per_token, parameter_count

@@ -5,7 +5,7 @@ from distill.pipeline import Stage
 from distill.stages import evaluate, export, prune, teacher, teacher_logits, train
 
 STAGES = [
-    Stage("teacher", ("run.seed", "teacher", "data", "calibration", "prune.targets"), (), teacher.run,
+    Stage("teacher", ("run.seed", "teacher", "data", "calibration", "prune.targets", "prune.exclude"), (), teacher.run,
           input_files=lambda config: teacher_files(config.teacher) + teacher.source_files(config),
           depends_on_precision=lambda config: any(source.kind == "teacher" for source in config.data.sources)),
     Stage("teacher_logits", ("teacher", "train.loss.teacher_topk", "train.micro_batch_size"), ("teacher",),

@@ -80,9 +80,11 @@ def run(ctx: StageContext) -> dict:
     trained = load_student(ctx.stage_dir("distill") / STUDENT_DIR)
     layers = layer_table(teacher, oneshot, trained)
     export = json.loads((ctx.stage_dir("export") / "manifest.json").read_text())["summary"]
+    coverage = json.loads((ctx.stage_dir("prune") / "manifest.json").read_text())["summary"].get("coverage")
     report = {
         "sources": sources,
         "export": export,
+        "coverage": coverage,
         "sparsity": {row["name"]: row["sparsity"] for row in layers},
         "layers": layers,
         "config": {"teacher": config.teacher.source, "criterion": config.prune.criterion,
@@ -126,6 +128,12 @@ def _markdown(report: dict, history: list[dict]) -> str:
         f"- structure verified: {export.get('verified')} ({export.get('masked')} projections, "
         f"mean sparsity {mean_sparsity:.3f})",
     ]
+    coverage = report.get("coverage")
+    if coverage:  # run dirs pruned before the coverage was recorded have none
+        parts.append(f"- pruned {coverage['pruned']} of {coverage['decoder_linears']} decoder linear projections, "
+                     f"{coverage['pruned_weight_fraction']:.1%} of the decoder's linear weights")
+        for name, reason in coverage["left_dense"].items():
+            parts.append(f"  - `{name}` dense: {reason}")
     if export.get("packed_dir"):
         parts.append(f"- packed form {export['packed_bytes']} bytes vs dense-with-zeros {export['dense_bytes']} bytes, "
                      "reproduces it bitwise")

@@ -13,6 +13,7 @@ and its logits are compared with the dense model's.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -26,6 +27,7 @@ from distill.sparsity import masked_modules, remove_masks
 from distill.stages.prune import STUDENT_DIR
 from distill.stages.teacher import DATA_FILE
 from distill.structured import shrink
+from distill.targets import linearize, restore_conv1d
 from distill.student import check_finite, load_student
 
 
@@ -80,9 +82,9 @@ def run(ctx: StageContext) -> dict:
     shrunk = None
     if pattern.kind in SPANNING and config.export.shrink:
         shrunk = shrink_and_verify(dense, pattern.kind, _probe_batch(ctx))
-    dense.save_pretrained(hf_dir)
+    save_in_hf_layout(dense, hf_dir)
     tokenizer.save_pretrained(hf_dir)
-    summary = {"verified": True, "pattern": pattern.describe(), "masked": len(masked), "hf_dir": str(hf_dir),
+    summary = {"verified": True, "pattern": pattern.describe(), "masked": len(masked), "hf_dir": str(ctx.final_dir / hf_dir.name),
                "dense_bytes": sum(p.stat().st_size for p in hf_dir.glob("*.safetensors"))}
     if shrunk is not None:
         summary["shrunk"] = shrunk
@@ -102,6 +104,7 @@ def run(ctx: StageContext) -> dict:
     tokenizer.save_pretrained(packed_dir)
     # the round trip: hf/ as any user would load it, against packed/ unpacked by our loader
     from_hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    linearize(from_hf)  # compared in the layout the packed form keeps
     from_packed = load_packed(packed_dir).eval()
     hf_state, packed_state = from_hf.state_dict(), from_packed.state_dict()
     mismatched = [name for name in hf_state if not torch.equal(hf_state[name], packed_state[name])]
@@ -112,7 +115,7 @@ def run(ctx: StageContext) -> dict:
         same_logits = torch.equal(from_hf(input_ids=probe).logits, from_packed(input_ids=probe).logits)
     if not same_logits:
         raise DistillError("packed export loads with the same weights but different logits")
-    summary.update({"packed_dir": str(packed_dir), "packed_bytes": (packed_dir / "model.safetensors").stat().st_size})
+    summary.update({"packed_dir": str(ctx.final_dir / packed_dir.name), "packed_bytes": (packed_dir / "model.safetensors").stat().st_size})
     ctx.log(f"[export] packed form reproduces the dense export exactly ({summary['packed_bytes']} vs "
             f"{summary['dense_bytes']} bytes)")
     if not pattern.accelerated:
@@ -139,6 +142,17 @@ def shrink_and_verify(dense: torch.nn.Module, kind: str, probe: torch.Tensor) ->
     if error > 1e-5:
         raise DistillError(f"the shrunk model's logits differ from the dense-with-zeros model's by {error:.3g}")
     return {key: (before[key], value) for key, value in changes.items()}
+
+
+def save_in_hf_layout(model: torch.nn.Module, directory: Path) -> None:
+    """save_pretrained with the model's own module types: projections linearized at load go back
+    to Conv1D for the file (so plain from_pretrained reads it), and stay nn.Linear in memory."""
+    restored = restore_conv1d(model)
+    try:
+        model.save_pretrained(directory)
+    finally:
+        if restored:
+            linearize(model)
 
 
 def _probe_batch(ctx: StageContext) -> torch.Tensor:

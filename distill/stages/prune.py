@@ -27,7 +27,8 @@ from distill.models import load_teacher
 from distill.patterns import SPANNING, Pattern, global_unstructured_masks
 from distill.permutation import gated_mlps, kept_score, nm_channel_permutation, permute_mlp_channels
 from distill.pipeline import StageContext
-from distill.sparsity import install_masks, sparsity_report, target_linears
+from distill.sparsity import install_masks, sparsity_report
+from distill.targets import decoder_linears, matches, target_linears
 from distill.stages.teacher import CALIBRATION_FILE, DATA_FILE, calibration_blocks
 from distill.structured import structured_masks
 from distill.student import save_student
@@ -40,7 +41,7 @@ def incompatible_projections(model: torch.nn.Module, prune: PruneConfig) -> dict
     """{name: reason} for target projections that cannot take the pattern; raises unless they may stay dense."""
     pattern = Pattern.from_config(prune)
     dense = {}
-    for name, linear in target_linears(model, prune.targets):
+    for name, linear in target_linears(model, prune.targets, prune.exclude):
         reason = pattern.incompatible(tuple(linear.weight.shape))
         if reason:
             if prune.incompatible == "error":
@@ -52,7 +53,7 @@ def incompatible_projections(model: torch.nn.Module, prune: PruneConfig) -> dict
 def masks_from_scores(model: torch.nn.Module, prune: PruneConfig, scores: dict[str, torch.Tensor], dense: dict) -> dict:
     pattern = Pattern.from_config(prune)
     chosen = {}
-    for name, linear in target_linears(model, prune.targets):
+    for name, linear in target_linears(model, prune.targets, prune.exclude):
         if name in dense:
             continue
         if name not in scores:
@@ -70,7 +71,7 @@ def masks_from_scores(model: torch.nn.Module, prune: PruneConfig, scores: dict[s
 def weight_scores(model: torch.nn.Module, prune: PruneConfig, statistics: dict[str, torch.Tensor]) -> dict:
     """Scores of the criteria computed from weights (and the teacher stage's input statistics)."""
     scores = {}
-    for name, linear in target_linears(model, prune.targets):
+    for name, linear in target_linears(model, prune.targets, prune.exclude):
         if prune.criterion == "wanda" and name not in statistics:
             continue
         scores[name] = wanda_score(linear.weight, statistics[name] if prune.criterion == "wanda" else None)
@@ -81,7 +82,7 @@ def permute_mlp_channels_for_nm(model: torch.nn.Module, prune: PruneConfig, stat
                                 skip: set[str]) -> dict[str, float]:
     """Reorder each gated MLP's intermediate channels (in place, with down_proj's input statistics)
     so down_proj's N:M mask keeps more score; returns {mlp name: relative gain in kept score}."""
-    targets = dict(target_linears(model, prune.targets))
+    targets = dict(target_linears(model, prune.targets, prune.exclude))
     gains = {}
     for name, mlp in gated_mlps(model):
         down = f"{name}.down_proj"
@@ -94,6 +95,30 @@ def permute_mlp_channels_for_nm(model: torch.nn.Module, prune: PruneConfig, stat
         if down in statistics:
             statistics[down] = statistics[down][perm.to(statistics[down].device)]
     return gains
+
+
+# a run that leaves more than this share of the decoder's linear weights dense, unasked, says so
+DENSE_WARNING_FRACTION = 0.05
+
+
+def pruning_coverage(model: torch.nn.Module, prune: PruneConfig, masks: dict, dense: dict[str, str]) -> dict:
+    """How much of the decoder the masks cover: every decoder linear projection left dense, with why."""
+    left, weights, pruned_weights, unasked = {}, 0, 0, 0
+    for name, path, module in decoder_linears(model):
+        weights += module.weight.numel()
+        if name in masks:
+            pruned_weights += module.weight.numel()
+            continue
+        if matches(name, path, prune.exclude):
+            left[name] = "excluded by prune.exclude"
+        elif not matches(name, path, prune.targets):
+            left[name] = "not among prune.targets"
+        else:
+            left[name] = dense.get(name, "no mask was chosen for it")
+            unasked += module.weight.numel()
+    return {"decoder_linears": len(left) + len(masks), "pruned": len(masks),
+            "pruned_weight_fraction": pruned_weights / max(weights, 1),
+            "unasked_dense_fraction": unasked / max(weights, 1), "left_dense": left}
 
 
 def run(ctx: StageContext) -> dict:
@@ -117,10 +142,10 @@ def run(ctx: StageContext) -> dict:
         ctx.log(f"[prune] MLP channels permuted in {len(gains)} layers: down_proj keeps "
                 f"{100 * sum(gains.values()) / len(gains):+.2f}% score under {prune.n}:{prune.m} on average")
     if prune.criterion == "sparsegpt":
-        masks = sparsegpt_masks(model, calibration, prune.targets, prune.n, prune.m, skip=set(dense))
+        masks = sparsegpt_masks(model, calibration, prune.targets, prune.n, prune.m, skip=set(dense), exclude=prune.exclude)
     else:
         if on_all_ranks:
-            scores = gradient_saliency(model, calibration, prune.targets, accelerator, prune.criterion)
+            scores = gradient_saliency(model, calibration, prune.targets, accelerator, prune.criterion, exclude=prune.exclude)
         else:
             scores = weight_scores(model, prune, statistics)
         if not accelerator.is_main_process:
@@ -128,14 +153,21 @@ def run(ctx: StageContext) -> dict:
         masks = masks_from_scores(model, prune, scores, dense)
     model = model.cpu()
     install_masks(model, masks)
-    for name, reason in dense.items():
+    coverage = pruning_coverage(model, prune, masks, dense)
+    ctx.log(f"[prune] {coverage['pruned']} of {coverage['decoder_linears']} decoder linear projections pruned, "
+            f"{coverage['pruned_weight_fraction']:.1%} of the decoder's linear weights")
+    for name, reason in coverage["left_dense"].items():
         ctx.log(f"[prune] {name} stays dense: {reason}")
+    if coverage["unasked_dense_fraction"] > DENSE_WARNING_FRACTION:
+        ctx.log(f"[prune] warning: {coverage['unasked_dense_fraction']:.1%} of the decoder's linear weights stay dense "
+                f"without prune.targets or prune.exclude asking for it (see the lines above)")
     pattern = Pattern.from_config(prune)
     spec = {"n": prune.n, "m": prune.m, "pattern": pattern.to_spec(), "criterion": prune.criterion, "dense": dense}
     save_student(model, ctx.work_dir / STUDENT_DIR, spec)
     sparsity = sparsity_report(model)
     ctx.log(f"[prune] {prune.criterion} {pattern.describe()} masks on {len(masks)} projections")
-    summary = {"masked": len(masks), "dense": dense, "mean_sparsity": sum(sparsity.values()) / len(sparsity)}
+    summary = {"masked": len(masks), "dense": dense, "mean_sparsity": sum(sparsity.values()) / len(sparsity),
+               "coverage": coverage}
     if gains:
         summary["permutation_gain"] = gains
     return summary

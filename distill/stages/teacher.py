@@ -53,7 +53,7 @@ def run(ctx: StageContext) -> dict:
     train = torch.cat(train_parts)
 
     calibration = calibration_blocks(train, config.calibration.num_blocks)
-    statistics = input_square_sums(teacher, calibration, config.prune.targets, accelerator)
+    statistics = input_square_sums(teacher, calibration, config.prune.targets, accelerator, exclude=config.prune.exclude)
 
     teacher_ppl = {}
     for name, blocks in heldout.items():

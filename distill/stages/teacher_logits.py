@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from distill.errors import DistillError
 from distill.io import load_tensors, save_tensors
-from distill.losses import TopK
+from distill.losses import TopK, logit_transform
 from distill.models import load_teacher
 from distill.pipeline import StageContext
 from distill.stages.teacher import DATA_FILE
@@ -36,7 +36,7 @@ def teacher_topk(teacher: nn.Module, blocks: torch.Tensor, k: int, batch_size: i
     if k > vocab:
         raise DistillError(f"config key 'train.loss.teacher_topk': {k} is more than the teacher's {vocab} tokens")
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
-    head = teacher.get_output_embeddings()
+    head, transform = teacher.get_output_embeddings(), logit_transform(teacher)  # as the teacher's forward
     logps, indices = [], []
     per_round = world * batch_size
     for start in tqdm(range(0, len(blocks), per_round), desc="teacher top-k", disable=not accelerator.is_main_process):
@@ -45,7 +45,7 @@ def teacher_topk(teacher: nn.Module, blocks: torch.Tensor, k: int, batch_size: i
         with accelerator.autocast():
             hidden = teacher.get_decoder()(input_ids=padded.to(device), use_cache=False).last_hidden_state
         rows = hidden.reshape(-1, hidden.shape[-1])
-        tops = [F.log_softmax(head(rows[i:i + chunk_tokens]).float(), dim=-1).topk(k, dim=-1)
+        tops = [F.log_softmax(transform(head(rows[i:i + chunk_tokens]).float()), dim=-1).topk(k, dim=-1)
                 for i in range(0, len(rows), chunk_tokens)]
         logp = torch.cat([top.values for top in tops]).reshape(*padded.shape, k).half()
         index = torch.cat([top.indices for top in tops]).reshape(*padded.shape, k).int()

@@ -31,10 +31,10 @@ from distill.data import to_device
 from distill.errors import DistillError
 from distill.evaluation import score_models
 from distill.io import load_tensors, write_text
-from distill.losses import TopK
+from distill.losses import IDENTITY, TopK, logit_transform
 from distill.mask_modes import DynamicMasks, LearnableMasks, revive_pruned_weights
 from distill.models import load_teacher
-from distill.objective import DistillationObjective, cached_teacher_outputs, check_chunked_head, teacher_outputs
+from distill.objective import DistillationObjective, cached_teacher_outputs, teacher_outputs
 from distill.patterns import Pattern, group_dropout_mask
 from distill.pipeline import StageContext
 from distill.sharding import ShardedCheckpoint, full_student_state, mask_local_shards_, shard_objective, shard_teacher
@@ -43,6 +43,7 @@ from distill.stages.prune import STUDENT_DIR
 from distill.stages.teacher import CALIBRATION_FILE, DATA_FILE
 from distill.stages.teacher_logits import TOPK_FILE
 from distill.student import load_student, nonfinite_problem, save_student
+from distill.targets import decoder_layers
 from distill.throughput import flops_per_token, measured_peak_flops
 from distill.tracking import log_row, resend_rows, start_tracking
 
@@ -105,10 +106,10 @@ def speed_up(model: nn.Module, speed: SpeedConfig, training: bool) -> None:
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if speed.compile:
-        layers = getattr(model.get_decoder(), "layers", None)
-        if layers is None:
-            raise DistillError(f"speed.compile: {type(model).__name__} has no decoder `layers` to compile")
-        for layer in layers:
+        found = decoder_layers(model)
+        if found is None:
+            raise DistillError(f"speed.compile: {type(model).__name__} has no list of decoder layers to compile")
+        for layer in found[1]:
             layer.compile()
 
 
@@ -172,8 +173,12 @@ def run(ctx: StageContext) -> dict:
     if cached is not None:
         ctx.log(f"[distill] teacher from the cache of its top-{train.loss.teacher_topk} tokens; the teacher is not loaded")
     student = load_student(ctx.stage_dir("prune") / STUDENT_DIR, accelerator.device).train()
-    check_chunked_head(student, train.loss)
     step_flops = flops_per_token(student, teacher)
+    # the chunked loss applies each head itself: what the head does after its projection, probed
+    # before compile and sharding
+    chunked = train.loss.chunk_tokens > 0
+    student_transform = logit_transform(student) if chunked else IDENTITY
+    teacher_transform = logit_transform(teacher) if chunked and teacher is not None else IDENTITY
     speed_up(student, config.speed, training=True)
     if teacher is not None:
         speed_up(teacher, config.speed, training=False)
@@ -190,7 +195,7 @@ def run(ctx: StageContext) -> dict:
         for _, module in masked_modules(student):
             module.drop_groups = partial(group_dropout_mask, pattern, rate=train.group_dropout)
             module.drop_rate = train.group_dropout
-    objective = DistillationObjective(student, train.loss, pattern, train.group_lasso)
+    objective = DistillationObjective(student, train.loss, pattern, train.group_lasso, student_transform)
     sharded = None  # the masked projections, when the student is sharded (train.sharding=fsdp)
     if train.sharding == "fsdp":
         if accelerator.num_processes < 2:
@@ -256,7 +261,7 @@ def run(ctx: StageContext) -> dict:
             if cached is not None:
                 signal = partial(cached_teacher_outputs, cached, indices, accelerator.device)
             else:
-                signal = partial(teacher_outputs, teacher, input_ids, train.loss)
+                signal = partial(teacher_outputs, teacher, input_ids, train.loss, teacher_transform)
             loss, parts = forward_backward(accelerator, objective, signal, input_ids, 1 / accumulation,
                                            sync=micro == len(micro_batches) - 1)
             for name, value in {"loss": loss, **parts}.items():
@@ -341,7 +346,7 @@ def run(ctx: StageContext) -> dict:
     summary = {"steps": train.steps, "tokens": train.steps * tokens_per_step, "processes": accelerator.num_processes,
                "sharding": train.sharding, "final": history[-1] if history else {}}
     if teacher is not None:
-        summary["teacher_layers_sharded"] = all(isinstance(p, DTensor) for p in teacher.get_decoder().layers.parameters())
+        summary["teacher_layers_sharded"] = all(isinstance(p, DTensor) for p in decoder_layers(teacher)[1].parameters())
     if final is not None:
         summary["masked_weights_zero"] = all(bool((module.weight[~module.mask] == 0).all())
                                              for _, module in masked_modules(final))

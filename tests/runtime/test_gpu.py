@@ -68,7 +68,8 @@ def test_static_cache_generate_runs_the_sparse_model_in_cuda_graphs():
 
     from distill.config import PROJECTIONS
     from distill.runtime import sparsify
-    from distill.sparsity import nm_mask, target_linears
+    from distill.sparsity import nm_mask
+    from distill.targets import target_linears
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=2,

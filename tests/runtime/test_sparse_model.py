@@ -8,7 +8,8 @@ from transformers import AutoModelForCausalLM
 from distill.errors import DistillError
 from distill.packing import save_packed
 from distill.runtime import CrossoverTable, Sparse24Linear, load_sparse_model, sparsify
-from distill.sparsity import install_masks, nm_mask, remove_masks, target_linears
+from distill.sparsity import install_masks, nm_mask, remove_masks
+from distill.targets import target_linears
 from distill.config import PROJECTIONS
 
 

@@ -1,0 +1,131 @@
+"""Which projections a student prunes, for any decoder-only architecture.
+
+By default every linear projection inside the decoder layers: the layers are found, not named (the
+model's largest list of identical blocks), and inside them every `nn.Linear`. transformers' `Conv1D`
+(GPT-2 and its kin: a linear layer stored transposed, weight [in, out]) is converted to `nn.Linear`
+once, when a model is loaded (`linearize`), and converted back when a model is saved in the Hugging
+Face layout (`restore_conv1d`), so masks, packing and kernels only ever see [out, in] weights.
+Embeddings and the output head sit outside the layers and are never pruned.
+
+`prune.targets` narrows the set and `prune.exclude` removes from it (names or shell-style globs,
+after llm-compressor's targets/ignore). A pattern matches a projection by its last name component
+(`q_proj`), its path inside the layer (`self_attn.q_proj`, `mlp.*`) or its full name
+(`model.layers.0.mlp.down_proj`).
+"""
+
+from __future__ import annotations
+
+from fnmatch import fnmatchcase
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+ALL = ("*",)
+
+
+def _conv1d_class():
+    from transformers.pytorch_utils import Conv1D
+
+    return Conv1D
+
+
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
+    """(name, list) of the decoder blocks: the model's largest nn.ModuleList (by parameters) whose
+    entries all have one class and hold a linear layer; None when `model` has none (e.g. a single
+    layer)."""
+    linear_types = (nn.Linear, _conv1d_class())
+    best, best_size = None, 0
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if len({type(block) for block in module}) != 1:
+            continue
+        if not any(isinstance(sub, linear_types) for sub in module[0].modules()):
+            continue
+        size = sum(p.numel() for p in module.parameters())
+        if size > best_size:
+            best, best_size = (name, module), size
+    return best
+
+
+def matches(name: str, path_in_layer: str, patterns: Sequence[str]) -> bool:
+    short = name.rsplit(".", 1)[-1]
+    return any(fnmatchcase(candidate, pattern) for pattern in patterns for candidate in (short, path_in_layer, name))
+
+
+def decoder_linears(model: nn.Module) -> Iterator[tuple[str, str, nn.Linear]]:
+    """(full name, path inside its layer, module) of every nn.Linear inside the decoder layers (the
+    whole of `model` when it has no layer list, e.g. when it is one layer)."""
+    found = decoder_layers(model)
+    if found is None:
+        scopes = [("", model)]
+    else:
+        prefix, layers = found
+        scopes = [(f"{prefix}.{index}" if prefix else str(index), layer) for index, layer in enumerate(layers)]
+    for prefix, scope in scopes:
+        for path, module in scope.named_modules():
+            if isinstance(module, nn.Linear) and path:
+                yield (f"{prefix}.{path}" if prefix else path), path, module
+
+
+def target_linears(model: nn.Module, targets: Sequence[str] = ALL, exclude: Sequence[str] = ()) -> Iterator[tuple[str, nn.Linear]]:
+    """(name, module) of the decoder projections `targets` selects and `exclude` does not."""
+    for name, path, module in decoder_linears(model):
+        if matches(name, path, targets) and not matches(name, path, exclude):
+            yield name, module
+
+
+def conv1d_to_linear(conv: nn.Module) -> nn.Linear:
+    """transformers' Conv1D (y = x @ W + b, W [in, out]) as the nn.Linear computing the same."""
+    in_features, out_features = conv.weight.shape
+    linear = nn.Linear(in_features, out_features, bias=conv.bias is not None, device=conv.weight.device,
+                       dtype=conv.weight.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(conv.weight.t())
+        if conv.bias is not None:
+            linear.bias.copy_(conv.bias)
+    linear.weight.requires_grad_(conv.weight.requires_grad)
+    return linear
+
+
+def linear_to_conv1d(linear: nn.Linear) -> nn.Module:
+    conv = _conv1d_class()(linear.out_features, linear.in_features)
+    conv = conv.to(device=linear.weight.device, dtype=linear.weight.dtype)
+    with torch.no_grad():
+        conv.weight.copy_(linear.weight.t())
+        if linear.bias is not None:
+            conv.bias.copy_(linear.bias)
+        else:
+            conv.bias.zero_()
+    return conv
+
+
+def _set(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def linearize(model: nn.Module) -> list[str]:
+    """Replace every Conv1D of `model` by the equivalent nn.Linear, in place; returns their names."""
+    conv1d = _conv1d_class()
+    names = [name for name, module in model.named_modules() if isinstance(module, conv1d)]
+    for name in names:
+        _set(model, name, conv1d_to_linear(model.get_submodule(name)))
+    return names
+
+
+def restore_conv1d(model: nn.Module) -> list[str]:
+    """The inverse of `linearize` before saving in the Hugging Face layout: every module that the
+    model's own class builds as a Conv1D goes back to one (weights transposed), in place."""
+    from transformers import AutoModelForCausalLM
+
+    conv1d = _conv1d_class()
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(model.config)
+    names = [name for name, module in skeleton.named_modules() if isinstance(module, conv1d)]
+    for name in names:
+        module = model.get_submodule(name)
+        if isinstance(module, nn.Linear):
+            _set(model, name, linear_to_conv1d(module))
+    return names
