@@ -21,6 +21,8 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
+from distill.errors import DistillError
+
 ALL = ("*",)
 
 
@@ -54,19 +56,42 @@ def matches(name: str, path_in_layer: str, patterns: Sequence[str]) -> bool:
     return any(fnmatchcase(candidate, pattern) for pattern in patterns for candidate in (short, path_in_layer, name))
 
 
+def _layer_scopes(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name prefix, module) of each decoder layer; a model without a layer list that is a whole
+    language model (it has an output head) is refused, anything else (e.g. one layer) is one scope."""
+    found = decoder_layers(model)
+    if found is not None:
+        prefix, layers = found
+        return [(f"{prefix}.{index}" if prefix else str(index), layer) for index, layer in enumerate(layers)]
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None:
+        raise DistillError(f"{type(model).__name__}: no list of decoder layers found, so no projection can be chosen "
+                           f"for pruning (distill.targets looks for the largest list of identical blocks)")
+    return [("", model)]
+
+
 def decoder_linears(model: nn.Module) -> Iterator[tuple[str, str, nn.Linear]]:
     """(full name, path inside its layer, module) of every nn.Linear inside the decoder layers (the
-    whole of `model` when it has no layer list, e.g. when it is one layer)."""
-    found = decoder_layers(model)
-    if found is None:
-        scopes = [("", model)]
-    else:
-        prefix, layers = found
-        scopes = [(f"{prefix}.{index}" if prefix else str(index), layer) for index, layer in enumerate(layers)]
-    for prefix, scope in scopes:
+    whole of `model` when it is a part of one, e.g. one layer)."""
+    for prefix, scope in _layer_scopes(model):
         for path, module in scope.named_modules():
             if isinstance(module, nn.Linear) and path:
                 yield (f"{prefix}.{path}" if prefix else path), path, module
+
+
+def unprunable_weights(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """{name: shape} of the matrix-shaped weights inside the decoder layers that no nn.Linear holds
+    (fused 3-D expert weights, convolutions): distill cannot prune them yet."""
+    found = {}
+    for prefix, scope in _layer_scopes(model):
+        for path, module in scope.named_modules():
+            if isinstance(module, nn.Linear):
+                continue
+            for name, parameter in module.named_parameters(recurse=False):
+                if parameter.dim() >= 2:
+                    full = ".".join(part for part in (prefix, path, name) if part)
+                    found[full] = tuple(parameter.shape)
+    return found
 
 
 def target_linears(model: nn.Module, targets: Sequence[str] = ALL, exclude: Sequence[str] = ()) -> Iterator[tuple[str, nn.Linear]]:

@@ -35,6 +35,11 @@ ARCHITECTURES = {
     # output heads that scale their logits (used by the chunked-loss tests)
     "cohere": Architecture("CohereConfig", LLAMA_LIKE, {**COMMON, "num_key_value_heads": 2}),
     "granite": Architecture("GraniteConfig", LLAMA_LIKE, {**COMMON, "num_key_value_heads": 2}),
+    # experts fused into 3-D weights and a router weight outside nn.Linear: not prunable yet, refused
+    # unless kept dense on purpose
+    "mixtral": Architecture("MixtralConfig", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                              "self_attn.o_proj"),
+                            {**COMMON, "num_key_value_heads": 2, "num_local_experts": 2, "num_experts_per_tok": 1}),
     # transformers' Conv1D projections (weights stored [in, out])
     "gpt2": Architecture("GPT2Config", ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
                          dict(n_layer=2, n_embd=64, n_head=4, n_positions=512, bos_token_id=1, eos_token_id=2)),

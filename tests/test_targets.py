@@ -11,6 +11,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from architectures import ARCHITECTURES, tiny_model
+from distill.errors import DistillError
 from distill.targets import decoder_layers, linearize, restore_conv1d, target_linears
 
 
@@ -56,3 +57,16 @@ def test_conv1d_models_compute_the_same_logits_as_linear_and_save_back_in_their_
     with torch.no_grad():
         again = reloaded(input_ids=ids).logits.double()
     assert float((again - expected).norm() / expected.norm()) < 1e-6
+
+
+def test_a_language_model_without_a_layer_list_is_refused_by_name():
+    class Flat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj, self.head = nn.Linear(8, 8), nn.Linear(8, 16)
+
+        def get_output_embeddings(self):
+            return self.head
+
+    with pytest.raises(DistillError, match="Flat: no list of decoder layers found"):
+        list(target_linears(Flat()))

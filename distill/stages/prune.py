@@ -16,6 +16,8 @@ the model computes the same function, and every criterion then runs on the reord
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from distill.config import PruneConfig
@@ -28,7 +30,7 @@ from distill.patterns import SPANNING, Pattern, global_unstructured_masks
 from distill.permutation import gated_mlps, kept_score, nm_channel_permutation, permute_mlp_channels
 from distill.pipeline import StageContext
 from distill.sparsity import install_masks, sparsity_report
-from distill.targets import decoder_linears, matches, target_linears
+from distill.targets import decoder_linears, matches, target_linears, unprunable_weights
 from distill.stages.teacher import CALIBRATION_FILE, DATA_FILE, calibration_blocks
 from distill.structured import structured_masks
 from distill.student import save_student
@@ -38,9 +40,16 @@ GRADIENT_CRITERIA = ("taylor", "fisher")
 
 
 def incompatible_projections(model: torch.nn.Module, prune: PruneConfig) -> dict[str, str]:
-    """{name: reason} for target projections that cannot take the pattern; raises unless they may stay dense."""
+    """{name: reason} for target projections that cannot take the pattern, and for matrix weights in
+    the decoder layers that no nn.Linear holds; raises unless they may stay dense."""
     pattern = Pattern.from_config(prune)
     dense = {}
+    for name, shape in unprunable_weights(model).items():
+        reason = f"a {len(shape)}-D weight {list(shape)} outside any linear projection (e.g. fused experts)"
+        if prune.incompatible == "error":
+            raise DistillError(f"cannot prune {name}: {reason}, which distill does not prune yet (set "
+                               f"prune.incompatible=dense to keep such weights dense, listed in the report)")
+        dense[name] = reason
     for name, linear in target_linears(model, prune.targets, prune.exclude):
         reason = pattern.incompatible(tuple(linear.weight.shape))
         if reason:
@@ -102,9 +111,10 @@ DENSE_WARNING_FRACTION = 0.05
 
 
 def pruning_coverage(model: torch.nn.Module, prune: PruneConfig, masks: dict, dense: dict[str, str]) -> dict:
-    """How much of the decoder the masks cover: every decoder linear projection left dense, with why."""
-    left, weights, pruned_weights, unasked = {}, 0, 0, 0
+    """How much of the decoder the masks cover: every decoder weight matrix left dense, with why."""
+    left, linears, weights, pruned_weights, unasked = {}, 0, 0, 0, 0
     for name, path, module in decoder_linears(model):
+        linears += 1
         weights += module.weight.numel()
         if name in masks:
             pruned_weights += module.weight.numel()
@@ -116,8 +126,11 @@ def pruning_coverage(model: torch.nn.Module, prune: PruneConfig, masks: dict, de
         else:
             left[name] = dense.get(name, "no mask was chosen for it")
             unasked += module.weight.numel()
-    return {"decoder_linears": len(left) + len(masks), "pruned": len(masks),
-            "pruned_weight_fraction": pruned_weights / max(weights, 1),
+    for name, shape in unprunable_weights(model).items():  # kept dense only under prune.incompatible=dense
+        weights += math.prod(shape)
+        unasked += math.prod(shape)
+        left[name] = dense.get(name, "outside any linear projection")
+    return {"decoder_linears": linears, "pruned": len(masks), "pruned_weight_fraction": pruned_weights / max(weights, 1),
             "unasked_dense_fraction": unasked / max(weights, 1), "left_dense": left}
 
 
