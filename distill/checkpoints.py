@@ -16,7 +16,7 @@ import torch
 from accelerate import Accelerator
 
 from distill.errors import DistillError
-from distill.io import read_json, write_json
+from distill.io import read_json, write_failure, write_json
 from distill.sharding import ShardedCheckpoint
 
 CHECKPOINTS = "checkpoints"  # inside the stage's work dir
@@ -47,8 +47,11 @@ def save_checkpoint(accelerator: Accelerator, root: Path, step: int, keep: int,
         accelerator.save_state(str(temp), safe_serialization=True)
         if sharded is not None:
             sharded.save(temp / SHARDED_DIR)
-    except OSError:  # a full disk or a lost permission: drop the half-written copy, keep the older ones
+    except Exception as error:  # a full disk or a lost permission: drop the half-written copy, keep the older ones
+        failure = write_failure(error, temp)  # before the removal frees space again
         shutil.rmtree(temp, ignore_errors=True)
+        if failure is not error:
+            raise failure from error
         raise
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

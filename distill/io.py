@@ -3,6 +3,7 @@ or a kill never leaves a half-written file where a finished one is expected."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -41,6 +42,26 @@ def remove_stale_temporaries(root: Path) -> list[Path]:
     return removed
 
 
+# a write that fails with less than this free on its filesystem failed for want of space
+FULL_DISK_BYTES = 1 << 20
+
+
+def write_failure(error: BaseException, path: Path) -> BaseException:
+    """The error to raise for a failed write to `path`: OSError(ENOSPC) when its filesystem is full
+    (torch and safetensors report a full disk as RuntimeError or their own error types), else
+    `error`. Call it before removing the half-written temp files, which free space again."""
+    if isinstance(error, OSError):
+        return error
+    existing = next((parent for parent in [path, *path.parents] if parent.exists()), None)
+    try:
+        free = shutil.disk_usage(existing).free if existing is not None else None
+    except OSError:
+        return error
+    if free is not None and free < FULL_DISK_BYTES:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    return error
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call `write(temp_path)`, then rename the result to `path`."""
     path = Path(path)
@@ -49,6 +70,11 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     try:
         write(temp)
         os.replace(temp, path)
+    except Exception as error:
+        failure = write_failure(error, temp)
+        if failure is not error:
+            raise failure from error
+        raise
     finally:
         if temp.exists():
             temp.unlink()

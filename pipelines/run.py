@@ -46,6 +46,7 @@ def die_with_launcher() -> None:
 def main(argv=None) -> int:
     die_with_launcher()
     args = parse_args(argv)
+    config = None
     try:
         config = load_config(args.config, args.overrides)
         check_input_paths(config)
@@ -66,6 +67,14 @@ def main(argv=None) -> int:
         return 2
     except OSError as error:  # the filesystem said no: one line naming the file, not a traceback
         print(f"distill: error: {describe_os_error(error)}", file=sys.stderr, flush=True)
+        return 2
+    except Exception as error:  # a writer that reports a full disk in its own words (torch, safetensors)
+        from distill.io import write_failure
+
+        failure = write_failure(error, config.run_dir) if config is not None else error
+        if failure is error:
+            raise
+        print(f"distill: error: {describe_os_error(failure)}", file=sys.stderr, flush=True)
         return 2
     return 0
 
