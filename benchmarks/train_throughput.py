@@ -19,8 +19,9 @@ Variants (each from the same initial student, on the same batches):
   +compile       the same with speed.compile (per-layer torch.compile)
   +checkpointing the same with speed.activation_checkpointing
 The loss of each variant on the first batch (before any update) is printed beside the baseline's:
-they compute the same forward KL. MFU counts 6 x student + 2 x teacher parameters per token
-(distill.throughput) against the bf16 peak measured here with a large matrix product.
+they compute the same forward KL. MFU counts FLOP per token as the pipeline does (distill.throughput:
+6N + 12LHQT for the student, 2N + 4LHQT for the teacher) against the bf16 peak measured here with a
+large matrix product.
 "host syncs/step" counts the calls in one step that made the host wait for the GPU (CUDA's sync
 debug mode); the distill step is meant to have none, reading its losses only at log intervals.
 Table last. A variant that runs out of memory is reported as OOM.
@@ -188,7 +189,7 @@ def run_variant(variant, teacher, student, masks, device, args, batches) -> dict
     tokens = (len(batches) - args.warmup) * batches[0].numel()
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     result = {"variant": variant, "oom": False, "tokens_per_s": tokens / elapsed, "peak_gib": peak,
-              "first_loss": first_loss, "flop_per_token": flops_per_token(model, teacher), "host_syncs_per_step": syncs}
+              "first_loss": first_loss, "flop_per_token": flops_per_token(model, teacher, batches[0].shape[1]), "host_syncs_per_step": syncs}
     del step, model
     return result
 

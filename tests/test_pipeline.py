@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM
 from conftest import REPO, TEST_TEXT, launch, launch_command, run_pipeline, tiny_config, write_config
 from distill.packing import load_packed
 from distill.sparsity import nm_violations
+from distill.throughput import flops_per_token
 from wandb_offline import history
 
 STAGES = ["teacher", "teacher_logits", "prune", "distill", "export", "evaluate"]
@@ -203,9 +204,10 @@ def test_kill_in_distill_then_resume_gives_the_bitwise_same_student(tmp_path, ti
         assert torch.equal(expected[name], actual[name]), name
     assert [row["loss"] for row in metrics(run_dir)] == [row["loss"] for row in metrics(tmp_path / "runs" / "reference")]
     if speed:  # MFU is logged once a peak is known: tokens/s x FLOP per token / peak (student = teacher's shape)
-        parameters = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_teacher).parameters())
+        model = AutoModelForCausalLM.from_pretrained(tiny_teacher)
+        per_token = flops_per_token(model, model, context=32)  # the student has the teacher's shape
         resumed_rows = [row for row in metrics(run_dir) if row["step"] > latest["step"]]
-        assert resumed_rows and all(0 < row["mfu"] == pytest.approx(row["tokens_per_s"] * 8 * parameters / 0.5e12)
+        assert resumed_rows and all(0 < row["mfu"] == pytest.approx(row["tokens_per_s"] * per_token / 0.5e12)
                                     for row in resumed_rows)
     oneshot = load_file(tmp_path / "runs" / "killed" / "prune" / "student" / "model.safetensors")
     masks = [name for name in actual if name.endswith(".mask")]

@@ -17,7 +17,7 @@ from distill.sparsity import install_masks, nm_mask
 from distill.targets import target_linears
 from distill.objective import DistillationObjective, teacher_outputs
 from distill.stages.train import speed_up
-from distill.throughput import flops_per_token, parameter_count
+from distill.throughput import flops_per_token, matmul_parameter_count, parameter_count
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -84,11 +84,27 @@ def test_speed_option_gives_the_plain_loss_and_gradients(teacher_and_student, op
         assert relative_error(actual_grads[name], grad) < 1e-4, name
 
 
-def test_flops_per_token_counts_tied_weights_once(teacher_and_student):
+def test_flops_per_token_matches_a_hand_count_with_attention_and_tied_weights_once(teacher_and_student):
     teacher, student = teacher_and_student
     assert student.get_input_embeddings().weight is student.get_output_embeddings().weight
     unique = parameter_count(student)
-    assert unique == sum(p.numel() for p in student.parameters())  # parameters() already de-duplicates
     assert unique < sum(t.numel() for name, t in student.state_dict().items() if not name.endswith("mask"))
-    assert flops_per_token(student, teacher) == 6 * unique + 2 * parameter_count(teacher)
-    assert flops_per_token(student, None) == 6 * unique
+    # by hand from the tiny Llama's config (conftest): vocab V, width 64, MLP 128, 2 layers, 4 query
+    # heads and 2 key/value heads of 16 dims; the tied table counts once (as the output head)
+    c = student.config
+    width, mlp, kv = c.hidden_size, c.intermediate_size, c.num_key_value_heads * 16
+    per_layer = width * width * 2 + width * kv * 2 + 3 * width * mlp + 2 * width
+    n = c.vocab_size * width + c.num_hidden_layers * per_layer + width
+    assert unique == n
+    attention = c.num_hidden_layers * c.num_attention_heads * 16  # L·H·Q
+    assert flops_per_token(student, None, context=32) == 6 * n + 12 * attention * 32
+    assert flops_per_token(student, teacher, context=32) == 6 * n + 12 * attention * 32 + 2 * n + 4 * attention * 32
+
+
+def test_looked_up_embedding_tables_are_not_counted_as_matrix_work():
+    from architectures import tiny_model
+
+    gpt2 = tiny_model("gpt2")  # tied token embedding (counted once, as the head) and a position table
+    assert matmul_parameter_count(gpt2) == parameter_count(gpt2) - gpt2.transformer.wpe.weight.numel()
+    untied = tiny_model("llama", tie_word_embeddings=False)
+    assert matmul_parameter_count(untied) == parameter_count(untied) - untied.get_input_embeddings().weight.numel()

@@ -173,7 +173,7 @@ def run(ctx: StageContext) -> dict:
     if cached is not None:
         ctx.log(f"[distill] teacher from the cache of its top-{train.loss.teacher_topk} tokens; the teacher is not loaded")
     student = load_student(ctx.stage_dir("prune") / STUDENT_DIR, accelerator.device).train()
-    step_flops = flops_per_token(student, teacher)
+    step_flops = flops_per_token(student, teacher, context=blocks.shape[1])
     # the chunked loss applies each head itself: what the head does after its projection, probed
     # before compile and sharding
     chunked = train.loss.chunk_tokens > 0
