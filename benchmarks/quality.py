@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from distill.calibration import input_square_sums
+from distill.calibration import calibration_blocks, input_square_sums
 from distill.config import PROJECTIONS, PruneConfig, TeacherConfig
 from distill.criteria import gradient_saliency, sparsegpt_masks
 from distill.data import pack, tokenize_files
@@ -40,7 +40,6 @@ from distill.evaluation import score_models
 from distill.models import load_teacher, load_tokenizer
 from distill.sparsity import install_masks
 from distill.stages.prune import masks_from_scores, weight_scores
-from distill.stages.teacher import calibration_blocks
 
 REPO = Path(__file__).resolve().parents[1]
 WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2"

@@ -51,3 +51,9 @@ def wanda_score(weight: torch.Tensor, square_sums: torch.Tensor | None) -> torch
     """|W_ij| * ||X_j||_2 (Sun et al., 2023) from a projection's input square sums; |W| without them."""
     score = weight.detach().abs().float()
     return score * square_sums.sqrt().to(score) if square_sums is not None else score
+
+
+def calibration_blocks(train: torch.Tensor, count: int) -> torch.Tensor:
+    """`count` training blocks evenly spread over all of them, so every source is represented."""
+    picks = torch.linspace(0, len(train) - 1, min(count, len(train))).round().long().unique()
+    return train[picks]

@@ -19,9 +19,7 @@ from distill.io import load_tensors, write_json, write_text
 from distill.models import load_teacher
 from distill.pipeline import StageContext
 from distill.sparsity import masked_modules
-from distill.stages.prune import STUDENT_DIR
-from distill.stages.teacher import DATA_FILE
-from distill.stages.train import METRICS_FILE
+from distill.artifacts import DATA_FILE, METRICS_FILE, STUDENT_DIR
 from distill.student import load_student
 
 MODELS = ("teacher", "oneshot", "student")

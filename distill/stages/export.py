@@ -24,8 +24,7 @@ from distill.packing import load_packed, save_packed
 from distill.pipeline import StageContext
 from distill.patterns import SPANNING, Pattern
 from distill.sparsity import masked_modules, remove_masks
-from distill.stages.prune import STUDENT_DIR
-from distill.stages.teacher import DATA_FILE
+from distill.artifacts import DATA_FILE, STUDENT_DIR
 from distill.structured import shrink
 from distill.targets import linearize, restore_conv1d
 from distill.student import check_finite, load_student

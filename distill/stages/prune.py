@@ -21,7 +21,7 @@ import math
 import torch
 
 from distill.config import PruneConfig
-from distill.calibration import wanda_score
+from distill.calibration import calibration_blocks, wanda_score
 from distill.criteria import gradient_saliency, sparsegpt_masks
 from distill.errors import DistillError
 from distill.io import load_tensors
@@ -31,11 +31,10 @@ from distill.permutation import gated_mlps, kept_score, nm_channel_permutation, 
 from distill.pipeline import StageContext
 from distill.sparsity import install_masks, sparsity_report
 from distill.targets import decoder_linears, matches, target_linears, unprunable_weights
-from distill.stages.teacher import CALIBRATION_FILE, DATA_FILE, calibration_blocks
+from distill.artifacts import CALIBRATION_FILE, DATA_FILE, STUDENT_DIR
 from distill.structured import structured_masks
 from distill.student import save_student
 
-STUDENT_DIR = "student"
 GRADIENT_CRITERIA = ("taylor", "fisher")
 
 

@@ -9,21 +9,14 @@ from __future__ import annotations
 
 import torch
 
-from distill.calibration import input_square_sums
+from distill.artifacts import CALIBRATION_FILE, DATA_FILE
+from distill.calibration import calibration_blocks, input_square_sums
 from distill.data import pack, sample_from_teacher, split_blocks, tokenize_files, tokenize_hub_dataset
 from distill.evaluation import score_models
 from distill.io import save_tensors
 from distill.models import load_teacher, load_tokenizer
 from distill.pipeline import StageContext
 
-DATA_FILE = "data.safetensors"
-CALIBRATION_FILE = "calibration.safetensors"
-
-
-def calibration_blocks(train: torch.Tensor, count: int) -> torch.Tensor:
-    """`count` training blocks evenly spread over all of them, so every source is represented."""
-    picks = torch.linspace(0, len(train) - 1, min(count, len(train))).round().long().unique()
-    return train[picks]
 
 
 def source_files(config) -> list[str]:

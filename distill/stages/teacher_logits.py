@@ -21,9 +21,8 @@ from distill.io import load_tensors, save_tensors
 from distill.losses import TopK, logit_transform
 from distill.models import load_teacher
 from distill.pipeline import StageContext
-from distill.stages.teacher import DATA_FILE
+from distill.artifacts import DATA_FILE, TOPK_FILE
 
-TOPK_FILE = "teacher_topk.safetensors"
 
 
 @torch.no_grad()

@@ -39,15 +39,12 @@ from distill.patterns import Pattern, group_dropout_mask
 from distill.pipeline import StageContext
 from distill.sharding import ShardedCheckpoint, full_student_state, mask_local_shards_, shard_objective, shard_teacher
 from distill.sparsity import apply_masks_, mask_pairs, masked_modules
-from distill.stages.prune import STUDENT_DIR
-from distill.stages.teacher import CALIBRATION_FILE, DATA_FILE
-from distill.stages.teacher_logits import TOPK_FILE
+from distill.artifacts import CALIBRATION_FILE, DATA_FILE, METRICS_FILE, STUDENT_DIR, TOPK_FILE
 from distill.student import load_student, nonfinite_problem, save_student
 from distill.targets import decoder_layers
 from distill.throughput import flops_per_token, measured_peak_flops
 from distill.tracking import log_row, resend_rows, start_tracking
 
-METRICS_FILE = "metrics.jsonl"
 
 
 class BlockSchedule:

@@ -1,0 +1,54 @@
+"""The import rule of the layers (README, "Layout"): stages never import stages, and the library never
+imports stages or benchmarks. Read from the source with ast, so a lazy import inside a function
+counts too."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from conftest import REPO
+
+LIBRARY = REPO / "distill"
+STAGES = LIBRARY / "stages"
+
+
+def imported_modules(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return found
+
+
+def test_stages_never_import_stages():
+    offenders = {}
+    for path in sorted(STAGES.glob("*.py")):
+        if path.name == "__init__.py":  # the registry: it lists the stages in order
+            continue
+        bad = sorted(name for name in imported_modules(path) if name.startswith("distill.stages"))
+        if bad:
+            offenders[path.name] = bad
+    assert not offenders, f"stages importing stages: {offenders}"
+
+
+def test_the_library_never_imports_stages_or_benchmarks():
+    offenders = {}
+    for path in sorted(LIBRARY.rglob("*.py")):
+        if STAGES in path.parents:
+            continue
+        bad = sorted(name for name in imported_modules(path)
+                     if name.startswith(("distill.stages", "benchmarks")) or name == "benchmarks")
+        if bad:
+            offenders[str(path.relative_to(REPO))] = bad
+    assert not offenders, f"library modules importing stages or benchmarks: {offenders}"
+
+
+def test_the_rule_sees_an_import_it_forbids(tmp_path):
+    """The checker itself: a lazy stage import inside a function is found."""
+    module = tmp_path / "m.py"
+    module.write_text("def f():\n    from distill.stages.train import speed_up\n    import benchmarks.quality\n")
+    assert {"distill.stages.train", "benchmarks.quality"} <= imported_modules(module)
