@@ -1,7 +1,7 @@
 """Which projections a student prunes, for any decoder-only architecture.
 
 By default every linear projection inside the decoder layers: the layers are found, not named (the
-model's largest list of identical blocks), and inside them every `nn.Linear`. transformers' `Conv1D`
+model's largest list of blocks that hold linear layers), and inside them every `nn.Linear`. transformers' `Conv1D`
 (GPT-2 and its kin: a linear layer stored transposed, weight [in, out]) is converted to `nn.Linear`
 once, when a model is loaded (`linearize`), and converted back when a model is saved in the Hugging
 Face layout (`restore_conv1d`), so masks, packing and kernels only ever see [out, in] weights.
@@ -33,17 +33,16 @@ def _conv1d_class():
 
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
-    """(name, list) of the decoder blocks: the model's largest nn.ModuleList (by parameters) whose
-    entries all have one class and hold a linear layer; None when `model` has none (e.g. a single
-    layer)."""
+    """(name, list) of the decoder blocks: the model's nn.ModuleList holding the most parameters
+    whose every entry holds a linear layer (entries may differ in class, as in hybrid models; a list
+    of experts inside a layer holds fewer parameters than the list of layers around it). None when
+    `model` has no such list (e.g. it is one layer)."""
     linear_types = (nn.Linear, _conv1d_class())
     best, best_size = None, 0
     for name, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or len(module) == 0:
             continue
-        if len({type(block) for block in module}) != 1:
-            continue
-        if not any(isinstance(sub, linear_types) for sub in module[0].modules()):
+        if not all(any(isinstance(sub, linear_types) for sub in block.modules()) for block in module):
             continue
         size = sum(p.numel() for p in module.parameters())
         if size > best_size:
@@ -66,7 +65,7 @@ def _layer_scopes(model: nn.Module) -> list[tuple[str, nn.Module]]:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is not None:
         raise DistillError(f"{type(model).__name__}: no list of decoder layers found, so no projection can be chosen "
-                           f"for pruning (distill.targets looks for the largest list of identical blocks)")
+                           f"for pruning (distill.targets looks for the largest list of blocks holding linear layers)")
     return [("", model)]
 
 

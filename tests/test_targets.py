@@ -70,3 +70,31 @@ def test_a_language_model_without_a_layer_list_is_refused_by_name():
 
     with pytest.raises(DistillError, match="Flat: no list of decoder layers found"):
         list(target_linears(Flat()))
+
+
+def test_layers_of_different_classes_are_found_and_an_inner_expert_list_is_not_mistaken_for_them():
+    """A hybrid decoder: attention blocks and MoE blocks (whose experts are an inner list)."""
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj, self.o_proj = nn.Linear(16, 16), nn.Linear(16, 16)
+
+    class MixtureOfExperts(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.experts = nn.ModuleList(nn.Sequential(nn.Linear(16, 64), nn.Linear(64, 16)) for _ in range(4))
+
+    class Hybrid(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(32, 16)
+            self.layers = nn.ModuleList([Attention(), MixtureOfExperts(), Attention(), MixtureOfExperts()])
+            self.head = nn.Linear(16, 32)
+
+        def get_output_embeddings(self):
+            return self.head
+
+    model = Hybrid()
+    assert decoder_layers(model)[0] == "layers"
+    names = [name for name, _ in target_linears(model)]
+    assert len(names) == 2 * 2 + 2 * 4 * 2 and "head" not in names
