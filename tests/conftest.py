@@ -7,6 +7,7 @@ import glob
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 # Without a GPU, Triton kernels run in Triton's CPU interpreter; it must be chosen before triton loads.
@@ -92,6 +93,24 @@ def launch(config_path: Path, *args: str, check: bool = True, env: dict | None =
     if check and result.returncode != 0:
         raise AssertionError(f"launch.sh failed ({result.returncode}):\n{result.stderr[-4000:]}")
     return result
+
+
+def pipeline_processes(config_path: Path, wait: float = 0.0) -> list[str]:
+    """Processes still running the pipeline on `config_path` (their command lines), after waiting up
+    to `wait` seconds for them to go: after a launcher is killed, its workers must be gone too."""
+    deadline = time.time() + wait
+    while True:
+        found = []
+        for proc in Path("/proc").iterdir():
+            try:
+                command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if "pipelines/run.py" in command and str(config_path) in command:
+                found.append(command)
+        if not found or time.time() >= deadline:
+            return found
+        time.sleep(0.1)
 
 
 def run_pipeline(config_path: Path, *args: str, processes: int = 1, check: bool = True, env: dict | None = None,

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import REPO, launch, launch_command, tiny_config, write_config
+from conftest import launch, launch_command, pipeline_processes, tiny_config, write_config
 
 STAGES = ["teacher", "teacher_logits", "prune", "distill", "export", "evaluate"]
 # enough work in every stage that a kill can land inside it: teacher samples, a cached top-k, checkpoints
@@ -45,18 +45,6 @@ def errors(result: subprocess.CompletedProcess) -> list[str]:
     return [line for line in result.stderr.splitlines() if line.startswith("distill: error:")]
 
 
-def _orphans(config: Path) -> list[str]:
-    found = []
-    for proc in Path("/proc").iterdir():
-        try:
-            command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if "pipelines/run.py" in command and str(config) in command:
-            found.append(command)
-    return found
-
-
 @pytest.mark.slow  # a reference run plus one launch per kill
 def test_seeded_random_kills_across_every_stage_recover_to_the_bitwise_same_run(tmp_path, tiny_teacher):
     reference = faulty_config(tmp_path, tiny_teacher, "reference")
@@ -82,10 +70,7 @@ def test_seeded_random_kills_across_every_stage_recover_to_the_bitwise_same_run(
         process.send_signal(signal.SIGKILL)
         process.wait()
         landed.append(stage)
-        deadline = time.time() + 10
-        while _orphans(config) and time.time() < deadline:
-            time.sleep(0.1)
-        assert not _orphans(config), f"a worker outlived the launcher killed in {stage}"
+        assert not pipeline_processes(config, wait=10), f"a worker outlived the launcher killed in {stage}"
     assert len(landed) >= 4, f"the kills landed in too few stages: {landed}"
 
     finished = launch(config)

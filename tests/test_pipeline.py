@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import REPO, TEST_TEXT, launch, launch_command, run_pipeline, tiny_config, write_config
+from conftest import REPO, TEST_TEXT, launch, launch_command, pipeline_processes, run_pipeline, tiny_config, write_config
 from distill.packing import load_packed
 from distill.sparsity import nm_violations
 from distill.throughput import flops_per_token
@@ -132,19 +132,6 @@ def _start(config: Path, *args: str, env: dict | None = None) -> subprocess.Pope
                             env={**os.environ, **(env or {})})
 
 
-def _pipeline_processes(config: Path) -> list[str]:
-    """Processes still running the pipeline on `config` (their command lines)."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        try:
-            command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if "pipelines/run.py" in command and str(config) in command:
-            found.append(command)
-    return found
-
-
 def _kill_after_first_checkpoint(process: subprocess.Popen, checkpoints: Path, config: Path, timeout: float = 300) -> None:
     _kill_when(process, lambda: (checkpoints / "latest.json").is_file(), config, timeout)
 
@@ -158,10 +145,7 @@ def _kill_when(process: subprocess.Popen, ready, config: Path, timeout: float = 
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)  # the launcher; its worker must die with it
     process.wait()
-    deadline = time.time() + 10
-    while _pipeline_processes(config) and time.time() < deadline:
-        time.sleep(0.1)
-    assert not _pipeline_processes(config), "a worker outlived the killed launcher"
+    assert not pipeline_processes(config, wait=10), "a worker outlived the killed launcher"
 
 
 @pytest.mark.slow  # several processes or a kill and resume
