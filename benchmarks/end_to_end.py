@@ -64,7 +64,7 @@ def llama_shaped(layers: int, device: torch.device, dtype: torch.dtype, smoke: b
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from distill.config import PROJECTIONS
-    from distill.sparsity import nm_mask
+    from distill.sparsity.masks import nm_mask
     from distill.targets import target_linears
 
     config = LlamaConfig(num_hidden_layers=layers, **(SMOKE if smoke else LLAMA_8B))
@@ -79,10 +79,10 @@ def llama_shaped(layers: int, device: torch.device, dtype: torch.dtype, smoke: b
 
 
 def packed_student(path: str, device: torch.device, dtype: torch.dtype):
-    from distill.packing import load_packed
+    from distill.artifacts import read_sparsity_spec
+    from distill.sparsity.packing import load_packed
 
-    spec = json.loads((Path(path) / "sparsity.json").read_text())
-    return load_packed(path, dtype=dtype).to(device).eval(), spec["masked"]
+    return load_packed(path, dtype=dtype).to(device).eval(), read_sparsity_spec(Path(path)).masked
 
 
 def measure(model, device: torch.device, vocab: int, args) -> dict:

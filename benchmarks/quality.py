@@ -34,12 +34,12 @@ from accelerate import Accelerator
 
 from distill.calibration import calibration_blocks, input_square_sums
 from distill.config import PROJECTIONS, PruneConfig, TeacherConfig
-from distill.criteria import gradient_saliency, sparsegpt_masks
+from distill.sparsity.criteria import gradient_saliency, sparsegpt_masks
 from distill.data import pack, tokenize_files
 from distill.evaluation import score_models
 from distill.models import load_teacher, load_tokenizer
-from distill.sparsity import install_masks
-from distill.stages.prune import masks_from_scores, weight_scores
+from distill.sparsity.masks import install_masks
+from distill.pruning import masks_from_scores, weight_scores
 
 REPO = Path(__file__).resolve().parents[1]
 WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2"
@@ -47,8 +47,8 @@ WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2"
 # label -> overrides of configs/quality.yaml; "fixed" is the base (Wanda 2:4, fixed mask, forward KL)
 DISTILL_VARIANTS = {
     "fixed": [],
-    "dynamic": ["train.mask_mode=dynamic"],
-    "learnable": ["train.mask_mode=learnable"],
+    "dynamic": ["train.masks.mode=dynamic"],
+    "learnable": ["train.masks.mode=learnable"],
     "reverse_kl": ["train.loss.divergence=reverse_kl"],
     "jsd": ["train.loss.divergence=jsd"],
     "kl+lm": ["train.loss.lm_weight=0.5"],

@@ -14,8 +14,9 @@ Variants (each from the same initial student, on the same batches):
   baseline       the plain loop of issue #5: teacher bf16 without grad, student fp32 under bf16
                  autocast, full fp32 logits for both, forward KL through F.kl_div, fused AdamW,
                  masks re-applied by a Python loop over the projections
-  pipeline       the distill stage's own step (distill.stages.train): chunked KD loss with the output
-                 projections, fused mask re-application, gradient clipping, no host sync
+  pipeline       the distill stage's own step (distill.training.DistillStep): chunked KD loss with the
+                 output projections, masks as weight parametrizations, gradient clipping, the
+                 stage's warmup-cosine schedule, no host sync
   +compile       the same with speed.compile (per-layer torch.compile)
   +checkpointing the same with speed.activation_checkpointing
 The loss of each variant on the first batch (before any update) is printed beside the baseline's:
@@ -63,7 +64,7 @@ def build_models(args, device: torch.device):
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     from distill.config import PROJECTIONS
-    from distill.sparsity import nm_mask
+    from distill.sparsity.masks import nm_mask
     from distill.targets import target_linears
 
     if args.model == "demo":
@@ -83,7 +84,7 @@ def build_models(args, device: torch.device):
 
 def plain_step_factory(teacher, student, masks, device):
     """The baseline loop of issue #5, written the way a first version usually is."""
-    from distill.sparsity import remove_masks, install_masks
+    from distill.sparsity.masks import remove_masks, install_masks
 
     model = remove_masks(install_masks(copy.deepcopy(student), masks)).to(device).train()
     pairs = [(model.get_submodule(name).weight, mask.to(device)) for name, mask in masks.items()]
@@ -109,15 +110,16 @@ def plain_step_factory(teacher, student, masks, device):
 
 
 def pipeline_step_factory(teacher, student, masks, device, variant: str, chunk_tokens: int):
-    """The distill stage's step, through the same functions the stage calls (+compile compiles a
-    copy of the teacher too, as the stage does)."""
+    """The distill stage's step itself (distill.training.DistillStep, built as the stage builds it;
+    +compile compiles a copy of the teacher too, as the stage does)."""
     from accelerate import Accelerator
 
-    from distill.config import LossConfig, SpeedConfig
-    from distill.patterns import Pattern
-    from distill.sparsity import apply_masks_, install_masks, mask_pairs
+    from distill.config import LossConfig, SpeedConfig, TrainConfig
     from distill.objective import DistillationObjective, teacher_outputs
-    from distill.stages.train import forward_backward, optimizer_step, speed_up
+    from distill.sparsity.masks import install_masks
+    from distill.sparsity.modes import FixedMasks
+    from distill.sparsity.patterns import NM
+    from distill.training import DistillStep, MicroBatch, build_optimizer, speed_up
 
     accelerator = Accelerator(mixed_precision="bf16" if bf16_autocast(device) else "no", cpu=device.type == "cpu")
     model = install_masks(copy.deepcopy(student), masks).to(device).train()
@@ -126,22 +128,22 @@ def pipeline_step_factory(teacher, student, masks, device, variant: str, chunk_t
     if speed.compile:
         teacher = copy.deepcopy(teacher)
         speed_up(teacher, speed, training=False)
-    loss_config = LossConfig(chunk_tokens=chunk_tokens)
-    objective = DistillationObjective(model, loss_config, Pattern(kind="nm", n=2, m=4))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
+    train = TrainConfig(lr=1e-5, warmup_steps=0, loss=LossConfig(chunk_tokens=chunk_tokens))
+    fixed = FixedMasks(model)
+    objective = DistillationObjective(model, train.loss, NM(2, 4))
+    optimizer, scheduler, trainable = build_optimizer(model, train, fixed, device)
     objective, optimizer = accelerator.prepare(objective, optimizer)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    pairs = mask_pairs(model)
+    distill_step = DistillStep(accelerator, objective, optimizer, scheduler, trainable, fixed, train.max_grad_norm)
+    steps_done = [0]
 
     def step(input_ids: torch.Tensor, update: bool = True) -> torch.Tensor:
+        signal = partial(teacher_outputs, teacher, input_ids, train.loss)
         if not update:
             with torch.no_grad(), accelerator.autocast():
-                return objective(input_ids, teacher_outputs(teacher, input_ids, loss_config))[0].detach()
-        signal = partial(teacher_outputs, teacher, input_ids, loss_config)
-        loss, _ = forward_backward(accelerator, objective, signal, input_ids, 1.0, sync=True)
-        optimizer_step(accelerator, optimizer, trainable, max_grad_norm=1.0)
-        apply_masks_(pairs)
-        return loss
+                return objective(input_ids, signal())[0].detach()
+        losses, _ = distill_step(steps_done[0], train.steps, [MicroBatch(input_ids, signal)])
+        steps_done[0] += 1
+        return losses["loss"]
 
     return step, model
 

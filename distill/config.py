@@ -1,14 +1,17 @@
 """Typed configuration: dataclass schemas, YAML loading, dotted overrides, validation.
 
 OmegaConf merges the YAML file and the `key=value` overrides into the schemas below, which rejects
-unknown keys and values of the wrong type with the key's path; `validate` then checks what types
-cannot express (choices, ranges, N < M). Every failure becomes one `DistillError` line.
+unknown keys and values of the wrong type (a choice outside its enum included) with the key's path.
+Each section then checks what types cannot express (ranges, N < M) in its own `validate`, and
+`Config.validate` the rules that tie sections together. Every failure becomes one `DistillError` line.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import sys
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
@@ -24,6 +27,105 @@ from distill.precision import Precision
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+class Choice(str, enum.Enum):
+    """A config choice: written in YAML as its value, printed as its value, compared by member."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class TeacherDtype(Choice):
+    AUTO = "auto"  # float32 on CPU, bfloat16 on GPU
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"
+    FLOAT16 = "float16"
+
+
+class SourceKind(Choice):
+    FILES = "files"  # local .txt, .jsonl/.json, .parquet
+    HUB = "hub"  # a Hugging Face dataset
+    TEACHER = "teacher"  # text the teacher samples itself
+
+
+class Criterion(Choice):
+    MAGNITUDE = "magnitude"
+    WANDA = "wanda"
+    SPARSEGPT = "sparsegpt"
+    TAYLOR = "taylor"
+    FISHER = "fisher"
+
+
+class PatternKind(Choice):
+    NM = "nm"
+    BLOCK = "block"
+    CHANNEL = "channel"
+    UNSTRUCTURED = "unstructured"
+    MLP_CHANNELS = "mlp_channels"
+    HEADS = "heads"
+
+
+class ChannelAxis(Choice):
+    INPUT = "input"
+    OUTPUT = "output"
+
+
+class Scope(Choice):
+    LAYER = "layer"
+    GLOBAL = "global"
+
+
+class Incompatible(Choice):
+    ERROR = "error"
+    DENSE = "dense"
+
+
+class MaskMode(Choice):
+    FIXED = "fixed"
+    DYNAMIC = "dynamic"
+    LEARNABLE = "learnable"
+
+
+class Sharding(Choice):
+    DDP = "ddp"
+    FSDP = "fsdp"
+
+
+class Divergence(Choice):
+    FORWARD_KL = "forward_kl"
+    REVERSE_KL = "reverse_kl"
+    JSD = "jsd"
+
+
+class NonFinite(Choice):
+    STOP = "stop"
+    SKIP = "skip"
+
+
+class TrackingBackend(Choice):
+    WANDB = "wandb"
+    TENSORBOARD = "tensorboard"
+    NONE = "none"
+
+
+def _positive(path: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise DistillError(f"config key '{path}': {value} must be {bound}")
+
+
+def _within(path: str, value: float, low: float, high: float, closed: str = "[]") -> None:
+    """`value` in the interval from `low` to `high`, each end closed ('[' / ']') or open ('(' / ')')."""
+    above = value >= low if closed[0] == "[" else value > low
+    below = value <= high if closed[1] == "]" else value < high
+    if not (above and below):
+        raise DistillError(f"config key '{path}': {value} is not in {closed[0]}{low:g}, {high:g}{closed[1]}")
+
+
+# the run dir's name plus what the pipeline adds beside it (`.<name>.lock`) must fit one path
+# component, which most filesystems cap at 255 bytes
+MAX_RUN_NAME_BYTES = 255 - len(".") - len(".lock")
+
+
 @dataclass
 class RunConfig:
     name: str = "run"
@@ -37,6 +139,15 @@ class RunConfig:
     # exports and writes the student, which for a large model outlasts NCCL's 10-minute default
     collective_timeout_minutes: int = 60
 
+    def validate(self, where: str = "run") -> None:
+        name = self.name
+        if not name or name in (".", "..") or "/" in name or "\0" in name:
+            raise DistillError(f"config key '{where}.name': {name!r} is not a directory name (no '/', not '.' or '..')")
+        if len(name.encode()) > MAX_RUN_NAME_BYTES:
+            raise DistillError(f"config key '{where}.name': {len(name.encode())} bytes is longer than the "
+                               f"{MAX_RUN_NAME_BYTES} a directory name can hold here; shorten it")
+        _positive(f"{where}.collective_timeout_minutes", self.collective_timeout_minutes)
+
 
 @dataclass
 class TeacherConfig:
@@ -44,7 +155,10 @@ class TeacherConfig:
     source: str = "demo"
     gguf_file: Optional[str] = None  # a GGUF file name inside `source` when `source` is a dir or hub id
     revision: Optional[str] = None
-    dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on GPU
+    dtype: TeacherDtype = TeacherDtype.AUTO
+
+    def validate(self, where: str = "teacher") -> None:
+        pass  # every field is checked by its type
 
 
 @dataclass
@@ -57,11 +171,16 @@ class TeacherSamplesConfig:
     top_k: int = 0  # 0: sample from the whole vocabulary
     batch_size: int = 16
 
+    def validate(self, where: str) -> None:
+        for key in ("num_sequences", "max_new_tokens", "temperature", "batch_size"):
+            _positive(f"{where}.{key}", getattr(self, key))
+        _positive(f"{where}.top_k", self.top_k, allow_zero=True)
+
 
 @dataclass
 class SourceConfig:
     name: str = MISSING  # key of this source in reports
-    kind: str = MISSING  # files | hub | teacher
+    kind: SourceKind = MISSING
     files: List[str] = field(default_factory=list)  # kind=files: .txt, .jsonl/.json, .parquet
     dataset: Optional[str] = None  # kind=hub: dataset id
     subset: Optional[str] = None
@@ -71,6 +190,16 @@ class SourceConfig:
     heldout_fraction: float = 0.1  # the last blocks of the source; 1.0 makes it evaluation-only
     max_blocks: int = 0  # 0: every block
 
+    def validate(self, where: str) -> None:
+        if self.kind is SourceKind.FILES and not self.files:
+            raise DistillError(f"config key '{where}.files': a files source needs at least one file")
+        if self.kind is SourceKind.HUB and not self.dataset:
+            raise DistillError(f"config key '{where}.dataset': a hub source needs a dataset id")
+        _within(f"{where}.heldout_fraction", self.heldout_fraction, 0.0, 1.0)
+        _positive(f"{where}.max_blocks", self.max_blocks, allow_zero=True)
+        if self.kind is SourceKind.TEACHER:
+            self.samples.validate(f"{where}.samples")
+
 
 @dataclass
 class DataConfig:
@@ -78,39 +207,71 @@ class DataConfig:
     sources: List[SourceConfig] = field(default_factory=list)
     max_heldout_blocks: int = 64  # per source
 
+    def validate(self, where: str = "data") -> None:
+        _positive(f"{where}.block_size", self.block_size)
+        _positive(f"{where}.max_heldout_blocks", self.max_heldout_blocks, allow_zero=True)
+        names = [source.name for source in self.sources]
+        if not names:
+            raise DistillError(f"config key '{where}.sources': at least one text source is needed")
+        if len(set(names)) != len(names):
+            raise DistillError(f"config key '{where}.sources': source names must be unique, got {names}")
+        for index, source in enumerate(self.sources):
+            source.validate(f"{where}.sources[{index}]")
+        if all(source.heldout_fraction == 1.0 for source in self.sources):
+            raise DistillError(f"config key '{where}.sources': every source is held out, nothing is left to train on")
+
 
 @dataclass
 class CalibrationConfig:
     num_blocks: int = 32  # training blocks the teacher sees to gather activation statistics
 
+    def validate(self, where: str = "calibration") -> None:
+        _positive(f"{where}.num_blocks", self.num_blocks)
+
 
 @dataclass
 class PruneConfig:
-    criterion: str = "wanda"  # magnitude | wanda | sparsegpt | taylor | fisher
-    # nm | block | channel | unstructured | mlp_channels | heads (only 2:4 runs on sparse kernels;
-    # mlp_channels and heads remove whole channels / head groups across their projections)
-    pattern: str = "nm"
+    criterion: Criterion = Criterion.WANDA
+    # only 2:4 (nm, n=2, m=4) runs on sparse kernels; mlp_channels and heads remove whole channels /
+    # head groups across their projections
+    pattern: PatternKind = PatternKind.NM
     n: int = 2  # nm: keep n weights ...
     m: int = 4  # ... in every group of m consecutive input weights
     sparsity: float = 0.5  # block, channel, unstructured, mlp_channels, heads: fraction removed per layer
     block: int = 4  # block: b x b tiles
-    channel_axis: str = "input"  # channel: remove input columns or output rows
-    scope: str = "layer"  # unstructured: the fraction per layer, or over all layers at once (global)
+    channel_axis: ChannelAxis = ChannelAxis.INPUT  # channel: remove input columns or output rows
+    scope: Scope = Scope.LAYER  # unstructured: the fraction per layer, or over all layers at once (global)
     # which decoder projections to prune (distill.targets): names or globs matched against a
     # projection's last name (q_proj), its path in the layer (mlp.*) or its full name; "*" is every
     # linear projection inside the decoder layers. `exclude` removes from that set.
     targets: List[str] = field(default_factory=lambda: ["*"])
     exclude: List[str] = field(default_factory=list)
-    incompatible: str = "error"  # a target whose input size is not a multiple of m: error | dense
+    incompatible: Incompatible = Incompatible.ERROR  # a target whose input size is not a multiple of m
     # nm: reorder each gated MLP's intermediate channels (function unchanged) so down_proj's groups keep
-    # more score, by `permute_sweeps` sweeps of pairwise group exchanges (distill.permutation)
+    # more score, by `permute_sweeps` sweeps of pairwise group exchanges (distill.sparsity.permutation)
     permute: bool = False
     permute_sweeps: int = 100
+
+    def validate(self, where: str = "prune") -> None:
+        for key in ("m", "n", "block", "permute_sweeps"):
+            _positive(f"{where}.{key}", getattr(self, key))
+        if self.n >= self.m:
+            raise DistillError(f"config key '{where}.n': N:M sparsity needs N < M, got {self.n}:{self.m}")
+        _within(f"{where}.sparsity", self.sparsity, 0.0, 1.0, "()")
+        if self.permute and self.pattern is not PatternKind.NM:
+            raise DistillError(f"config key '{where}.permute': channel permutation serves N:M patterns, not '{self.pattern}'")
+        if self.criterion is Criterion.SPARSEGPT and self.pattern is not PatternKind.NM:
+            raise DistillError(f"config key '{where}.criterion': sparsegpt prunes N:M patterns only, not '{self.pattern}'")
+        if self.scope is Scope.GLOBAL and (self.pattern is not PatternKind.UNSTRUCTURED or self.criterion is Criterion.MAGNITUDE):
+            raise DistillError(f"config key '{where}.scope': global needs pattern unstructured and a criterion whose "
+                               "scores compare across layers (wanda, taylor, fisher)")
+        if not self.targets:
+            raise DistillError(f"config key '{where}.targets': name at least one projection to prune (\"*\" for all)")
 
 
 @dataclass
 class LossConfig:
-    divergence: str = "forward_kl"  # forward_kl | reverse_kl | jsd (to the teacher, at `temperature`)
+    divergence: Divergence = Divergence.FORWARD_KL  # to the teacher, at `temperature`
     temperature: float = 1.0
     jsd_beta: float = 0.5  # jsd: weight of the teacher in the mixture
     kd_weight: float = 1.0  # weight of the divergence, which is scaled by T^2
@@ -125,10 +286,55 @@ class LossConfig:
     # without running the teacher; needs temperature 1 and no hidden-state matching
     teacher_topk: int = 0
 
+    def validate(self, where: str = "train.loss") -> None:
+        _within(f"{where}.jsd_beta", self.jsd_beta, 0.0, 1.0, "()")
+        _positive(f"{where}.chunk_tokens", self.chunk_tokens, allow_zero=True)
+        _positive(f"{where}.teacher_topk", self.teacher_topk, allow_zero=True)
+        if self.teacher_topk and self.temperature != 1.0:
+            raise DistillError(f"config key '{where}.temperature': the cached teacher ({where}.teacher_topk) is "
+                               f"stored at temperature 1, got {self.temperature}")
+        if self.teacher_topk and self.hidden_weight:
+            raise DistillError(f"config key '{where}.hidden_weight': hidden-state matching needs the live teacher; "
+                               f"set {where}.teacher_topk=0")
+        _positive(f"{where}.temperature", self.temperature)
+        for key in ("kd_weight", "lm_weight", "hidden_weight"):
+            _positive(f"{where}.{key}", getattr(self, key), allow_zero=True)
+        if self.kd_weight == 0 and self.lm_weight == 0 and self.hidden_weight == 0:
+            raise DistillError(f"config key '{where}': kd_weight, lm_weight and hidden_weight are all 0, nothing to train on")
 
-class NonFinite(str, enum.Enum):
-    STOP = "stop"
-    SKIP = "skip"
+
+@dataclass
+class MasksConfig:
+    """How the masks behave during distill (distill.sparsity.masks.modes)."""
+
+    # fixed: the prune stage's masks; dynamic: re-chosen (same pattern, by Wanda's score on the
+    # current weights, |W| for a magnitude student) every `update_every` steps, gradients reaching
+    # pruned weights through a sparse-refined STE; learnable: a Gumbel-softmax choice per group among
+    # the N:M candidate patterns
+    mode: MaskMode = MaskMode.FIXED
+    update_every: int = 10
+    refine_decay: float = 2.0e-4  # dynamic: SR-STE pull of pruned weights towards zero
+    # learnable: every group picks one of the C(m, n) candidate patterns through Gumbel-softmax logits,
+    # initialised to favour the prune stage's choice by `init_logit`, trained at `lr`; the Gumbel noise
+    # is scaled by `noise` at the first step, falling linearly to 0 at the last (0.5 at init 3.0
+    # redraws ~1% of groups at the start; 1.0 redraws ~20%, which wrecked the student)
+    lr: float = 0.05
+    init_logit: float = 3.0
+    gumbel_temperature: float = 1.0
+    noise: float = 0.5
+
+    def validate(self, where: str = "train.masks") -> None:
+        _positive(f"{where}.update_every", self.update_every)
+        _positive(f"{where}.refine_decay", self.refine_decay, allow_zero=True)
+        _positive(f"{where}.lr", self.lr)
+        _positive(f"{where}.gumbel_temperature", self.gumbel_temperature)
+        _positive(f"{where}.noise", self.noise, allow_zero=True)
+
+
+# keys of `train` that moved into `train.masks`; the old names work for one release, with a warning
+DEPRECATED_MASK_KEYS = {"mask_mode": "mode", "mask_update_every": "update_every", "refine_decay": "refine_decay",
+                        "mask_lr": "lr", "mask_init_logit": "init_logit", "gumbel_temperature": "gumbel_temperature",
+                        "mask_noise": "noise"}
 
 
 @dataclass
@@ -142,26 +348,12 @@ class TrainConfig:
     weight_decay: float = 0.0
     betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
     max_grad_norm: float = 1.0  # 0 disables clipping
-    # fixed: the prune stage's masks; dynamic: masks re-chosen (same pattern, by Wanda's score on the
-    # current weights, |W| for a magnitude student) every mask_update_every steps, gradients reaching
-    # pruned weights through a sparse-refined STE;
-    # learnable: a Gumbel-softmax choice per group among the N:M candidate patterns
-    mask_mode: str = "fixed"
-    mask_update_every: int = 10
-    refine_decay: float = 2.0e-4  # dynamic: SR-STE pull of pruned weights towards zero
-    # learnable: every group picks one of the C(m, n) candidate patterns through Gumbel-softmax logits,
-    # initialised to favour the prune stage's choice by `mask_init_logit`, trained at `mask_lr`; the
-    # Gumbel noise is scaled by `mask_noise` at the first step, falling linearly to 0 at the last
-    # (0.5 at init 3.0 redraws ~1% of groups at the start; 1.0 redraws ~20%, which wrecked the student)
-    mask_lr: float = 0.05
-    mask_init_logit: float = 3.0
-    gumbel_temperature: float = 1.0
-    mask_noise: float = 0.5
+    masks: MasksConfig = field(default_factory=MasksConfig)
     group_lasso: float = 0.0  # weight of the sum of the pattern's group norms (pushes whole groups to zero)
     group_dropout: float = 0.0  # probability of dropping each whole group of the pattern in a forward
     # ddp: every process holds the whole student (accelerate's DDP); fsdp: parameters, gradients,
-    # optimizer state and masks sharded over the processes (torch FSDP2, distill.sharding); fixed masks
-    sharding: str = "ddp"
+    # optimizer state sharded over the processes (torch FSDP2, distill.sharding); fixed masks
+    sharding: Sharding = Sharding.DDP
     log_every: int = 5
     # a non-finite loss or gradient norm: stop (exit with one line naming the step and the last good
     # checkpoint, which is kept; checked at log steps, so no extra host sync) or skip (drop that step's
@@ -173,6 +365,37 @@ class TrainConfig:
     checkpoint_every: int = 25  # a multiple of log_every, so a resumed run logs the same averages
     keep_checkpoints: int = 2
     loss: LossConfig = field(default_factory=LossConfig)
+
+    def per_projection_features(self) -> list[str]:
+        """The features in use that act on a projection's whole mask (not possible on a shard of it,
+        nor on groups that span several projections)."""
+        used = (("masks.mode", self.masks.mode is not MaskMode.FIXED), ("group_lasso", self.group_lasso),
+                ("group_dropout", self.group_dropout))
+        return [key for key, on in used if on]
+
+    def validate(self, where: str = "train") -> None:
+        for key in ("steps", "micro_batch_size", "global_batch_size", "lr", "log_every", "checkpoint_every",
+                    "keep_checkpoints"):
+            _positive(f"{where}.{key}", getattr(self, key))
+        for key in ("warmup_steps", "group_lasso", "eval_every", "max_grad_norm", "weight_decay"):
+            _positive(f"{where}.{key}", getattr(self, key), allow_zero=True)
+        _within(f"{where}.group_dropout", self.group_dropout, 0.0, 1.0, "[)")
+        _within(f"{where}.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        if len(self.betas) != 2:
+            raise DistillError(f"config key '{where}.betas': needs two values, got {len(self.betas)}")
+        self.masks.validate(f"{where}.masks")
+        if self.sharding is Sharding.FSDP and self.per_projection_features():
+            raise DistillError(f"config key '{where}.sharding': fsdp trains fixed masks only; "
+                               f"unset {where}.{self.per_projection_features()[0]} or use ddp")
+        # a resumed run logs the same windows as an uninterrupted one
+        for key in ("eval_every", "checkpoint_every"):
+            if getattr(self, key) % self.log_every:
+                raise DistillError(f"config key '{where}.{key}': {getattr(self, key)} is not a multiple of "
+                                   f"{where}.log_every ({self.log_every})")
+        if self.global_batch_size % self.micro_batch_size:
+            raise DistillError(f"config key '{where}.global_batch_size': {self.global_batch_size} is not a multiple "
+                               f"of {where}.micro_batch_size ({self.micro_batch_size})")
+        self.loss.validate(f"{where}.loss")
 
 
 @dataclass
@@ -186,6 +409,9 @@ class SpeedConfig:
     # on CUDA (a large matrix product) and logs no MFU on CPU
     peak_tflops: float = 0.0
 
+    def validate(self, where: str = "speed") -> None:
+        _positive(f"{where}.peak_tflops", self.peak_tflops, allow_zero=True)
+
 
 @dataclass
 class ExportConfig:
@@ -196,6 +422,9 @@ class ExportConfig:
     # (its config says how much smaller); false exports dense-with-zeros
     shrink: bool = True
 
+    def validate(self, where: str = "export") -> None:
+        _positive(f"{where}.kernel_tolerance", self.kernel_tolerance)
+
 
 @dataclass
 class EvalConfig:
@@ -204,11 +433,19 @@ class EvalConfig:
     max_blocks: int = 32  # per file; 0: the whole file
     batch_size: int = 4
 
+    def validate(self, where: str = "eval") -> None:
+        _positive(f"{where}.block_size", self.block_size)
+        _positive(f"{where}.max_blocks", self.max_blocks, allow_zero=True)
+        _positive(f"{where}.batch_size", self.batch_size)
+
 
 @dataclass
 class TrackingConfig:
-    backend: str = "none"  # wandb | tensorboard | none
+    backend: TrackingBackend = TrackingBackend.NONE
     project: str = "distill"  # WANDB_PROJECT wins when set
+
+    def validate(self, where: str = "tracking") -> None:
+        pass  # every field is checked by its type
 
 
 @dataclass
@@ -228,10 +465,47 @@ class Config:
     def run_dir(self) -> Path:
         return Path(self.run.output_dir) / self.run.name
 
+    def validate(self) -> None:
+        """Every section checks itself; then the rules that tie sections together."""
+        for section in dataclasses.fields(self):
+            getattr(self, section.name).validate(section.name)
+        prune, train = self.prune, self.train
+        if train.masks.mode is MaskMode.LEARNABLE and prune.pattern is not PatternKind.NM:
+            raise DistillError(f"config key 'train.masks.mode': learnable masks choose among N:M patterns, "
+                               f"not '{prune.pattern}'")
+        per_projection = train.per_projection_features()
+        if prune.pattern in (PatternKind.MLP_CHANNELS, PatternKind.HEADS) and per_projection:
+            raise DistillError(f"config key 'train.{per_projection[0]}': not available with prune.pattern={prune.pattern} "
+                               f"(its groups span several projections); use fixed masks")
+        if train.masks.mode is MaskMode.DYNAMIC and prune.scope is Scope.GLOBAL:
+            raise DistillError("config key 'train.masks.mode': dynamic masks are re-chosen per layer; use prune.scope=layer")
+
+
+def _field_types(schema: type) -> dict[str, Any]:
+    """The resolved type of every field of a dataclass (its annotations are strings here)."""
+    return typing.get_type_hints(schema)
+
+
+def _type_at(path: str) -> Any:
+    """The schema type of a dotted config path (list indices allowed), or None when unknown."""
+    kind: Any = Config
+    for part in path.replace("[", ".").replace("]", "").split("."):
+        if part.isdigit():
+            kind = typing.get_args(kind)[0] if typing.get_args(kind) else None
+        elif dataclasses.is_dataclass(kind):
+            kind = _field_types(kind).get(part)
+        else:
+            return None
+    return kind
+
 
 def _one_line(error: OmegaConfBaseException) -> str:
-    message = str(error).splitlines()[0]
     key = getattr(error, "full_key", None)
+    kind = _type_at(key) if key else None
+    if isinstance(kind, type) and issubclass(kind, Choice):  # name the choices as they are written
+        value = getattr(error, "msg", str(error)).split("'")[1] if "'" in str(error) else "?"
+        return f"config key '{key}': '{value}' is not one of {', '.join(choice.value for choice in kind)}"
+    message = str(error).splitlines()[0]
     return f"config key '{key}': {message}" if key else f"config: {message}"
 
 
@@ -268,14 +542,13 @@ def _check_keys(raw: Any, schema: type, path: str) -> None:
     inside lists of structured configs)."""
     if not isinstance(raw, dict):
         return
-    fields = {f.name: f for f in dataclasses.fields(schema)}
+    fields = _field_types(schema)
     for key, value in raw.items():
         where = f"{path}.{key}" if path else str(key)
         if key not in fields:
             raise DistillError(f"config key '{where}': unknown key (known: {', '.join(fields)})")
-        kind = fields[key].type
-        kind = eval(kind, globals()) if isinstance(kind, str) else kind  # annotations are strings here
-        inner = getattr(kind, "__args__", (None,))[0]
+        kind = fields[key]
+        inner = (typing.get_args(kind) or (None,))[0]
         if dataclasses.is_dataclass(kind):
             _check_keys(value, kind, where)
         elif dataclasses.is_dataclass(inner) and isinstance(value, list):
@@ -284,24 +557,52 @@ def _check_keys(raw: Any, schema: type, path: str) -> None:
                 try:  # type errors, named with the item's path
                     OmegaConf.merge(OmegaConf.structured(inner), OmegaConf.create(item))
                 except OmegaConfBaseException as error:
-                    key = getattr(error, "full_key", "") or ""
-                    raise DistillError(f"config key '{where}[{index}].{key}': {str(error).splitlines()[0]}") from None
+                    error.full_key = f"{where}[{index}].{getattr(error, 'full_key', '') or ''}"
+                    raise DistillError(_one_line(error)) from None
+
+
+def _deprecated(old: str, new: str) -> None:
+    print(f"distill: config key '{old}' is deprecated, use '{new}' (the old name goes in the next release)",
+          file=sys.stderr, flush=True)
+
+
+def _upgrade_raw(raw: dict) -> dict:
+    """Move the old `train.mask_*` keys of a YAML mapping into `train.masks`, with a warning each."""
+    train = raw.get("train")
+    if not isinstance(train, dict) or not set(train) & set(DEPRECATED_MASK_KEYS):
+        return raw
+    train = dict(train)
+    masks = dict(train.get("masks") or {})
+    for old, new in DEPRECATED_MASK_KEYS.items():
+        if old in train:
+            _deprecated(f"train.{old}", f"train.masks.{new}")
+            masks.setdefault(new, train.pop(old))
+    return {**raw, "train": {**train, "masks": masks}}
+
+
+def _upgrade_override_key(key: str) -> str:
+    old = key.removeprefix("train.")
+    if key.startswith("train.") and old in DEPRECATED_MASK_KEYS:
+        _deprecated(key, f"train.masks.{DEPRECATED_MASK_KEYS[old]}")
+        return f"train.masks.{DEPRECATED_MASK_KEYS[old]}"
+    return key
 
 
 def config_from_dict(raw: dict, overrides: List[str] | None = None) -> Config:
+    raw = _upgrade_raw(raw)
     _check_keys(raw, Config, "")
     try:
         merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(raw))
         for text in overrides or []:
             key, value = _parse_override(text)
-            OmegaConf.update(merged, key, value, merge=True)
+            OmegaConf.update(merged, _upgrade_override_key(key), value, merge=True)
         missing = sorted(OmegaConf.missing_keys(merged))
         if missing:
             raise DistillError(f"config key '{missing[0]}' is required but not set")
         config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as error:
         raise DistillError(_one_line(error)) from None
-    validate(config)
+    config.validate()
     return config
 
 
@@ -318,157 +619,9 @@ def to_yaml(config: Config) -> str:
     return yaml.safe_dump(to_dict(config), sort_keys=False)
 
 
-def _choice(path: str, value: str, choices: list[str]) -> None:
-    if value not in choices:
-        raise DistillError(f"config key '{path}': '{value}' is not one of {', '.join(choices)}")
-
-
-def _positive(path: str, value: float, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise DistillError(f"config key '{path}': {value} must be {bound}")
-
-
-# the run dir's name plus what the pipeline adds beside it (`.<name>.lock`) must fit one path
-# component, which most filesystems cap at 255 bytes
-MAX_RUN_NAME_BYTES = 255 - len(".") - len(".lock")
-
-
-def _check_run_name(name: str) -> None:
-    if not name or name in (".", "..") or "/" in name or "\0" in name:
-        raise DistillError(f"config key 'run.name': {name!r} is not a directory name (no '/', not '.' or '..')")
-    if len(name.encode()) > MAX_RUN_NAME_BYTES:
-        raise DistillError(f"config key 'run.name': {len(name.encode())} bytes is longer than the "
-                           f"{MAX_RUN_NAME_BYTES} a directory name can hold here; shorten it")
-
-
 def validate(config: Config) -> None:
-    """Checks that the schema's types cannot express; each names the key it is about."""
-    _check_run_name(config.run.name)
-    _positive("run.collective_timeout_minutes", config.run.collective_timeout_minutes)
-    _choice("teacher.dtype", config.teacher.dtype, ["auto", "float32", "bfloat16", "float16"])
-    _positive("data.block_size", config.data.block_size)
-    names = [source.name for source in config.data.sources]
-    if not names:
-        raise DistillError("config key 'data.sources': at least one text source is needed")
-    if len(set(names)) != len(names):
-        raise DistillError(f"config key 'data.sources': source names must be unique, got {names}")
-    for i, source in enumerate(config.data.sources):
-        where = f"data.sources[{i}]"
-        _choice(f"{where}.kind", source.kind, ["files", "hub", "teacher"])
-        if source.kind == "files" and not source.files:
-            raise DistillError(f"config key '{where}.files': a files source needs at least one file")
-        if source.kind == "hub" and not source.dataset:
-            raise DistillError(f"config key '{where}.dataset': a hub source needs a dataset id")
-        if not 0.0 <= source.heldout_fraction <= 1.0:
-            raise DistillError(f"config key '{where}.heldout_fraction': {source.heldout_fraction} is not in [0, 1]")
-        _positive(f"{where}.max_blocks", source.max_blocks, allow_zero=True)
-        if source.kind == "teacher":
-            _positive(f"{where}.samples.num_sequences", source.samples.num_sequences)
-            _positive(f"{where}.samples.max_new_tokens", source.samples.max_new_tokens)
-            _positive(f"{where}.samples.temperature", source.samples.temperature)
-            _positive(f"{where}.samples.batch_size", source.samples.batch_size)
-    if all(source.heldout_fraction == 1.0 for source in config.data.sources):
-        raise DistillError("config key 'data.sources': every source is held out, nothing is left to train on")
-    _positive("calibration.num_blocks", config.calibration.num_blocks)
-
-    prune = config.prune
-    _choice("prune.criterion", prune.criterion, ["magnitude", "wanda", "sparsegpt", "taylor", "fisher"])
-    _choice("prune.incompatible", prune.incompatible, ["error", "dense"])
-    _choice("prune.pattern", prune.pattern, ["nm", "block", "channel", "unstructured", "mlp_channels", "heads"])
-    _choice("prune.channel_axis", prune.channel_axis, ["input", "output"])
-    _choice("prune.scope", prune.scope, ["layer", "global"])
-    _positive("prune.m", prune.m)
-    _positive("prune.n", prune.n)
-    _positive("prune.block", prune.block)
-    if prune.n >= prune.m:
-        raise DistillError(f"config key 'prune.n': N:M sparsity needs N < M, got {prune.n}:{prune.m}")
-    if not 0.0 < prune.sparsity < 1.0:
-        raise DistillError(f"config key 'prune.sparsity': {prune.sparsity} is not in (0, 1)")
-    _positive("prune.permute_sweeps", prune.permute_sweeps)
-    if prune.permute and prune.pattern != "nm":
-        raise DistillError(f"config key 'prune.permute': channel permutation serves N:M patterns, not '{prune.pattern}'")
-    if prune.criterion == "sparsegpt" and prune.pattern != "nm":
-        raise DistillError(f"config key 'prune.criterion': sparsegpt prunes N:M patterns only, not '{prune.pattern}'")
-    if prune.scope == "global" and (prune.pattern != "unstructured" or prune.criterion == "magnitude"):
-        raise DistillError("config key 'prune.scope': global needs pattern unstructured and a criterion whose "
-                           "scores compare across layers (wanda, taylor, fisher)")
-    if not prune.targets:
-        raise DistillError("config key 'prune.targets': name at least one projection to prune (\"*\" for all)")
-
-    train = config.train
-    _positive("train.steps", train.steps)
-    _positive("train.micro_batch_size", train.micro_batch_size)
-    _positive("train.global_batch_size", train.global_batch_size)
-    _positive("train.lr", train.lr)
-    _positive("train.warmup_steps", train.warmup_steps, allow_zero=True)
-    _choice("train.mask_mode", train.mask_mode, ["fixed", "dynamic", "learnable"])
-    if train.mask_mode == "learnable" and prune.pattern != "nm":
-        raise DistillError(f"config key 'train.mask_mode': learnable masks choose among N:M patterns, not '{prune.pattern}'")
-    _positive("train.mask_lr", train.mask_lr)
-    _positive("train.gumbel_temperature", train.gumbel_temperature)
-    _positive("train.mask_noise", train.mask_noise, allow_zero=True)
-    _positive("train.mask_update_every", train.mask_update_every)
-    _positive("train.refine_decay", train.refine_decay, allow_zero=True)
-    _positive("train.group_lasso", train.group_lasso, allow_zero=True)
-    if not 0.0 <= train.group_dropout < 1.0:
-        raise DistillError(f"config key 'train.group_dropout': {train.group_dropout} is not in [0, 1)")
-    _choice("train.sharding", train.sharding, ["ddp", "fsdp"])
-    # features that act on a projection's whole mask: fsdp holds a shard of it, spanning groups cross projections
-    per_projection = [key for key, used in (("mask_mode", train.mask_mode != "fixed"), ("group_lasso", train.group_lasso),
-                                            ("group_dropout", train.group_dropout)) if used]
-    if train.sharding == "fsdp" and per_projection:
-        raise DistillError(f"config key 'train.sharding': fsdp trains fixed masks only; "
-                           f"unset train.{per_projection[0]} or use ddp")
-    _positive("train.log_every", train.log_every)
-    _positive("train.eval_every", train.eval_every, allow_zero=True)
-    if train.eval_every % train.log_every:
-        raise DistillError(f"config key 'train.eval_every': {train.eval_every} is not a multiple of train.log_every "
-                           f"({train.log_every})")
-    _positive("train.checkpoint_every", train.checkpoint_every)
-    if train.checkpoint_every % train.log_every:  # a resumed run logs the same windows as an uninterrupted one
-        raise DistillError(f"config key 'train.checkpoint_every': {train.checkpoint_every} is not a multiple of "
-                           f"train.log_every ({train.log_every})")
-    _positive("train.keep_checkpoints", train.keep_checkpoints)
-    _positive("train.max_grad_norm", train.max_grad_norm, allow_zero=True)
-    if not 0.0 <= train.min_lr_ratio <= 1.0:
-        raise DistillError(f"config key 'train.min_lr_ratio': {train.min_lr_ratio} is not in [0, 1]")
-    if len(train.betas) != 2:
-        raise DistillError(f"config key 'train.betas': needs two values, got {len(train.betas)}")
-    if prune.pattern in ("mlp_channels", "heads") and per_projection:
-        raise DistillError(f"config key 'train.{per_projection[0]}': not available with prune.pattern={prune.pattern} "
-                           f"(its groups span several projections); use fixed masks")
-    if train.mask_mode == "dynamic" and prune.scope == "global":
-        raise DistillError("config key 'train.mask_mode': dynamic masks are re-chosen per layer; use prune.scope=layer")
-    if train.global_batch_size % train.micro_batch_size:
-        raise DistillError(
-            f"config key 'train.global_batch_size': {train.global_batch_size} is not a multiple of "
-            f"train.micro_batch_size ({train.micro_batch_size})"
-        )
-    loss = train.loss
-    _choice("train.loss.divergence", loss.divergence, ["forward_kl", "reverse_kl", "jsd"])
-    if not 0.0 < loss.jsd_beta < 1.0:
-        raise DistillError(f"config key 'train.loss.jsd_beta': {loss.jsd_beta} is not in (0, 1)")
-    _positive("train.loss.chunk_tokens", loss.chunk_tokens, allow_zero=True)
-    _positive("train.loss.teacher_topk", loss.teacher_topk, allow_zero=True)
-    if loss.teacher_topk and loss.temperature != 1.0:
-        raise DistillError(f"config key 'train.loss.temperature': the cached teacher (train.loss.teacher_topk) is "
-                           f"stored at temperature 1, got {loss.temperature}")
-    if loss.teacher_topk and loss.hidden_weight:
-        raise DistillError("config key 'train.loss.hidden_weight': hidden-state matching needs the live teacher; "
-                           "set train.loss.teacher_topk=0")
-    _positive("train.loss.temperature", loss.temperature)
-    _positive("train.loss.kd_weight", loss.kd_weight, allow_zero=True)
-    _positive("train.loss.lm_weight", loss.lm_weight, allow_zero=True)
-    _positive("train.loss.hidden_weight", loss.hidden_weight, allow_zero=True)
-    if loss.kd_weight == 0 and loss.lm_weight == 0 and loss.hidden_weight == 0:
-        raise DistillError("config key 'train.loss': kd_weight, lm_weight and hidden_weight are all 0, nothing to train on")
-
-    _positive("speed.peak_tflops", config.speed.peak_tflops, allow_zero=True)
-    _positive("eval.block_size", config.eval.block_size)
-    _positive("eval.max_blocks", config.eval.max_blocks, allow_zero=True)
-    _positive("eval.batch_size", config.eval.batch_size)
-    _choice("tracking.backend", config.tracking.backend, ["wandb", "tensorboard", "none"])
+    """Check a Config built in code (load_config does this itself)."""
+    config.validate()
 
 
 def check_input_paths(config: Config) -> None:

@@ -69,3 +69,24 @@ def score_models(
         if name != reference and reference in models:
             results[name]["kl"] = float(accelerator.reduce(kl[name], "sum") / positions)
     return results
+
+
+def heldout_perplexity(accelerator: Accelerator, student: nn.Module, heldout: torch.Tensor, batch_size: int,
+                       sharded_root: nn.Module | None = None) -> float:
+    """The student's perplexity on the held-out blocks (ranks share them) during training, in eval
+    mode: learnable masks take their most likely pattern and group dropout is off.
+
+    sharded_root: the FSDP root (the objective) when the student is sharded. The root owns the
+    embeddings, final norm and output projection, which it gathers only in its own forward, so they
+    are gathered here for the student's forward; its decoder layers gather themselves."""
+    student.eval()
+    try:
+        if sharded_root is not None:
+            sharded_root.unshard()
+        with accelerator.autocast():
+            return score_models({"student": student}, heldout, accelerator, batch_size, reference=None,
+                                desc="held-out", lockstep=sharded_root is not None)["student"]["ppl"]
+    finally:
+        if sharded_root is not None:
+            sharded_root.reshard()
+        student.train()

@@ -20,7 +20,8 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
 from distill import __version__
-from distill.config import Config, to_dict, to_yaml
+from distill.artifacts import MANIFEST_FILE
+from distill.config import DEPRECATED_MASK_KEYS, Config, to_dict, to_yaml
 from distill.errors import DistillError
 from distill.io import fingerprint, read_json, remove_stale_temporaries, replace_dir, write_json, write_text
 from distill.locking import RunDirLock
@@ -87,8 +88,12 @@ _LEGACY_PRECISION_KEY, _LEGACY_PRECISION_VALUES = "accelerate.mixed_precision", 
 
 def upgrade_inputs(inputs: dict) -> dict:
     """A saved inputs dict in today's keys, so a run dir from an older release still matches: the
-    precision under its own key, and input files keyed by path (`file:<path>`), not by position."""
+    precision under its own key, input files keyed by path (`file:<path>`), not by position, and the
+    mask options under `train.masks`."""
     inputs = dict(inputs)
+    for old, new in DEPRECATED_MASK_KEYS.items():
+        if f"config.train.{old}" in inputs:
+            inputs[f"config.train.masks.{new}"] = inputs.pop(f"config.train.{old}")
     if _LEGACY_PRECISION_KEY in inputs:
         old = inputs.pop(_LEGACY_PRECISION_KEY)
         inputs[PRECISION_KEY] = _LEGACY_PRECISION_VALUES.get(old, f"{old} (accelerate)")
@@ -169,7 +174,7 @@ class Pipeline:
         return inputs
 
     def manifest(self, name: str) -> dict | None:
-        path = self.run_dir / name / "manifest.json"
+        path = self.run_dir / name / MANIFEST_FILE
         if not path.is_file():
             return None
         try:
@@ -255,7 +260,7 @@ class Pipeline:
         when the launch died: complete the rename instead of running it again."""
         for name in self._names():
             partial = self._partial(name)
-            if (partial / "manifest.json").is_file():
+            if (partial / MANIFEST_FILE).is_file():
                 replace_dir(partial, self.run_dir / name)
                 (self.run_dir / name / "inputs.json").unlink(missing_ok=True)
 
@@ -285,7 +290,7 @@ class Pipeline:
             elif finished and not upstream_runs:
                 decision = Decision(stage, "skip", "", discard)
             elif name in forced:  # its manifest is not read: --from/--only also recovers a corrupt one
-                again = (self.run_dir / name / "manifest.json").is_file()
+                again = (self.run_dir / name / MANIFEST_FILE).is_file()
                 decision = Decision(stage, "running again" if again else "running", "asked for" if again else "", discard)
             elif manifest is not None:
                 reason = "; ".join(upstream_runs) or describe_changes(upgrade_inputs(manifest["inputs"]), inputs)
@@ -328,7 +333,7 @@ class Pipeline:
         seconds = time.time() - started
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            write_json(work_dir / "manifest.json", {
+            write_json(work_dir / MANIFEST_FILE, {
                 "stage": stage.name,
                 "fingerprint": stamp,
                 "inputs": inputs,

@@ -1,5 +1,5 @@
-"""FSDP2 for the distill stage (train.sharding=fsdp): the student's parameters, gradients, optimizer
-state and masks sharded over the processes with torch's `fully_shard`.
+"""FSDP2 for the distill stage (train.sharding=fsdp): the student's parameters, gradients and optimizer
+state sharded over the processes with torch's `fully_shard`.
 
 distill shards the student itself rather than through accelerate's FSDP plugin, because accelerate
 runs FSDP on GPUs only, and the same code must be testable with CPU ranks (gloo). Each decoder layer
@@ -7,10 +7,11 @@ is one FSDP unit and the DistillationObjective is the root unit, so the embeddin
 output projection that the chunked loss uses outside the decoder are gathered for the objective's
 forward.
 
-Masks shard with their weights: every rank keeps only the rows of each mask that match its shard of
-the weight. The projections then run on the weights alone (they hold zeros where pruned), and the
-masks are applied to the local gradient shards before clipping (so the gradient norm is that of
-the masked model) and to the local weight shards after each step.
+Masks need nothing of their own here: each projection's mask is a parametrization of its weight
+(distill.sparsity.masks), so FSDP shards the stored weight, gathers it for the layer's forward, and
+the mask's product runs on the gathered weight exactly as on one process. The pruned weights get
+zero gradient, so the gradient norm is the masked model's and no step moves them. The bool masks
+are buffers, whole on every rank (one byte per weight, against the bf16 weight's two, sharded).
 
 The frozen teacher's decoder layers are sharded too (each gathered for its forward and freed after
 it); its embeddings, final norm and output projection stay whole on every rank, because the chunked
@@ -34,10 +35,8 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor, distribute_tensor
 
 from distill.errors import DistillError
-from distill.sparsity import MaskedLinear, masked_modules
 from distill.targets import decoder_layers
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -65,27 +64,12 @@ def precision_policy(mixed_precision: str) -> MixedPrecisionPolicy:
     return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype else MixedPrecisionPolicy()
 
 
-def shard_objective(objective: nn.Module, student: nn.Module, mixed_precision: str) -> list[MaskedLinear]:
-    """fully_shard every decoder layer of `student`, then `objective` as the root unit (in place);
-    each mask is cut down to the rows of its weight's local shard. Returns the masked projections."""
+def shard_objective(objective: nn.Module, student: nn.Module, mixed_precision: str) -> None:
+    """fully_shard every decoder layer of `student`, then `objective` as the root unit (in place)."""
     policy = precision_policy(mixed_precision)
     for layer in _decoder_layers(student):
         fully_shard(layer, mp_policy=policy)
     fully_shard(objective, mp_policy=policy)
-    modules = [module for _, module in masked_modules(student)]
-    for module in modules:
-        local = distribute_tensor(module.mask.to(module.weight.dtype), module.weight.device_mesh,
-                                  module.weight.placements).to_local()
-        module.mask = None  # the buffer leaves the module: forward uses the (zeroed) weight alone
-        module.local_mask = local
-    return modules
-
-
-@torch.no_grad()
-def mask_local_shards_(tensors: list[torch.Tensor], modules: list[MaskedLinear]) -> None:
-    """Multiply each module's local weight or gradient shard by its local mask, in one fused call."""
-    locals_ = [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
-    torch._foreach_mul_(locals_, [module.local_mask for module in modules])
 
 
 class ShardedCheckpoint:

@@ -2,34 +2,65 @@
 
 Layout of a student dir:
   config.json         the teacher's transformers config (architecture)
-  model.safetensors   every parameter and buffer, including `<projection>.mask` (bool)
-  sparsity.json       {"n": 2, "m": 4, "masked": [module names], "dense": {name: reason}}
+  model.safetensors   every parameter and persistent buffer under its plain name, each masked
+                      projection's weight with zeros where pruned, and its mask as `<projection>.mask`
+                      (bool); tied parameters once
+  sparsity.json       distill.artifacts.SparsitySpec
+
+The file is written from the parametrized model in memory (distill.sparsity.masks) but keeps the
+names an unparametrized model has, so students saved before masks became parametrizations load
+unchanged and any safetensors reader sees plain weights.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from distill.artifacts import SparsitySpec, read_sparsity_spec, write_sparsity_spec
 from distill.errors import DistillError
-from distill.io import atomic_write, write_json
-from distill.sparsity import install_masks, masked_modules
+from distill.io import atomic_write
+from distill.sparsity.masks import install_masks, mask_rule, masked_modules, stored_weight
 from distill.targets import linearize
 
+WEIGHTS_FILE = "model.safetensors"
 
-def save_student(model: nn.Module, directory: Path, spec: dict) -> None:
+
+def plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state a student file holds: plain names, masked weights, `<projection>.mask`, each
+    tensor once (the first name of tied parameters)."""
+    masked = dict(masked_modules(model))
+    state: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, tuple]] = set()
+    for name, tensor in model.state_dict().items():
+        if ".parametrizations." in name:
+            continue  # each masked projection is written below, under its plain names
+        key = (tensor.data_ptr(), tuple(tensor.shape))
+        if key not in seen:
+            seen.add(key)
+            state[name] = tensor
+    for name, linear in masked.items():
+        mask = mask_rule(linear).mask
+        state[f"{name}.weight"] = (stored_weight(linear) * mask).detach()
+        state[f"{name}.mask"] = mask
+    return {name: tensor.detach().contiguous().cpu() for name, tensor in state.items()}
+
+
+def save_student(model: nn.Module, directory: Path, spec: SparsitySpec) -> None:
+    """Write `model` (masked projections parametrized) as a student dir; `spec.masked` is set from
+    the model."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model.config.to_json_file(directory / "config.json")
-    atomic_write(directory / "model.safetensors", lambda temp: save_model(model, str(temp)))
+    state = plain_state(model)
+    atomic_write(directory / WEIGHTS_FILE, lambda temp: save_file(state, str(temp), metadata={"format": "pt"}))
     masked = [name for name, _ in masked_modules(model)]
-    write_json(directory / "sparsity.json", {**spec, "masked": masked})
+    write_sparsity_spec(directory, SparsitySpec(spec.pattern, masked, spec.layout, spec.criterion, spec.dense))
 
 
 def nonfinite_problem(model: nn.Module, what: str) -> str | None:
@@ -47,23 +78,35 @@ def check_finite(model: nn.Module, what: str) -> None:
         raise DistillError(problem)
 
 
+def _untied_missing(model: nn.Module, missing: list[str]) -> list[str]:
+    """The missing names that are not another name of a loaded (tied) parameter."""
+    names_by_tensor: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        names_by_tensor.setdefault(id(parameter), []).append(name)
+    missing_set = set(missing)
+    return [name for name in missing
+            if all(alias in missing_set for names in names_by_tensor.values() if name in names for alias in names)]
+
+
 def load_student(directory: Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
     directory = Path(directory)
-    for required in ("config.json", "model.safetensors", "sparsity.json"):
+    for required in ("config.json", WEIGHTS_FILE):
         if not (directory / required).is_file():
             raise DistillError(f"student dir {directory} has no {required}")
-    spec = json.loads((directory / "sparsity.json").read_text())
-    config = AutoConfig.from_pretrained(directory)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    linearize(model)  # saved in the layout it trained in (distill.targets)
-    install_masks(model, {name: torch.ones(model.get_submodule(name).weight.shape, dtype=torch.bool)
-                          for name in spec["masked"]})
+    spec = read_sparsity_spec(directory)
     try:
-        missing, unexpected = load_model(model, str(directory / "model.safetensors"), strict=False)
+        state = load_file(str(directory / WEIGHTS_FILE))
     except (SafetensorError, OSError, RuntimeError) as error:
         raise DistillError(f"corrupt student weights in {directory}: {str(error).splitlines()[0]}") from None
-    if missing or unexpected:
-        raise DistillError(f"student weights in {directory} do not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    masks = {name: state.pop(f"{name}.mask", None) for name in spec.masked}
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory), dtype=dtype)
+    linearize(model)  # saved in the layout it trained in (distill.targets)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = _untied_missing(model, missing)
+    absent = [f"{name}.mask" for name, mask in masks.items() if mask is None]
+    if missing or unexpected or absent:
+        raise DistillError(f"student weights in {directory} do not match its config: missing {(missing + absent)[:3]}, "
+                           f"unexpected {unexpected[:3]}")
     model.tie_weights()
+    install_masks(model, masks)
     return model.to(device).eval()
-

@@ -13,21 +13,21 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
-from distill.config import Config, to_dict
+from distill.config import Config, TrackingBackend, to_dict
 
 RUN_ID_FILE = "wandb_run_id.txt"
 
 
 def log_with(config: Config) -> str | None:
     """The `log_with` argument for Accelerator."""
-    return None if config.tracking.backend == "none" else config.tracking.backend
+    return None if config.tracking.backend is TrackingBackend.NONE else config.tracking.backend.value
 
 
 def start_tracking(accelerator: Accelerator, config: Config, state_dir: Path) -> None:
-    if config.tracking.backend == "none":
+    if config.tracking.backend is TrackingBackend.NONE:
         return
     init_kwargs = {}
-    if config.tracking.backend == "wandb":
+    if config.tracking.backend is TrackingBackend.WANDB:
         run_id_file = Path(state_dir) / RUN_ID_FILE
         if accelerator.is_main_process and not run_id_file.is_file():
             run_id_file.write_text(secrets.token_hex(4))  # wandb run ids: short, lowercase alphanumeric

@@ -132,7 +132,7 @@ def run_pipeline(config_path: Path, *args: str, processes: int = 1, check: bool 
 
 def random_2_4_weight(n: int, k: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """A fresh random weight with a random 2:4 mask."""
-    from distill.sparsity import nm_mask
+    from distill.sparsity.masks import nm_mask
 
     weight = torch.randn(n, k)
     return (weight * nm_mask(torch.rand(n, k), 2, 4)).to(dtype)

@@ -17,11 +17,13 @@ from conftest import run_pipeline, tiny_config, write_config
 from distill.config import LossConfig, PruneConfig
 from distill.errors import DistillError
 from distill.losses import IDENTITY, chunked_distillation_loss, distillation_loss, logit_transform
-from distill.packing import load_packed, save_packed
-from distill.sparsity import install_masks, nm_mask, nm_violations, remove_masks
-from distill.stages.export import save_in_hf_layout
-from distill.stages.prune import incompatible_projections, pruning_coverage
-from distill.structured import structured_masks
+from distill.artifacts import SparsitySpec
+from distill.sparsity.packing import load_packed, save_packed
+from distill.sparsity.patterns import NM
+from distill.sparsity.masks import install_masks, nm_mask, nm_violations, remove_masks
+from distill.exporting import save_in_hf_layout
+from distill.pruning import incompatible_projections, pruning_coverage
+from distill.sparsity.structured import structured_masks
 from distill.targets import decoder_linears, linearize, target_linears
 
 
@@ -51,7 +53,7 @@ def test_each_family_exports_every_decoder_linear_2_4_loadable_by_plain_transfor
     for name, _, linear in linears:
         assert nm_violations(linear.weight, 2, 4) == 0 and float((linear.weight == 0).float().mean()) >= 0.5, name
 
-    save_packed(model, masked, 2, 4, tmp_path / "packed")
+    save_packed(model, SparsitySpec(NM(2, 4), masked), tmp_path / "packed")
     unpacked = load_packed(tmp_path / "packed")
     expected_state, actual_state = model.state_dict(), unpacked.state_dict()
     assert expected_state.keys() == actual_state.keys()

@@ -41,7 +41,11 @@ def test_demo_config_loads_and_overrides_reach_nested_keys():
     ("speed: {compile: sometimes}", [], "config key 'speed.compile'"),
     ("{}", ["train.checkpoint_every=7"], "'train.checkpoint_every': 7 is not a multiple of train.log_every (5)"),
     ("{}", ["run.collective_timeout_minutes=0"], "'run.collective_timeout_minutes': 0 must be > 0"),
-    ("{}", ["train.mask_noise=-1"], "'train.mask_noise': -1.0 must be >= 0"),
+    ("{}", ["train.masks.noise=-1"], "'train.masks.noise': -1.0 must be >= 0"),
+    ("{}", ["train.masks.mode=sometimes"], "'train.masks.mode': 'sometimes' is not one of fixed, dynamic, learnable"),
+    ("data: {sources: [{name: a, kind: web, files: [x.txt]}]}", [], "'data.sources[0].kind': 'web' is not one of files, hub, teacher"),
+    ("{}", ["prune.pattern=nm", "train.masks.mode=learnable", "prune.pattern=block"],
+     "'train.masks.mode': learnable masks choose among N:M patterns, not 'block'"),
     ("data: {sources: [{name: a, kind: files, files: [x.txt], heldout_fraction: lots}]}", [],
      "config key 'data.sources[0].heldout_fraction'"),
     ("{}", ["run.name=" + "n" * 300], "'run.name': 300 bytes is longer than the 249"),
@@ -57,6 +61,18 @@ def test_bad_config_is_one_clear_error(tmp_path, text, overrides, message):
     with pytest.raises(DistillError, match=re.escape(message)) as info:
         load_config(path, overrides)
     assert "\n" not in str(info.value)
+
+
+def test_old_mask_keys_still_work_for_one_release_with_one_line_each(tmp_path, capfd):
+    path = tmp_path / "old.yaml"
+    path.write_text(yaml.safe_dump({"data": {"sources": [{"name": "a", "kind": "files", "files": ["x.txt"]}]},
+                                    "train": {"mask_mode": "dynamic", "mask_update_every": 3}}))
+    config = load_config(path, ["train.mask_lr=0.5"])
+    assert (config.train.masks.mode, config.train.masks.update_every, config.train.masks.lr) == ("dynamic", 3, 0.5)
+    warnings = capfd.readouterr().err.splitlines()
+    assert warnings == [f"distill: config key 'train.{old}' is deprecated, use 'train.masks.{new}' (the old name goes "
+                        f"in the next release)" for old, new in [("mask_mode", "mode"), ("mask_update_every", "update_every"),
+                                                                  ("mask_lr", "lr")]]
 
 
 def test_missing_config_file():

@@ -7,11 +7,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import VALID_TEXT
 from distill.config import PROJECTIONS, PruneConfig
-from distill.criteria import gradient_saliency, sparsegpt_masks, sparsegpt_nm
+from distill.sparsity.criteria import gradient_saliency, sparsegpt_masks, sparsegpt_nm
 from distill.data import pack, tokenize_files
-from distill.sparsity import nm_mask, nm_violations
+from distill.sparsity.masks import nm_mask, nm_violations
 from distill.targets import target_linears
-from distill.stages.prune import masks_from_scores
+from distill.pruning import masks_from_scores
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,7 @@ def test_sparsegpt_handles_group_sizes_that_do_not_divide_its_column_block(n, m)
 
 
 def test_projections_that_share_an_input_are_pruned_in_one_sweep_with_the_same_result(tiny_teacher, calibration):
-    from distill.criteria import _decoder_layers, _first_layer_inputs, _shared_input_groups, sparsegpt_nm
+    from distill.sparsity.criteria import _decoder_layers, _first_layer_inputs, _shared_input_groups, sparsegpt_nm
 
     model = AutoModelForCausalLM.from_pretrained(tiny_teacher, dtype=torch.float32).eval()
     layer = _decoder_layers(model)[0]

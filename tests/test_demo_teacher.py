@@ -11,7 +11,7 @@ from distill.data import pack, tokenize_files
 from distill.evaluation import score_models
 from distill.losses import distillation_loss
 from distill.models import load_teacher, load_tokenizer
-from distill.sparsity import apply_masks_, install_masks, mask_pairs, nm_mask
+from distill.sparsity.masks import apply_masks_, install_masks, mask_pairs, nm_mask
 from distill.targets import target_linears
 
 pytestmark = pytest.mark.slow

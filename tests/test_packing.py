@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from distill.errors import DistillError
-from distill.packing import pack_nm, unpack_nm
-from distill.sparsity import nm_mask
+from distill.sparsity.packing import pack_nm, unpack_nm
+from distill.sparsity.masks import nm_mask
 
 
 @pytest.mark.parametrize("n,m,rows,cols", [(2, 4, 7, 12), (1, 4, 3, 16), (4, 8, 5, 24), (2, 4, 1, 4)])

@@ -1,14 +1,18 @@
 import pytest
 import torch
 
-from distill.patterns import Pattern, global_unstructured_masks
+from distill.config import ChannelAxis
+from distill.sparsity.patterns import NM, Blocks, Channels, HeadGroups, MLPChannels, Pattern, Unstructured, \
+    global_unstructured_masks
+
+INPUT, OUTPUT = ChannelAxis.INPUT, ChannelAxis.OUTPUT
 
 
 @pytest.mark.parametrize("pattern", [
-    Pattern("nm", n=2, m=4), Pattern("nm", n=1, m=4), Pattern("nm", n=4, m=8),
-    Pattern("block", block=4, sparsity=0.5), Pattern("block", block=8, sparsity=0.25),
-    Pattern("channel", axis="input", sparsity=0.5), Pattern("channel", axis="output", sparsity=0.75),
-    Pattern("unstructured", sparsity=0.6),
+    NM(2, 4), NM(1, 4), NM(4, 8),
+    Blocks(block=4, sparsity=0.5), Blocks(block=8, sparsity=0.25),
+    Channels(INPUT, sparsity=0.5), Channels(OUTPUT, sparsity=0.75),
+    Unstructured(sparsity=0.6),
 ])
 def test_masks_have_the_pattern_and_the_sparsity_and_keep_the_best_scores(pattern):
     torch.manual_seed(0)
@@ -16,13 +20,13 @@ def test_masks_have_the_pattern_and_the_sparsity_and_keep_the_best_scores(patter
     mask = pattern.mask(scores)
     assert mask.dtype == torch.bool and mask.shape == scores.shape
     assert pattern.violations(mask) == 0
-    expected = 1 - pattern.n / pattern.m if pattern.kind == "nm" else pattern.sparsity
+    expected = 1 - pattern.n / pattern.m if isinstance(pattern, NM) else pattern.sparsity
     assert float((~mask).float().mean()) == pytest.approx(expected, abs=1 / mask.numel())
     # what was removed scored lower, group by group, than what was kept (checked on the unit it removes)
-    if pattern.kind == "unstructured":
+    if isinstance(pattern, Unstructured):
         assert float(scores[mask].min()) >= float(scores[~mask].max())
-    if pattern.kind == "channel":
-        dim = 0 if pattern.axis == "input" else 1
+    if isinstance(pattern, Channels):
+        dim = 0 if pattern.axis is INPUT else 1
         channel_scores, channel_kept = scores.sum(dim), mask.any(dim)
         assert float(channel_scores[channel_kept].min()) >= float(channel_scores[~channel_kept].max())
 
@@ -30,16 +34,26 @@ def test_masks_have_the_pattern_and_the_sparsity_and_keep_the_best_scores(patter
 def test_violations_catch_broken_structures():
     broken = torch.ones(8, 16, dtype=torch.bool)
     broken[0, 0] = False
-    assert Pattern("nm", n=2, m=4).violations(broken) == 32  # every group keeps more than 2
-    assert Pattern("block", block=4).violations(broken) == 1
-    assert Pattern("channel", axis="input").violations(broken) == 1
-    assert Pattern("channel", axis="output").violations(broken) == 1
+    assert NM(2, 4).violations(broken) == 32  # every group keeps more than 2
+    assert Blocks(block=4).violations(broken) == 1
+    assert Channels(INPUT).violations(broken) == 1
+    assert Channels(OUTPUT).violations(broken) == 1
 
 
 def test_incompatible_shapes_are_named():
-    assert "not a multiple of 4" in Pattern("nm").incompatible((8, 18))
-    assert "8x8 block" in Pattern("block", block=8).incompatible((12, 16))
-    assert Pattern("channel").incompatible((7, 9)) is None
+    assert "not a multiple of 4" in NM().incompatible((8, 18))
+    assert "8x8 block" in Blocks(block=8).incompatible((12, 16))
+    assert Channels().incompatible((7, 9)) is None
+
+
+@pytest.mark.parametrize("pattern", [NM(1, 4), Blocks(8, 0.25), Channels(OUTPUT, 0.75), Unstructured(0.6),
+                                     MLPChannels(0.25), HeadGroups(0.5)])
+def test_a_pattern_round_trips_through_its_spec_and_old_specs_still_read(pattern):
+    assert Pattern.from_spec(pattern.to_spec()) == pattern
+    # specs written before patterns were classes carried every field of every pattern
+    old = {"kind": pattern.kind.value, "n": 2, "m": 4, "sparsity": 0.5, "block": 4, "axis": "input", "scope": "layer"}
+    old.update({key: getattr(value, "value", value) for key, value in pattern.to_spec().items()})
+    assert Pattern.from_spec(old) == pattern
 
 
 def test_global_unstructured_removes_the_fraction_over_all_layers():
@@ -51,26 +65,23 @@ def test_global_unstructured_removes_the_fraction_over_all_layers():
     assert float((~masks["b"]).float().mean()) > float((~masks["a"]).float().mean())
 
 
-@pytest.mark.parametrize("pattern", [Pattern("nm", n=2, m=4), Pattern("block", block=4), Pattern("channel", axis="input"),
-                                     Pattern("channel", axis="output"), Pattern("unstructured")])
+@pytest.mark.parametrize("pattern", [NM(2, 4), Blocks(block=4), Channels(INPUT), Channels(OUTPUT), Unstructured()])
 def test_group_norms_and_group_dropout_act_on_whole_groups(pattern):
-    from distill.patterns import group_dropout_mask, group_norms
-
     torch.manual_seed(5)
     weight = torch.randn(16, 32, dtype=torch.float64, requires_grad=True)
-    norms = group_norms(pattern, weight)
+    norms = pattern.group_norms(weight)
     assert float(norms.square().sum()) == pytest.approx(float(weight.detach().square().sum()), rel=1e-12) \
-        if pattern.kind != "unstructured" else float(norms.sum()) == pytest.approx(float(weight.detach().abs().sum()))
+        if not isinstance(pattern, Unstructured) else float(norms.sum()) == pytest.approx(float(weight.detach().abs().sum()))
     # a group that is entirely zero contributes zero and a zero (not NaN) gradient
-    dropped = group_dropout_mask(pattern, (16, 32), rate=0.5)
-    if pattern.kind == "nm":  # whole groups of m go together
+    dropped = pattern.dropout_mask((16, 32), rate=0.5)
+    if isinstance(pattern, NM):  # whole groups of m go together
         groups = dropped.reshape(16, -1, pattern.m)
         assert bool((groups.all(-1) | ~groups.any(-1)).all())
-    elif pattern.kind != "unstructured":
+    elif not isinstance(pattern, Unstructured):
         assert pattern.violations(dropped) == 0
     assert 0.3 < float(dropped.float().mean()) < 0.7
     zeroed = weight * dropped
-    group_norms(pattern, zeroed).sum().backward()
+    pattern.group_norms(zeroed).sum().backward()
     assert not torch.isnan(weight.grad).any()
     assert bool((weight.grad[~dropped] == 0).all())
 
@@ -80,15 +91,14 @@ def test_spanning_masks_remove_whole_channels_across_projections(tiny_teacher, k
     from transformers import AutoModelForCausalLM
 
     from distill.config import PROJECTIONS
-    from distill.patterns import Pattern
     from distill.targets import target_linears
-    from distill.structured import structured_masks
+    from distill.sparsity.structured import structured_masks
 
     model = AutoModelForCausalLM.from_pretrained(tiny_teacher)
     torch.manual_seed(3)
     scores = {name: torch.rand_like(linear.weight) for name, linear in target_linears(model, PROJECTIONS)}
     masks = structured_masks(model, kind, scores, 0.5)
-    pattern = Pattern(kind=kind, sparsity=0.5)
+    pattern = MLPChannels(0.5) if kind == "mlp_channels" else HeadGroups(0.5)
     parts = ("gate_proj", "up_proj", "down_proj") if kind == "mlp_channels" else ("q_proj", "k_proj", "v_proj", "o_proj")
     assert sorted({name.rsplit(".", 1)[1] for name in masks}) == sorted(parts)
     for name, mask in masks.items():

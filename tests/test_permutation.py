@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from distill.permutation import gated_mlps, kept_score, nm_channel_permutation, permute_mlp_channels
-from distill.sparsity import nm_mask
+from distill.sparsity.permutation import gated_mlps, kept_score, nm_channel_permutation, permute_mlp_channels
+from distill.sparsity.masks import nm_mask
 
 
 def test_two_groups_get_the_best_of_every_split():

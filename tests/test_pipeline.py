@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from conftest import REPO, TEST_TEXT, launch, launch_command, pipeline_processes, run_pipeline, tiny_config, write_config
-from distill.packing import load_packed
-from distill.sparsity import nm_violations
+from distill.sparsity.packing import load_packed
+from distill.sparsity.masks import nm_violations
 from distill.throughput import flops_per_token
 from wandb_offline import history
 

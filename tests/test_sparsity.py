@@ -4,8 +4,13 @@ import pytest
 import torch
 from torch import nn
 
-from distill.sparsity import (MaskedLinear, apply_masks_, install_masks, mask_pairs, masked_modules, nm_mask,
-                              nm_violations, remove_masks)
+from distill.sparsity.masks import (GroupDropout, add_weight_rule, install_masks, mask_rule, masked_modules, nm_mask,
+                                    nm_violations, remove_masks, stored_weight)
+from distill.sparsity.patterns import NM
+
+
+def mask_of(layer: nn.Linear) -> torch.Tensor:
+    return mask_rule(layer).mask
 
 
 @pytest.mark.parametrize("n,m", [(1, 4), (2, 4), (4, 8), (1, 2), (3, 8)])
@@ -35,17 +40,21 @@ def test_nm_violations_counts_dense_groups():
 
 def test_masked_linear_matches_dense_product_with_zeros_and_masks_gradients():
     torch.manual_seed(0)
-    linear = nn.Linear(16, 5)
+    linear = nn.Linear(16, 5).double()
+    dense = linear.weight.detach().clone()
     mask = nm_mask(torch.rand(5, 16), 2, 4)
-    masked = MaskedLinear.from_linear(linear, mask)
+    install_masks(nn.Sequential(linear), {"0": mask})
     x = torch.randn(3, 7, 16, dtype=torch.float64)
-    masked.double()
-    reference = x @ (linear.weight.double() * mask).T + linear.bias.double()
-    out = masked(x)
+    reference = x @ (dense * mask).T + linear.bias.detach()
+    out = linear(x)
     assert torch.allclose(out, reference, rtol=1e-12, atol=0)
     out.pow(2).sum().backward()
-    assert bool((masked.weight.grad[~mask] == 0).all())
-    assert bool((masked.weight.grad[mask] != 0).all())
+    grad = stored_weight(linear).grad
+    assert bool((grad[~mask] == 0).all())
+    assert bool((grad[mask] != 0).all())
+    # a plain nn.Linear underneath: the state dict names the stored weight and the mask of its rule
+    assert isinstance(linear, nn.Linear)
+    assert set(linear.state_dict()) == {"bias", "parametrizations.weight.original", "parametrizations.weight.0.mask"}
 
 
 def test_masked_weights_stay_exactly_zero_through_adamw_with_weight_decay():
@@ -53,18 +62,17 @@ def test_masked_weights_stay_exactly_zero_through_adamw_with_weight_decay():
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
     masks = {"0": nm_mask(torch.rand(32, 16), 2, 4), "2": nm_mask(torch.rand(8, 32), 2, 4)}
     install_masks(model, masks)
-    pairs = mask_pairs(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    before = {name: module.weight.detach().clone() for name, module in masked_modules(model)}
-    for _ in range(20):
+    before = {name: stored_weight(module).detach().clone() for name, module in masked_modules(model)}
+    for _ in range(20):  # nothing re-applies the masks: the parametrization's product alone keeps them
         loss = model(torch.randn(4, 16)).pow(2).mean()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-        apply_masks_(pairs)
     for name, module in masked_modules(model):
-        assert bool((module.weight[~module.mask] == 0).all()), name
-        assert not torch.equal(module.weight[module.mask], before[name][module.mask]), "kept weights must train"
+        mask, weight = mask_of(module), stored_weight(module)
+        assert bool((weight[~mask] == 0).all()), name
+        assert not torch.equal(weight[mask], before[name][mask]), "kept weights must train"
 
 
 def test_remove_masks_gives_plain_linears_with_the_same_function():
@@ -80,7 +88,7 @@ def test_remove_masks_gives_plain_linears_with_the_same_function():
 
 
 def test_sparse_refined_ste_passes_the_gradient_and_decays_pruned_weights():
-    from distill.sparsity import SparseRefinedSTE
+    from distill.sparsity.masks import SparseRefinedSTE
 
     torch.manual_seed(3)
     weight = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
@@ -93,105 +101,105 @@ def test_sparse_refined_ste_passes_the_gradient_and_decays_pruned_weights():
 
 
 def test_dynamic_masks_follow_the_weights_and_keep_the_pattern():
-    from distill.patterns import Pattern
-    from distill.mask_modes import DynamicMasks
+    from distill.sparsity.modes import DynamicMasks
 
     torch.manual_seed(4)
     model = nn.Sequential(nn.Linear(16, 16))
     install_masks(model, {"0": nm_mask(torch.rand(16, 16), 2, 4)})
     layer = model[0]
-    dynamic = DynamicMasks(model, Pattern("nm", n=2, m=4), every=2, decay=1e-3)
-    before = layer.mask.clone()
+    dynamic = DynamicMasks(model, NM(2, 4), every=2, decay=1e-3)
+    before = mask_of(layer).clone()
     with torch.no_grad():
-        layer.weight.copy_(torch.randn(16, 16))  # as if training had moved the dense weights
+        stored_weight(layer).copy_(torch.randn(16, 16))  # as if training had moved the dense weights
     dynamic.after_step(1)
-    assert torch.equal(layer.mask, before), "masks change only every `every` steps"
+    assert torch.equal(mask_of(layer), before), "masks change only every `every` steps"
     dynamic.after_step(2)
-    assert torch.equal(layer.mask, nm_mask(layer.weight.abs(), 2, 4))
-    assert not torch.equal(layer.mask, before)
+    assert torch.equal(mask_of(layer), nm_mask(stored_weight(layer).abs(), 2, 4))
+    assert not torch.equal(mask_of(layer), before)
     layer(torch.randn(3, 16)).sum().backward()
-    assert bool((layer.weight.grad[~layer.mask] != 0).all()), "pruned weights get gradients while dynamic"
+    assert bool((stored_weight(layer).grad[~mask_of(layer)] != 0).all()), "pruned weights get gradients while dynamic"
     dynamic.finish(model)
-    assert not layer.dynamic and bool((layer.weight[~layer.mask] == 0).all())
+    assert type(mask_rule(layer)).__name__ == "FixedMask" and bool((stored_weight(layer)[~mask_of(layer)] == 0).all())
     assert nm_violations(layer.weight.detach(), 2, 4) == 0
 
 
 def test_dynamic_masks_score_with_the_input_norms_when_given():
-    from distill.mask_modes import DynamicMasks
-    from distill.patterns import Pattern
+    from distill.sparsity.modes import DynamicMasks
 
     torch.manual_seed(5)
     model = nn.Sequential(nn.Linear(16, 8))
     install_masks(model, {"0": nm_mask(torch.rand(8, 16), 2, 4)})
     layer = model[0]
     with torch.no_grad():
-        layer.weight.copy_(torch.randn(8, 16))
+        stored_weight(layer).copy_(torch.randn(8, 16))
     norms = torch.rand(16) * 10
-    DynamicMasks(model, Pattern("nm", n=2, m=4), every=1, decay=0.0, square_sums={"0": norms**2}).after_step(1)
-    assert torch.equal(layer.mask, nm_mask(layer.weight.abs() * norms, 2, 4))
-    assert not torch.equal(layer.mask, nm_mask(layer.weight.abs(), 2, 4))
+    DynamicMasks(model, NM(2, 4), every=1, decay=0.0, square_sums={"0": norms**2}).after_step(1)
+    weight = stored_weight(layer).detach()
+    assert torch.equal(mask_of(layer), nm_mask(weight.abs() * norms, 2, 4))
+    assert not torch.equal(mask_of(layer), nm_mask(weight.abs(), 2, 4))
 
 
 def test_learnable_masks_sample_valid_patterns_and_train_their_logits():
-    from distill.patterns import Pattern
-    from distill.mask_modes import LearnableMasks
+    from distill.sparsity.modes import LearnableMasks
 
     torch.manual_seed(6)
     model = nn.Sequential(nn.Linear(16, 8))
     install_masks(model, {"0": nm_mask(torch.rand(8, 16), 2, 4)})
     layer = model[0]
-    start = layer.mask.clone()
-    learnable = LearnableMasks(model, Pattern("nm", n=2, m=4), init_logit=3.0, temperature=1.0)
-    assert layer.choice_logits.shape == (8, 4, 6)
-    learnable.after_step()
-    assert torch.equal(layer.mask, start), "initialised to the prune stage's choice"
-    sampled = layer.sampled_mask().detach()  # hard values; the straight-through sum may be off by rounding
+    start = mask_of(layer).clone()
+    learnable = LearnableMasks(model, NM(2, 4), init_logit=3.0, temperature=1.0)
+    rule = mask_rule(layer)
+    assert rule.choice_logits.shape == (8, 4, 6)
+    assert learnable.parameters() == [rule.choice_logits]
+    learnable.after_step(1)
+    assert torch.equal(mask_of(layer), start), "initialised to the prune stage's choice"
+    sampled = rule.sampled_mask().detach()  # hard values; the straight-through sum may be off by rounding
     assert torch.allclose(sampled, sampled.round(), atol=1e-6)
     assert bool((sampled.round().reshape(8, 4, 4).sum(-1) == 2).all())
     layer(torch.randn(5, 16)).pow(2).sum().backward()
-    assert layer.choice_logits.grad is not None and float(layer.choice_logits.grad.abs().sum()) > 0
+    assert rule.choice_logits.grad is not None and float(rule.choice_logits.grad.abs().sum()) > 0
     with torch.no_grad():
-        layer.choice_logits[0, 0] = torch.tensor([9.0, 0, 0, 0, 0, 0])  # candidate 0 keeps positions 0 and 1
+        rule.choice_logits[0, 0] = torch.tensor([9.0, 0, 0, 0, 0, 0])  # candidate 0 keeps positions 0 and 1
     learnable.finish(model)
-    assert layer.mask[0, :4].tolist() == [True, True, False, False]
-    assert nm_violations(layer.weight.detach(), 2, 4) == 0 and bool((layer.weight[~layer.mask] == 0).all())
-    assert "0.choice_logits" not in model.state_dict()
+    assert mask_of(layer)[0, :4].tolist() == [True, True, False, False]
+    assert nm_violations(layer.weight.detach(), 2, 4) == 0 and bool((stored_weight(layer)[~mask_of(layer)] == 0).all())
+    assert not any("choice_logits" in key for key in model.state_dict())
 
 
 def test_learnable_mask_noise_redraws_the_expected_share_of_groups_and_anneals_to_none():
     """At full noise a group whose chosen candidate leads by 3.0 is redrawn with probability
     5 / (e^3 + 5) (2:4 has 6 candidates); the noise falls linearly, and at the last step every
     group takes its most likely candidate, the mask that will be exported."""
-    from distill.patterns import Pattern
-    from distill.mask_modes import LearnableMasks
+    from distill.sparsity.modes import LearnableMasks
 
     torch.manual_seed(9)
     model = nn.Sequential(nn.Linear(512, 64))
     install_masks(model, {"0": nm_mask(torch.rand(64, 512), 2, 4)})
     layer = model[0]
-    learnable = LearnableMasks(model, Pattern("nm", n=2, m=4), init_logit=3.0, temperature=1.0, noise=1.0)
-    groups = layer.mask.numel() // 4
+    learnable = LearnableMasks(model, NM(2, 4), init_logit=3.0, temperature=1.0, noise=1.0)
+    rule = mask_rule(layer)
+    groups = rule.mask.numel() // 4
 
     def redrawn_share() -> float:
-        sampled = layer.sampled_mask().detach().round().bool()
-        return float((sampled != layer.mask).reshape(groups, 4).any(-1).float().mean())
+        sampled = rule.sampled_mask().detach().round().bool()
+        return float((sampled != rule.mask).reshape(groups, 4).any(-1).float().mean())
 
     expected = 5 / (math.exp(3.0) + 5)
-    assert layer.gumbel_noise == 1.0, "full noise from the start, before any anneal"
-    learnable.anneal(0, 101)
+    assert rule.noise == 1.0, "full noise from the start, before any anneal"
+    learnable.before_step(0, 101)
     assert redrawn_share() == pytest.approx(expected, abs=0.02)  # 8192 groups: ~5 standard deviations
-    learnable.anneal(50, 101)
-    assert layer.gumbel_noise == 0.5 and redrawn_share() < expected / 2
-    learnable.anneal(100, 101)  # the last of 101 steps
-    assert layer.gumbel_noise == 0.0 and redrawn_share() == 0.0
+    learnable.before_step(50, 101)
+    assert rule.noise == 0.5 and redrawn_share() < expected / 2
+    learnable.before_step(100, 101)  # the last of 101 steps
+    assert rule.noise == 0.0 and redrawn_share() == 0.0
 
 
 def test_moving_masks_start_from_the_teachers_values_under_pruned_positions(tiny_teacher):
     from transformers import AutoModelForCausalLM
 
     from distill.config import PROJECTIONS
-    from distill.mask_modes import revive_pruned_weights
-    from distill.sparsity import install_masks, masked_modules, nm_mask
+    from distill.sparsity.modes import revive_pruned_weights
+    from distill.sparsity.masks import install_masks, masked_modules, nm_mask
     from distill.targets import target_linears
 
     teacher = AutoModelForCausalLM.from_pretrained(tiny_teacher).eval()
@@ -200,13 +208,46 @@ def test_moving_masks_start_from_the_teachers_values_under_pruned_positions(tiny
     ids = torch.randint(0, teacher.config.vocab_size, (2, 12))
     with torch.no_grad():
         before = student(input_ids=ids).logits
-    kept = {name: module.weight[module.mask].clone() for name, module in masked_modules(student)}
+    kept = {name: stored_weight(module)[mask_of(module)].clone() for name, module in masked_modules(student)}
     revived = revive_pruned_weights(student, teacher)
-    assert revived == sum(int((~module.mask).sum()) for _, module in masked_modules(student)) > 0
+    assert revived == sum(int((~mask_of(module)).sum()) for _, module in masked_modules(student)) > 0
     for name, module in masked_modules(student):
-        dense = teacher.get_submodule(name).weight
-        assert torch.equal(module.weight[~module.mask], dense[~module.mask]), name
-        assert torch.equal(module.weight[module.mask], kept[name]), name
-        assert bool((module.weight[~module.mask] != 0).any()), name
+        dense, weight, mask = teacher.get_submodule(name).weight, stored_weight(module), mask_of(module)
+        assert torch.equal(weight[~mask], dense[~mask]), name
+        assert torch.equal(weight[mask], kept[name]), name
+        assert bool((weight[~mask] != 0).any()), name
     with torch.no_grad():
         assert torch.equal(student(input_ids=ids).logits, before), "the masked function is unchanged"
+
+
+def test_group_dropout_stacks_after_the_mask_and_is_off_in_eval():
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Linear(32, 16))
+    mask = nm_mask(torch.rand(16, 32), 2, 4)
+    install_masks(model, {"0": mask})
+    layer = model[0]
+    add_weight_rule(layer, GroupDropout(lambda shape, device: NM(2, 4).dropout_mask(shape, 0.5, device), 0.5))
+    masked = stored_weight(layer).detach() * mask
+    dropped = layer.weight.detach()  # training: whole groups of 4 zero, the rest scaled by 2
+    nonzero, kept = (dropped != 0).reshape(16, 8, 4), mask.reshape(16, 8, 4)
+    assert bool(((nonzero == kept).all(-1) | ~nonzero.any(-1)).all()), "groups are dropped whole"
+    assert torch.allclose(dropped[dropped != 0], 2 * masked[dropped != 0])
+    assert 0.3 < float((dropped != 0).sum() / (masked != 0).sum()) < 0.7
+    model.eval()
+    assert torch.equal(layer.weight.detach(), masked), "eval sees the mask alone"
+    from distill.sparsity.modes import FixedMasks
+
+    FixedMasks(model).finish(model)  # leaves the plain fixed mask
+    assert len(layer.parametrizations.weight) == 1
+
+
+def test_plain_parameters_list_each_weight_before_its_bias_as_the_unmasked_model_does():
+    from distill.sparsity.masks import plain_parameters
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 4))
+    names = {id(p): name for name, p in model.named_parameters()}
+    expected = [names[id(p)] for p in model.parameters()]
+    install_masks(model, {"0": nm_mask(torch.rand(8, 8), 2, 4), "2": nm_mask(torch.rand(4, 8), 2, 4)})
+    plain = {id(stored_weight(model[0])): "0.weight", id(stored_weight(model[2])): "2.weight"}
+    plain.update({id(p): name for name, p in model.named_parameters() if "parametrizations" not in name})
+    assert [plain[id(p)] for p in plain_parameters(model)] == expected

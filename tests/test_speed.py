@@ -12,11 +12,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from distill.config import PROJECTIONS, LossConfig, SpeedConfig
-from distill.patterns import Pattern
-from distill.sparsity import install_masks, nm_mask
+from distill.sparsity.patterns import NM
+from distill.sparsity.masks import install_masks, nm_mask
 from distill.targets import target_linears
 from distill.objective import DistillationObjective, teacher_outputs
-from distill.stages.train import speed_up
+from distill.training import speed_up
 from distill.throughput import flops_per_token, matmul_parameter_count, parameter_count
 
 
@@ -39,7 +39,7 @@ def teacher_and_student(tiny_teacher):
 def loss_and_gradients(teacher, student, input_ids, loss: LossConfig):
     """The step's loss, every gradient, and the bytes of activations ([batch, positions, ...] tensors)
     autograd saved for backward in the forward."""
-    objective = DistillationObjective(student, loss, Pattern(kind="nm", n=2, m=4))
+    objective = DistillationObjective(student, loss, NM(2, 4))
     student.zero_grad(set_to_none=True)
     with torch.no_grad():
         teacher_out = teacher_outputs(teacher, input_ids, loss)

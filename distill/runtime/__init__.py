@@ -15,13 +15,13 @@ is testable anywhere.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from distill.packing import load_packed
+from distill.artifacts import read_sparsity_spec
+from distill.sparsity.packing import load_packed
 from distill.runtime.dispatch import CrossoverTable
 from distill.runtime.linear import Sparse24Linear, sparsify
 
@@ -31,13 +31,13 @@ __all__ = ["CrossoverTable", "Sparse24Linear", "load_sparse_model", "sparsify"]
 def load_sparse_model(packed_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                       table: str | Path | CrossoverTable | None = None, allow_dense: bool = False) -> nn.Module:
     """The packed export as a Hugging Face model whose 2:4 projections are Sparse24Linear."""
-    spec = json.loads((Path(packed_dir) / "sparsity.json").read_text())
-    if (spec["n"], spec["m"]) != (2, 4):
-        raise ValueError(f"{packed_dir} is {spec['n']}:{spec['m']} sparse; the runtime runs 2:4 only")
+    spec = read_sparsity_spec(Path(packed_dir))
+    if not spec.pattern.accelerated:
+        raise ValueError(f"{packed_dir} is {spec.pattern.describe()} sparse; the runtime runs 2:4 only")
     if not isinstance(table, CrossoverTable):
         table = CrossoverTable.load(Path(table)) if table else CrossoverTable()
     model = load_packed(packed_dir, dtype=dtype).to(device).eval()
-    sparsify(model, spec["masked"], table, allow_dense=allow_dense)
+    sparsify(model, spec.masked, table, allow_dense=allow_dense)
     if model.device.type == "cuda":
         for module in model.modules():
             if isinstance(module, Sparse24Linear):

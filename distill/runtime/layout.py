@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from distill.errors import DistillError
-from distill.packing import full_groups_mask, pack_nm, unpack_nm
+from distill.sparsity.packing import full_groups_mask, pack_nm, unpack_nm
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 META_VALUES_PER_WORD = 16

@@ -7,7 +7,6 @@ is KL(teacher || model) per token in nats at temperature 1, and ppl uses non-ove
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -15,20 +14,18 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from distill.data import pack, tokenize_files
 from distill.evaluation import score_models
-from distill.io import load_tensors, write_json, write_text
+from distill.io import write_json, write_text
 from distill.models import load_teacher
 from distill.pipeline import StageContext
-from distill.sparsity import masked_modules
-from distill.artifacts import DATA_FILE, METRICS_FILE, STUDENT_DIR
+from distill.artifacts import STUDENT_DIR, read_metrics, read_summary, read_token_blocks
+from distill.sparsity.masks import masked_modules, masked_weight
 from distill.student import load_student
 
 MODELS = ("teacher", "oneshot", "student")
 
 
 def eval_sets(ctx: StageContext, tokenizer) -> dict[str, torch.Tensor]:
-    data = load_tensors(ctx.stage_dir("teacher") / DATA_FILE)
-    sets = {key.removeprefix("heldout."): blocks.long() for key, blocks in data.items()
-            if key.startswith("heldout.") and len(blocks)}
+    sets = read_token_blocks(ctx.stage_dir("teacher")).heldout_sets()
     for path in ctx.config.eval.files:
         with ctx.accelerator.main_process_first():
             blocks = pack(tokenize_files([path], tokenizer), ctx.config.eval.block_size)
@@ -45,12 +42,11 @@ def layer_table(teacher: torch.nn.Module, oneshot: torch.nn.Module, student: tor
     students = dict(masked_modules(student))
     for name, module in masked_modules(oneshot):
         dense = teacher.get_submodule(name).weight.float().cpu()
-        trained = students[name]
-        weight = (trained.weight * trained.mask).float().cpu()
+        weight = masked_weight(students[name]).float().cpu()
         rows.append({
             "name": name,
             "sparsity": float((weight == 0).float().mean()),
-            "oneshot_weight_error": float(((module.weight * module.mask).float().cpu() - dense).norm() / dense.norm()),
+            "oneshot_weight_error": float((masked_weight(module).float().cpu() - dense).norm() / dense.norm()),
             "student_weight_error": float((weight - dense).norm() / dense.norm()),
         })
     return rows
@@ -77,8 +73,8 @@ def run(ctx: StageContext) -> dict:
 
     trained = load_student(ctx.stage_dir("distill") / STUDENT_DIR)
     layers = layer_table(teacher, oneshot, trained)
-    export = json.loads((ctx.stage_dir("export") / "manifest.json").read_text())["summary"]
-    coverage = json.loads((ctx.stage_dir("prune") / "manifest.json").read_text())["summary"].get("coverage")
+    export = read_summary(ctx.stage_dir("export"))
+    coverage = read_summary(ctx.stage_dir("prune")).get("coverage")
     report = {
         "sources": sources,
         "export": export,
@@ -98,9 +94,7 @@ def run(ctx: StageContext) -> dict:
 
 
 def _training_history(ctx: StageContext) -> list[dict]:
-    path = ctx.stage_dir("distill") / METRICS_FILE
-    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
-    return [row for row in rows if "loss" in row]  # a window whose every step was skipped has none
+    return [row for row in read_metrics(ctx.stage_dir("distill")) if "loss" in row]  # a window whose every step was skipped has none
 
 
 def _table(sources: dict) -> str:

@@ -9,18 +9,18 @@ from __future__ import annotations
 
 import torch
 
-from distill.artifacts import CALIBRATION_FILE, DATA_FILE
+from distill.artifacts import TokenBlocks, write_calibration, write_token_blocks
 from distill.calibration import calibration_blocks, input_square_sums
 from distill.data import pack, sample_from_teacher, split_blocks, tokenize_files, tokenize_hub_dataset
 from distill.evaluation import score_models
-from distill.io import save_tensors
 from distill.models import load_teacher, load_tokenizer
+from distill.config import SourceKind
 from distill.pipeline import StageContext
 
 
 
 def source_files(config) -> list[str]:
-    return [path for source in config.data.sources if source.kind == "files" for path in source.files]
+    return [path for source in config.data.sources if source.kind is SourceKind.FILES for path in source.files]
 
 
 def run(ctx: StageContext) -> dict:
@@ -31,11 +31,11 @@ def run(ctx: StageContext) -> dict:
 
     train_parts, heldout, counts = [], {}, {}
     for source in config.data.sources:
-        if source.kind == "teacher":
+        if source.kind is SourceKind.TEACHER:
             tokens = sample_from_teacher(teacher, tokenizer, source.samples, config.run.seed, accelerator)
         else:
             with accelerator.main_process_first():  # datasets caches the tokenized text once
-                tokens = (tokenize_files(source.files, tokenizer, source.text_field) if source.kind == "files"
+                tokens = (tokenize_files(source.files, tokenizer, source.text_field) if source.kind is SourceKind.FILES
                           else tokenize_hub_dataset(source, tokenizer))
         blocks = split_blocks(pack(tokens, config.data.block_size), source, config.data.max_heldout_blocks)
         train_parts.append(blocks.train)
@@ -56,9 +56,7 @@ def run(ctx: StageContext) -> dict:
             ctx.log(f"[teacher] perplexity on held-out '{name}': {teacher_ppl[name]:.2f}")
 
     if accelerator.is_main_process:
-        tensors = {"train": train.to(torch.int32)}
-        tensors.update({f"heldout.{name}": blocks.to(torch.int32) for name, blocks in heldout.items()})
-        save_tensors(ctx.work_dir / DATA_FILE, tensors)
-        save_tensors(ctx.work_dir / CALIBRATION_FILE, statistics)
+        write_token_blocks(ctx.work_dir, TokenBlocks(train, heldout))
+        write_calibration(ctx.work_dir, statistics)
         tokenizer.save_pretrained(ctx.work_dir / "tokenizer")
     return {"sources": counts, "train_blocks": len(train), "calibration_blocks": len(calibration), "teacher_ppl": teacher_ppl}

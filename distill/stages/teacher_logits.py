@@ -17,11 +17,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from distill.errors import DistillError
-from distill.io import load_tensors, save_tensors
 from distill.losses import TopK, logit_transform
 from distill.models import load_teacher
 from distill.pipeline import StageContext
-from distill.artifacts import DATA_FILE, TOPK_FILE
+from distill.artifacts import read_token_blocks, write_teacher_topk
 
 
 
@@ -62,11 +61,11 @@ def run(ctx: StageContext) -> dict:
     k = config.train.loss.teacher_topk
     if not k:
         return {"teacher_topk": 0}
-    blocks = load_tensors(ctx.stage_dir("teacher") / DATA_FILE)["train"].long()
+    blocks = read_token_blocks(ctx.stage_dir("teacher")).train
     teacher = load_teacher(config.teacher, accelerator.device)
     cached = teacher_topk(teacher, blocks, k, config.train.micro_batch_size, accelerator)
     if accelerator.is_main_process:
-        save_tensors(ctx.work_dir / TOPK_FILE, {"logp": cached.logp, "index": cached.index})
+        write_teacher_topk(ctx.work_dir, cached)
         covered = float(cached.logp.float().exp().sum(-1).mean())
         ctx.log(f"[teacher_logits] top-{k} of {len(blocks)} blocks cached; they hold {covered:.1%} of the "
                 f"teacher's probability on average")

@@ -68,7 +68,7 @@ def test_static_cache_generate_runs_the_sparse_model_in_cuda_graphs():
 
     from distill.config import PROJECTIONS
     from distill.runtime import sparsify
-    from distill.sparsity import nm_mask
+    from distill.sparsity.masks import nm_mask
     from distill.targets import target_linears
 
     torch.manual_seed(0)

@@ -6,9 +6,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from distill.errors import DistillError
-from distill.packing import save_packed
+from distill.artifacts import SparsitySpec
+from distill.sparsity.packing import save_packed
+from distill.sparsity.patterns import NM
 from distill.runtime import CrossoverTable, Sparse24Linear, load_sparse_model, sparsify
-from distill.sparsity import install_masks, nm_mask, remove_masks
+from distill.sparsity.masks import install_masks, nm_mask, remove_masks
 from distill.targets import target_linears
 from distill.config import PROJECTIONS
 
@@ -19,7 +21,7 @@ def packed_student(tmp_path_factory, tiny_teacher):
     masks = {name: nm_mask(linear.weight.abs(), 2, 4) for name, linear in target_linears(model, PROJECTIONS)}
     dense = remove_masks(install_masks(model, masks))
     directory = tmp_path_factory.mktemp("packed")
-    save_packed(dense, sorted(masks), 2, 4, directory)
+    save_packed(dense, SparsitySpec(NM(2, 4), sorted(masks)), directory)
     return directory, dense.eval(), sorted(masks)
 
 

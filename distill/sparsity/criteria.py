@@ -19,15 +19,17 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 from torch import nn
 
+from distill.config import Criterion
 from distill.errors import DistillError
 from distill.losses import next_token_loss
-from distill.sparsity import nm_mask
+from distill.sparsity.masks import nm_mask
 from distill.targets import decoder_layers, target_linears
 
 
 def gradient_saliency(model: nn.Module, blocks: torch.Tensor, targets: Sequence[str], accelerator: Accelerator,
                       kind: str, batch_size: int = 4, exclude: Sequence[str] = ()) -> dict[str, torch.Tensor]:
-    """{projection name: saliency [out, in]} for kind 'taylor' or 'fisher'."""
+    """{projection name: saliency [out, in]} for kind taylor or fisher (a Criterion)."""
+    kind = Criterion(kind)
     linears = dict(target_linears(model, targets, exclude))
     sums = {name: torch.zeros_like(linear.weight, dtype=torch.float32) for name, linear in linears.items()}
     model.requires_grad_(False)
@@ -40,7 +42,7 @@ def gradient_saliency(model: nn.Module, blocks: torch.Tensor, targets: Sequence[
         grads = torch.autograd.grad(loss, [linear.weight for linear in linears.values()])
         for (name, linear), grad in zip(linears.items(), grads):
             weight, grad = linear.weight.detach().float(), grad.float()
-            sums[name] += (weight * grad).abs() if kind == "taylor" else grad.square() * weight.square()
+            sums[name] += (weight * grad).abs() if kind is Criterion.TAYLOR else grad.square() * weight.square()
     model.requires_grad_(False)
     return {name: accelerator.reduce(total, "sum") for name, total in sums.items()}
 

@@ -10,18 +10,19 @@ into 2-bit fields for its kernel (distill.runtime.layout).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from distill.artifacts import Layout, SparsitySpec, read_sparsity_spec, write_sparsity_spec
 from distill.errors import DistillError
-from distill.io import load_tensors, save_tensors, write_json
+from distill.io import load_tensors, save_tensors
+from distill.sparsity.patterns import NM
 from distill.targets import linearize
 
-FORMAT = "distill.nm_packed.v1"
+FORMAT = f"distill.{Layout.PACKED.value}"  # the tensors file's metadata
 
 
 def pack_nm(weight: torch.Tensor, mask: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,8 +44,12 @@ def unpack_nm(values: torch.Tensor, indices: torch.Tensor, n: int, m: int) -> to
     return dense.reshape(rows, groups * m)
 
 
-def save_packed(model: nn.Module, masked: list[str], n: int, m: int, directory: Path) -> None:
-    """Write `model` (dense weights with zeros where pruned) in packed form: config, tensors, spec."""
+def save_packed(model: nn.Module, spec: SparsitySpec, directory: Path) -> None:
+    """Write `model` (dense weights with zeros where pruned) in packed form: config, tensors, spec.
+    `spec.pattern` must be N:M; `spec.masked` names the projections to pack."""
+    if not isinstance(spec.pattern, NM):
+        raise DistillError(f"the packed format holds N:M patterns, not {spec.pattern.describe()}")
+    n, m, masked = spec.pattern.n, spec.pattern.m, spec.masked
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     weights = {f"{name}.weight" for name in masked}
@@ -59,7 +64,7 @@ def save_packed(model: nn.Module, masked: list[str], n: int, m: int, directory: 
             tensors[name] = tensor.detach()
     model.config.to_json_file(directory / "config.json")
     save_tensors(directory / "model.safetensors", tensors, metadata={"format": FORMAT})
-    write_json(directory / "sparsity.json", {"format": FORMAT, "n": n, "m": m, "masked": masked})
+    write_sparsity_spec(directory, SparsitySpec(spec.pattern, list(masked), Layout.PACKED, spec.criterion, spec.dense))
 
 
 def full_groups_mask(nonzero: torch.Tensor, n: int, m: int, name: str = "weight") -> torch.Tensor:
@@ -80,16 +85,13 @@ def full_groups_mask(nonzero: torch.Tensor, n: int, m: int, name: str = "weight"
 def load_packed(directory: Path, dtype: torch.dtype | None = None) -> nn.Module:
     """Rebuild the dense-with-zeros Hugging Face model from its packed form (the exact CPU path)."""
     directory = Path(directory)
-    spec_path = directory / "sparsity.json"
-    if not spec_path.is_file():
-        raise DistillError(f"{directory} is not a packed export (no sparsity.json)")
-    spec = json.loads(spec_path.read_text())
-    if spec.get("format") != FORMAT:
-        raise DistillError(f"{directory}: unknown packed format {spec.get('format')!r}, expected {FORMAT}")
+    spec = read_sparsity_spec(directory)
+    if spec.layout is not Layout.PACKED:
+        raise DistillError(f"{directory} is not a packed export (its layout is {spec.layout})")
     tensors = load_tensors(directory / "model.safetensors")
-    n, m = spec["n"], spec["m"]
+    n, m = spec.pattern.n, spec.pattern.m
     state = {}
-    for name in spec["masked"]:
+    for name in spec.masked:
         state[f"{name}.weight"] = unpack_nm(tensors.pop(f"{name}.values"), tensors.pop(f"{name}.indices"), n, m)
     state.update(tensors)
     config = AutoConfig.from_pretrained(directory)
