@@ -9,7 +9,7 @@ from accelerate import Accelerator, PartialState
 from accelerate.utils import (DistributedDataParallelKwargs, DistributedType, ProjectConfiguration, gather_object,
                               parse_flag_from_env)
 
-from distill.config import Config
+from distill.config import Config, Sharding
 from distill.errors import DistillError
 from distill.precision import PrecisionChoice, choose_precision
 from distill.tracking import log_with
@@ -32,7 +32,7 @@ def build_accelerator(config: Config) -> tuple[Accelerator, PrecisionChoice]:
         # masks are identical on every rank: no need to broadcast buffers each forward
         kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
     )
-    if config.train.sharding == "fsdp" and accelerator.num_processes < 2:
+    if config.train.sharding is Sharding.FSDP and accelerator.num_processes < 2:
         raise DistillError("config key 'train.sharding': fsdp shards over processes; launch at least 2 "
                            "(launch.sh --num-processes N)")
     if accelerator.distributed_type == DistributedType.FSDP:

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-
 from accelerate import Accelerator
+from safetensors import safe_open
 
 from distill.errors import DistillError
 from distill.io import read_json, write_failure, write_json
@@ -66,7 +66,24 @@ def save_checkpoint(accelerator: Accelerator, root: Path, step: int, keep: int,
     accelerator.wait_for_everyone()
 
 
+def _masks_as_buffers(path: Path) -> bool:
+    """Whether the checkpoint's model was saved before masks became weight parametrizations
+    (distill.sparsity.masks): projections with a `.mask` buffer beside a plain `.weight`."""
+    weights = path / "model.safetensors"
+    if not weights.is_file():
+        return False
+    try:
+        with safe_open(str(weights), "pt") as handle:
+            keys = list(handle.keys())
+    except Exception:  # unreadable: load_state names the problem
+        return False
+    return any(key.endswith(".mask") for key in keys) and not any(".parametrizations." in key for key in keys)
+
+
 def load_checkpoint(accelerator: Accelerator, path: Path, sharded: ShardedCheckpoint | None = None) -> None:
+    if _masks_as_buffers(path):
+        raise DistillError(f"checkpoint {path} was written by an older distill (masks as buffers), which this one "
+                           f"cannot resume")
     try:
         accelerator.load_state(str(path))
         if sharded is not None:

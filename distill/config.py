@@ -224,9 +224,13 @@ class DataConfig:
 @dataclass
 class CalibrationConfig:
     num_blocks: int = 32  # training blocks the teacher sees to gather activation statistics
+    # blocks per teacher forward in the teacher stage (statistics, held-out perplexity); before this
+    # key existed the stage used 4, which run dirs of that time are read as (distill.pipeline)
+    batch_size: int = 4
 
     def validate(self, where: str = "calibration") -> None:
         _positive(f"{where}.num_blocks", self.num_blocks)
+        _positive(f"{where}.batch_size", self.batch_size)
 
 
 @dataclass

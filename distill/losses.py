@@ -24,13 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from distill.config import LossConfig
+from distill.config import Divergence, LossConfig
 from distill.errors import DistillError
 
 IGNORE = -100
 
 
-def divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str, temperature: float,
+def divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: Divergence | str, temperature: float,
                beta: float = 0.5) -> torch.Tensor:
     """Per-position divergence [rows] between teacher and student at `temperature`, times T^2
     (which keeps gradient magnitudes comparable across temperatures, Hinton et al. 2015).
@@ -38,18 +38,17 @@ def divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind:
     forward_kl: KL(teacher || student)   reverse_kl: KL(student || teacher)
     jsd:        beta * KL(teacher || mix) + (1 - beta) * KL(student || mix), mix = beta*teacher + (1-beta)*student
     """
+    kind = Divergence(kind)
     student_logp = F.log_softmax(student_logits.float() / temperature, dim=-1)
     teacher_logp = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    if kind == "forward_kl":
+    if kind is Divergence.FORWARD_KL:
         value = (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)
-    elif kind == "reverse_kl":
+    elif kind is Divergence.REVERSE_KL:
         value = (student_logp.exp() * (student_logp - teacher_logp)).sum(-1)
-    elif kind == "jsd":
+    else:  # Divergence.JSD
         mix_logp = torch.logsumexp(torch.stack([teacher_logp + math.log(beta), student_logp + math.log(1 - beta)]), dim=0)
         value = (beta * (teacher_logp.exp() * (teacher_logp - mix_logp)).sum(-1)
                  + (1 - beta) * (student_logp.exp() * (student_logp - mix_logp)).sum(-1))
-    else:
-        raise ValueError(f"unknown divergence '{kind}'")
     return value * temperature**2
 
 
@@ -132,7 +131,7 @@ def topk_divergence(student_logits: torch.Tensor, teacher: TopK, kind: str, beta
 def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """T^2 * KL(softmax(teacher / T) || softmax(student / T)), averaged over positions."""
     vocab = student_logits.shape[-1]
-    return divergence(student_logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab), "forward_kl", temperature).mean()
+    return divergence(student_logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab), Divergence.FORWARD_KL, temperature).mean()
 
 
 def next_token_targets(input_ids: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from distill.config import TeacherConfig
+from distill.config import TeacherConfig, TeacherDtype
 from distill.errors import DistillError
 from distill.io import replace_dir, sha256_file
 from distill.targets import linearize
@@ -105,9 +105,9 @@ def teacher_files(config: TeacherConfig) -> list[str]:
 
 
 def teacher_dtype(config: TeacherConfig, device: torch.device) -> torch.dtype:
-    if config.dtype == "auto":
+    if config.dtype is TeacherDtype.AUTO:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, config.dtype)
+    return getattr(torch, config.dtype.value)
 
 
 # what transformers raises for missing, truncated or malformed model files: OSError (missing),

@@ -24,16 +24,21 @@ from distill.artifacts import MANIFEST_FILE
 from distill.config import DEPRECATED_MASK_KEYS, Config, to_dict, to_yaml
 from distill.errors import DistillError
 from distill.io import fingerprint, read_json, remove_stale_temporaries, replace_dir, write_json, write_text
+from distill.config_view import UNFINGERPRINTED, ConfigView
 from distill.locking import RunDirLock
 from distill.precision import Precision
+from distill.tracking import start_tracking
 
 
 @dataclass
 class StageContext:
-    config: Config
+    # what the stage may read of the config: the keys its fingerprint covers, directly or through the
+    # stages it reads from (distill.config_view)
+    config: ConfigView
     accelerator: Accelerator
     run_dir: Path
     work_dir: Path  # where the running stage writes (renamed to the stage dir when it finishes)
+    full_config: Config | None = field(default=None, repr=False)  # for the trackers' record of the run only
 
     def stage_dir(self, name: str) -> Path:
         """The finished output of an upstream stage."""
@@ -47,6 +52,10 @@ class StageContext:
 
     def log(self, message: str) -> None:
         self.accelerator.print(message, flush=True)
+
+    def start_tracking(self) -> None:
+        """Start the configured trackers (wandb, tensorboard), which record the whole config."""
+        start_tracking(self.accelerator, self.full_config, self.work_dir)
 
 
 @dataclass
@@ -82,6 +91,8 @@ def _select(config: Config, keys: tuple[str, ...]) -> dict:
 
 
 PRECISION_KEY = "precision"
+# fingerprinted keys added after run dirs existed, with the value that matches what those runs did
+KEYS_ADDED_SINCE = {"config.calibration.batch_size": 4}
 # run dirs made before distill.precision recorded accelerate's setting under this key
 _LEGACY_PRECISION_KEY, _LEGACY_PRECISION_VALUES = "accelerate.mixed_precision", {"bf16": "bf16", "no": "fp32"}
 
@@ -94,6 +105,10 @@ def upgrade_inputs(inputs: dict) -> dict:
     for old, new in DEPRECATED_MASK_KEYS.items():
         if f"config.train.{old}" in inputs:
             inputs[f"config.train.masks.{new}"] = inputs.pop(f"config.train.{old}")
+    for key, value in KEYS_ADDED_SINCE.items():  # a stage that fingerprints the key's section, saved before it
+        section = key.rsplit(".", 1)[0] + "."
+        if key not in inputs and any(name.startswith(section) for name in inputs):
+            inputs[key] = value
     if _LEGACY_PRECISION_KEY in inputs:
         old = inputs.pop(_LEGACY_PRECISION_KEY)
         inputs[PRECISION_KEY] = _LEGACY_PRECISION_VALUES.get(old, f"{old} (accelerate)")
@@ -172,6 +187,20 @@ class Pipeline:
             inputs[PRECISION_KEY] = self.precision
         inputs["distill.version"] = __version__
         return inputs
+
+    def readable_keys(self, stage: Stage) -> tuple[str, ...]:
+        """The config keys `stage` may read: its own, those of every stage it reads from (a change
+        there runs that stage again, and so this one), and the unfingerprinted ones."""
+        by_name = {candidate.name: candidate for candidate in self.stages}
+        keys, pending, seen = list(stage.config_keys), list(stage.upstream), set()
+        while pending:
+            name = pending.pop()
+            if name in seen or name not in by_name:
+                continue
+            seen.add(name)
+            keys.extend(by_name[name].config_keys)
+            pending.extend(by_name[name].upstream)
+        return tuple(dict.fromkeys(keys + list(UNFINGERPRINTED)))
 
     def manifest(self, name: str) -> dict | None:
         path = self.run_dir / name / MANIFEST_FILE
@@ -328,7 +357,8 @@ class Pipeline:
         accelerator.wait_for_everyone()
 
         started = time.time()
-        context = StageContext(self.config, accelerator, self.run_dir, work_dir)
+        view = ConfigView(self.config, self.readable_keys(stage), stage.name)
+        context = StageContext(view, accelerator, self.run_dir, work_dir, full_config=self.config)
         summary = stage.run(context)
         seconds = time.time() - started
         accelerator.wait_for_everyone()

@@ -84,8 +84,8 @@ def unprunable_weights(model: nn.Module) -> dict[str, tuple[int, ...]]:
     found = {}
     for prefix, scope in _layer_scopes(model):
         for path, module in scope.named_modules():
-            if isinstance(module, nn.Linear):
-                continue
+            if isinstance(module, nn.Linear) or "parametrizations" in path.split("."):
+                continue  # a masked projection's stored weight and mask rules are its own (distill.sparsity.masks)
             for name, parameter in module.named_parameters(recurse=False):
                 if parameter.dim() >= 2:
                     full = ".".join(part for part in (prefix, path, name) if part)

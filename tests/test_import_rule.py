@@ -52,3 +52,27 @@ def test_the_rule_sees_an_import_it_forbids(tmp_path):
     module = tmp_path / "m.py"
     module.write_text("def f():\n    from distill.stages.train import speed_up\n    import benchmarks.quality\n")
     assert {"distill.stages.train", "benchmarks.quality"} <= imported_modules(module)
+
+
+def test_benchmarks_call_the_library_not_stage_internals():
+    offenders = {}
+    for path in sorted((REPO / "benchmarks").glob("*.py")):
+        bad = sorted(name for name in imported_modules(path) if name.startswith("distill.stages"))
+        if bad:
+            offenders[path.name] = bad
+    assert not offenders, f"benchmarks importing stage internals: {offenders}"
+
+
+# "readable on one screen": the longest function the library may hold
+MAX_FUNCTION_LINES = 70
+
+
+def test_no_library_function_is_longer_than_a_screen():
+    long = {}
+    for path in sorted(LIBRARY.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long[f"{path.relative_to(REPO)}::{node.name}"] = lines
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines: {long}"

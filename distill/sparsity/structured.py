@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from distill.config import PatternKind
 from distill.errors import DistillError
 from distill.targets import decoder_layers
 
@@ -50,7 +51,7 @@ def _head_geometry(model: nn.Module) -> tuple[int, int, int]:
 def structured_masks(model: nn.Module, kind: str, scores: dict[str, torch.Tensor], sparsity: float) -> dict[str, torch.Tensor]:
     """{projection name: bool mask} for pattern `kind` (mlp_channels or heads) from per-weight scores
     of every projection it spans."""
-    parts = MLP_PARTS if kind == "mlp_channels" else ATTENTION_PARTS
+    parts = MLP_PARTS if PatternKind(kind) is PatternKind.MLP_CHANNELS else ATTENTION_PARTS
     groups = _modules_with(model, parts)
     if not groups:
         found = decoder_layers(model)
@@ -65,7 +66,7 @@ def structured_masks(model: nn.Module, kind: str, scores: dict[str, torch.Tensor
         if missing:
             raise DistillError(f"pattern {kind} needs scores for {', '.join(missing)}: add them to prune.targets")
         s = {part: scores[full].float() for part, full in names.items()}
-        if kind == "mlp_channels":
+        if PatternKind(kind) is PatternKind.MLP_CHANNELS:
             channel = s["gate_proj"].sum(1) + s["up_proj"].sum(1) + s["down_proj"].sum(0)
             keep = _keep(channel, sparsity).to(channel.device)
             rows = keep[:, None]
@@ -113,12 +114,12 @@ def shrink(model: nn.Module, kind: str) -> dict[str, int]:
     """Cut the zero rows and columns a structured pattern left out of a dense-with-zeros model, in
     place, and update its config; returns {config key: new value}. Every layer must keep the same
     number of channels or heads (true for a per-layer fraction of equal-sized layers)."""
-    parts = MLP_PARTS if kind == "mlp_channels" else ATTENTION_PARTS
+    parts = MLP_PARTS if PatternKind(kind) is PatternKind.MLP_CHANNELS else ATTENTION_PARTS
     groups = _modules_with(model, parts)
     kv_heads, head_dim, per_group = _head_geometry(model)
     kept_counts = set()
     for name, module in groups:
-        if kind == "mlp_channels":
+        if PatternKind(kind) is PatternKind.MLP_CHANNELS:
             keep = (module.gate_proj.weight != 0).any(1) | (module.up_proj.weight != 0).any(1) | (module.down_proj.weight != 0).any(0)
             module.gate_proj, module.up_proj = _cut(module.gate_proj, rows=keep), _cut(module.up_proj, rows=keep)
             module.down_proj = _cut(module.down_proj, cols=keep)
@@ -136,7 +137,7 @@ def shrink(model: nn.Module, kind: str) -> dict[str, int]:
         raise DistillError(f"cannot shrink {kind}: layers keep different counts {sorted(kept_counts)}")
     kept = kept_counts.pop()
     config = model.config
-    if kind == "mlp_channels":
+    if PatternKind(kind) is PatternKind.MLP_CHANNELS:
         changes = {"intermediate_size": kept}
     else:
         changes = {"num_attention_heads": kept * per_group, "num_key_value_heads": kept, "head_dim": head_dim}

@@ -1,5 +1,6 @@
 """The pipeline's stages in order, each with the config keys and upstream stages it depends on."""
 
+from distill.config import SourceKind
 from distill.models import teacher_files
 from distill.pipeline import Stage
 from distill.stages import evaluate, export, prune, teacher, teacher_logits, train
@@ -7,7 +8,7 @@ from distill.stages import evaluate, export, prune, teacher, teacher_logits, tra
 STAGES = [
     Stage("teacher", ("run.seed", "teacher", "data", "calibration", "prune.targets", "prune.exclude"), (), teacher.run,
           input_files=lambda config: teacher_files(config.teacher) + teacher.source_files(config),
-          depends_on_precision=lambda config: any(source.kind == "teacher" for source in config.data.sources)),
+          depends_on_precision=lambda config: any(source.kind is SourceKind.TEACHER for source in config.data.sources)),
     Stage("teacher_logits", ("teacher", "train.loss.teacher_topk", "train.micro_batch_size"), ("teacher",),
           teacher_logits.run, depends_on_precision=lambda config: config.train.loss.teacher_topk > 0),
     Stage("prune", ("teacher", "prune"), ("teacher",), prune.run),

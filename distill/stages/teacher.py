@@ -46,12 +46,13 @@ def run(ctx: StageContext) -> dict:
     train = torch.cat(train_parts)
 
     calibration = calibration_blocks(train, config.calibration.num_blocks)
-    statistics = input_square_sums(teacher, calibration, config.prune.targets, accelerator, exclude=config.prune.exclude)
+    statistics = input_square_sums(teacher, calibration, config.prune.targets, accelerator,
+                                   batch_size=config.calibration.batch_size, exclude=config.prune.exclude)
 
     teacher_ppl = {}
     for name, blocks in heldout.items():
         if len(blocks):
-            scores = score_models({"teacher": teacher}, blocks, accelerator, config.eval.batch_size, desc=f"teacher on {name}")
+            scores = score_models({"teacher": teacher}, blocks, accelerator, config.calibration.batch_size, desc=f"teacher on {name}")
             teacher_ppl[name] = scores["teacher"]["ppl"]
             ctx.log(f"[teacher] perplexity on held-out '{name}': {teacher_ppl[name]:.2f}")
 

@@ -39,7 +39,7 @@ from distill.sparsity.modes import FixedMasks, add_group_dropout, mask_upkeep, r
 from distill.student import load_student, nonfinite_problem, save_student
 from distill.targets import decoder_layers
 from distill.throughput import flops_per_token, measured_peak_flops
-from distill.tracking import log_row, resend_rows, start_tracking
+from distill.tracking import log_row, resend_rows
 from distill.training import (BlockSchedule, DistillStep, MicroBatch, accumulation_steps, build_optimizer, speed_up,
                               window_means)
 
@@ -149,7 +149,7 @@ def _resume(ctx: StageContext, training: Training) -> None:
     if resume_from is not None:
         ctx.log(f"[distill] resumed from {resume_from} at step {training.schedule.step}")
     training.history = [row for row in read_metrics(ctx.work_dir) if row["step"] <= training.schedule.step]
-    start_tracking(accelerator, ctx.config, ctx.work_dir)
+    ctx.start_tracking()
     if resume_from is not None:
         resend_rows(accelerator, training.history, prefix="train/")
 
