@@ -14,6 +14,7 @@ is parsed in two places.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,26 +114,35 @@ def read_metrics(directory: Path) -> list[dict]:
 
 class Layout(Choice):
     MASKED = "masked"  # dense weights with zeros where pruned, plus bool masks (distill.student)
-    PACKED = "nm_packed.v1"  # kept values and their positions in each group (distill.sparsity.packing)
+    # kept values and their positions in each group (distill.sparsity.packing); v2 adds the input
+    # thresholds of activation sparsity to the spec, v1 dirs still load
+    PACKED = "nm_packed.v2"
+    PACKED_V1 = "nm_packed.v1"
+
+    @property
+    def packed(self) -> bool:
+        return self in (Layout.PACKED, Layout.PACKED_V1)
 
 
 @dataclass(frozen=True)
 class SparsitySpec:
     """What a sparse model dir holds: its pattern, which projections carry masks, which were left
-    dense and why, the criterion that chose the masks, and how the weights are laid out."""
+    dense and why, the criterion that chose the masks, how the weights are laid out, and the input
+    threshold of every projection whose small inputs are zeroed (activation sparsity)."""
 
     pattern: Pattern
     masked: list[str]
     layout: Layout = Layout.MASKED
     criterion: Criterion | None = None
     dense: dict[str, str] = field(default_factory=dict)
+    input_thresholds: dict[str, float] = field(default_factory=dict)
 
     VERSION = 2
 
     def to_json(self) -> dict:
         return {"schema": "distill.sparsity", "version": self.VERSION, "layout": self.layout.value,
                 "pattern": self.pattern.to_spec(), "criterion": self.criterion.value if self.criterion else None,
-                "masked": list(self.masked), "dense": dict(self.dense)}
+                "masked": list(self.masked), "dense": dict(self.dense), "input_thresholds": dict(self.input_thresholds)}
 
     @classmethod
     def from_json(cls, data: dict, path: Path) -> "SparsitySpec":
@@ -147,13 +157,17 @@ class SparsitySpec:
         try:
             if version == 1:
                 pattern = Pattern.from_spec(data["pattern"]) if "pattern" in data else NM(data["n"], data["m"])
-                layout = Layout.PACKED if "format" in data else Layout.MASKED
+                layout = Layout.PACKED_V1 if "format" in data else Layout.MASKED
             else:
                 pattern, layout = Pattern.from_spec(data["pattern"]), Layout(data["layout"])
             criterion = Criterion(data["criterion"]) if data.get("criterion") else None
-        except (KeyError, ValueError) as error:
+            thresholds = {str(name): float(value) for name, value in (data.get("input_thresholds") or {}).items()}
+        except (KeyError, ValueError, TypeError, AttributeError) as error:
             raise DistillError(f"corrupt file {path}: {type(error).__name__} {error}") from None
-        return cls(pattern, list(data["masked"]), layout, criterion, dict(data.get("dense") or {}))
+        return cls(pattern, list(data["masked"]), layout, criterion, dict(data.get("dense") or {}), thresholds)
+
+    def replace(self, **changes) -> "SparsitySpec":
+        return dataclasses.replace(self, **changes)
 
 
 def write_sparsity_spec(directory: Path, spec: SparsitySpec) -> None:

@@ -101,6 +101,11 @@ class NonFinite(Choice):
     SKIP = "skip"
 
 
+class Allocation(Choice):
+    UNIFORM = "uniform"  # every projection input zeroed at the target fraction
+    GREEDY = "greedy"  # TEAL: per layer, the inputs whose sparsity costs the layer's output least go further
+
+
 class TrackingBackend(Choice):
     WANDB = "wandb"
     TENSORBOARD = "tensorboard"
@@ -274,6 +279,33 @@ class PruneConfig:
 
 
 @dataclass
+class ActivationsConfig:
+    """Activation sparsity (distill.sparsity.activations): projection inputs below a calibrated
+    magnitude become zero in the student, thresholds calibrated on the one-shot student in the prune
+    stage, trained under in distill, and exported with the packed student."""
+
+    target: float = 0.0  # fraction of projection inputs zeroed, model-wide; 0 keeps activations dense
+    allocation: Allocation = Allocation.UNIFORM
+    # which projection inputs: names or globs of the projections reading them, matched as prune.targets
+    # (a shared input, like q/k/v's, is thresholded when any of its projections is named)
+    where: List[str] = field(default_factory=lambda: ["*"])
+    greedy_step: float = 0.1  # greedy: how much sparsity one step of the allocation adds to one input
+    straight_through: bool = False  # distill: gradients reach the zeroed entries too, as if kept
+    recalibrate_every: int = 0  # distill: re-calibrate the thresholds to the moving student every k steps; 0 keeps them
+
+    @property
+    def enabled(self) -> bool:
+        return self.target > 0
+
+    def validate(self, where: str = "activations") -> None:
+        _within(f"{where}.target", self.target, 0.0, 1.0, "[)")
+        _within(f"{where}.greedy_step", self.greedy_step, 0.0, 1.0, "(]")
+        _positive(f"{where}.recalibrate_every", self.recalibrate_every, allow_zero=True)
+        if not self.where:
+            raise DistillError(f"config key '{where}.where': name at least one projection input (\"*\" for all)")
+
+
+@dataclass
 class LossConfig:
     divergence: Divergence = Divergence.FORWARD_KL  # to the teacher, at `temperature`
     temperature: float = 1.0
@@ -436,8 +468,13 @@ class EvalConfig:
     block_size: int = 512
     max_blocks: int = 32  # per file; 0: the whole file
     batch_size: int = 4
+    # the teacher's held-out perplexity under training-free activation sparsity at these uniform
+    # fractions, in the report (empty: not measured)
+    activation_levels: List[float] = field(default_factory=lambda: [0.0, 0.25, 0.4, 0.5, 0.6, 0.7])
 
     def validate(self, where: str = "eval") -> None:
+        for level in self.activation_levels:
+            _within(f"{where}.activation_levels", level, 0.0, 1.0, "[)")
         _positive(f"{where}.block_size", self.block_size)
         _positive(f"{where}.max_blocks", self.max_blocks, allow_zero=True)
         _positive(f"{where}.batch_size", self.batch_size)
@@ -459,6 +496,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
+    activations: ActivationsConfig = field(default_factory=ActivationsConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     speed: SpeedConfig = field(default_factory=SpeedConfig)
     export: ExportConfig = field(default_factory=ExportConfig)

@@ -90,3 +90,39 @@ def heldout_perplexity(accelerator: Accelerator, student: nn.Module, heldout: to
         if sharded_root is not None:
             sharded_root.reshard()
         student.train()
+
+
+def activation_sparsity_curve(model: nn.Module, calibration: torch.Tensor, sets: dict[str, torch.Tensor],
+                              levels: list[float], accelerator: Accelerator, batch_size: int) -> dict[str, dict[str, float]]:
+    """{source: {level: perplexity}} of `model` with training-free activation sparsity (every
+    projection input zeroed at `level` by a threshold from its |x| quantile on `calibration`, as TEAL
+    does without training). The model is left without thresholds."""
+    from distill.sparsity.activations import input_groups, input_statistics, install_thresholds, remove_thresholds, \
+        uniform_thresholds
+
+    device = next(model.parameters()).device
+    groups = input_groups(model, calibration[:1].to(device))
+    statistics = input_statistics(model, groups, calibration, batch_size, thresholded=False)
+    curve: dict[str, dict[str, float]] = {name: {} for name in sets}
+    try:
+        for level in levels:
+            install_thresholds(model, groups, uniform_thresholds(groups, statistics, level))
+            for name, blocks in sets.items():
+                scores = score_models({"model": model}, blocks, accelerator, batch_size, reference=None,
+                                      desc=f"activations at {level:.0%} on {name}")
+                curve[name][f"{level:g}"] = scores["model"]["ppl"]
+    finally:
+        remove_thresholds(model)
+    return curve
+
+
+@torch.no_grad()
+def activation_table(model: nn.Module, blocks: torch.Tensor, batch_size: int) -> list[dict]:
+    """Per decoder layer and projection input of `model` on `blocks`: the fraction of exact zeros and
+    quantiles of |x|, as the weights see the input (after installed thresholds)."""
+    from distill.sparsity.activations import input_groups, input_statistics
+
+    groups = input_groups(model, blocks[:1].to(next(model.parameters()).device))
+    statistics = input_statistics(model, groups, blocks, batch_size)
+    return [{"layer": group.layer, "input": group.label, "zero_fraction": statistics[group.name].zero_fraction,
+             **statistics[group.name].quantiles()} for group in groups]

@@ -91,8 +91,18 @@ def _select(config: Config, keys: tuple[str, ...]) -> dict:
 
 
 PRECISION_KEY = "precision"
-# fingerprinted keys added after run dirs existed, with the value that matches what those runs did
-KEYS_ADDED_SINCE = {"config.calibration.batch_size": 4}
+# fingerprinted keys added after run dirs existed: (the value that matches what those runs did, a key
+# whose presence says the saved stage is one that fingerprints the new key today)
+KEYS_ADDED_SINCE = {
+    "config.calibration.batch_size": (4, "config.calibration.num_blocks"),
+    "config.activations.target": (0.0, "config.prune.criterion"),
+    "config.activations.allocation": ("uniform", "config.prune.criterion"),
+    "config.activations.where": (["*"], "config.prune.criterion"),
+    "config.activations.greedy_step": (0.1, "config.prune.criterion"),
+    "config.activations.straight_through": (False, "config.prune.criterion"),
+    "config.activations.recalibrate_every": (0, "config.prune.criterion"),
+    "config.eval.activation_levels": ([0.0, 0.25, 0.4, 0.5, 0.6, 0.7], "config.eval.batch_size"),
+}
 # run dirs made before distill.precision recorded accelerate's setting under this key
 _LEGACY_PRECISION_KEY, _LEGACY_PRECISION_VALUES = "accelerate.mixed_precision", {"bf16": "bf16", "no": "fp32"}
 
@@ -105,9 +115,8 @@ def upgrade_inputs(inputs: dict) -> dict:
     for old, new in DEPRECATED_MASK_KEYS.items():
         if f"config.train.{old}" in inputs:
             inputs[f"config.train.masks.{new}"] = inputs.pop(f"config.train.{old}")
-    for key, value in KEYS_ADDED_SINCE.items():  # a stage that fingerprints the key's section, saved before it
-        section = key.rsplit(".", 1)[0] + "."
-        if key not in inputs and any(name.startswith(section) for name in inputs):
+    for key, (value, witness) in KEYS_ADDED_SINCE.items():  # saved by a stage that fingerprints it now
+        if key not in inputs and witness in inputs:
             inputs[key] = value
     if _LEGACY_PRECISION_KEY in inputs:
         old = inputs.pop(_LEGACY_PRECISION_KEY)

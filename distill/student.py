@@ -5,7 +5,8 @@ Layout of a student dir:
   model.safetensors   every parameter and persistent buffer under its plain name, each masked
                       projection's weight with zeros where pruned, and its mask as `<projection>.mask`
                       (bool); tied parameters once
-  sparsity.json       distill.artifacts.SparsitySpec
+  sparsity.json       distill.artifacts.SparsitySpec, with the input thresholds of activation
+                      sparsity when there are any (installed again at load)
 
 The file is written from the parametrized model in memory (distill.sparsity.masks) but keeps the
 names an unparametrized model has, so students saved before masks became parametrizations load
@@ -25,6 +26,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from distill.artifacts import SparsitySpec, read_sparsity_spec, write_sparsity_spec
 from distill.errors import DistillError
 from distill.io import atomic_write
+from distill.sparsity.activations import set_threshold, thresholded
 from distill.sparsity.masks import install_masks, mask_rule, masked_modules, stored_weight
 from distill.targets import linearize
 
@@ -38,8 +40,8 @@ def plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     seen: set[tuple[int, tuple]] = set()
     for name, tensor in model.state_dict().items():
-        if ".parametrizations." in name:
-            continue  # each masked projection is written below, under its plain names
+        if ".parametrizations." in name or name.endswith(".input_threshold.threshold"):
+            continue  # masked projections are written below under their plain names; thresholds live in the spec
         key = (tensor.data_ptr(), tuple(tensor.shape))
         if key not in seen:
             seen.add(key)
@@ -60,7 +62,7 @@ def save_student(model: nn.Module, directory: Path, spec: SparsitySpec) -> None:
     state = plain_state(model)
     atomic_write(directory / WEIGHTS_FILE, lambda temp: save_file(state, str(temp), metadata={"format": "pt"}))
     masked = [name for name, _ in masked_modules(model)]
-    write_sparsity_spec(directory, SparsitySpec(spec.pattern, masked, spec.layout, spec.criterion, spec.dense))
+    write_sparsity_spec(directory, spec.replace(masked=masked, input_thresholds=thresholded(model)))
 
 
 def nonfinite_problem(model: nn.Module, what: str) -> str | None:
@@ -99,6 +101,7 @@ def load_student(directory: Path, device: torch.device | str = "cpu", dtype: tor
     except (SafetensorError, OSError, RuntimeError) as error:
         raise DistillError(f"corrupt student weights in {directory}: {str(error).splitlines()[0]}") from None
     masks = {name: state.pop(f"{name}.mask", None) for name in spec.masked}
+    state = {name: tensor for name, tensor in state.items() if not name.endswith(".input_threshold.threshold")}
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory), dtype=dtype)
     linearize(model)  # saved in the layout it trained in (distill.targets)
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -109,4 +112,6 @@ def load_student(directory: Path, device: torch.device | str = "cpu", dtype: tor
                            f"unexpected {unexpected[:3]}")
     model.tie_weights()
     install_masks(model, masks)
+    for name, threshold in spec.input_thresholds.items():
+        set_threshold(model.get_submodule(name), threshold)
     return model.to(device).eval()

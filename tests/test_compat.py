@@ -21,7 +21,7 @@ def test_version_1_specs_of_students_and_packed_exports_read_as_today(tmp_path):
     spec = read_sparsity_spec(tmp_path)
     assert spec == SparsitySpec(NM(2, 4), ["a", "b"], Layout.MASKED, Criterion.WANDA, {"x": "why"})
     (tmp_path / "sparsity.json").write_text(json.dumps({"format": "distill.nm_packed.v1", "n": 2, "m": 4, "masked": ["a"]}))
-    assert read_sparsity_spec(tmp_path) == SparsitySpec(NM(2, 4), ["a"], Layout.PACKED)
+    assert read_sparsity_spec(tmp_path) == SparsitySpec(NM(2, 4), ["a"], Layout.PACKED_V1)
     today = SparsitySpec(Blocks(8, 0.25), ["c"], criterion=Criterion.MAGNITUDE)
     (tmp_path / "sparsity.json").write_text(json.dumps(today.to_json()))
     assert read_sparsity_spec(tmp_path) == today

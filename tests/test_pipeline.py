@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from conftest import REPO, TEST_TEXT, launch, launch_command, pipeline_processes, run_pipeline, tiny_config, write_config
+from distill.artifacts import read_sparsity_spec
 from distill.sparsity.packing import load_packed
 from distill.sparsity.masks import nm_violations
 from distill.throughput import flops_per_token
@@ -149,16 +150,23 @@ def _kill_when(process: subprocess.Popen, ready, config: Path, timeout: float = 
 
 
 @pytest.mark.slow  # several processes or a kill and resume
-@pytest.mark.parametrize("mask_mode,sharding", [("fixed", "ddp"), ("dynamic", "ddp"), ("learnable", "ddp"), ("fixed", "fsdp")])
-def test_kill_in_distill_then_resume_gives_the_bitwise_same_student(tmp_path, tiny_teacher, mask_mode, sharding):
-    """fsdp: two gloo ranks with the student sharded, killed and resumed from the gathered checkpoint."""
+@pytest.mark.parametrize("mask_mode,sharding,processes,activations", [
+    ("fixed", "ddp", 1, False), ("dynamic", "ddp", 1, False), ("learnable", "ddp", 1, False),
+    ("fixed", "ddp", 2, True), ("fixed", "fsdp", 2, True)])
+def test_kill_in_distill_then_resume_gives_the_bitwise_same_student(tmp_path, tiny_teacher, mask_mode, sharding,
+                                                                     processes, activations):
+    """Two gloo ranks: DDP, or the student sharded (fsdp) and resumed from the gathered checkpoint.
+    With activation thresholds, re-calibrated every 3 steps, straight-through."""
     train = {"steps": 24, "checkpoint_every": 4, "log_every": 1, "global_batch_size": 8, "micro_batch_size": 4,
-             "mask_mode": mask_mode, "mask_update_every": 3, "mask_init_logit": 0.02, "mask_lr": 0.05, "sharding": sharding}
-    ranks = ["--num-processes", "2"] if sharding == "fsdp" else []
-    reference = write_config(tmp_path / "reference.yaml", tiny_config(tmp_path, tiny_teacher, name="reference", train=train))
+             "masks": {"mode": mask_mode, "update_every": 3, "init_logit": 0.02, "lr": 0.05}, "sharding": sharding}
+    sections = {"train": train}
+    if activations:
+        sections["activations"] = {"target": 0.5, "recalibrate_every": 3, "straight_through": True}
+    ranks = ["--num-processes", str(processes)] if processes > 1 else []
+    reference = write_config(tmp_path / "reference.yaml", tiny_config(tmp_path, tiny_teacher, name="reference", **sections))
     launch(reference, *ranks)
 
-    killed = write_config(tmp_path / "killed.yaml", tiny_config(tmp_path, tiny_teacher, name="killed", train=train))
+    killed = write_config(tmp_path / "killed.yaml", tiny_config(tmp_path, tiny_teacher, name="killed", **sections))
     run_dir = tmp_path / "runs" / "killed"
     process = _start(killed, *ranks)
     _kill_after_first_checkpoint(process, run_dir / "distill.partial" / "checkpoints", killed)
@@ -178,7 +186,7 @@ def test_kill_in_distill_then_resume_gives_the_bitwise_same_student(tmp_path, ti
     assert (run_dir / "prune" / "manifest.json").read_text() == prune_manifest
 
     # speed options may change on resume (no fingerprint holds them) and compute the same student
-    speed = ["speed.activation_checkpointing=true", "speed.peak_tflops=0.5"] if (mask_mode, sharding) == ("fixed", "ddp") else []
+    speed = ["speed.activation_checkpointing=true", "speed.peak_tflops=0.5"] if (mask_mode, processes) == ("fixed", 1) else []
     resumed = launch(killed, *ranks, *speed)
     assert "[distill] resuming the unfinished run" in resumed.stdout
     assert "resumed from" in resumed.stdout and f"at step {latest['step']}" in resumed.stdout
@@ -197,6 +205,13 @@ def test_kill_in_distill_then_resume_gives_the_bitwise_same_student(tmp_path, ti
     masks = [name for name in actual if name.endswith(".mask")]
     moved = sum(not torch.equal(actual[name], oneshot[name]) for name in masks)
     assert (moved > 0) == (mask_mode != "fixed"), "dynamic and learnable masks move, fixed ones do not"
+    spec, reference_spec, oneshot_spec = (read_sparsity_spec(path / "student") for path in (
+        run_dir / "distill", tmp_path / "runs" / "reference" / "distill", run_dir / "prune"))
+    assert spec.input_thresholds == reference_spec.input_thresholds
+    assert bool(spec.input_thresholds) == activations
+    if activations:  # re-calibrated to the moving student, and logged
+        assert spec.input_thresholds != oneshot_spec.input_thresholds
+        assert len({row["mean_input_threshold"] for row in metrics(run_dir)}) > 1
     for name in masks:
         weight = actual[name.replace(".mask", ".weight")]
         assert bool((weight[~actual[name]] == 0).all()) and nm_violations(weight, 2, 4) == 0, name

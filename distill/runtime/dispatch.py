@@ -15,7 +15,10 @@ from pathlib import Path
 from distill.errors import DistillError
 from distill.io import write_json
 
-PATHS = ("dense", "triton", "cusparselt", "reference")
+PATHS = ("dense", "triton", "cusparselt", "reference", "sparse_input", "sparse_input_24")
+# paths that skip the weights of zero inputs (distill.runtime.sparse_input_kernels): decode sizes only
+SPARSE_INPUT_PATHS = ("sparse_input", "sparse_input_24")
+DECODE_MAX_M = 16
 
 
 @dataclass
@@ -51,7 +54,9 @@ class CrossoverTable:
             ranges: list[dict] = []
             for m in sorted(by_m):
                 times = by_m[m]
-                best = min((path for path in times if path != "dense"), key=times.get, default="dense")
+                candidates = [path for path in times if path != "dense"
+                              and (path not in SPARSE_INPUT_PATHS or m <= DECODE_MAX_M)]
+                best = min(candidates, key=times.get, default="dense")
                 path = best if best != "dense" and times["dense"] / times[best] >= min_gain else "dense"
                 entry = {"max_m": m, "path": path}
                 if path == "triton" and tiles and m in tiles.get(shape, {}):
@@ -80,4 +85,8 @@ class CrossoverTable:
             for entry in ranges:
                 if entry.get("path") not in PATHS:
                     raise DistillError(f"crossover table {path}: shape {shape} names unknown path {entry.get('path')!r}")
+                max_m = entry.get("max_m")
+                if entry["path"] in SPARSE_INPUT_PATHS and (max_m is None or max_m > DECODE_MAX_M):
+                    raise DistillError(f"crossover table {path}: shape {shape} uses {entry['path']} up to M={max_m}; "
+                                       f"the sparse-input kernels serve decode only (M <= {DECODE_MAX_M})")
         return cls(device=data.get("device", ""), shapes=data.get("shapes", {}))

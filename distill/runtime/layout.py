@@ -43,9 +43,13 @@ def compress_2_4(weight: torch.Tensor, name: str = "weight") -> tuple[torch.Tens
     return values, meta.contiguous()
 
 
-def decompress_2_4(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
-    """The dense-with-zeros weight back from (values, meta): the exact reference."""
-    rows = values.shape[0]
+def positions_2_4(meta: torch.Tensor) -> torch.Tensor:
+    """The position (0..3) inside its group of every kept value, [N, K/2] uint8, from the packed meta."""
     shifts = 2 * torch.arange(META_VALUES_PER_WORD, device=meta.device)
     positions = (meta.to(torch.int64)[..., None] >> shifts) & 3
-    return unpack_nm(values, positions.reshape(rows, -1).to(torch.uint8), 2, 4)
+    return positions.reshape(meta.shape[0], -1).to(torch.uint8)
+
+
+def decompress_2_4(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+    """The dense-with-zeros weight back from (values, meta): the exact reference."""
+    return unpack_nm(values, positions_2_4(meta), 2, 4)

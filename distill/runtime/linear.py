@@ -2,8 +2,10 @@
 
 Paths: `triton` (our kernel on the compressed layout; decode-sized M), `cusparselt` (PyTorch's
 semi-structured sparse tensor; large M; capture the forward in a CUDA graph to remove its per-call
-host cost), `dense` (cuBLAS on the dense-with-zeros weight, where sparse would lose), and
-`reference` (CPU: the exact dense-with-zeros product).
+host cost), `dense` (cuBLAS on the dense-with-zeros weight, where sparse would lose), `reference`
+(CPU: the exact dense-with-zeros product), and at decode, for inputs that activation thresholds
+made sparse, `sparse_input` / `sparse_input_24` (K-major copies of the dense / 2:4 weight, whose
+rows of zero inputs are not read; distill.runtime.sparse_input_kernels).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from torch import nn
 
 from distill.errors import DistillError
 from distill.runtime.dispatch import CrossoverTable
-from distill.runtime.layout import check_2_4_weight, compress_2_4, decompress_2_4
+from distill.runtime.layout import check_2_4_weight, compress_2_4, decompress_2_4, positions_2_4
 
 # under Triton's CPU interpreter (tests), CPU tensors may take the table's kernel paths too
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -37,6 +39,7 @@ class Sparse24Linear(nn.Module):
         self.register_buffer("dense_weight", weight.detach().clone() if keep_dense else None)
         self.table = table
         self._semi_structured = None
+        self._k_major: tuple[torch.Tensor, ...] | None = None  # built when the table picks a sparse-input path
         self.last_path = None
 
     def extra_repr(self) -> str:
@@ -48,6 +51,15 @@ class Sparse24Linear(nn.Module):
     def prepare_kernels(self) -> None:
         """Build the cuSPARSELt operand ahead of time if the table ever picks it for this shape, so
         no forward does setup work (and torch.compile / CUDA graphs see a steady forward)."""
+        shape = (self.out_features, self.in_features)
+        if self._k_major is None and self.table.uses(*shape, "sparse_input"):
+            from distill.runtime.sparse_input_kernels import k_major
+
+            self._k_major = (k_major(self.weight_dense()),)
+        elif self._k_major is None and self.table.uses(*shape, "sparse_input_24"):
+            from distill.runtime.sparse_input_kernels import k_major_24
+
+            self._k_major = k_major_24(self.values, positions_2_4(self.meta))
         if self._semi_structured is None and self.table.uses(self.out_features, self.in_features, "cusparselt"):
             from torch.sparse import to_sparse_semi_structured
 
@@ -69,6 +81,12 @@ class Sparse24Linear(nn.Module):
         if path == "cusparselt":
             self.prepare_kernels()
             return F.linear(x, self._semi_structured, self.bias)
+        if path in ("sparse_input", "sparse_input_24"):
+            from distill.runtime.sparse_input_kernels import sparse_input_matmul, sparse_input_matmul_24
+
+            self.prepare_kernels()
+            kernel = sparse_input_matmul if path == "sparse_input" else sparse_input_matmul_24
+            return kernel(x, *self._k_major, self.bias)
         if path == "dense" and self.dense_weight is None:
             raise DistillError(f"{self.name}: the crossover table picks dense for M={m} but the dense weight was dropped")
         return F.linear(x, self.weight_dense(), self.bias)

@@ -64,7 +64,7 @@ def save_packed(model: nn.Module, spec: SparsitySpec, directory: Path) -> None:
             tensors[name] = tensor.detach()
     model.config.to_json_file(directory / "config.json")
     save_tensors(directory / "model.safetensors", tensors, metadata={"format": FORMAT})
-    write_sparsity_spec(directory, SparsitySpec(spec.pattern, list(masked), Layout.PACKED, spec.criterion, spec.dense))
+    write_sparsity_spec(directory, spec.replace(masked=list(masked), layout=Layout.PACKED))
 
 
 def full_groups_mask(nonzero: torch.Tensor, n: int, m: int, name: str = "weight") -> torch.Tensor:
@@ -86,7 +86,7 @@ def load_packed(directory: Path, dtype: torch.dtype | None = None) -> nn.Module:
     """Rebuild the dense-with-zeros Hugging Face model from its packed form (the exact CPU path)."""
     directory = Path(directory)
     spec = read_sparsity_spec(directory)
-    if spec.layout is not Layout.PACKED:
+    if not spec.layout.packed:
         raise DistillError(f"{directory} is not a packed export (its layout is {spec.layout})")
     tensors = load_tensors(directory / "model.safetensors")
     n, m = spec.pattern.n, spec.pattern.m

@@ -13,11 +13,13 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from distill.data import pack, tokenize_files
-from distill.evaluation import score_models
+from distill.calibration import calibration_blocks
+from distill.evaluation import activation_sparsity_curve, activation_table, score_models
 from distill.io import write_json, write_text
 from distill.models import load_teacher
 from distill.pipeline import StageContext
-from distill.artifacts import STUDENT_DIR, read_metrics, read_summary, read_token_blocks
+from distill.artifacts import STUDENT_DIR, read_metrics, read_sparsity_spec, read_summary, read_token_blocks
+from distill.sparsity.activations import remove_thresholds, set_threshold
 from distill.sparsity.masks import masked_modules, masked_weight
 from distill.student import load_student
 
@@ -68,6 +70,7 @@ def run(ctx: StageContext) -> dict:
         scores["tokens"] = int(blocks.numel())
         scores["block_size"] = int(blocks.shape[1])
         sources[name] = scores
+    activations = _activation_sparsity(ctx, models, sets, sources)
     if not accelerator.is_main_process:
         return {}
 
@@ -83,14 +86,44 @@ def run(ctx: StageContext) -> dict:
         "layers": layers,
         "config": {"teacher": config.teacher.source, "criterion": config.prune.criterion,
                    "pattern": export.get("pattern", ""), "steps": config.train.steps},
+        "activations": activations,
     }
     write_json(ctx.work_dir / "report.json", report)
     history = _training_history(ctx)
-    _plot(ctx.work_dir / "report.png", layers, history)
+    _plot(ctx.work_dir / "report.png", layers, history, activations)
     write_text(ctx.work_dir / "report.md", _markdown(report, history))
     ctx.log("\n" + _table(sources))
     ctx.log(f"[evaluate] report: {ctx.run_dir / 'evaluate' / 'report.md'}")
-    return {name: {model: scores[model] for model in MODELS} for name, scores in sources.items()}
+    return {name: {model: scores[model] for model in (*MODELS, "student_thresholded") if model in scores}
+            for name, scores in sources.items()}
+
+
+def _activation_sparsity(ctx: StageContext, models: dict, sets: dict[str, torch.Tensor], sources: dict) -> dict:
+    """Activation sparsity in the report: per layer and projection input of each model, the zeros
+    and |x| quantiles its weights see; the teacher's perplexity under training-free sparsity at
+    eval.activation_levels; and, when the student has input thresholds, its perplexity and KL with
+    them (added to `sources` as "student_thresholded"; the hf/ export runs without them)."""
+    config, accelerator = ctx.config, ctx.accelerator
+    batch = config.eval.batch_size
+    result: dict = {"target": config.activations.target, "allocation": config.activations.allocation.value}
+    spec = read_sparsity_spec(ctx.stage_dir("distill") / STUDENT_DIR)
+    if spec.input_thresholds:
+        student = models["student"]
+        for name, threshold in spec.input_thresholds.items():
+            set_threshold(student.get_submodule(name), threshold)
+        for name, blocks in sets.items():
+            scores = score_models({"teacher": models["teacher"], "student_thresholded": student}, blocks, accelerator,
+                                  batch, desc=f"student with thresholds on {name}")
+            sources[name]["student_thresholded"] = scores["student_thresholded"]
+    calibration = calibration_blocks(read_token_blocks(ctx.stage_dir("teacher")).train, config.calibration.num_blocks)
+    if config.eval.activation_levels:
+        result["teacher_training_free"] = activation_sparsity_curve(models["teacher"], calibration, sets,
+                                                                    list(config.eval.activation_levels), accelerator, batch)
+    probe = next(iter(sets.values()))[:batch]  # the inputs as each model's weights see them
+    result["inputs"] = {name: activation_table(model, probe, batch) for name, model in models.items()}
+    if spec.input_thresholds:
+        remove_thresholds(models["student"])
+    return result
 
 
 def _training_history(ctx: StageContext) -> list[dict]:
@@ -138,17 +171,56 @@ def _markdown(report: dict, history: list[dict]) -> str:
         parts += ["", "## Training", "",
                   f"Loss {history[0]['loss']:.4f} at step {history[0]['step']} -> {history[-1]['loss']:.4f} at step "
                   f"{history[-1]['step']}; last logged throughput {history[-1]['tokens_per_s']:.0f} tokens/s."]
-    parts += ["", "![per-layer sparsity, weight error and training loss](report.png)", ""]
+    parts += _activation_markdown(report["activations"], report["sources"])
+    parts += ["", "![per-layer sparsity, weight error, training loss and activation sparsity](report.png)", ""]
     return "\n".join(parts)
 
 
-def _plot(path: Path, layers: list[dict], history: list[dict]) -> None:
+def _activation_markdown(activations: dict, sources: dict) -> list[str]:
+    parts = ["", "## Activation sparsity", ""]
+    if any("student_thresholded" in scores for scores in sources.values()):
+        parts += [f"The student zeroes {activations['target']:.0%} of its projection inputs ({activations['allocation']} "
+                  "allocation) when loaded from `export/packed` with `distill.runtime.load_sparse_model`; `export/hf` "
+                  "runs without the thresholds. Its quality both ways:", "",
+                  "| source | student ppl (hf, dense inputs) | KL | student ppl (thresholds) | KL |", "|---|---:|---:|---:|---:|"]
+        for name, s in sources.items():
+            parts.append(f"| {name} | {s['student']['ppl']:.2f} | {s['student']['kl']:.4f} | "
+                         f"{s['student_thresholded']['ppl']:.2f} | {s['student_thresholded']['kl']:.4f} |")
+        parts.append("")
+    curve = activations.get("teacher_training_free")
+    if curve:
+        levels = list(next(iter(curve.values())))
+        parts += ["The teacher's perplexity with training-free activation sparsity (every projection input zeroed "
+                  "at the same fraction, thresholds from calibration text, no training):", "",
+                  "| source | " + " | ".join(f"{float(level):.0%}" for level in levels) + " |",
+                  "|---|" + "---:|" * len(levels)]
+        for name, values in curve.items():
+            parts.append(f"| {name} | " + " | ".join(f"{values[level]:.2f}" for level in levels) + " |")
+        parts.append("")
+    tables = activations.get("inputs", {})
+    if tables:
+        labels = list(dict.fromkeys(row["input"] for row in next(iter(tables.values()))))
+        parts += ["Fraction of exact zeros in the projection inputs as the weights see them, mean over layers "
+                  "(median |x| in brackets; per layer in report.json):", "",
+                  "| input | " + " | ".join(tables) + " |", "|---|" + "---:|" * len(tables)]
+        for label in labels:
+            cells = []
+            for rows in tables.values():
+                mine = [row for row in rows if row["input"] == label]
+                cells.append(f"{sum(r['zero_fraction'] for r in mine) / len(mine):.3f} "
+                             f"({sum(r['q0.5'] for r in mine) / len(mine):.3g})")
+            parts.append(f"| {label} | " + " | ".join(cells) + " |")
+    return parts
+
+
+def _plot(path: Path, layers: list[dict], history: list[dict], activations: dict) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (left, middle, right) = plt.subplots(1, 3, figsize=(16, 4))
+    figure, ((left, middle, right), (zeros, curve, unused)) = plt.subplots(2, 3, figsize=(16, 8))
+    unused.axis("off")
     index = range(len(layers))
     left.bar(index, [row["sparsity"] for row in layers])
     left.set(title="sparsity per projection", xlabel="projection (model order)", ylabel="fraction of zeros", ylim=(0, 1))
@@ -159,6 +231,19 @@ def _plot(path: Path, layers: list[dict], history: list[dict]) -> None:
     if history:
         right.plot([row["step"] for row in history], [row["loss"] for row in history])
     right.set(title="distillation loss", xlabel="step", ylabel="loss")
+    for name, rows in activations.get("inputs", {}).items():
+        by_layer: dict[int, list[float]] = {}
+        for row in rows:
+            by_layer.setdefault(row["layer"], []).append(row["zero_fraction"])
+        zeros.plot(list(by_layer), [sum(v) / len(v) for v in by_layer.values()], marker=".", label=name)
+    zeros.set(title="zeros in projection inputs (mean per layer)", xlabel="decoder layer", ylim=(0, 1))
+    zeros.legend()
+    for name, values in (activations.get("teacher_training_free") or {}).items():
+        curve.plot([float(level) for level in values], list(values.values()), marker="o", label=name)
+    curve.set(title="teacher ppl, training-free activation sparsity", xlabel="fraction of inputs zeroed",
+              ylabel="perplexity", yscale="log")
+    if activations.get("teacher_training_free"):
+        curve.legend()
     figure.tight_layout()
     temp = path.with_name(f".{path.name}.tmp.png")
     figure.savefig(temp, dpi=90)

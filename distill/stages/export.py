@@ -2,7 +2,9 @@
 
   hf/      a Hugging Face model dir (config, tokenizer, safetensors) with zeros where pruned: loads
            with AutoModelForCausalLM.from_pretrained anywhere
-  packed/  kept values + positions per group (see distill.sparsity.packing), plus config and tokenizer
+  packed/  kept values + positions per group (see distill.sparsity.packing), plus config and tokenizer;
+           its sparsity.json carries the activation thresholds, which load_sparse_model applies (hf/
+           runs without them, and the report gives the student's perplexity both ways)
 For mlp_channels and heads patterns (export.shrink), hf/ is instead a smaller dense model with the
 removed channels or heads cut out, checked to give the dense-with-zeros model's logits.
 The packed form is loaded back and must reproduce hf/ bitwise (weights and logits). On CUDA the
@@ -21,6 +23,7 @@ from distill.artifacts import STUDENT_DIR, read_sparsity_spec, read_token_blocks
 from distill.errors import DistillError
 from distill.pipeline import StageContext
 from distill.exporting import save_in_hf_layout, shrink_and_verify, sparse_kernel_errors, verify_structure
+from distill.sparsity.activations import remove_thresholds
 from distill.sparsity.masks import remove_masks
 from distill.sparsity.packing import load_packed, save_packed
 from distill.sparsity.patterns import NM
@@ -36,6 +39,7 @@ def run(ctx: StageContext) -> dict:
     spec = read_sparsity_spec(student_dir)
     pattern, masked = spec.pattern, spec.masked
     student = load_student(student_dir)
+    remove_thresholds(student)  # hf/ and the packed weights run without them; packed/ carries them in its spec
     check_finite(student, f"the student in {student_dir}")  # before the structure check: NaN reads as unpruned
     verify_structure(student, pattern)
     ctx.log(f"[export] {len(masked)} projections verified: {pattern.describe()}")

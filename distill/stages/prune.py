@@ -20,12 +20,13 @@ import torch
 
 from distill.artifacts import STUDENT_DIR, SparsitySpec, read_calibration, read_token_blocks
 from distill.calibration import calibration_blocks
-from distill.config import Criterion
+from distill.config import Allocation, Criterion
 from distill.errors import DistillError
 from distill.models import load_teacher
 from distill.pipeline import StageContext
 from distill.pruning import (DENSE_WARNING_FRACTION, GRADIENT_CRITERIA, incompatible_projections, masks_from_scores,
                              permute_mlp_channels_for_nm, pruning_coverage, weight_scores)
+from distill.sparsity.activations import calibrate_thresholds, install_thresholds
 from distill.sparsity.criteria import gradient_saliency, sparsegpt_masks
 from distill.sparsity.masks import install_masks, sparsity_report
 from distill.sparsity.patterns import Pattern
@@ -72,6 +73,8 @@ def run(ctx: StageContext) -> dict:
         ctx.log(f"[prune] warning: {coverage['unasked_dense_fraction']:.1%} of the decoder's linear weights stay dense "
                 f"without prune.targets or prune.exclude asking for it (see the lines above)")
     pattern = Pattern.from_config(prune)
+    if config.activations.enabled:
+        _install_activation_thresholds(ctx, model, calibration)
     save_student(model, ctx.work_dir / STUDENT_DIR, SparsitySpec(pattern, list(masks), criterion=prune.criterion,
                                                                  dense=dense))
     sparsity = sparsity_report(model)
@@ -81,3 +84,15 @@ def run(ctx: StageContext) -> dict:
     if gains:
         summary["permutation_gain"] = gains
     return summary
+
+
+def _install_activation_thresholds(ctx: StageContext, model: torch.nn.Module, calibration: torch.Tensor) -> None:
+    """Thresholds of the one-shot student's own projection inputs (activations.*), installed on it."""
+    activations = ctx.config.activations
+    groups, thresholds = calibrate_thresholds(model, calibration, activations.target,
+                                              activations.allocation is Allocation.GREEDY, activations.where,
+                                              ctx.config.calibration.batch_size, activations.greedy_step)
+    install_thresholds(model, groups, thresholds)
+    ctx.log(f"[prune] activation thresholds on {len(groups)} projection inputs: {activations.target:.0%} of them zeroed "
+            f"({activations.allocation} allocation, calibrated on the one-shot student)")
+

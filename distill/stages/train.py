@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 from distill.artifacts import (STUDENT_DIR, SparsitySpec, read_calibration, read_metrics, read_sparsity_spec,
                                read_teacher_topk, read_token_blocks, write_metrics)
 from distill.checkpoints import CHECKPOINTS, latest_checkpoint, resume, save_checkpoint
-from distill.config import Criterion, MaskMode, NonFinite, Sharding
+from distill.calibration import calibration_blocks
+from distill.config import Allocation, Criterion, MaskMode, NonFinite, Sharding
 from distill.data import to_device
 from distill.errors import DistillError
 from distill.evaluation import heldout_perplexity
@@ -34,6 +35,7 @@ from distill.models import load_teacher
 from distill.objective import DistillationObjective, cached_teacher_outputs, teacher_outputs
 from distill.pipeline import StageContext
 from distill.sharding import ShardedCheckpoint, full_student_state, shard_objective, shard_teacher
+from distill.sparsity.activations import calibrate_thresholds, install_thresholds, set_threshold, thresholded
 from distill.sparsity.masks import mask_rule, masked_modules, stored_weight
 from distill.sparsity.modes import FixedMasks, add_group_dropout, mask_upkeep, revive_pruned_weights
 from distill.student import load_student, nonfinite_problem, save_student
@@ -61,6 +63,7 @@ class Training:
     spec: SparsitySpec
     sharded_checkpoint: ShardedCheckpoint | None
     step_flops: float
+    calibration: torch.Tensor  # blocks the activation thresholds are re-calibrated on
     history: list[dict] = field(default_factory=list)
 
 
@@ -107,6 +110,8 @@ def _setup(ctx: StageContext) -> Training:
     blocks, heldout, cached, teacher = _load_inputs(ctx)
     spec = read_sparsity_spec(ctx.stage_dir("prune") / STUDENT_DIR)
     student = load_student(ctx.stage_dir("prune") / STUDENT_DIR, accelerator.device).train()
+    for name, threshold in spec.input_thresholds.items():  # the prune stage's, calibrated on the one-shot student
+        set_threshold(student.get_submodule(name), threshold, config.activations.straight_through)
     step_flops = flops_per_token(student, teacher, context=blocks.shape[1])
     # the chunked loss applies each head itself: what the head does after its projection, probed
     # before compile and sharding
@@ -139,7 +144,8 @@ def _setup(ctx: StageContext) -> Training:
     step = DistillStep(accelerator, objective, optimizer, scheduler, trainable, masks, train.max_grad_norm,
                        skip_nonfinite=train.on_nonfinite is NonFinite.SKIP, reseed=reseed)
     return Training(student, teacher, objective, step, masks, schedule, blocks, heldout, cached, teacher_transform,
-                    spec, ShardedCheckpoint(objective, optimizer) if sharded else None, step_flops)
+                    spec, ShardedCheckpoint(objective, optimizer) if sharded else None, step_flops,
+                    calibration_blocks(blocks, config.calibration.num_blocks))
 
 
 def _resume(ctx: StageContext, training: Training) -> None:
@@ -205,9 +211,36 @@ def _loop(ctx: StageContext, training: Training) -> None:
                 progress.set_postfix(loss=f"{row.get('loss', float('nan')):.4f}")
             log_row(accelerator, row, prefix="train/")
             window, window_start = [], time.perf_counter()
+        every = ctx.config.activations.recalibrate_every
+        if training.spec.input_thresholds and every and done % every == 0 and done < train.steps:
+            _recalibrate_thresholds(ctx, training, done)
         if done % train.checkpoint_every == 0 and done < train.steps:
             save_checkpoint(accelerator, ctx.work_dir / CHECKPOINTS, done, train.keep_checkpoints,
                             training.sharded_checkpoint)
+
+
+def _recalibrate_thresholds(ctx: StageContext, training: Training, done: int) -> None:
+    """Thresholds calibrated again on the student as it is now (activations.recalibrate_every); every
+    process computes the same ones from the same blocks, in eval mode and the training precision."""
+    activations, accelerator = ctx.config.activations, ctx.accelerator
+    sharded_root = training.objective if training.sharded_checkpoint is not None else None
+    student = training.student
+    student.eval()
+    try:
+        if sharded_root is not None:  # embeddings and head live on the root unit (see heldout_perplexity)
+            sharded_root.unshard()
+        with accelerator.autocast():
+            groups, thresholds = calibrate_thresholds(
+                student, training.calibration.to(accelerator.device), activations.target,
+                activations.allocation is Allocation.GREEDY, activations.where, ctx.config.calibration.batch_size,
+                activations.greedy_step)
+        install_thresholds(student, groups, thresholds, activations.straight_through)
+    finally:
+        if sharded_root is not None:
+            sharded_root.reshard()
+        student.train()
+    mean = sum(thresholds.values()) / len(thresholds)
+    ctx.log(f"[distill] step {done}: activation thresholds re-calibrated on {len(groups)} inputs (mean {mean:.4g})")
 
 
 def _log_window(ctx: StageContext, training: Training, window: list[dict], done: int, seconds: float,
@@ -221,6 +254,9 @@ def _log_window(ctx: StageContext, training: Training, window: list[dict], done:
     # a window whose every step was skipped (train.on_nonfinite=skip) has nothing to average
     means = window_means(accelerator, window) if window else {}
     row = {"step": done, **means, "lr": training.step.scheduler.get_last_lr()[0], "tokens_per_s": tokens_per_s}
+    if training.spec.input_thresholds:  # moves when activations.recalibrate_every re-calibrates them
+        values = thresholded(training.student).values()
+        row["mean_input_threshold"] = sum(values) / len(values)
     if row.pop("nonfinite", 0.0) > 0:
         raise DistillError(_nonfinite_message(ctx.work_dir, done - len(window) + 1, done))
     if peak_flops:

@@ -46,3 +46,36 @@ def test_triton_entries_carry_their_fastest_tiles_and_split_where_tiles_differ()
         {"max_m": None, "path": "triton", "tiles": [32, 64, 128, 4, 3]}]
     assert table.entry(4096, 4096, 10)["tiles"] == [16, 64, 128, 4, 4]
     assert table.entry(4096, 4096, 3, on_gpu=False) == {"path": "reference"}
+
+
+def test_sparse_input_paths_are_chosen_at_decode_sizes_only_and_a_table_saying_otherwise_is_refused(tmp_path):
+    timings = {"64x128": {1: {"dense": 10.0, "triton": 6.0, "sparse_input_24": 4.0},
+                          16: {"dense": 10.0, "triton": 6.0, "sparse_input": 5.0},
+                          64: {"dense": 10.0, "triton": 8.0, "sparse_input": 1.0}}}  # never at M > 16
+    table = CrossoverTable.from_timings("H200", timings)
+    assert [table.choose(64, 128, m) for m in (1, 16, 64)] == ["sparse_input_24", "sparse_input", "triton"]
+    (tmp_path / "wide.json").write_text('{"shapes": {"64x128": [{"max_m": null, "path": "sparse_input"}]}}')
+    with pytest.raises(DistillError, match="sparse-input kernels serve decode only"):
+        CrossoverTable.load(tmp_path / "wide.json")
+
+
+@pytest.mark.parametrize("path", ["sparse_input", "sparse_input_24"])
+def test_a_2_4_projection_on_a_sparse_input_path_computes_the_dense_product(path):
+    """Sparse24Linear through the dispatcher (CPU tensors take table paths in Triton's interpreter)."""
+    import torch
+
+    from conftest import random_2_4_weight
+    from distill.runtime.linear import Sparse24Linear
+
+    torch.manual_seed(11)
+    weight, bias = random_2_4_weight(48, 64), torch.randn(48)
+    layer = Sparse24Linear(weight, bias, "probe", CrossoverTable("cpu", {"48x64": [
+        {"max_m": 16, "path": path}, {"max_m": None, "path": "dense"}]}))
+    x = torch.randn(2, 3, 64)
+    x[..., torch.rand(64) < 0.5] = 0
+    expected = x.double() @ weight.double().T + bias.double()
+    actual = layer(x)
+    assert layer.last_path == path
+    assert float((actual.double() - expected).norm() / expected.norm()) < 1e-5
+    layer(torch.randn(40, 64))
+    assert layer.last_path == "dense"

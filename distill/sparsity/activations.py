@@ -1,0 +1,309 @@
+"""Activation sparsity: projection inputs whose magnitude is below a calibrated threshold become zero,
+so a decode step can skip the weight columns they multiply (TEAL, Liu et al. 2024).
+
+The unit is a projection input: in a decoder layer, the projections that read the same tensor share
+one input (q/k/v, gate/up) and one threshold; o_proj and down_proj read their own. `input_groups`
+finds them by running one layer and comparing the tensors each projection receives, so no
+architecture is named.
+
+  input_statistics   per input: the fraction of exact zeros and quantiles of |x| on calibration text
+  uniform_thresholds every input zeroed at the same fraction (the |x| quantile at the target)
+  greedy_thresholds  TEAL's allocation: per decoder layer, the layer's inputs take the target on
+                     average, and each step sparsifies further the input whose step costs the layer's
+                     output the least error on calibration data
+  install_thresholds an `InputThreshold` module per thresholded projection (`<projection>.input_threshold`,
+                     its threshold a buffer, so checkpoints and state dicts carry it) applied by a
+                     forward pre-hook: the projection sees x * (|x| >= t)
+
+Thresholds are magnitudes of the inputs, so they follow the input dtype's scale. The
+`straight_through` option lets the gradient reach the zeroed entries as if they were kept (the
+forward is the same).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from distill.targets import decoder_layers
+
+# |x| values kept per input and batch to estimate quantiles (a sample: a whole calibration set of a
+# large model does not fit torch.quantile's 16M-element limit)
+SAMPLES_PER_BATCH = 1 << 15
+QUANTILES = (0.1, 0.25, 0.4, 0.5, 0.6, 0.7, 0.9, 0.99)
+
+
+class InputThreshold(nn.Module):
+    """x * (|x| >= threshold). Gradients reach the kept entries; with `straight_through` the zeroed
+    entries get theirs too, as if kept."""
+
+    def __init__(self, threshold: float, straight_through: bool = False):
+        super().__init__()
+        self.register_buffer("threshold", torch.tensor(float(threshold)))
+        self.straight_through = straight_through
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kept = x.abs() >= self.threshold.to(x.dtype)
+        sparse = x * kept
+        if self.straight_through:
+            return x + (sparse - x).detach()
+        return sparse
+
+
+def _apply_threshold(module: nn.Module, args: tuple) -> tuple:
+    return (module.input_threshold(args[0]),) + tuple(args[1:])
+
+
+@dataclass(frozen=True)
+class InputGroup:
+    """One projection input of one decoder layer: the projections that read it (full names)."""
+
+    layer: int
+    projections: tuple[str, ...]
+
+    @property
+    def label(self) -> str:
+        """Short name of the input: its projections' last names joined (q_proj+k_proj+v_proj)."""
+        return "+".join(name.rsplit(".", 1)[-1] for name in self.projections)
+
+    @property
+    def name(self) -> str:
+        return self.projections[0]
+
+
+def _layer_inputs(layer: nn.Module, prefix: str, sample: tuple[tuple, dict]) -> list[tuple[str, ...]]:
+    """The linear projections of one layer grouped by the tensor they read in one forward."""
+    seen: dict[str, torch.Tensor] = {}
+    linears = [(f"{prefix}.{path}", module) for path, module in layer.named_modules()
+               if isinstance(module, nn.Linear) and path]
+    hooks = [module.register_forward_pre_hook(lambda m, args, name=name: seen.setdefault(name, args[0]),
+                                              prepend=True)  # the input as it arrives, before any threshold
+             for name, module in linears]
+    try:
+        with torch.no_grad():
+            layer(*sample[0], **sample[1])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    groups: list[list[str]] = []
+    for name, _ in linears:  # the tensors stay alive in `seen`, so identity means the same input
+        for group in groups:
+            if name in seen and seen[name] is seen.get(group[0]):
+                group.append(name)
+                break
+        else:
+            if name in seen:
+                groups.append([name])
+    return [tuple(group) for group in groups]
+
+
+def input_groups(model: nn.Module, probe: torch.Tensor, where: Sequence[str] = ("*",)) -> list[InputGroup]:
+    """Every projection input of the decoder layers whose projections `where` selects (names or
+    globs matched like prune.targets: last name, path in the layer, or full name; a shared input is
+    selected when any of its projections is)."""
+    found = decoder_layers(model)
+    if found is None:
+        raise ValueError(f"{type(model).__name__}: no list of decoder layers to find projection inputs in")
+    prefix, layers = found
+    captured: list[tuple[tuple, dict]] = []
+
+    def capture(module, args, kwargs):
+        captured.append((args, kwargs))
+
+    hooks = [layer.register_forward_pre_hook(capture, with_kwargs=True) for layer in layers]
+    try:
+        with torch.no_grad():
+            model(input_ids=probe, use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    groups = []
+    for index, (layer, sample) in enumerate(zip(layers, captured)):
+        layer_prefix = f"{prefix}.{index}" if prefix else str(index)
+        for projections in _layer_inputs(layer, layer_prefix, sample):
+            if any(_selected(name, layer_prefix, where) for name in projections):
+                groups.append(InputGroup(index, projections))
+    return groups
+
+
+def _selected(name: str, layer_prefix: str, where: Sequence[str]) -> bool:
+    path = name.removeprefix(layer_prefix + ".")
+    return any(fnmatchcase(candidate, pattern) for pattern in where
+               for candidate in (name.rsplit(".", 1)[-1], path, name))
+
+
+@dataclass
+class InputStatistics:
+    """Of one projection input over calibration text: the fraction of exact zeros, and a sample of
+    |x| (float32) from which quantiles and thresholds are read."""
+
+    zero_fraction: float
+    sample: torch.Tensor
+
+    def quantiles(self, levels: Sequence[float] = QUANTILES) -> dict[str, float]:
+        values = torch.quantile(self.sample, torch.tensor(list(levels)))
+        return {f"q{level:g}": float(value) for level, value in zip(levels, values)}
+
+    def threshold(self, sparsity: float) -> float:
+        """The |x| below which `sparsity` of the entries fall (0 zeroes nothing)."""
+        if sparsity <= 0:
+            return 0.0
+        return float(torch.quantile(self.sample, torch.tensor(min(sparsity, 1.0))))
+
+
+@torch.no_grad()
+def input_statistics(model: nn.Module, groups: list[InputGroup], blocks: torch.Tensor, batch_size: int,
+                     thresholded: bool = True, seed: int = 0) -> dict[str, InputStatistics]:
+    """{group name: InputStatistics} from running `model` on `blocks`: of the inputs as the weights
+    see them (after an installed threshold) or, with `thresholded=False`, as they arrive (what a
+    threshold is calibrated on; earlier layers keep their thresholds either way)."""
+    generator = torch.Generator().manual_seed(seed)
+    zeros = {group.name: 0 for group in groups}
+    counts = {group.name: 0 for group in groups}
+    samples: dict[str, list[torch.Tensor]] = {group.name: [] for group in groups}
+
+    def record(module, args, name):
+        x = args[0].detach()
+        if thresholded and isinstance(getattr(module, "input_threshold", None), InputThreshold):
+            x = module.input_threshold(x)  # what the weights see
+        flat = x.reshape(-1).abs().float().cpu()
+        zeros[name] += int((flat == 0).sum())
+        counts[name] += flat.numel()
+        picks = torch.randint(0, flat.numel(), (min(SAMPLES_PER_BATCH, flat.numel()),), generator=generator)
+        samples[name].append(flat[picks])
+
+    hooks = [model.get_submodule(group.name).register_forward_pre_hook(  # first: before any threshold
+        lambda module, args, name=group.name: record(module, args, name), prepend=True) for group in groups]
+    device = next(model.parameters()).device
+    try:
+        for start in range(0, len(blocks), batch_size):
+            model(input_ids=blocks[start:start + batch_size].to(device), use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {name: InputStatistics(zeros[name] / max(counts[name], 1), torch.cat(samples[name]))
+            for name in samples}
+
+
+def uniform_thresholds(groups: list[InputGroup], statistics: dict[str, InputStatistics],
+                       target: float) -> dict[str, float]:
+    """{group name: threshold} zeroing `target` of every input."""
+    return {group.name: statistics[group.name].threshold(target) for group in groups}
+
+
+def install_thresholds(model: nn.Module, groups: list[InputGroup], thresholds: dict[str, float],
+                       straight_through: bool = False) -> None:
+    """Give every projection of each group its input's threshold (in place); an installed one is
+    updated instead."""
+    for group in groups:
+        for name in group.projections:
+            set_threshold(model.get_submodule(name), thresholds[group.name], straight_through)
+
+
+def set_threshold(projection: nn.Module, threshold: float, straight_through: bool = False) -> None:
+    existing = getattr(projection, "input_threshold", None)
+    if isinstance(existing, InputThreshold):
+        existing.threshold.fill_(threshold)
+        existing.straight_through = straight_through
+        return
+    device = next(itertools.chain(projection.parameters(), projection.buffers())).device
+    projection.input_threshold = InputThreshold(threshold, straight_through).to(device)
+    projection._input_threshold_hook = projection.register_forward_pre_hook(_apply_threshold)
+
+
+def thresholded(model: nn.Module) -> dict[str, float]:
+    """{projection name: threshold} of every projection with an installed threshold."""
+    return {name: float(module.input_threshold.threshold) for name, module in model.named_modules()
+            if isinstance(getattr(module, "input_threshold", None), InputThreshold)}
+
+
+def remove_thresholds(model: nn.Module, names: Sequence[str] | None = None) -> None:
+    """The projections `names` (default: all) back to their dense input (in place)."""
+    for name, module in list(model.named_modules()):
+        if (names is None or name in names) and isinstance(getattr(module, "input_threshold", None), InputThreshold):
+            module._input_threshold_hook.remove()
+            del module._input_threshold_hook
+            del module.input_threshold
+
+
+def _layer_output(output) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+@torch.no_grad()
+def greedy_thresholds(model: nn.Module, groups: list[InputGroup], statistics: dict[str, InputStatistics],
+                      blocks: torch.Tensor, batch_size: int, target: float, step: float) -> dict[str, float]:
+    """TEAL's greedy allocation, layer by layer (the layers' own thresholds are removed; the caller
+    installs the result): every input of the layer starts dense; each step
+    adds `step` of sparsity to the input whose step raises the layer's relative output error
+    (on `blocks`, against the layer without thresholds) least, until the layer's inputs, weighted by
+    the weights they multiply, average `target`. The last step is cut to land on it."""
+    found = decoder_layers(model)
+    layers = found[1]
+    captured: dict[int, list[tuple[tuple, dict]]] = {index: [] for index in {group.layer for group in groups}}
+    hooks = [layers[index].register_forward_pre_hook(
+        lambda module, args, kwargs, index=index: captured[index].append((args, kwargs)), with_kwargs=True)
+        for index in captured]
+    device = next(model.parameters()).device
+    try:
+        for start in range(0, len(blocks), batch_size):
+            model(input_ids=blocks[start:start + batch_size].to(device), use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    thresholds: dict[str, float] = {}
+    for index, samples in captured.items():
+        mine = [group for group in groups if group.layer == index]
+        thresholds.update(_allocate_layer(model, layers[index], mine, statistics, samples, target, step))
+    return thresholds
+
+
+def _allocate_layer(model: nn.Module, layer: nn.Module, groups: list[InputGroup], statistics: dict[str, InputStatistics],
+                    samples: list[tuple[tuple, dict]], target: float, step: float) -> dict[str, float]:
+    projections = [name for group in groups for name in group.projections]
+    remove_thresholds(model, projections)  # the reference is the layer with dense inputs
+    weight = {group.name: sum(model.get_submodule(name).weight.numel() for name in group.projections) for group in groups}
+    total = sum(weight.values())
+    dense = [_layer_output(layer(*args, **kwargs)) for args, kwargs in samples]
+    scale = sum(float(out.float().square().sum()) for out in dense)
+    sparsity = {group.name: 0.0 for group in groups}
+
+    def error(trial: dict[str, float]) -> float:
+        install_thresholds(model, groups, {name: statistics[name].threshold(s) for name, s in trial.items()})
+        outputs = [_layer_output(layer(*args, **kwargs)) for args, kwargs in samples]
+        return sum(float((out - ref).float().square().sum()) for out, ref in zip(outputs, dense)) / scale
+
+    try:
+        while (reached := sum(weight[name] * s for name, s in sparsity.items()) / total) < target - 1e-9:
+            best, best_error = None, float("inf")
+            for group in groups:
+                room = min(step, 1.0 - sparsity[group.name], (target - reached) * total / weight[group.name])
+                if room <= 1e-9:
+                    continue
+                trial = {**sparsity, group.name: sparsity[group.name] + room}
+                trial_error = error(trial)
+                if trial_error < best_error:
+                    best, best_error = trial, trial_error
+            if best is None:
+                break
+            sparsity = best
+    finally:
+        remove_thresholds(model, projections)  # the caller installs the result
+    return {name: statistics[name].threshold(s) for name, s in sparsity.items()}
+
+
+def calibrate_thresholds(model: nn.Module, blocks: torch.Tensor, target: float, greedy: bool, where: Sequence[str],
+                         batch_size: int, step: float = 0.1) -> tuple[list[InputGroup], dict[str, float]]:
+    """(the inputs `where` selects, {group name: threshold}) reaching `target` on `blocks`, uniformly
+    or by TEAL's greedy allocation, from the inputs as they arrive (earlier layers' installed
+    thresholds active)."""
+    groups = input_groups(model, blocks[:1], where)
+    statistics = input_statistics(model, groups, blocks, batch_size, thresholded=False)
+    if greedy:
+        return groups, greedy_thresholds(model, groups, statistics, blocks, batch_size, target, step)
+    return groups, uniform_thresholds(groups, statistics, target)

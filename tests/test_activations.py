@@ -1,0 +1,102 @@
+"""Activation sparsity (distill.sparsity.activations): thresholds against plain-PyTorch references
+on fresh random inputs, input groups found by running the model, and calibrated sparsity levels."""
+
+import pytest
+import torch
+from torch import nn
+
+from distill.sparsity.activations import (InputThreshold, calibrate_thresholds, input_groups, input_statistics,
+                                          install_thresholds, remove_thresholds, thresholded)
+
+
+@pytest.mark.parametrize("straight_through", [False, True])
+def test_a_threshold_zeroes_small_inputs_and_passes_the_chosen_gradient(straight_through):
+    torch.manual_seed(0)
+    x = torch.randn(5, 7, 32, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(5, 7, 32, dtype=torch.float64)
+    threshold = float(x.detach().abs().median().float())  # the buffer holds it in float32
+    out = InputThreshold(threshold, straight_through)(x)
+    kept = x.detach().abs() >= threshold
+    assert torch.equal(out.detach(), x.detach() * kept)
+    assert 0.45 < float(kept.double().mean()) < 0.55
+    (grad,) = torch.autograd.grad(out, x, upstream)
+    expected = upstream if straight_through else upstream * kept
+    assert torch.allclose(grad, expected, rtol=1e-12, atol=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_teacher):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_teacher, dtype=torch.float32).eval()
+
+
+def test_inputs_are_grouped_by_the_tensor_the_projections_read(tiny_model):
+    probe = torch.randint(0, tiny_model.config.vocab_size, (1, 16))
+    groups = input_groups(tiny_model, probe)
+    assert [group.label for group in groups if group.layer == 0] == ["q_proj+k_proj+v_proj", "o_proj",
+                                                                     "gate_proj+up_proj", "down_proj"]
+    assert len(groups) == 4 * tiny_model.config.num_hidden_layers
+    only_down = input_groups(tiny_model, probe, where=["mlp.down_proj"])
+    assert [group.label for group in only_down] == ["down_proj"] * tiny_model.config.num_hidden_layers
+    assert [group.label for group in input_groups(tiny_model, probe, where=["k_proj"])][0] == "q_proj+k_proj+v_proj"
+
+
+@pytest.mark.parametrize("greedy", [False, True])
+def test_calibrated_thresholds_reach_the_target_and_come_off_cleanly(tiny_model, greedy):
+    torch.manual_seed(1)
+    blocks = torch.randint(0, tiny_model.config.vocab_size, (6, 32))
+    ids = torch.randint(0, tiny_model.config.vocab_size, (2, 24))
+    with torch.no_grad():
+        dense = tiny_model(input_ids=ids).logits
+    groups, thresholds = calibrate_thresholds(tiny_model, blocks, 0.5, greedy, ["*"], batch_size=3, step=0.1)
+    try:
+        install_thresholds(tiny_model, groups, thresholds)
+        assert set(thresholded(tiny_model)) == {name for group in groups for name in group.projections}
+        measured = input_statistics(tiny_model, groups, blocks, batch_size=3)  # as the weights see them
+        weights = {group.name: sum(tiny_model.get_submodule(n).weight.numel() for n in group.projections) for group in groups}
+        overall = sum(weights[name] * stats.zero_fraction for name, stats in measured.items()) / sum(weights.values())
+        assert overall == pytest.approx(0.5, abs=0.03)
+        if not greedy:  # every input at the target
+            assert all(stats.zero_fraction == pytest.approx(0.5, abs=0.05) for stats in measured.values())
+        with torch.no_grad():
+            sparse = tiny_model(input_ids=ids).logits
+        assert not torch.equal(sparse, dense)
+    finally:
+        remove_thresholds(tiny_model)
+    assert thresholded(tiny_model) == {}
+    with torch.no_grad():
+        assert torch.equal(tiny_model(input_ids=ids).logits, dense)
+
+
+def test_greedy_allocation_costs_the_layer_less_error_than_uniform(tiny_model):
+    """What the greedy search optimizes: on its calibration data, each layer's output error against
+    the layer with dense inputs, summed over layers, is no worse than uniform thresholds'."""
+    from distill.sparsity.activations import _layer_output
+    from distill.targets import decoder_layers
+
+    torch.manual_seed(2)
+    blocks = torch.randint(0, tiny_model.config.vocab_size, (6, 32))
+    layers = decoder_layers(tiny_model)[1]
+
+    def layer_errors(groups, thresholds) -> float:
+        captured = []
+        hooks = [layer.register_forward_pre_hook(lambda m, a, k: captured.append((m, a, k)), with_kwargs=True)
+                 for layer in layers]
+        with torch.no_grad():
+            tiny_model(input_ids=blocks, use_cache=False)
+        for hook in hooks:
+            hook.remove()
+        total = 0.0
+        with torch.no_grad():
+            for module, args, kwargs in captured:
+                dense = _layer_output(module(*args, **kwargs))
+                install_thresholds(tiny_model, groups, thresholds)
+                sparse = _layer_output(module(*args, **kwargs))
+                remove_thresholds(tiny_model)
+                total += float((sparse - dense).square().sum() / dense.square().sum())
+        return total
+
+    uniform = layer_errors(*calibrate_thresholds(tiny_model, blocks, 0.5, False, ["*"], batch_size=6))
+    greedy = layer_errors(*calibrate_thresholds(tiny_model, blocks, 0.5, True, ["*"], batch_size=6, step=0.1))
+    assert greedy <= uniform
