@@ -36,14 +36,15 @@ def student_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, tiny_teacher):
-    """One complete pipeline run, with wikitext-2 test added as an evaluation file and the MLP channels
-    permuted for 2:4 before pruning."""
+    """One complete pipeline run, with wikitext-2 test added as an evaluation file, the MLP channels
+    permuted for 2:4 before pruning, and half of the projection inputs zeroed by thresholds (greedy)."""
     tmp_path = tmp_path_factory.mktemp("finished")
     config = tiny_config(tmp_path, tiny_teacher, data={"block_size": 32, "max_heldout_blocks": 8, "sources": [
         {"name": "wiki", "kind": "files", "files": [str(REPO.parent / "shared/data/wikitext-2/valid.txt")],
          "heldout_fraction": 0.1, "max_blocks": 160},
         {"name": "samples", "kind": "teacher", "samples": {"num_sequences": 8, "max_new_tokens": 40, "batch_size": 4}},
-    ]}, prune={"permute": True, "permute_sweeps": 10})
+    ]}, prune={"permute": True, "permute_sweeps": 10}, activations={"target": 0.5, "allocation": "greedy"},
+        eval={"block_size": 64, "max_blocks": 4, "batch_size": 4, "activation_levels": [0.0, 0.5]})
     path = write_config(tmp_path / "tiny.yaml", config)
     result = run_pipeline(path, f"eval.files=[{TEST_TEXT}]")
     return path, tmp_path / "runs" / "tiny", result
@@ -69,6 +70,37 @@ def test_pipeline_writes_every_stage_and_a_complete_report(finished_run):
     assert len(gains) == 2 and all(gain >= 0 for gain in gains.values()) and max(gains.values()) > 0
     assert "| test |" in (run_dir / "evaluate" / "report.md").read_text()
     assert "| test |" in result.stdout  # the table is printed last
+
+
+def test_activation_sparsity_is_measured_trained_under_and_exported(finished_run):
+    from distill.runtime import load_sparse_model
+    from distill.sparsity.activations import set_threshold, thresholded
+
+    _, run_dir, _ = finished_run
+    report = json.loads((run_dir / "evaluate" / "report.json").read_text())
+    activations = report["activations"]
+    for name, scores in report["sources"].items():  # the student both ways
+        assert scores["student_thresholded"]["ppl"] > 1 and scores["student_thresholded"]["ppl"] != scores["student"]["ppl"]
+        curve = activations["teacher_training_free"][name]
+        assert curve["0"] == pytest.approx(scores["teacher"]["ppl"], rel=1e-9) and curve["0.5"] != curve["0"]
+    tables = activations["inputs"]
+    assert {row["input"] for row in tables["teacher"]} == {"q_proj+k_proj+v_proj", "o_proj", "gate_proj+up_proj", "down_proj"}
+    assert all(row["zero_fraction"] == 0 and row["q0.5"] > 0 for row in tables["teacher"])
+    assert sum(row["zero_fraction"] for row in tables["oneshot"]) / len(tables["oneshot"]) > 0.2
+    assert "## Activation sparsity" in (run_dir / "evaluate" / "report.md").read_text()
+    # the packed export carries the thresholds and the runtime applies them; hf/ runs without them
+    spec = read_sparsity_spec(run_dir / "export" / "packed")
+    assert spec.layout.value == "nm_packed.v2" and len(spec.input_thresholds) == 14
+    assert spec.input_thresholds == read_sparsity_spec(run_dir / "distill" / "student").input_thresholds
+    sparse = load_sparse_model(run_dir / "export" / "packed")
+    assert thresholded(sparse) == pytest.approx(spec.input_thresholds)
+    plain = AutoModelForCausalLM.from_pretrained(run_dir / "export" / "hf").eval()
+    assert thresholded(plain) == {}
+    for name, threshold in spec.input_thresholds.items():
+        set_threshold(plain.get_submodule(name), threshold)
+    ids = torch.randint(0, plain.config.vocab_size, (2, 16))
+    with torch.no_grad():
+        assert torch.allclose(sparse(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_exported_model_loads_with_transformers_and_is_2_4(finished_run):

@@ -1,0 +1,130 @@
+"""Activation sparsity on the demo teacher: quality of 2:4 weights with 50% sparse activations,
+distilled under the thresholds against thresholds applied afterwards (wikitext-2 test perplexity).
+
+    python benchmarks/activation_sparsity.py [--set key=value ...] [--json out.json] [--write-results]
+
+Rows, all at the same distill budget (configs/quality.yaml, overridable with --set):
+  teacher, training-free    the dense teacher with every projection input zeroed at 40% and 50%
+                            (uniform thresholds from calibration text; the evaluate stage's sweep)
+  2:4                       the Wanda 2:4 student, fixed masks, distilled, dense activations
+  2:4 + 50%, after          that student with 50% thresholds calibrated on it after distill
+  2:4 + 50%, under          thresholds calibrated on the one-shot student in the prune stage and
+                            distilled under (activations.target=0.5)
+Each distilled row is the pipeline itself (launch.sh), scored by its evaluate stage on the first
+`eval.max_blocks` (48) windows of 512 tokens of wikitext-2 test; calibration is wikitext-2 valid.
+The "after" row calibrates with the same library call the prune stage makes. --write-results puts
+the table into benchmarks/RESULTS.md between its activation-sparsity markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "quality.yaml"
+RESULTS = REPO / "benchmarks" / "RESULTS.md"
+MARKERS = ("<!-- activation-sparsity:start -->", "<!-- activation-sparsity:end -->")
+BASE = ["eval.max_blocks=48", "eval.activation_levels=[0.4,0.5]"]
+TARGET = 0.5
+
+
+def run_pipeline(name: str, overrides: list[str]) -> Path:
+    """launch.sh on the quality config; the run dir (runs/<name>)."""
+    from distill.config import load_config
+
+    overrides = [f"run.name={name}", *overrides]
+    result = subprocess.run(["bash", str(REPO / "launch.sh"), str(CONFIG), *overrides], cwd=REPO,
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"{name} failed:\n{result.stderr[-3000:]}")
+    return REPO / load_config(CONFIG, overrides).run_dir
+
+
+def thresholds_after_distill(run_dir: Path, target: float) -> dict:
+    """The distilled 2:4 student of `run_dir` with `target` of its projection inputs zeroed by
+    thresholds calibrated on it, scored like the evaluate stage scores (KL to the teacher)."""
+    from accelerate import Accelerator
+
+    from distill.artifacts import STUDENT_DIR, read_token_blocks
+    from distill.calibration import calibration_blocks
+    from distill.config import load_config
+    from distill.data import pack, tokenize_files
+    from distill.evaluation import score_models
+    from distill.models import load_teacher, load_tokenizer
+    from distill.sparsity.activations import calibrate_thresholds, install_thresholds
+    from distill.student import load_student
+
+    config = load_config(run_dir / "config.yaml")
+    accelerator = Accelerator(cpu=True)
+    teacher = load_teacher(config.teacher, accelerator.device)
+    student = load_student(run_dir / "distill" / STUDENT_DIR)
+    calibration = calibration_blocks(read_token_blocks(run_dir / "teacher").train, config.calibration.num_blocks)
+    groups, thresholds = calibrate_thresholds(student, calibration, target, False, ["*"], config.calibration.batch_size)
+    install_thresholds(student, groups, thresholds)
+    test = pack(tokenize_files(config.eval.files, load_tokenizer(config.teacher)), config.eval.block_size)
+    test = test[:config.eval.max_blocks]
+    scores = score_models({"teacher": teacher, "student": student}, test, accelerator, config.eval.batch_size)
+    return scores["student"]
+
+
+def table(rows: list[dict], teacher_ppl: float, windows: int) -> str:
+    lines = [f"Demo teacher, wikitext-2 test, the first {windows} windows of 512 tokens (teacher {teacher_ppl:.2f}); "
+             "calibration on wikitext-2 valid; every distilled row at configs/quality.yaml's budget.", "",
+             "| row | activations zeroed | ppl | x teacher | KL |", "|---|---:|---:|---:|---:|"]
+    for row in rows:
+        kl = f"{row['kl']:.4f}" if row.get("kl") is not None else "-"
+        lines.append(f"| {row['row']} | {row['zeroed']} | {row['ppl']:.2f} | {row['ppl'] / teacher_ppl:.3f} | {kl} |")
+    return "\n".join(lines)
+
+
+def write_results(text: str) -> None:
+    from distill.io import write_text
+
+    current = RESULTS.read_text()
+    start, end = (current.index(marker) for marker in MARKERS)
+    write_text(RESULTS, current[:start + len(MARKERS[0])] + "\n" + text + "\n" + current[end:])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--set", nargs="*", default=[], help="overrides of configs/quality.yaml for every run")
+    parser.add_argument("--json", help="save the rows (JSON)")
+    parser.add_argument("--write-results", action="store_true", help="update the table in benchmarks/RESULTS.md")
+    args = parser.parse_args(argv)
+    os.chdir(REPO)  # the configs name their files relative to the repo
+    started = time.time()
+    plain = run_pipeline("activations_none", [*BASE, *args.set])
+    under = run_pipeline("activations_under", [*BASE, "eval.activation_levels=[]", f"activations.target={TARGET}", *args.set])
+    report = json.loads((plain / "evaluate" / "report.json").read_text())
+    test = report["sources"]["test"]
+    curve = report["activations"]["teacher_training_free"]["test"]
+    after = thresholds_after_distill(plain, TARGET)
+    under_test = json.loads((under / "evaluate" / "report.json").read_text())["sources"]["test"]
+    rows = [
+        {"row": "teacher, training-free", "zeroed": "40%", "ppl": curve["0.4"]},
+        {"row": "teacher, training-free", "zeroed": "50%", "ppl": curve["0.5"]},
+        {"row": "2:4", "zeroed": "0%", "ppl": test["student"]["ppl"], "kl": test["student"]["kl"]},
+        {"row": "2:4, thresholds after distill", "zeroed": "50%", "ppl": after["ppl"], "kl": after["kl"]},
+        {"row": "2:4, distilled under thresholds", "zeroed": "50%", "ppl": under_test["student_thresholded"]["ppl"],
+         "kl": under_test["student_thresholded"]["kl"]},
+    ]
+    text = table(rows, test["teacher"]["ppl"], test["tokens"] // 512)
+    text += (f"\n\nDistilled under the thresholds against applied after: {rows[3]['ppl'] / rows[4]['ppl']:.3f}x lower "
+             f"perplexity; 2:4 + 50% under thresholds against 2:4 alone: {rows[4]['ppl'] / rows[2]['ppl']:.3f}x.")
+    print("\n" + text)
+    print(f"\n({time.time() - started:.0f} s)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"set": args.set, "rows": rows}, indent=1))
+    if args.write_results:
+        write_results(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
