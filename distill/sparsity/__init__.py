@@ -1,0 +1,11 @@
+"""Weight and activation sparsity, one idea per module (after torchao's sparsity package):
+
+  patterns      which weights a mask may remove together (N:M, blocks, channels, ...), one class each
+  criteria      scores that need gradients or reconstruction (Taylor, Fisher, SparseGPT)
+  masks         masks as parametrizations of a projection's weight: the sparsity invariant
+  modes         how masks move during distillation (fixed, dynamic, learnable)
+  permutation   channel permutation before N:M pruning
+  structured    patterns across projections (MLP channels, head groups) and shrinking them
+  packing       the packed N:M format
+  activations   activation sparsity: calibrated input thresholds (TEAL-style)
+"""
