@@ -34,16 +34,16 @@ BASE = ["eval.max_blocks=48", "eval.activation_levels=[0.4,0.5]"]
 TARGET = 0.5
 
 
-def run_pipeline(name: str, overrides: list[str]) -> Path:
-    """launch.sh on the quality config; the run dir (runs/<name>)."""
+def run_pipeline(config: Path, name: str, overrides: list[str]) -> Path:
+    """launch.sh on `config` as run `name`; the run dir."""
     from distill.config import load_config
 
     overrides = [f"run.name={name}", *overrides]
-    result = subprocess.run(["bash", str(REPO / "launch.sh"), str(CONFIG), *overrides], cwd=REPO,
+    result = subprocess.run(["bash", str(REPO / "launch.sh"), str(config), *overrides], cwd=REPO,
                             capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"{name} failed:\n{result.stderr[-3000:]}")
-    return REPO / load_config(CONFIG, overrides).run_dir
+    return REPO / load_config(config, overrides).run_dir
 
 
 def thresholds_after_distill(run_dir: Path, target: float) -> dict:
@@ -73,9 +73,11 @@ def thresholds_after_distill(run_dir: Path, target: float) -> dict:
     return scores["student"]
 
 
-def table(rows: list[dict], teacher_ppl: float, windows: int) -> str:
-    lines = [f"Demo teacher, wikitext-2 test, the first {windows} windows of 512 tokens (teacher {teacher_ppl:.2f}); "
-             "calibration on wikitext-2 valid; every distilled row at configs/quality.yaml's budget.", "",
+def table(rows: list[dict], source: dict, teacher: str, config: Path) -> str:
+    windows, teacher_ppl = source["tokens"] // source["block_size"], source["teacher"]["ppl"]
+    lines = [f"Teacher `{teacher}`, wikitext-2 test, the first {windows} windows of {source['block_size']} tokens "
+             f"(teacher {teacher_ppl:.2f}); every distilled row at the budget of `{config.relative_to(REPO)}` "
+             f"(its calibration text, wikitext-2 valid).", "",
              "| row | activations zeroed | ppl | x teacher | KL |", "|---|---:|---:|---:|---:|"]
     for row in rows:
         kl = f"{row['kl']:.4f}" if row.get("kl") is not None else "-"
@@ -93,16 +95,19 @@ def write_results(text: str) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--set", nargs="*", default=[], help="overrides of configs/quality.yaml for every run")
+    parser.add_argument("--config", type=Path, default=CONFIG, help="the pipeline config every row runs on")
+    parser.add_argument("--set", nargs="*", default=[], help="overrides of the config for every run")
     parser.add_argument("--json", help="save the rows (JSON)")
     parser.add_argument("--write-results", action="store_true", help="update the table in benchmarks/RESULTS.md")
     args = parser.parse_args(argv)
     os.chdir(REPO)  # the configs name their files relative to the repo
     started = time.time()
-    plain = run_pipeline("activations_none", [*BASE, *args.set])
-    under = run_pipeline("activations_under", [*BASE, "eval.activation_levels=[]", f"activations.target={TARGET}", *args.set])
+    config = args.config.resolve()
+    plain = run_pipeline(config, "activations_none", [*BASE, *args.set])
+    under = run_pipeline(config, "activations_under", [*BASE, "eval.activation_levels=[]", f"activations.target={TARGET}",
+                                                       *args.set])
     report = json.loads((plain / "evaluate" / "report.json").read_text())
-    test = report["sources"]["test"]
+    test = report["sources"]["test"]  # eval.files names wikitext-2 test.txt
     curve = report["activations"]["teacher_training_free"]["test"]
     after = thresholds_after_distill(plain, TARGET)
     under_test = json.loads((under / "evaluate" / "report.json").read_text())["sources"]["test"]
@@ -114,7 +119,7 @@ def main(argv=None) -> int:
         {"row": "2:4, distilled under thresholds", "zeroed": "50%", "ppl": under_test["student_thresholded"]["ppl"],
          "kl": under_test["student_thresholded"]["kl"]},
     ]
-    text = table(rows, test["teacher"]["ppl"], test["tokens"] // 512)
+    text = table(rows, test, report["config"]["teacher"], config)
     text += (f"\n\nDistilled under the thresholds against applied after: {rows[3]['ppl'] / rows[4]['ppl']:.3f}x lower "
              f"perplexity; 2:4 + 50% under thresholds against 2:4 alone: {rows[4]['ppl'] / rows[2]['ppl']:.3f}x.")
     print("\n" + text)
