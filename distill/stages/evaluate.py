@@ -238,12 +238,15 @@ def _plot(path: Path, layers: list[dict], history: list[dict], activations: dict
         zeros.plot(list(by_layer), [sum(v) / len(v) for v in by_layer.values()], marker=".", label=name)
     zeros.set(title="zeros in projection inputs (mean per layer)", xlabel="decoder layer", ylim=(0, 1))
     zeros.legend()
-    for name, values in (activations.get("teacher_training_free") or {}).items():
-        curve.plot([float(level) for level in values], list(values.values()), marker="o", label=name)
-    curve.set(title="teacher ppl, training-free activation sparsity", xlabel="fraction of inputs zeroed",
-              ylabel="perplexity", yscale="log")
-    if activations.get("teacher_training_free"):
+    sweep = activations.get("teacher_training_free")
+    if sweep:
+        for name, values in sweep.items():
+            curve.plot([float(level) for level in values], list(values.values()), marker="o", label=name)
+        curve.set(title="teacher ppl, training-free activation sparsity", xlabel="fraction of inputs zeroed",
+                  ylabel="perplexity", yscale="log")
         curve.legend()
+    else:  # eval.activation_levels is empty
+        curve.axis("off")
     figure.tight_layout()
     temp = path.with_name(f".{path.name}.tmp.png")
     figure.savefig(temp, dpi=90)
