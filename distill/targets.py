@@ -32,17 +32,22 @@ def _conv1d_class():
     return Conv1D
 
 
+def linear_types() -> tuple[type, ...]:
+    """The module types that are linear projections: nn.Linear, and transformers' Conv1D (GPT-2)."""
+    return (nn.Linear, _conv1d_class())
+
+
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
     """(name, list) of the decoder blocks: the model's nn.ModuleList holding the most parameters
     whose every entry holds a linear layer (entries may differ in class, as in hybrid models; a list
     of experts inside a layer holds fewer parameters than the list of layers around it). None when
     `model` has no such list (e.g. it is one layer)."""
-    linear_types = (nn.Linear, _conv1d_class())
+    types = linear_types()
     best, best_size = None, 0
     for name, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or len(module) == 0:
             continue
-        if not all(any(isinstance(sub, linear_types) for sub in block.modules()) for block in module):
+        if not all(any(isinstance(sub, types) for sub in block.modules()) for block in module):
             continue
         size = sum(p.numel() for p in module.parameters())
         if size > best_size:

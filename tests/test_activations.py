@@ -34,12 +34,12 @@ def tiny_model(tiny_teacher):
 def test_inputs_are_grouped_by_the_tensor_the_projections_read(tiny_model):
     probe = torch.randint(0, tiny_model.config.vocab_size, (1, 16))
     groups = input_groups(tiny_model, probe)
-    assert [group.label for group in groups if group.layer == 0] == ["q_proj+k_proj+v_proj", "o_proj",
-                                                                     "gate_proj+up_proj", "down_proj"]
+    assert [group.label for group in groups if group.layer == 0] == [
+        "self_attn.q_proj+k_proj+v_proj", "self_attn.o_proj", "mlp.gate_proj+up_proj", "mlp.down_proj"]
     assert len(groups) == 4 * tiny_model.config.num_hidden_layers
     only_down = input_groups(tiny_model, probe, where=["mlp.down_proj"])
-    assert [group.label for group in only_down] == ["down_proj"] * tiny_model.config.num_hidden_layers
-    assert [group.label for group in input_groups(tiny_model, probe, where=["k_proj"])][0] == "q_proj+k_proj+v_proj"
+    assert [group.label for group in only_down] == ["mlp.down_proj"] * tiny_model.config.num_hidden_layers
+    assert [group.label for group in input_groups(tiny_model, probe, where=["k_proj"])][0] == "self_attn.q_proj+k_proj+v_proj"
 
 
 @pytest.mark.parametrize("greedy", [False, True])

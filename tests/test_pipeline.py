@@ -84,7 +84,8 @@ def test_activation_sparsity_is_measured_trained_under_and_exported(finished_run
         curve = activations["teacher_training_free"][name]
         assert curve["0"] == pytest.approx(scores["teacher"]["ppl"], rel=1e-9) and curve["0.5"] != curve["0"]
     tables = activations["inputs"]
-    assert {row["input"] for row in tables["teacher"]} == {"q_proj+k_proj+v_proj", "o_proj", "gate_proj+up_proj", "down_proj"}
+    assert {row["input"] for row in tables["teacher"]} == {"self_attn.q_proj+k_proj+v_proj", "self_attn.o_proj",
+                                                         "mlp.gate_proj+up_proj", "mlp.down_proj"}
     assert all(row["zero_fraction"] == 0 and row["q0.5"] > 0 for row in tables["teacher"])
     assert sum(row["zero_fraction"] for row in tables["oneshot"]) / len(tables["oneshot"]) > 0.2
     assert "## Activation sparsity" in (run_dir / "evaluate" / "report.md").read_text()

@@ -30,7 +30,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from distill.targets import decoder_layers
+from distill.targets import decoder_layers, linear_types
 
 # |x| values kept per input and batch to estimate quantiles (a sample: a whole calibration set of a
 # large model does not fit torch.quantile's 16M-element limit)
@@ -61,26 +61,30 @@ def _apply_threshold(module: nn.Module, args: tuple) -> tuple:
 
 @dataclass(frozen=True)
 class InputGroup:
-    """One projection input of one decoder layer: the projections that read it (full names)."""
+    """One projection input of one decoder layer: the projections that read it (full names, and
+    their paths inside the layer)."""
 
     layer: int
     projections: tuple[str, ...]
+    paths: tuple[str, ...]
 
     @property
     def label(self) -> str:
-        """Short name of the input: its projections' last names joined (q_proj+k_proj+v_proj)."""
-        return "+".join(name.rsplit(".", 1)[-1] for name in self.projections)
+        """The input's name in every layer: the first projection's path in the layer, then the others'
+        last names (self_attn.q_proj+k_proj+v_proj; GPT-2's attn.c_proj and mlp.c_proj stay apart)."""
+        return "+".join([self.paths[0], *(path.rsplit(".", 1)[-1] for path in self.paths[1:])])
 
     @property
     def name(self) -> str:
         return self.projections[0]
 
 
-def _layer_inputs(layer: nn.Module, prefix: str, sample: tuple[tuple, dict]) -> list[tuple[str, ...]]:
-    """The linear projections of one layer grouped by the tensor they read in one forward."""
+def _layer_inputs(layer: nn.Module, sample: tuple[tuple, dict]) -> list[tuple[str, ...]]:
+    """The paths of one layer's linear projections (nn.Linear or transformers' Conv1D), grouped by
+    the tensor they read in one forward."""
     seen: dict[str, torch.Tensor] = {}
-    linears = [(f"{prefix}.{path}", module) for path, module in layer.named_modules()
-               if isinstance(module, nn.Linear) and path]
+    linears = [(path, module) for path, module in layer.named_modules()
+               if isinstance(module, linear_types()) and path and "parametrizations" not in path.split(".")]
     hooks = [module.register_forward_pre_hook(lambda m, args, name=name: seen.setdefault(name, args[0]),
                                               prepend=True)  # the input as it arrives, before any threshold
              for name, module in linears]
@@ -125,14 +129,14 @@ def input_groups(model: nn.Module, probe: torch.Tensor, where: Sequence[str] = (
     groups = []
     for index, (layer, sample) in enumerate(zip(layers, captured)):
         layer_prefix = f"{prefix}.{index}" if prefix else str(index)
-        for projections in _layer_inputs(layer, layer_prefix, sample):
-            if any(_selected(name, layer_prefix, where) for name in projections):
-                groups.append(InputGroup(index, projections))
+        for paths in _layer_inputs(layer, sample):
+            names = tuple(f"{layer_prefix}.{path}" for path in paths)
+            if any(_selected(name, path, where) for name, path in zip(names, paths)):
+                groups.append(InputGroup(index, names, paths))
     return groups
 
 
-def _selected(name: str, layer_prefix: str, where: Sequence[str]) -> bool:
-    path = name.removeprefix(layer_prefix + ".")
+def _selected(name: str, path: str, where: Sequence[str]) -> bool:
     return any(fnmatchcase(candidate, pattern) for pattern in where
                for candidate in (name.rsplit(".", 1)[-1], path, name))
 

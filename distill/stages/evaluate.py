@@ -199,7 +199,7 @@ def _activation_markdown(activations: dict, sources: dict) -> list[str]:
         parts.append("")
     tables = activations.get("inputs", {})
     if tables:
-        labels = list(dict.fromkeys(row["input"] for row in next(iter(tables.values()))))
+        labels = list(dict.fromkeys(row["input"] for rows in tables.values() for row in rows))
         parts += ["Fraction of exact zeros in the projection inputs as the weights see them, mean over layers "
                   "(median |x| in brackets; per layer in report.json):", "",
                   "| input | " + " | ".join(tables) + " |", "|---|" + "---:|" * len(tables)]
@@ -208,7 +208,7 @@ def _activation_markdown(activations: dict, sources: dict) -> list[str]:
             for rows in tables.values():
                 mine = [row for row in rows if row["input"] == label]
                 cells.append(f"{sum(r['zero_fraction'] for r in mine) / len(mine):.3f} "
-                             f"({sum(r['q0.5'] for r in mine) / len(mine):.3g})")
+                             f"({sum(r['q0.5'] for r in mine) / len(mine):.3g})" if mine else "-")
             parts.append(f"| {label} | " + " | ".join(cells) + " |")
     return parts
 
