@@ -70,7 +70,8 @@ def tiny_config(tmp_path: Path, teacher: Path, name: str = "tiny", **sections) -
         "calibration": {"num_blocks": 8},
         "train": {"steps": 12, "global_batch_size": 4, "micro_batch_size": 2, "lr": 1e-3, "warmup_steps": 2,
                   "log_every": 1, "checkpoint_every": 4},
-        "eval": {"block_size": 64, "max_blocks": 4, "batch_size": 4},
+        # the teacher's training-free activation sweep is measured where a test asks for it
+        "eval": {"block_size": 64, "max_blocks": 4, "batch_size": 4, "activation_levels": []},
     }
     for section, values in sections.items():
         config[section] = {**config.get(section, {}), **values}
