@@ -190,7 +190,7 @@ def test_kill_in_distill_then_resume_gives_the_bitwise_same_student(tmp_path, ti
                                                                      processes, activations):
     """Two gloo ranks: DDP, or the student sharded (fsdp) and resumed from the gathered checkpoint.
     With activation thresholds, re-calibrated every 3 steps, straight-through."""
-    train = {"steps": 24, "checkpoint_every": 4, "log_every": 1, "global_batch_size": 8, "micro_batch_size": 4,
+    train = {"steps": 16, "checkpoint_every": 4, "log_every": 1, "global_batch_size": 8, "micro_batch_size": 4,
              "masks": {"mode": mask_mode, "update_every": 3, "init_logit": 0.02, "lr": 0.05}, "sharding": sharding}
     sections = {"train": train}
     if activations:
@@ -207,19 +207,21 @@ def test_kill_in_distill_then_resume_gives_the_bitwise_same_student(tmp_path, ti
     assert not (run_dir / "distill").exists(), "the kill must land in the middle of distill"
     latest = json.loads((run_dir / "distill.partial" / "checkpoints" / "latest.json").read_text())
 
-    # a changed training config must not silently continue from these checkpoints
-    refused = launch(killed, *ranks, "train.lr=0.005", check=False)
-    assert refused.returncode != 0 and "Traceback" not in refused.stderr
-    assert "config.train.lr: 0.001 -> 0.005" in refused.stderr and "--discard-partial distill" in refused.stderr
-    assert (run_dir / "distill.partial" / "checkpoints" / latest["name"]).is_dir(), "nothing may be lost"
-    # so must a change upstream, before the upstream stage is replaced
-    prune_manifest = (run_dir / "prune" / "manifest.json").read_text()
-    refused = launch(killed, *ranks, "prune.criterion=magnitude", check=False)
-    assert refused.returncode != 0 and "stage 'prune' runs again" in refused.stderr
-    assert (run_dir / "prune" / "manifest.json").read_text() == prune_manifest
+    first_case = (mask_mode, processes) == ("fixed", 1)
+    if first_case:  # what a launch refuses does not depend on the mask mode or the process count
+        # a changed training config must not silently continue from these checkpoints
+        refused = launch(killed, *ranks, "train.lr=0.005", check=False)
+        assert refused.returncode != 0 and "Traceback" not in refused.stderr
+        assert "config.train.lr: 0.001 -> 0.005" in refused.stderr and "--discard-partial distill" in refused.stderr
+        assert (run_dir / "distill.partial" / "checkpoints" / latest["name"]).is_dir(), "nothing may be lost"
+        # so must a change upstream, before the upstream stage is replaced
+        prune_manifest = (run_dir / "prune" / "manifest.json").read_text()
+        refused = launch(killed, *ranks, "prune.criterion=magnitude", check=False)
+        assert refused.returncode != 0 and "stage 'prune' runs again" in refused.stderr
+        assert (run_dir / "prune" / "manifest.json").read_text() == prune_manifest
 
     # speed options may change on resume (no fingerprint holds them) and compute the same student
-    speed = ["speed.activation_checkpointing=true", "speed.peak_tflops=0.5"] if (mask_mode, processes) == ("fixed", 1) else []
+    speed = ["speed.activation_checkpointing=true", "speed.peak_tflops=0.5"] if first_case else []
     resumed = launch(killed, *ranks, *speed)
     assert "[distill] resuming the unfinished run" in resumed.stdout
     assert "resumed from" in resumed.stdout and f"at step {latest['step']}" in resumed.stdout
