@@ -53,7 +53,7 @@ def thresholds_after_distill(run_dir: Path, target: float) -> dict:
 
     from distill.artifacts import STUDENT_DIR, read_token_blocks
     from distill.calibration import calibration_blocks
-    from distill.config import Allocation, load_config
+    from distill.config import load_config
     from distill.data import pack, tokenize_files
     from distill.evaluation import score_models
     from distill.models import load_teacher, load_tokenizer
@@ -65,9 +65,9 @@ def thresholds_after_distill(run_dir: Path, target: float) -> dict:
     teacher = load_teacher(config.teacher, accelerator.device)
     student = load_student(run_dir / "distill" / STUDENT_DIR)
     calibration = calibration_blocks(read_token_blocks(run_dir / "teacher").train, config.calibration.num_blocks)
-    activations = config.activations  # the allocation --set chose applies to this row too
-    groups, thresholds = calibrate_thresholds(student, calibration, target, activations.allocation is Allocation.GREEDY,
-                                              activations.where, config.calibration.batch_size, activations.greedy_step)
+    # the allocation --set chose applies to this row too; the target is this row's
+    groups, thresholds = calibrate_thresholds(student, calibration, config.activations, config.calibration.batch_size,
+                                              target)
     install_thresholds(student, groups, thresholds)
     test = pack(tokenize_files(config.eval.files, load_tokenizer(config.teacher)), config.eval.block_size)
     test = test[:config.eval.max_blocks]

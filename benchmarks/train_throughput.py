@@ -129,7 +129,7 @@ def pipeline_step_factory(teacher, student, masks, device, variant: str, chunk_t
         teacher = copy.deepcopy(teacher)
         speed_up(teacher, speed, training=False)
     train = TrainConfig(lr=1e-5, warmup_steps=0, loss=LossConfig(chunk_tokens=chunk_tokens))
-    fixed = FixedMasks(model)
+    fixed = FixedMasks()
     objective = DistillationObjective(model, train.loss, NM(2, 4))
     optimizer, scheduler, trainable = build_optimizer(model, train, fixed, device)
     objective, optimizer = accelerator.prepare(objective, optimizer)

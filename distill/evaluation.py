@@ -7,12 +7,16 @@ the number of processes.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 from torch import nn
+
+from distill.sparsity.activations import (input_groups, input_statistics, install_thresholds, remove_thresholds,
+                                          uniform_thresholds)
 
 
 @torch.no_grad()
@@ -79,13 +83,21 @@ def heldout_perplexity(accelerator: Accelerator, student: nn.Module, heldout: to
     sharded_root: the FSDP root (the objective) when the student is sharded. The root owns the
     embeddings, final norm and output projection, which it gathers only in its own forward, so they
     are gathered here for the student's forward; its decoder layers gather themselves."""
+    with evaluating(student, sharded_root), accelerator.autocast():
+        return score_models({"student": student}, heldout, accelerator, batch_size, reference=None,
+                            desc="held-out", lockstep=sharded_root is not None)["student"]["ppl"]
+
+
+@contextmanager
+def evaluating(student: nn.Module, sharded_root: nn.Module | None = None):
+    """The training student in eval mode for a while (learnable masks take their most likely
+    pattern, group dropout is off), its FSDP root's parameters gathered when it is sharded (see
+    heldout_perplexity); back to training mode after."""
     student.eval()
     try:
         if sharded_root is not None:
             sharded_root.unshard()
-        with accelerator.autocast():
-            return score_models({"student": student}, heldout, accelerator, batch_size, reference=None,
-                                desc="held-out", lockstep=sharded_root is not None)["student"]["ppl"]
+        yield student
     finally:
         if sharded_root is not None:
             sharded_root.reshard()
@@ -97,9 +109,6 @@ def activation_sparsity_curve(model: nn.Module, calibration: torch.Tensor, sets:
     """{source: {level: perplexity}} of `model` with training-free activation sparsity (every
     projection input zeroed at `level` by a threshold from its |x| quantile on `calibration`, as TEAL
     does without training). The model is left without thresholds."""
-    from distill.sparsity.activations import input_groups, input_statistics, install_thresholds, remove_thresholds, \
-        uniform_thresholds
-
     device = next(model.parameters()).device
     groups = input_groups(model, calibration[:1].to(device))
     statistics = input_statistics(model, groups, calibration, batch_size, thresholded=False)
@@ -120,8 +129,6 @@ def activation_sparsity_curve(model: nn.Module, calibration: torch.Tensor, sets:
 def activation_table(model: nn.Module, blocks: torch.Tensor, batch_size: int) -> list[dict]:
     """Per decoder layer and projection input of `model` on `blocks`: the fraction of exact zeros and
     quantiles of |x|, as the weights see the input (after installed thresholds)."""
-    from distill.sparsity.activations import input_groups, input_statistics
-
     groups = input_groups(model, blocks[:1].to(next(model.parameters()).device))
     statistics = input_statistics(model, groups, blocks, batch_size)
     return [{"layer": group.layer, "input": group.label, "zero_fraction": statistics[group.name].zero_fraction,

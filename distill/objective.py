@@ -11,7 +11,7 @@ from distill.config import LossConfig
 from distill.data import to_device
 from distill.losses import (IDENTITY, LogitTransform, TopK, chunked_distillation_loss, distillation_loss,
                             hidden_state_matching)
-from distill.sparsity.masks import mask_rule, masked_modules, stored_weight
+from distill.sparsity.masks import masked_modules, masked_weight
 from distill.sparsity.patterns import Pattern
 
 
@@ -50,7 +50,7 @@ class DistillationObjective(nn.Module):
             total = total + self.loss.hidden_weight * matching
             parts["hidden"] = matching.detach()
         if self.group_lasso:
-            lasso = sum(self.pattern.group_norms(stored_weight(module) * mask_rule(module).mask).sum()
+            lasso = sum(self.pattern.group_norms(masked_weight(module)).sum()
                         for _, module in masked_modules(self.student))
             total = total + self.group_lasso * lasso
             parts["group_lasso"] = lasso.detach()

@@ -26,8 +26,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from distill.artifacts import SparsitySpec, read_sparsity_spec, write_sparsity_spec
 from distill.errors import DistillError
 from distill.io import atomic_write
-from distill.sparsity.activations import set_threshold, thresholded
-from distill.sparsity.masks import install_masks, mask_rule, masked_modules, stored_weight
+from distill.sparsity.activations import set_thresholds, thresholded
+from distill.sparsity.masks import install_masks, mask_rule, masked_modules, masked_weight
 from distill.targets import linearize
 
 WEIGHTS_FILE = "model.safetensors"
@@ -47,9 +47,8 @@ def plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
             seen.add(key)
             state[name] = tensor
     for name, linear in masked.items():
-        mask = mask_rule(linear).mask
-        state[f"{name}.weight"] = (stored_weight(linear) * mask).detach()
-        state[f"{name}.mask"] = mask
+        state[f"{name}.weight"] = masked_weight(linear)
+        state[f"{name}.mask"] = mask_rule(linear).mask
     return {name: tensor.detach().contiguous().cpu() for name, tensor in state.items()}
 
 
@@ -112,6 +111,5 @@ def load_student(directory: Path, device: torch.device | str = "cpu", dtype: tor
                            f"unexpected {unexpected[:3]}")
     model.tie_weights()
     install_masks(model, masks)
-    for name, threshold in spec.input_thresholds.items():
-        set_threshold(model.get_submodule(name), threshold)
+    set_thresholds(model, spec.input_thresholds)
     return model.to(device).eval()

@@ -98,6 +98,31 @@ def unprunable_weights(model: nn.Module) -> dict[str, tuple[int, ...]]:
     return found
 
 
+@torch.no_grad()
+def shared_input_groups(layer: nn.Module, linears: dict[str, nn.Module], sample: tuple[tuple, dict]) -> list[list[str]]:
+    """The keys of `linears` (projections inside `layer`) grouped by the tensor they read in one
+    forward of `layer` on `sample` (args, kwargs), in `linears` order: q/k/v share one input, gate/up
+    another. The input is taken as it arrives, before any other pre-hook (an activation threshold);
+    projections the forward never calls are left out."""
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [module.register_forward_pre_hook(lambda m, args, name=name: seen.setdefault(name, args[0]), prepend=True)
+             for name, module in linears.items()]
+    try:
+        layer(*sample[0], **sample[1])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    groups: list[list[str]] = []
+    for name in (name for name in linears if name in seen):  # `seen` keeps the tensors alive: identity means the same input
+        for group in groups:
+            if seen[name] is seen[group[0]]:
+                group.append(name)
+                break
+        else:
+            groups.append([name])
+    return groups
+
+
 def target_linears(model: nn.Module, targets: Sequence[str] = ALL, exclude: Sequence[str] = ()) -> Iterator[tuple[str, nn.Linear]]:
     """(name, module) of the decoder projections `targets` selects and `exclude` does not."""
     for name, path, module in decoder_linears(model):

@@ -3,8 +3,8 @@ on fresh random inputs, input groups found by running the model, and calibrated 
 
 import pytest
 import torch
-from torch import nn
 
+from distill.config import ActivationsConfig, Allocation
 from distill.sparsity.activations import (InputThreshold, calibrate_thresholds, input_groups, input_statistics,
                                           install_thresholds, remove_thresholds, thresholded)
 
@@ -49,7 +49,8 @@ def test_calibrated_thresholds_reach_the_target_and_come_off_cleanly(tiny_model,
     ids = torch.randint(0, tiny_model.config.vocab_size, (2, 24))
     with torch.no_grad():
         dense = tiny_model(input_ids=ids).logits
-    groups, thresholds = calibrate_thresholds(tiny_model, blocks, 0.5, greedy, ["*"], batch_size=3, step=0.1)
+    config = ActivationsConfig(target=0.5, allocation=Allocation.GREEDY if greedy else Allocation.UNIFORM, greedy_step=0.1)
+    groups, thresholds = calibrate_thresholds(tiny_model, blocks, config, batch_size=3)
     try:
         install_thresholds(tiny_model, groups, thresholds)
         assert set(thresholded(tiny_model)) == {name for group in groups for name in group.projections}
@@ -97,6 +98,7 @@ def test_greedy_allocation_costs_the_layer_less_error_than_uniform(tiny_model):
                 total += float((sparse - dense).square().sum() / dense.square().sum())
         return total
 
-    uniform = layer_errors(*calibrate_thresholds(tiny_model, blocks, 0.5, False, ["*"], batch_size=6))
-    greedy = layer_errors(*calibrate_thresholds(tiny_model, blocks, 0.5, True, ["*"], batch_size=6, step=0.1))
+    uniform = layer_errors(*calibrate_thresholds(tiny_model, blocks, ActivationsConfig(target=0.5), batch_size=6))
+    greedy = layer_errors(*calibrate_thresholds(
+        tiny_model, blocks, ActivationsConfig(target=0.5, allocation=Allocation.GREEDY, greedy_step=0.1), batch_size=6))
     assert greedy <= uniform

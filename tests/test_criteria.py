@@ -82,13 +82,14 @@ def test_sparsegpt_handles_group_sizes_that_do_not_divide_its_column_block(n, m)
 
 
 def test_projections_that_share_an_input_are_pruned_in_one_sweep_with_the_same_result(tiny_teacher, calibration):
-    from distill.sparsity.criteria import _decoder_layers, _first_layer_inputs, _shared_input_groups, sparsegpt_nm
+    from distill.sparsity.criteria import _decoder_layers, _first_layer_inputs, sparsegpt_nm
+    from distill.targets import shared_input_groups
 
     model = AutoModelForCausalLM.from_pretrained(tiny_teacher, dtype=torch.float32).eval()
     layer = _decoder_layers(model)[0]
     linears = dict(target_linears(layer, PROJECTIONS))
     with torch.no_grad():
-        groups = _shared_input_groups(layer, linears, _first_layer_inputs(model, calibration[:2], 2)[0])
+        groups = shared_input_groups(layer, linears, _first_layer_inputs(model, calibration[:2], 2)[0])
     assert groups == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
                       ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
     torch.manual_seed(0)

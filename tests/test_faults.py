@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
 
 from conftest import launch, launch_command, pipeline_processes, tiny_config, write_config
 

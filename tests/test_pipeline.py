@@ -74,7 +74,7 @@ def test_pipeline_writes_every_stage_and_a_complete_report(finished_run):
 
 def test_activation_sparsity_is_measured_trained_under_and_exported(finished_run):
     from distill.runtime import load_sparse_model
-    from distill.sparsity.activations import set_threshold, thresholded
+    from distill.sparsity.activations import set_thresholds, thresholded
 
     _, run_dir, _ = finished_run
     report = json.loads((run_dir / "evaluate" / "report.json").read_text())
@@ -97,8 +97,7 @@ def test_activation_sparsity_is_measured_trained_under_and_exported(finished_run
     assert thresholded(sparse) == pytest.approx(spec.input_thresholds)
     plain = AutoModelForCausalLM.from_pretrained(run_dir / "export" / "hf").eval()
     assert thresholded(plain) == {}
-    for name, threshold in spec.input_thresholds.items():
-        set_threshold(plain.get_submodule(name), threshold)
+    set_thresholds(plain, spec.input_thresholds)
     ids = torch.randint(0, plain.config.vocab_size, (2, 16))
     with torch.no_grad():
         assert torch.allclose(sparse(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=1e-5, atol=1e-5)

@@ -237,7 +237,7 @@ def test_group_dropout_stacks_after_the_mask_and_is_off_in_eval():
     assert torch.equal(layer.weight.detach(), masked), "eval sees the mask alone"
     from distill.sparsity.modes import FixedMasks
 
-    FixedMasks(model).finish(model)  # leaves the plain fixed mask
+    FixedMasks().finish(model)  # leaves the plain fixed mask
     assert len(layer.parametrizations.weight) == 1
 
 

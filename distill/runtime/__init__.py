@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from distill.artifacts import read_sparsity_spec
-from distill.sparsity.activations import set_threshold
+from distill.sparsity.activations import set_thresholds
 from distill.sparsity.packing import load_packed
 from distill.runtime.dispatch import CrossoverTable
 from distill.runtime.linear import Sparse24Linear, sparsify
@@ -39,8 +39,7 @@ def load_sparse_model(packed_dir: str | Path, device: str | torch.device = "cpu"
         table = CrossoverTable.load(Path(table)) if table else CrossoverTable()
     model = load_packed(packed_dir, dtype=dtype).to(device).eval()
     sparsify(model, spec.masked, table, allow_dense=allow_dense)
-    for name, threshold in spec.input_thresholds.items():  # activation sparsity: small inputs become zero
-        set_threshold(model.get_submodule(name), threshold)
+    set_thresholds(model, spec.input_thresholds)  # activation sparsity: small inputs become zero
     if model.device.type == "cuda":
         for module in model.modules():
             if isinstance(module, Sparse24Linear):

@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
 from typing import Sequence
 
 import torch
 from torch import nn
 
-from distill.targets import decoder_layers, linear_types
+from distill.config import ActivationsConfig, Allocation
+from distill.targets import decoder_layers, linear_types, matches, shared_input_groups
 
 # |x| values kept per input and batch to estimate quantiles (a sample: a whole calibration set of a
 # large model does not fit torch.quantile's 16M-element limit)
@@ -79,31 +79,28 @@ class InputGroup:
         return self.projections[0]
 
 
-def _layer_inputs(layer: nn.Module, sample: tuple[tuple, dict]) -> list[tuple[str, ...]]:
-    """The paths of one layer's linear projections (nn.Linear or transformers' Conv1D), grouped by
-    the tensor they read in one forward."""
-    seen: dict[str, torch.Tensor] = {}
-    linears = [(path, module) for path, module in layer.named_modules()
-               if isinstance(module, linear_types()) and path and "parametrizations" not in path.split(".")]
-    hooks = [module.register_forward_pre_hook(lambda m, args, name=name: seen.setdefault(name, args[0]),
-                                              prepend=True)  # the input as it arrives, before any threshold
-             for name, module in linears]
+def _forward_batches(model: nn.Module, blocks: torch.Tensor, batch_size: int) -> None:
+    """Run `model` over `blocks` a batch at a time (for the hooks watching it)."""
+    device = next(model.parameters()).device
+    for start in range(0, len(blocks), batch_size):
+        model(input_ids=blocks[start:start + batch_size].to(device), use_cache=False)
+
+
+@torch.no_grad()
+def _layer_samples(model: nn.Module, indices: Sequence[int], blocks: torch.Tensor,
+                   batch_size: int) -> dict[int, list[tuple[tuple, dict]]]:
+    """{layer index: the (args, kwargs) that decoder layer receives for each batch of `blocks`}."""
+    layers = decoder_layers(model)[1]
+    captured: dict[int, list[tuple[tuple, dict]]] = {index: [] for index in indices}
+    hooks = [layers[index].register_forward_pre_hook(
+        lambda module, args, kwargs, index=index: captured[index].append((args, kwargs)), with_kwargs=True)
+        for index in captured]
     try:
-        with torch.no_grad():
-            layer(*sample[0], **sample[1])
+        _forward_batches(model, blocks, batch_size)
     finally:
         for hook in hooks:
             hook.remove()
-    groups: list[list[str]] = []
-    for name, _ in linears:  # the tensors stay alive in `seen`, so identity means the same input
-        for group in groups:
-            if name in seen and seen[name] is seen.get(group[0]):
-                group.append(name)
-                break
-        else:
-            if name in seen:
-                groups.append([name])
-    return [tuple(group) for group in groups]
+    return captured
 
 
 def input_groups(model: nn.Module, probe: torch.Tensor, where: Sequence[str] = ("*",)) -> list[InputGroup]:
@@ -114,31 +111,17 @@ def input_groups(model: nn.Module, probe: torch.Tensor, where: Sequence[str] = (
     if found is None:
         raise ValueError(f"{type(model).__name__}: no list of decoder layers to find projection inputs in")
     prefix, layers = found
-    captured: list[tuple[tuple, dict]] = []
-
-    def capture(module, args, kwargs):
-        captured.append((args, kwargs))
-
-    hooks = [layer.register_forward_pre_hook(capture, with_kwargs=True) for layer in layers]
-    try:
-        with torch.no_grad():
-            model(input_ids=probe, use_cache=False)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    samples = _layer_samples(model, range(len(layers)), probe, len(probe))
     groups = []
-    for index, (layer, sample) in enumerate(zip(layers, captured)):
+    for index, layer in enumerate(layers):
         layer_prefix = f"{prefix}.{index}" if prefix else str(index)
-        for paths in _layer_inputs(layer, sample):
+        linears = {path: module for path, module in layer.named_modules()
+                   if isinstance(module, linear_types()) and path and "parametrizations" not in path.split(".")}
+        for paths in shared_input_groups(layer, linears, samples[index][0]):
             names = tuple(f"{layer_prefix}.{path}" for path in paths)
-            if any(_selected(name, path, where) for name, path in zip(names, paths)):
-                groups.append(InputGroup(index, names, paths))
+            if any(matches(name, path, where) for name, path in zip(names, paths)):
+                groups.append(InputGroup(index, names, tuple(paths)))
     return groups
-
-
-def _selected(name: str, path: str, where: Sequence[str]) -> bool:
-    return any(fnmatchcase(candidate, pattern) for pattern in where
-               for candidate in (name.rsplit(".", 1)[-1], path, name))
 
 
 @dataclass
@@ -183,10 +166,8 @@ def input_statistics(model: nn.Module, groups: list[InputGroup], blocks: torch.T
 
     hooks = [model.get_submodule(group.name).register_forward_pre_hook(  # first: before any threshold
         lambda module, args, name=group.name: record(module, args, name), prepend=True) for group in groups]
-    device = next(model.parameters()).device
     try:
-        for start in range(0, len(blocks), batch_size):
-            model(input_ids=blocks[start:start + batch_size].to(device), use_cache=False)
+        _forward_batches(model, blocks, batch_size)
     finally:
         for hook in hooks:
             hook.remove()
@@ -204,9 +185,15 @@ def install_thresholds(model: nn.Module, groups: list[InputGroup], thresholds: d
                        straight_through: bool = False) -> None:
     """Give every projection of each group its input's threshold (in place); an installed one is
     updated instead."""
-    for group in groups:
-        for name in group.projections:
-            set_threshold(model.get_submodule(name), thresholds[group.name], straight_through)
+    set_thresholds(model, {name: thresholds[group.name] for group in groups for name in group.projections},
+                   straight_through)
+
+
+def set_thresholds(model: nn.Module, thresholds: dict[str, float], straight_through: bool = False) -> None:
+    """Give each named projection its threshold ({projection name: threshold}, as `thresholded`
+    returns and a sparsity spec holds), in place."""
+    for name, threshold in thresholds.items():
+        set_threshold(model.get_submodule(name), threshold, straight_through)
 
 
 def set_threshold(projection: nn.Module, threshold: float, straight_through: bool = False) -> None:
@@ -247,19 +234,8 @@ def greedy_thresholds(model: nn.Module, groups: list[InputGroup], statistics: di
     adds `step` of sparsity to the input whose step raises the layer's relative output error
     (on `blocks`, against the layer without thresholds) least, until the layer's inputs, weighted by
     the weights they multiply, average `target`. The last step is cut to land on it."""
-    found = decoder_layers(model)
-    layers = found[1]
-    captured: dict[int, list[tuple[tuple, dict]]] = {index: [] for index in {group.layer for group in groups}}
-    hooks = [layers[index].register_forward_pre_hook(
-        lambda module, args, kwargs, index=index: captured[index].append((args, kwargs)), with_kwargs=True)
-        for index in captured]
-    device = next(model.parameters()).device
-    try:
-        for start in range(0, len(blocks), batch_size):
-            model(input_ids=blocks[start:start + batch_size].to(device), use_cache=False)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    layers = decoder_layers(model)[1]
+    captured = _layer_samples(model, sorted({group.layer for group in groups}), blocks, batch_size)
     thresholds: dict[str, float] = {}
     for index, samples in captured.items():
         mine = [group for group in groups if group.layer == index]
@@ -301,13 +277,14 @@ def _allocate_layer(model: nn.Module, layer: nn.Module, groups: list[InputGroup]
     return {name: statistics[name].threshold(s) for name, s in sparsity.items()}
 
 
-def calibrate_thresholds(model: nn.Module, blocks: torch.Tensor, target: float, greedy: bool, where: Sequence[str],
-                         batch_size: int, step: float = 0.1) -> tuple[list[InputGroup], dict[str, float]]:
-    """(the inputs `where` selects, {group name: threshold}) reaching `target` on `blocks`, uniformly
-    or by TEAL's greedy allocation, from the inputs as they arrive (earlier layers' installed
-    thresholds active)."""
-    groups = input_groups(model, blocks[:1], where)
+def calibrate_thresholds(model: nn.Module, blocks: torch.Tensor, activations: ActivationsConfig, batch_size: int,
+                         target: float | None = None) -> tuple[list[InputGroup], dict[str, float]]:
+    """(the inputs `activations.where` selects, {group name: threshold}) reaching `activations.target`
+    (or `target`) on `blocks`, uniformly or by TEAL's greedy allocation, from the inputs as they
+    arrive (earlier layers' installed thresholds active)."""
+    target = activations.target if target is None else target
+    groups = input_groups(model, blocks[:1], activations.where)
     statistics = input_statistics(model, groups, blocks, batch_size, thresholded=False)
-    if greedy:
-        return groups, greedy_thresholds(model, groups, statistics, blocks, batch_size, target, step)
+    if activations.allocation is Allocation.GREEDY:
+        return groups, greedy_thresholds(model, groups, statistics, blocks, batch_size, target, activations.greedy_step)
     return groups, uniform_thresholds(groups, statistics, target)

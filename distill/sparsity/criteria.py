@@ -23,7 +23,7 @@ from distill.config import Criterion
 from distill.errors import DistillError
 from distill.losses import next_token_loss
 from distill.sparsity.masks import nm_mask
-from distill.targets import decoder_layers, target_linears
+from distill.targets import decoder_layers, shared_input_groups, target_linears
 
 
 def gradient_saliency(model: nn.Module, blocks: torch.Tensor, targets: Sequence[str], accelerator: Accelerator,
@@ -122,27 +122,6 @@ def sparsegpt_nm(weight: torch.Tensor, hessian: torch.Tensor, n: int, m: int, bl
     return (weight * mask), mask
 
 
-def _shared_input_groups(layer: nn.Module, linears: dict[str, nn.Linear], sample: tuple[tuple, dict]) -> list[list[str]]:
-    """The projections of `layer`, grouped by the input they read (the same tensor in one forward)."""
-    seen: dict[str, torch.Tensor] = {}
-    hooks = [linear.register_forward_pre_hook(lambda module, args, name=name: seen.setdefault(name, args[0]))
-             for name, linear in linears.items()]
-    try:
-        layer(*sample[0], **sample[1])
-    finally:
-        for hook in hooks:
-            hook.remove()
-    groups: list[list[str]] = []
-    for name in linears:  # tensors held in `seen` stay alive, so identity means the same input
-        for group in groups:
-            if seen.get(name) is not None and seen.get(name) is seen.get(group[0]):
-                group.append(name)
-                break
-        else:
-            groups.append([name])
-    return groups
-
-
 @torch.no_grad()
 def sparsegpt_masks(model: nn.Module, blocks: torch.Tensor, targets: Sequence[str], n: int, m: int,
                     batch_size: int = 4, skip: set[str] = frozenset(), exclude: Sequence[str] = ()) -> dict[str, torch.Tensor]:
@@ -154,7 +133,9 @@ def sparsegpt_masks(model: nn.Module, blocks: torch.Tensor, targets: Sequence[st
     masks = {}
     for layer in tqdm(layers, desc="sparsegpt"):
         linears = {name: linear for name, linear in layer.named_modules() if f"{prefix[id(layer)]}.{name}" in selected}
-        groups = _shared_input_groups(layer, linears, inputs[0])
+        groups = shared_input_groups(layer, linears, inputs[0])
+        grouped = {name for names in groups for name in names}
+        groups += [[name] for name in linears if name not in grouped]  # never called: a group of its own
         hessians = [torch.zeros(linears[names[0]].in_features, linears[names[0]].in_features, dtype=torch.float64)
                     for names in groups]
 

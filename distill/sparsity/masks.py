@@ -199,7 +199,7 @@ def remove_masks(model: nn.Module) -> nn.Module:
     """Every masked projection back to a plain nn.Linear holding weight * mask (zeros where pruned)."""
     for _, linear in list(masked_modules(model)):
         with torch.no_grad():
-            final = stored_weight(linear) * mask_rule(linear).mask
+            final = masked_weight(linear)
         parametrize.remove_parametrizations(linear, "weight", leave_parametrized=False)
         with torch.no_grad():
             linear.weight.copy_(final)
@@ -237,5 +237,5 @@ def mask_pairs(model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]
 
 def sparsity_report(model: nn.Module) -> dict[str, float]:
     """Fraction of zero weights of every masked projection, by module name."""
-    return {name: float((stored_weight(module) * mask_rule(module).mask == 0).float().mean())
+    return {name: float((masked_weight(module) == 0).float().mean())
             for name, module in masked_modules(model)}

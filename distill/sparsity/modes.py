@@ -46,9 +46,6 @@ def revive_pruned_weights(student: nn.Module, teacher: nn.Module) -> int:
 class FixedMasks:
     """The prune stage's masks: nothing moves (the rules' forward product keeps pruned weights at zero)."""
 
-    def __init__(self, student: nn.Module):
-        self.student = student
-
     def parameters(self) -> list[nn.Parameter]:
         return []
 
@@ -78,7 +75,6 @@ class DynamicMasks(FixedMasks):
 
     def __init__(self, student: nn.Module, pattern: Pattern, every: int, decay: float,
                  square_sums: dict[str, torch.Tensor] | None = None):
-        super().__init__(student)
         named = list(masked_modules(student))
         self.modules = [module for _, module in named]
         self.square_sums = [(square_sums or {}).get(name) for name, _ in named]
@@ -108,7 +104,6 @@ class LearnableMasks(FixedMasks):
 
     def __init__(self, student: nn.Module, pattern: Pattern, init_logit: float, temperature: float,
                  noise: float = 0.5, lr: float = 0.05):
-        super().__init__(student)
         n, m = pattern.n, pattern.m
         candidates = torch.tensor([[index in chosen for index in range(m)]
                                    for chosen in itertools.combinations(range(m), n)], dtype=torch.bool)
@@ -152,4 +147,4 @@ def mask_upkeep(config: MasksConfig, student: nn.Module, pattern: Pattern,
         return DynamicMasks(student, pattern, config.update_every, config.refine_decay, square_sums)
     if config.mode is MaskMode.LEARNABLE:
         return LearnableMasks(student, pattern, config.init_logit, config.gumbel_temperature, config.noise, config.lr)
-    return FixedMasks(student)
+    return FixedMasks()

@@ -19,7 +19,7 @@ from distill.io import write_json, write_text
 from distill.models import load_teacher
 from distill.pipeline import StageContext
 from distill.artifacts import STUDENT_DIR, read_metrics, read_sparsity_spec, read_summary, read_token_blocks
-from distill.sparsity.activations import remove_thresholds, set_threshold
+from distill.sparsity.activations import remove_thresholds, set_thresholds
 from distill.sparsity.masks import masked_modules, masked_weight
 from distill.student import load_student
 
@@ -109,18 +109,18 @@ def _activation_sparsity(ctx: StageContext, models: dict, sets: dict[str, torch.
     spec = read_sparsity_spec(ctx.stage_dir("distill") / STUDENT_DIR)
     if spec.input_thresholds:
         student = models["student"]
-        for name, threshold in spec.input_thresholds.items():
-            set_threshold(student.get_submodule(name), threshold)
+        set_thresholds(student, spec.input_thresholds)
         for name, blocks in sets.items():
             scores = score_models({"teacher": models["teacher"], "student_thresholded": student}, blocks, accelerator,
                                   batch, desc=f"student with thresholds on {name}")
             sources[name]["student_thresholded"] = scores["student_thresholded"]
-    calibration = calibration_blocks(read_token_blocks(ctx.stage_dir("teacher")).train, config.calibration.num_blocks)
     if config.eval.activation_levels:
+        calibration = calibration_blocks(read_token_blocks(ctx.stage_dir("teacher")).train, config.calibration.num_blocks)
         result["teacher_training_free"] = activation_sparsity_curve(models["teacher"], calibration, sets,
                                                                     list(config.eval.activation_levels), accelerator, batch)
-    probe = next(iter(sets.values()))[:batch]  # the inputs as each model's weights see them
-    result["inputs"] = {name: activation_table(model, probe, batch) for name, model in models.items()}
+    if accelerator.is_main_process:  # only it writes the report; the tables need no other rank
+        probe = next(iter(sets.values()))[:batch]  # the inputs as each model's weights see them
+        result["inputs"] = {name: activation_table(model, probe, batch) for name, model in models.items()}
     if spec.input_thresholds:
         remove_thresholds(models["student"])
     return result

@@ -14,8 +14,6 @@ and its logits are compared with the dense model's.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -20,7 +20,7 @@ import torch
 
 from distill.artifacts import STUDENT_DIR, SparsitySpec, read_calibration, read_token_blocks
 from distill.calibration import calibration_blocks
-from distill.config import Allocation, Criterion
+from distill.config import Criterion
 from distill.errors import DistillError
 from distill.models import load_teacher
 from distill.pipeline import StageContext
@@ -89,9 +89,7 @@ def run(ctx: StageContext) -> dict:
 def _install_activation_thresholds(ctx: StageContext, model: torch.nn.Module, calibration: torch.Tensor) -> None:
     """Thresholds of the one-shot student's own projection inputs (activations.*), installed on it."""
     activations = ctx.config.activations
-    groups, thresholds = calibrate_thresholds(model, calibration, activations.target,
-                                              activations.allocation is Allocation.GREEDY, activations.where,
-                                              ctx.config.calibration.batch_size, activations.greedy_step)
+    groups, thresholds = calibrate_thresholds(model, calibration, activations, ctx.config.calibration.batch_size)
     install_thresholds(model, groups, thresholds)
     ctx.log(f"[prune] activation thresholds on {len(groups)} projection inputs: {activations.target:.0%} of them zeroed "
             f"({activations.allocation} allocation, calibrated on the one-shot student)")

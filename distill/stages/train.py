@@ -26,16 +26,16 @@ from distill.artifacts import (STUDENT_DIR, SparsitySpec, read_calibration, read
                                read_teacher_topk, read_token_blocks, write_metrics)
 from distill.checkpoints import CHECKPOINTS, latest_checkpoint, resume, save_checkpoint
 from distill.calibration import calibration_blocks
-from distill.config import Allocation, Criterion, MaskMode, NonFinite, Sharding
+from distill.config import Criterion, MaskMode, NonFinite, Sharding
 from distill.data import to_device
 from distill.errors import DistillError
-from distill.evaluation import heldout_perplexity
+from distill.evaluation import evaluating, heldout_perplexity
 from distill.losses import IDENTITY, TopK, logit_transform
 from distill.models import load_teacher
 from distill.objective import DistillationObjective, cached_teacher_outputs, teacher_outputs
 from distill.pipeline import StageContext
 from distill.sharding import ShardedCheckpoint, full_student_state, shard_objective, shard_teacher
-from distill.sparsity.activations import calibrate_thresholds, install_thresholds, set_threshold, thresholded
+from distill.sparsity.activations import calibrate_thresholds, install_thresholds, set_thresholds, thresholded
 from distill.sparsity.masks import mask_rule, masked_modules, stored_weight
 from distill.sparsity.modes import FixedMasks, add_group_dropout, mask_upkeep, revive_pruned_weights
 from distill.student import load_student, nonfinite_problem, save_student
@@ -110,8 +110,8 @@ def _setup(ctx: StageContext) -> Training:
     blocks, heldout, cached, teacher = _load_inputs(ctx)
     spec = read_sparsity_spec(ctx.stage_dir("prune") / STUDENT_DIR)
     student = load_student(ctx.stage_dir("prune") / STUDENT_DIR, accelerator.device).train()
-    for name, threshold in spec.input_thresholds.items():  # the prune stage's, calibrated on the one-shot student
-        set_threshold(student.get_submodule(name), threshold, config.activations.straight_through)
+    # the prune stage's, calibrated on the one-shot student
+    set_thresholds(student, spec.input_thresholds, config.activations.straight_through)
     step_flops = flops_per_token(student, teacher, context=blocks.shape[1])
     # the chunked loss applies each head itself: what the head does after its projection, probed
     # before compile and sharding
@@ -224,21 +224,10 @@ def _recalibrate_thresholds(ctx: StageContext, training: Training, done: int) ->
     process computes the same ones from the same blocks, in eval mode and the training precision."""
     activations, accelerator = ctx.config.activations, ctx.accelerator
     sharded_root = training.objective if training.sharded_checkpoint is not None else None
-    student = training.student
-    student.eval()
-    try:
-        if sharded_root is not None:  # embeddings and head live on the root unit (see heldout_perplexity)
-            sharded_root.unshard()
-        with accelerator.autocast():
-            groups, thresholds = calibrate_thresholds(
-                student, training.calibration.to(accelerator.device), activations.target,
-                activations.allocation is Allocation.GREEDY, activations.where, ctx.config.calibration.batch_size,
-                activations.greedy_step)
-        install_thresholds(student, groups, thresholds, activations.straight_through)
-    finally:
-        if sharded_root is not None:
-            sharded_root.reshard()
-        student.train()
+    with evaluating(training.student, sharded_root), accelerator.autocast():
+        groups, thresholds = calibrate_thresholds(training.student, training.calibration.to(accelerator.device),
+                                                  activations, ctx.config.calibration.batch_size)
+    install_thresholds(training.student, groups, thresholds, activations.straight_through)
     mean = sum(thresholds.values()) / len(thresholds)
     ctx.log(f"[distill] step {done}: activation thresholds re-calibrated on {len(groups)} inputs (mean {mean:.4g})")
 
