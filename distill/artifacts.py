@@ -8,7 +8,8 @@ is parsed in two places.
     <run_dir>/prune/STUDENT_DIR            the one-shot student (distill.student's layout)
     <run_dir>/distill/STUDENT_DIR          the distilled student
     <run_dir>/distill/METRICS_FILE         the logged training rows, one JSON object per line
-    <dir>/SPARSITY_FILE                    SparsitySpec, in every student dir and the packed export
+    <dir>/SPARSITY_FILE                    SparsitySpec, in every student dir and the packed export (masks,
+                                           input thresholds, streaming heads)
     <run_dir>/<stage>/MANIFEST_FILE        what the stage ran on and its summary (distill.pipeline)
 """
 
@@ -125,10 +126,32 @@ class Layout(Choice):
 
 
 @dataclass(frozen=True)
+class StreamingHeads:
+    """Attention sparsity: the KV heads (per attention module name) that attend only to the first
+    `sink` and the last `window` tokens."""
+
+    sink: int
+    window: int
+    heads: dict[str, list[int]]
+
+    def to_json(self) -> dict:
+        return {"sink": self.sink, "window": self.window, "heads": {name: list(heads) for name, heads in self.heads.items()}}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "StreamingHeads":
+        return cls(int(data["sink"]), int(data["window"]),
+                   {str(name): [int(head) for head in heads] for name, heads in data["heads"].items()})
+
+    def count(self) -> int:
+        return sum(len(heads) for heads in self.heads.values())
+
+
+@dataclass(frozen=True)
 class SparsitySpec:
     """What a sparse model dir holds: its pattern, which projections carry masks, which were left
     dense and why, the criterion that chose the masks, how the weights are laid out, and the input
-    threshold of every projection whose small inputs are zeroed (activation sparsity)."""
+    threshold of every projection whose small inputs are zeroed (activation sparsity), and the
+    streaming attention heads (attention sparsity)."""
 
     pattern: Pattern
     masked: list[str]
@@ -136,13 +159,15 @@ class SparsitySpec:
     criterion: Criterion | None = None
     dense: dict[str, str] = field(default_factory=dict)
     input_thresholds: dict[str, float] = field(default_factory=dict)
+    streaming: StreamingHeads | None = None
 
-    VERSION = 2
+    VERSION = 3  # 2 added input_thresholds, 3 the streaming heads
 
     def to_json(self) -> dict:
         return {"schema": "distill.sparsity", "version": self.VERSION, "layout": self.layout.value,
                 "pattern": self.pattern.to_spec(), "criterion": self.criterion.value if self.criterion else None,
-                "masked": list(self.masked), "dense": dict(self.dense), "input_thresholds": dict(self.input_thresholds)}
+                "masked": list(self.masked), "dense": dict(self.dense), "input_thresholds": dict(self.input_thresholds),
+                "streaming": self.streaming.to_json() if self.streaming else None}
 
     @classmethod
     def from_json(cls, data: dict, path: Path) -> "SparsitySpec":
@@ -162,9 +187,10 @@ class SparsitySpec:
                 pattern, layout = Pattern.from_spec(data["pattern"]), Layout(data["layout"])
             criterion = Criterion(data["criterion"]) if data.get("criterion") else None
             thresholds = {str(name): float(value) for name, value in (data.get("input_thresholds") or {}).items()}
+            streaming = StreamingHeads.from_json(data["streaming"]) if data.get("streaming") else None
         except (KeyError, ValueError, TypeError, AttributeError) as error:
             raise DistillError(f"corrupt file {path}: {type(error).__name__} {error}") from None
-        return cls(pattern, list(data["masked"]), layout, criterion, dict(data.get("dense") or {}), thresholds)
+        return cls(pattern, list(data["masked"]), layout, criterion, dict(data.get("dense") or {}), thresholds, streaming)
 
     def replace(self, **changes) -> "SparsitySpec":
         return dataclasses.replace(self, **changes)

@@ -106,6 +106,11 @@ class Allocation(Choice):
     GREEDY = "greedy"  # TEAL: per layer, the inputs whose sparsity costs the layer's output least go further
 
 
+class HeadSelection(Choice):
+    MASS = "mass"  # training-free: the KV heads whose attention falls most inside sink + window stream
+    DISTILL = "distill"  # DuoAttention: a gate per KV head trained against the teacher, the lowest gates stream
+
+
 class TrackingBackend(Choice):
     WANDB = "wandb"
     TENSORBOARD = "tensorboard"
@@ -306,6 +311,40 @@ class ActivationsConfig:
 
 
 @dataclass
+class AttentionConfig:
+    """Attention sparsity (distill.sparsity.attention): a fraction of the student's KV heads attend
+    only to the first `sink` tokens and the last `window` ones (StreamingLLM, DuoAttention). The heads
+    are chosen in the prune stage, trained with in distill, and exported with the student."""
+
+    streaming_fraction: float = 0.0  # of all KV heads, model-wide; 0 keeps every head full
+    sink: int = 4  # first tokens every streaming head keeps (attention sinks)
+    window: int = 256  # most recent tokens every streaming head keeps, the current one included
+    select: HeadSelection = HeadSelection.MASS
+    # select=distill: the gates' training on calibration text against the teacher (the student's
+    # weights frozen): optimizer steps, blocks per step, AdamW learning rate, and the L1 weight that
+    # pushes every gate towards streaming
+    gate_steps: int = 20
+    gate_batch_size: int = 2
+    gate_lr: float = 0.02
+    gate_penalty: float = 0.05
+    measure_blocks: int = 4  # select=mass: calibration blocks the attention mass is measured on
+
+    @property
+    def enabled(self) -> bool:
+        return self.streaming_fraction > 0
+
+    def validate(self, where: str = "attention") -> None:
+        _within(f"{where}.streaming_fraction", self.streaming_fraction, 0.0, 1.0, "[]")
+        _positive(f"{where}.sink", self.sink, allow_zero=True)
+        _positive(f"{where}.window", self.window)
+        _positive(f"{where}.gate_steps", self.gate_steps)
+        _positive(f"{where}.gate_batch_size", self.gate_batch_size)
+        _positive(f"{where}.gate_lr", self.gate_lr)
+        _positive(f"{where}.gate_penalty", self.gate_penalty, allow_zero=True)
+        _positive(f"{where}.measure_blocks", self.measure_blocks)
+
+
+@dataclass
 class LossConfig:
     divergence: Divergence = Divergence.FORWARD_KL  # to the teacher, at `temperature`
     temperature: float = 1.0
@@ -471,6 +510,9 @@ class EvalConfig:
     # the teacher's held-out perplexity under training-free activation sparsity at these uniform
     # fractions, in the report (empty: not measured)
     activation_levels: List[float] = field(default_factory=lambda: [0.0, 0.25, 0.4, 0.5, 0.6, 0.7])
+    # held-out blocks (of the first eval set) on which each model's attention is measured per KV head
+    # (mass inside attention.sink + attention.window, small probabilities, entropy); 0: not measured
+    attention_blocks: int = 1
 
     def validate(self, where: str = "eval") -> None:
         for level in self.activation_levels:
@@ -478,6 +520,7 @@ class EvalConfig:
         _positive(f"{where}.block_size", self.block_size)
         _positive(f"{where}.max_blocks", self.max_blocks, allow_zero=True)
         _positive(f"{where}.batch_size", self.batch_size)
+        _positive(f"{where}.attention_blocks", self.attention_blocks, allow_zero=True)
 
 
 @dataclass
@@ -497,6 +540,7 @@ class Config:
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     activations: ActivationsConfig = field(default_factory=ActivationsConfig)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     speed: SpeedConfig = field(default_factory=SpeedConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
@@ -521,6 +565,14 @@ class Config:
                                f"(its groups span several projections); use fixed masks")
         if train.masks.mode is MaskMode.DYNAMIC and prune.scope is Scope.GLOBAL:
             raise DistillError("config key 'train.masks.mode': dynamic masks are re-chosen per layer; use prune.scope=layer")
+        attention = self.attention
+        if attention.enabled and self.data.block_size <= attention.sink + attention.window:
+            raise DistillError(f"config key 'attention.window': streaming heads keep {attention.sink} + {attention.window} "
+                               f"tokens, the whole of a {self.data.block_size}-token training block, so choosing and "
+                               "training them would change nothing; raise data.block_size or lower attention.window")
+        if attention.enabled and prune.pattern is PatternKind.HEADS:
+            raise DistillError("config key 'attention.streaming_fraction': streaming heads are chosen per KV head, and "
+                               "prune.pattern=heads removes heads; use one of the two")
 
 
 def _field_types(schema: type) -> dict[str, Any]:

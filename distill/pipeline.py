@@ -102,6 +102,16 @@ KEYS_ADDED_SINCE = {
     "config.activations.straight_through": (False, "config.prune.criterion"),
     "config.activations.recalibrate_every": (0, "config.prune.criterion"),
     "config.eval.activation_levels": ([0.0, 0.25, 0.4, 0.5, 0.6, 0.7], "config.eval.batch_size"),
+    "config.attention.streaming_fraction": (0.0, "config.prune.criterion"),
+    "config.attention.sink": (4, "config.prune.criterion"),
+    "config.attention.window": (256, "config.prune.criterion"),
+    "config.attention.select": ("mass", "config.prune.criterion"),
+    "config.attention.gate_steps": (20, "config.prune.criterion"),
+    "config.attention.gate_batch_size": (2, "config.prune.criterion"),
+    "config.attention.gate_lr": (0.02, "config.prune.criterion"),
+    "config.attention.gate_penalty": (0.05, "config.prune.criterion"),
+    "config.attention.measure_blocks": (4, "config.prune.criterion"),
+    "config.eval.attention_blocks": (0, "config.eval.batch_size"),
 }
 # run dirs made before distill.precision recorded accelerate's setting under this key
 _LEGACY_PRECISION_KEY, _LEGACY_PRECISION_VALUES = "accelerate.mixed_precision", {"bf16": "bf16", "no": "fp32"}

@@ -6,7 +6,8 @@ Layout of a student dir:
                       projection's weight with zeros where pruned, and its mask as `<projection>.mask`
                       (bool); tied parameters once
   sparsity.json       distill.artifacts.SparsitySpec, with the input thresholds of activation
-                      sparsity when there are any (installed again at load)
+                      sparsity and the streaming heads of attention sparsity when there are any
+                      (installed again at load)
 
 The file is written from the parametrized model in memory (distill.sparsity.masks) but keeps the
 names an unparametrized model has, so students saved before masks became parametrizations load
@@ -23,10 +24,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from distill.artifacts import SparsitySpec, read_sparsity_spec, write_sparsity_spec
+from distill.artifacts import SparsitySpec, StreamingHeads, read_sparsity_spec, write_sparsity_spec
 from distill.errors import DistillError
 from distill.io import atomic_write
 from distill.sparsity.activations import set_thresholds, thresholded
+from distill.sparsity.attention import heads_of, install_heads, streaming_heads
 from distill.sparsity.masks import install_masks, mask_rule, masked_modules, masked_weight
 from distill.targets import linearize
 
@@ -61,7 +63,25 @@ def save_student(model: nn.Module, directory: Path, spec: SparsitySpec) -> None:
     state = plain_state(model)
     atomic_write(directory / WEIGHTS_FILE, lambda temp: save_file(state, str(temp), metadata={"format": "pt"}))
     masked = [name for name, _ in masked_modules(model)]
-    write_sparsity_spec(directory, spec.replace(masked=masked, input_thresholds=thresholded(model)))
+    write_sparsity_spec(directory, spec.replace(masked=masked, input_thresholds=thresholded(model),
+                                                streaming=installed_streaming(model)))
+
+
+def installed_streaming(model: nn.Module) -> StreamingHeads | None:
+    """The streaming heads installed on `model` (distill.sparsity.attention), as a spec holds them."""
+    heads = streaming_heads(model)
+    if not heads:
+        return None
+    first = heads_of(model)[0][1]
+    return StreamingHeads(first.sink, first.window, heads)
+
+
+def apply_runtime_sparsity(model: nn.Module, spec: SparsitySpec) -> None:
+    """What a sparsity spec asks of the forward pass beyond the weights: input thresholds and
+    streaming heads, installed on `model` (in place)."""
+    set_thresholds(model, spec.input_thresholds)
+    if spec.streaming is not None:
+        install_heads(model, spec.streaming.heads, spec.streaming.sink, spec.streaming.window)
 
 
 def nonfinite_problem(model: nn.Module, what: str) -> str | None:
@@ -111,5 +131,5 @@ def load_student(directory: Path, device: torch.device | str = "cpu", dtype: tor
                            f"unexpected {unexpected[:3]}")
     model.tie_weights()
     install_masks(model, masks)
-    set_thresholds(model, spec.input_thresholds)
+    apply_runtime_sparsity(model, spec)
     return model.to(device).eval()

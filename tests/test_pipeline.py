@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from conftest import REPO, TEST_TEXT, launch, launch_command, pipeline_processes, run_pipeline, tiny_config, write_config
-from distill.artifacts import read_sparsity_spec
+from distill.artifacts import read_sparsity_spec, read_token_blocks
 from distill.sparsity.packing import load_packed
 from distill.sparsity.masks import nm_violations
 from distill.throughput import flops_per_token
@@ -37,13 +37,15 @@ def student_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, tiny_teacher):
     """One complete pipeline run, with wikitext-2 test added as an evaluation file, the MLP channels
-    permuted for 2:4 before pruning, and half of the projection inputs zeroed by thresholds (greedy)."""
+    permuted for 2:4 before pruning, half of the projection inputs zeroed by thresholds (greedy), and
+    half of the KV heads streaming, chosen by gates trained against the teacher."""
     tmp_path = tmp_path_factory.mktemp("finished")
     config = tiny_config(tmp_path, tiny_teacher, data={"block_size": 32, "max_heldout_blocks": 8, "sources": [
         {"name": "wiki", "kind": "files", "files": [str(REPO.parent / "shared/data/wikitext-2/valid.txt")],
          "heldout_fraction": 0.1, "max_blocks": 160},
         {"name": "samples", "kind": "teacher", "samples": {"num_sequences": 8, "max_new_tokens": 40, "batch_size": 4}},
     ]}, prune={"permute": True, "permute_sweeps": 10}, activations={"target": 0.5, "allocation": "greedy"},
+        attention={"streaming_fraction": 0.5, "sink": 2, "window": 8, "select": "distill", "gate_steps": 3},
         eval={"block_size": 64, "max_blocks": 4, "batch_size": 4, "activation_levels": [0.0, 0.5]})
     path = write_config(tmp_path / "tiny.yaml", config)
     result = run_pipeline(path, f"eval.files=[{TEST_TEXT}]")
@@ -74,13 +76,14 @@ def test_pipeline_writes_every_stage_and_a_complete_report(finished_run):
 
 def test_activation_sparsity_is_measured_trained_under_and_exported(finished_run):
     from distill.runtime import load_sparse_model
-    from distill.sparsity.activations import set_thresholds, thresholded
+    from distill.sparsity.activations import thresholded
+    from distill.student import apply_runtime_sparsity
 
     _, run_dir, _ = finished_run
     report = json.loads((run_dir / "evaluate" / "report.json").read_text())
     activations = report["activations"]
     for name, scores in report["sources"].items():  # the student both ways
-        assert scores["student_thresholded"]["ppl"] > 1 and scores["student_thresholded"]["ppl"] != scores["student"]["ppl"]
+        assert scores["student_runtime"]["ppl"] > 1 and scores["student_runtime"]["ppl"] != scores["student"]["ppl"]
         curve = activations["teacher_training_free"][name]
         assert curve["0"] == pytest.approx(scores["teacher"]["ppl"], rel=1e-9) and curve["0.5"] != curve["0"]
     tables = activations["inputs"]
@@ -97,10 +100,47 @@ def test_activation_sparsity_is_measured_trained_under_and_exported(finished_run
     assert thresholded(sparse) == pytest.approx(spec.input_thresholds)
     plain = AutoModelForCausalLM.from_pretrained(run_dir / "export" / "hf").eval()
     assert thresholded(plain) == {}
-    set_thresholds(plain, spec.input_thresholds)
+    apply_runtime_sparsity(plain, spec)  # the thresholds, and the streaming heads of this run
     ids = torch.randint(0, plain.config.vocab_size, (2, 16))
     with torch.no_grad():
         assert torch.allclose(sparse(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_sparsity_is_chosen_measured_exported_and_decoded_with_a_bounded_cache(finished_run):
+    from transformers import DynamicCache
+
+    from distill.runtime import StreamingCache, load_sparse_model
+    from distill.sparsity.attention import streaming_heads
+
+    _, run_dir, _ = finished_run
+    summary = json.loads((run_dir / "prune" / "manifest.json").read_text())["summary"]["streaming"]
+    assert summary["select"] == "distill" and len(summary["gate_history"]) == 3
+    spec = read_sparsity_spec(run_dir / "distill" / "student")
+    assert spec.streaming.count() == 2 and (spec.streaming.sink, spec.streaming.window) == (2, 8)  # half of 2 x 2
+    assert read_sparsity_spec(run_dir / "export" / "packed").streaming == spec.streaming
+    # the two lowest gates stream
+    gates = sorted((gate, name, head) for name, values in summary["scores"].items() for head, gate in enumerate(values))
+    assert {(name, head) for _, name, head in gates[:2]} == {(name, head) for name, heads in spec.streaming.heads.items()
+                                                             for head in heads}
+    report = json.loads((run_dir / "evaluate" / "report.json").read_text())
+    attention = report["attention"]
+    assert set(attention["heads"]) == {"teacher", "oneshot", "student"}
+    for model, modules in attention["heads"].items():
+        assert len(modules) == 2 and all(len(stats["local_mass"]) == 2 for stats in modules.values())
+    for name, heads in spec.streaming.heads.items():  # the students' streaming heads keep all their mass inside
+        assert all(attention["heads"]["student"][name]["local_mass"][head] == pytest.approx(1.0) for head in heads)
+        assert all(attention["heads"]["teacher"][name]["local_mass"][head] < 1 for head in heads)
+    kv = attention["kv_cache"]  # at the eval block size, 64: two of four heads keep 2 + 8 positions
+    assert kv["context"] == 64 and kv["ratio"] == pytest.approx((2 * 64 + 2 * 10) / (4 * 64))
+    assert "## Attention sparsity" in (run_dir / "evaluate" / "report.md").read_text()
+    # the runtime decodes with the bounded cache, token for token as with the full one
+    model = load_sparse_model(run_dir / "export" / "packed")
+    assert streaming_heads(model) == spec.streaming.heads
+    prompt = read_token_blocks(run_dir / "teacher").train[:1, :10]
+    with torch.no_grad():
+        full = model.generate(prompt, max_new_tokens=30, min_new_tokens=30, do_sample=False, cache=DynamicCache())
+        out = model.generate(prompt, max_new_tokens=30, min_new_tokens=30, do_sample=False, return_dict_in_generate=True)
+    assert isinstance(out.cache, StreamingCache) and torch.equal(out.sequences, full)
 
 
 def test_exported_model_loads_with_transformers_and_is_2_4(finished_run):

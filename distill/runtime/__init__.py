@@ -10,7 +10,8 @@ Triton kernel is an opaque custom op inside that graph and cuSPARSELt operands a
 time, so nothing in a decode step does host work beyond the graph launch. For prefill, compile the
 forward the same way (`torch.compile(model.forward, mode="reduce-overhead")`), as
 benchmarks/end_to_end.py does. On CPU every projection takes the exact reference path, so the runtime
-is testable anywhere.
+is testable anywhere. A student with streaming heads generates with a StreamingCache, which holds
+sink + window positions for those heads (the static cache does not know them: use the default).
 """
 
 from __future__ import annotations
@@ -21,17 +22,20 @@ import torch
 from torch import nn
 
 from distill.artifacts import read_sparsity_spec
-from distill.sparsity.activations import set_thresholds
 from distill.sparsity.packing import load_packed
 from distill.runtime.dispatch import CrossoverTable
+from distill.runtime.kv_cache import StreamingCache, use_streaming_cache
 from distill.runtime.linear import Sparse24Linear, sparsify
+from distill.student import apply_runtime_sparsity
 
-__all__ = ["CrossoverTable", "Sparse24Linear", "load_sparse_model", "sparsify"]
+__all__ = ["CrossoverTable", "Sparse24Linear", "StreamingCache", "load_sparse_model", "sparsify"]
 
 
 def load_sparse_model(packed_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                       table: str | Path | CrossoverTable | None = None, allow_dense: bool = False) -> nn.Module:
-    """The packed export as a Hugging Face model whose 2:4 projections are Sparse24Linear."""
+    """The packed export as a Hugging Face model whose 2:4 projections are Sparse24Linear, with the
+    input thresholds and streaming heads its spec names; streaming heads decode with a bounded KV
+    cache (distill.runtime.kv_cache)."""
     spec = read_sparsity_spec(Path(packed_dir))
     if not spec.pattern.accelerated:
         raise ValueError(f"{packed_dir} is {spec.pattern.describe()} sparse; the runtime runs 2:4 only")
@@ -39,7 +43,9 @@ def load_sparse_model(packed_dir: str | Path, device: str | torch.device = "cpu"
         table = CrossoverTable.load(Path(table)) if table else CrossoverTable()
     model = load_packed(packed_dir, dtype=dtype).to(device).eval()
     sparsify(model, spec.masked, table, allow_dense=allow_dense)
-    set_thresholds(model, spec.input_thresholds)  # activation sparsity: small inputs become zero
+    apply_runtime_sparsity(model, spec)  # small inputs become zero; streaming heads see sink + window
+    if spec.streaming is not None:
+        use_streaming_cache(model)
     if model.device.type == "cuda":
         for module in model.modules():
             if isinstance(module, Sparse24Linear):

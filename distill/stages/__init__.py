@@ -11,7 +11,7 @@ STAGES = [
           depends_on_precision=lambda config: any(source.kind is SourceKind.TEACHER for source in config.data.sources)),
     Stage("teacher_logits", ("teacher", "train.loss.teacher_topk", "train.micro_batch_size"), ("teacher",),
           teacher_logits.run, depends_on_precision=lambda config: config.train.loss.teacher_topk > 0),
-    Stage("prune", ("teacher", "prune", "activations"), ("teacher",), prune.run),
+    Stage("prune", ("teacher", "prune", "activations", "attention"), ("teacher",), prune.run),
     Stage("distill", ("run.seed", "teacher", "train"), ("prune", "teacher_logits"), train.run,
           depends_on_precision=lambda config: True),
     Stage("export", ("export",), ("distill",), export.run),

@@ -9,6 +9,10 @@ criterion:
   sparsegpt: layer-by-layer pruning with second-order weight updates (distill.sparsity.criteria); runs on
              the main process (it is sequential over layers)
 A projection whose input size is not a multiple of M is refused or left dense (prune.incompatible).
+With attention.streaming_fraction > 0, that fraction of the student's KV heads is chosen to stream
+(sink + window only): by the attention mass those heads already keep (select=mass), or by gates
+trained against the teacher (select=distill, DuoAttention); see distill.sparsity.attention. Then,
+with activations.target > 0, input thresholds are calibrated on the student as it now runs.
 With prune.permute, the intermediate channels of every gated MLP are first reordered so that
 down_proj's N:M groups keep more of the Wanda (or, for magnitude, |W|) score (distill.sparsity.permutation);
 the model computes the same function, and every criterion then runs on the reordered model.
@@ -20,13 +24,14 @@ import torch
 
 from distill.artifacts import STUDENT_DIR, SparsitySpec, read_calibration, read_token_blocks
 from distill.calibration import calibration_blocks
-from distill.config import Criterion
+from distill.config import Criterion, HeadSelection
 from distill.errors import DistillError
 from distill.models import load_teacher
 from distill.pipeline import StageContext
 from distill.pruning import (DENSE_WARNING_FRACTION, GRADIENT_CRITERIA, incompatible_projections, masks_from_scores,
                              permute_mlp_channels_for_nm, pruning_coverage, weight_scores)
 from distill.sparsity.activations import calibrate_thresholds, install_thresholds
+from distill.sparsity.attention import choose_streaming, head_statistics, install_heads, train_gates
 from distill.sparsity.criteria import gradient_saliency, sparsegpt_masks
 from distill.sparsity.masks import install_masks, sparsity_report
 from distill.sparsity.patterns import Pattern
@@ -73,6 +78,7 @@ def run(ctx: StageContext) -> dict:
         ctx.log(f"[prune] warning: {coverage['unasked_dense_fraction']:.1%} of the decoder's linear weights stay dense "
                 f"without prune.targets or prune.exclude asking for it (see the lines above)")
     pattern = Pattern.from_config(prune)
+    streaming = _choose_streaming_heads(ctx, model, calibration) if config.attention.enabled else None
     if config.activations.enabled:
         _install_activation_thresholds(ctx, model, calibration)
     save_student(model, ctx.work_dir / STUDENT_DIR, SparsitySpec(pattern, list(masks), criterion=prune.criterion,
@@ -83,7 +89,32 @@ def run(ctx: StageContext) -> dict:
                "coverage": coverage}
     if gains:
         summary["permutation_gain"] = gains
+    if streaming:
+        summary["streaming"] = streaming
     return summary
+
+
+def _choose_streaming_heads(ctx: StageContext, model: torch.nn.Module, calibration: torch.Tensor) -> dict:
+    """Install streaming heads on the one-shot student (attention.*); what chose them, for the summary."""
+    attention, accelerator = ctx.config.attention, ctx.accelerator
+    if attention.select is HeadSelection.DISTILL:
+        teacher = load_teacher(ctx.config.teacher, accelerator.device)
+        learned = train_gates(model.to(accelerator.device), teacher, calibration, attention, ctx.config.run.seed)
+        model.cpu()
+        del teacher
+        scores, history = learned.gates, learned.history
+        chosen = choose_streaming(scores, attention.streaming_fraction, stream_highest=False)
+        ctx.log(f"[prune] head gates trained {attention.gate_steps} steps: KL {history[0]['kl']:.4f} -> "
+                f"{history[-1]['kl']:.4f}, mean gate {history[-1]['mean_gate']:.3f}")
+    else:
+        statistics = head_statistics(model, calibration[:attention.measure_blocks], attention.sink, attention.window)
+        scores, history = {name: values["local_mass"] for name, values in statistics.items()}, []
+        chosen = choose_streaming(scores, attention.streaming_fraction, stream_highest=True)
+    install_heads(model, chosen, attention.sink, attention.window)
+    count = sum(len(heads) for heads in chosen.values())
+    ctx.log(f"[prune] {count} of {sum(len(values) for values in scores.values())} KV heads stream "
+            f"(sink {attention.sink} + window {attention.window}, chosen by {attention.select})")
+    return {"select": attention.select.value, "scores": scores, "heads": chosen, "gate_history": history}
 
 
 def _install_activation_thresholds(ctx: StageContext, model: torch.nn.Module, calibration: torch.Tensor) -> None:
