@@ -21,29 +21,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from pipeline_runs import REPO, run_pipeline, write_results
+
 CONFIG = REPO / "configs" / "quality.yaml"
-RESULTS = REPO / "benchmarks" / "RESULTS.md"
 MARKERS = ("<!-- activation-sparsity:start -->", "<!-- activation-sparsity:end -->")
 BASE = ["eval.max_blocks=48", "eval.activation_levels=[0.4,0.5]"]
 TARGET = 0.5
-
-
-def run_pipeline(config: Path, name: str, overrides: list[str]) -> Path:
-    """launch.sh on `config` as run `name`; the run dir."""
-    from distill.config import load_config
-
-    overrides = [f"run.name={name}", *overrides]
-    result = subprocess.run(["bash", str(REPO / "launch.sh"), str(config), *overrides], cwd=REPO,
-                            capture_output=True, text=True)
-    if result.returncode != 0:
-        raise SystemExit(f"{name} failed:\n{result.stderr[-3000:]}")
-    return REPO / load_config(config, overrides).run_dir
 
 
 def thresholds_after_distill(run_dir: Path, target: float) -> dict:
@@ -87,14 +74,6 @@ def table(rows: list[dict], source: dict, teacher: str, config: Path) -> str:
     return "\n".join(lines)
 
 
-def write_results(text: str) -> None:
-    from distill.io import write_text
-
-    current = RESULTS.read_text()
-    start, end = (current.index(marker) for marker in MARKERS)
-    write_text(RESULTS, current[:start + len(MARKERS[0])] + "\n" + text + "\n" + current[end:])
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=CONFIG, help="the pipeline config every row runs on")
@@ -129,7 +108,7 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({"set": args.set, "rows": rows}, indent=1))
     if args.write_results:
-        write_results(text)
+        write_results(MARKERS, text)
     return 0
 
 

@@ -228,12 +228,14 @@ def _kill_when(process: subprocess.Popen, ready, config: Path, timeout: float = 
 def test_kill_in_distill_then_resume_gives_the_bitwise_same_student(tmp_path, tiny_teacher, mask_mode, sharding,
                                                                      processes, activations):
     """Two gloo ranks: DDP, or the student sharded (fsdp) and resumed from the gathered checkpoint.
-    With activation thresholds, re-calibrated every 3 steps, straight-through."""
+    With activation thresholds, re-calibrated every 3 steps, straight-through, and half of the KV
+    heads streaming."""
     train = {"steps": 16, "checkpoint_every": 4, "log_every": 1, "global_batch_size": 8, "micro_batch_size": 4,
              "masks": {"mode": mask_mode, "update_every": 3, "init_logit": 0.02, "lr": 0.05}, "sharding": sharding}
     sections = {"train": train}
     if activations:
         sections["activations"] = {"target": 0.5, "recalibrate_every": 3, "straight_through": True}
+        sections["attention"] = {"streaming_fraction": 0.5, "sink": 2, "window": 8}
     ranks = ["--num-processes", str(processes)] if processes > 1 else []
     reference = write_config(tmp_path / "reference.yaml", tiny_config(tmp_path, tiny_teacher, name="reference", **sections))
     launch(reference, *ranks)
@@ -283,6 +285,8 @@ def test_kill_in_distill_then_resume_gives_the_bitwise_same_student(tmp_path, ti
         run_dir / "distill", tmp_path / "runs" / "reference" / "distill", run_dir / "prune"))
     assert spec.input_thresholds == reference_spec.input_thresholds
     assert bool(spec.input_thresholds) == activations
+    assert spec.streaming == reference_spec.streaming == oneshot_spec.streaming
+    assert (spec.streaming is not None and spec.streaming.count() == 2) == activations
     if activations:  # re-calibrated to the moving student, and logged
         assert spec.input_thresholds != oneshot_spec.input_thresholds
         assert len({row["mean_input_threshold"] for row in metrics(run_dir)}) > 1
