@@ -22,8 +22,7 @@ from distill.models import load_teacher
 from distill.pipeline import StageContext
 from distill.report import RUNTIME, markdown, plot, quality_table
 from distill.artifacts import STUDENT_DIR, read_metrics, read_sparsity_spec, read_summary, read_token_blocks
-from distill.sparsity.activations import remove_thresholds
-from distill.sparsity.attention import head_statistics, kv_cache_bytes, remove_heads
+from distill.sparsity.attention import head_statistics, kv_cache_bytes
 from distill.sparsity.masks import masked_modules, masked_weight
 from distill.student import apply_runtime_sparsity, load_student
 
@@ -65,20 +64,21 @@ def run(ctx: StageContext) -> dict:
     device = accelerator.device
     teacher = load_teacher(config.teacher, device)
     oneshot = load_student(ctx.stage_dir("prune") / STUDENT_DIR, device, teacher.dtype)
-    student = AutoModelForCausalLM.from_pretrained(ctx.stage_dir("export") / "hf", dtype=teacher.dtype).to(device).eval()
-    models = {"teacher": teacher, "oneshot": oneshot, "student": student}
+    models = {"teacher": teacher, "oneshot": oneshot, "student": _exported_student(ctx, teacher.dtype)}
+    runtime = _runtime_student(ctx, teacher.dtype)
+    if runtime is not None:
+        models[RUNTIME] = runtime
 
     sources = {}
-    for name, blocks in sets.items():
+    for name, blocks in sets.items():  # one pass: the teacher's logits serve every model's KL
         scores = score_models(models, blocks, accelerator, config.eval.batch_size, desc=f"evaluating {name}")
         scores["tokens"] = int(blocks.numel())
         scores["block_size"] = int(blocks.shape[1])
         sources[name] = scores
-    _runtime_sparsity(ctx, models, sets, sources)  # left installed: the tables below measure the student as it runs
-    activations = _activation_sparsity(ctx, models, sets)
-    attention = _attention_sparsity(ctx, models, sets)
-    remove_thresholds(student)
-    remove_heads(student)
+    # the tables measure each model as it runs: the student with its thresholds and streaming heads
+    measured = {"teacher": teacher, "oneshot": oneshot, "student": models.get(RUNTIME, models["student"])}
+    activations = _activation_sparsity(ctx, measured, sets)
+    attention = _attention_sparsity(ctx, measured, sets)
     if not accelerator.is_main_process:
         return {}
 
@@ -107,19 +107,21 @@ def run(ctx: StageContext) -> dict:
             for name, scores in sources.items()}
 
 
-def _runtime_sparsity(ctx: StageContext, models: dict, sets: dict[str, torch.Tensor], sources: dict) -> None:
-    """When the student's spec has input thresholds or streaming heads: install them on the student
-    (export/hf runs without) and add its perplexity and KL with them to `sources` as RUNTIME, as
-    load_sparse_model runs it."""
+def _exported_student(ctx: StageContext, dtype: torch.dtype) -> torch.nn.Module:
+    """The student as export/hf holds it: dense inputs, full attention."""
+    hf_dir = ctx.stage_dir("export") / "hf"
+    return AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype).to(ctx.accelerator.device).eval()
+
+
+def _runtime_student(ctx: StageContext, dtype: torch.dtype) -> torch.nn.Module | None:
+    """The student as load_sparse_model runs it, with the input thresholds and streaming heads its
+    spec names (export/hf runs without them); None when it has neither."""
     spec = read_sparsity_spec(ctx.stage_dir("distill") / STUDENT_DIR)
     if not (spec.input_thresholds or spec.streaming):
-        return
-    student = models["student"]
+        return None
+    student = _exported_student(ctx, dtype)
     apply_runtime_sparsity(student, spec)
-    for name, blocks in sets.items():
-        scores = score_models({"teacher": models["teacher"], RUNTIME: student}, blocks, ctx.accelerator,
-                              ctx.config.eval.batch_size, desc=f"student with runtime sparsity on {name}")
-        sources[name][RUNTIME] = scores[RUNTIME]
+    return student
 
 
 def _attention_sparsity(ctx: StageContext, models: dict, sets: dict[str, torch.Tensor]) -> dict:
