@@ -28,7 +28,7 @@ def test_version_1_specs_of_students_and_packed_exports_read_as_today(tmp_path):
 
 
 @pytest.mark.parametrize("content,message", [
-    ({"version": 9, "masked": []}, "schema version 9; this distill reads up to 2"),
+    ({"version": 9, "masked": []}, "schema version 9; this distill reads up to 3"),
     ({"n": 2}, "expected a JSON object with a 'masked' list"),
     ({"version": 2, "masked": [], "layout": "masked", "pattern": {"kind": "diagonal"}}, "corrupt file"),
 ])

@@ -18,11 +18,19 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from distill.artifacts import Layout, SparsitySpec, read_sparsity_spec, write_sparsity_spec
 from distill.errors import DistillError
-from distill.io import load_tensors, save_tensors
+from distill.io import load_tensors, save_tensors, write_json
 from distill.sparsity.patterns import NM
 from distill.targets import linearize
 
 FORMAT = f"distill.{Layout.PACKED.value}"  # the tensors file's metadata
+# config.json's quantization_config names this method, so transformers loads the dir through
+# distill.runtime.hf_quantizer once `import distill` has registered it
+METHOD = "distill_nm_packed"
+
+
+def quantization_config(spec: SparsitySpec) -> dict:
+    """What a packed dir's config.json says of its format: the method and the whole spec."""
+    return {"quant_method": METHOD, "spec": spec.to_json()}
 
 
 def pack_nm(weight: torch.Tensor, mask: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,9 +70,12 @@ def save_packed(model: nn.Module, spec: SparsitySpec, directory: Path) -> None:
             tensors[f"{name[:-len('.weight')]}.indices"] = indices
         else:
             tensors[name] = tensor.detach()
-    model.config.to_json_file(directory / "config.json")
+    spec = spec.replace(masked=list(masked), layout=Layout.PACKED)
+    config = model.config.to_diff_dict()
+    config["quantization_config"] = quantization_config(spec)
+    write_json(directory / "config.json", config)
     save_tensors(directory / "model.safetensors", tensors, metadata={"format": FORMAT})
-    write_sparsity_spec(directory, spec.replace(masked=list(masked), layout=Layout.PACKED))
+    write_sparsity_spec(directory, spec)
 
 
 def full_groups_mask(nonzero: torch.Tensor, n: int, m: int, name: str = "weight") -> torch.Tensor:
@@ -95,6 +106,8 @@ def load_packed(directory: Path, dtype: torch.dtype | None = None) -> nn.Module:
         state[f"{name}.weight"] = unpack_nm(tensors.pop(f"{name}.values"), tensors.pop(f"{name}.indices"), n, m)
     state.update(tensors)
     config = AutoConfig.from_pretrained(directory)
+    if hasattr(config, "quantization_config"):  # the HF-native loading's; this rebuilds the dense model
+        del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=next(iter(state.values())).dtype)
     linearize(model)  # packed in nn.Linear layout (distill.targets), Conv1D models included
     missing, unexpected = model.load_state_dict(state, strict=False)
