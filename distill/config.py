@@ -9,6 +9,7 @@ Each section then checks what types cannot express (ranges, N < M) in its own `v
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import enum
 import sys
 import typing
@@ -502,6 +503,25 @@ class ExportConfig:
 
 
 @dataclass
+class LmEvalConfig:
+    """Zero-shot accuracy from lm-evaluation-harness (the optional extra `pip install -e '.[eval]'`)."""
+
+    tasks: List[str] = field(default_factory=list)  # lm-eval task names (registry or include_path); empty: none
+    include_path: Optional[str] = None  # a directory of local task YAMLs
+    batch_size: int = 8
+    limit: int = 0  # documents per task; 0: all
+
+    def validate(self, where: str = "eval.lm_eval") -> None:
+        _positive(f"{where}.batch_size", self.batch_size)
+        _positive(f"{where}.limit", self.limit, allow_zero=True)
+        if self.tasks and importlib.util.find_spec("lm_eval") is None:
+            raise DistillError(f"config key '{where}.tasks': needs lm-evaluation-harness, the optional extra: "
+                               "pip install -e '.[eval]'")
+        if self.include_path is not None and not Path(self.include_path).is_dir():
+            raise DistillError(f"config key '{where}.include_path': {self.include_path} is not a directory")
+
+
+@dataclass
 class EvalConfig:
     files: List[str] = field(default_factory=list)  # extra plain-text files, keyed by file stem
     block_size: int = 512
@@ -513,6 +533,7 @@ class EvalConfig:
     # held-out blocks (of the first eval set) on which each model's attention is measured per KV head
     # (mass inside attention.sink + attention.window, small probabilities, entropy); 0: not measured
     attention_blocks: int = 1
+    lm_eval: LmEvalConfig = field(default_factory=LmEvalConfig)
 
     def validate(self, where: str = "eval") -> None:
         for level in self.activation_levels:
@@ -521,6 +542,7 @@ class EvalConfig:
         _positive(f"{where}.max_blocks", self.max_blocks, allow_zero=True)
         _positive(f"{where}.batch_size", self.batch_size)
         _positive(f"{where}.attention_blocks", self.attention_blocks, allow_zero=True)
+        self.lm_eval.validate(f"{where}.lm_eval")
 
 
 @dataclass

@@ -112,6 +112,10 @@ KEYS_ADDED_SINCE = {
     "config.attention.gate_penalty": (0.05, "config.prune.criterion"),
     "config.attention.measure_blocks": (4, "config.prune.criterion"),
     "config.eval.attention_blocks": (0, "config.eval.batch_size"),
+    "config.eval.lm_eval.tasks": ([], "config.eval.batch_size"),
+    "config.eval.lm_eval.include_path": (None, "config.eval.batch_size"),
+    "config.eval.lm_eval.batch_size": (8, "config.eval.batch_size"),
+    "config.eval.lm_eval.limit": (0, "config.eval.batch_size"),
 }
 # run dirs made before distill.precision recorded accelerate's setting under this key
 _LEGACY_PRECISION_KEY, _LEGACY_PRECISION_VALUES = "accelerate.mixed_precision", {"bf16": "bf16", "no": "fp32"}

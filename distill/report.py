@@ -49,6 +49,7 @@ def markdown(report: dict, history: list[dict]) -> str:
         parts += ["", "## Training", "",
                   f"Loss {history[0]['loss']:.4f} at step {history[0]['step']} -> {history[-1]['loss']:.4f} at step "
                   f"{history[-1]['step']}; last logged throughput {history[-1]['tokens_per_s']:.0f} tokens/s."]
+    parts += _zero_shot_markdown(report.get("zero_shot", {}))
     parts += _runtime_markdown(report)
     parts += _activation_markdown(report["activations"])
     parts += _attention_markdown(report.get("attention", {}))
@@ -190,3 +191,23 @@ def _head_heatmaps(figure, axes, attention: dict) -> None:
         figure.colorbar(image, ax=axis)
     for axis in list(axes)[len(heads):]:
         axis.axis("off")
+
+
+def _zero_shot_markdown(zero_shot: dict) -> list[str]:
+    """Accuracy per task (lm-evaluation-harness, zero-shot), one column per model."""
+    if not zero_shot:
+        return []
+    models = list(zero_shot)
+    tasks = list(dict.fromkeys(task for results in zero_shot.values() for task in results))
+    parts = ["", "## Zero-shot accuracy", "",
+             "lm-evaluation-harness, zero-shot, accuracy ± standard error (acc_norm where the task has it):", "",
+             "| task | " + " | ".join(models) + " |", "|---|" + "---:|" * len(models)]
+    for task in tasks:
+        cells = []
+        for model in models:
+            scores = zero_shot[model].get(task, {})
+            metric = "acc_norm" if "acc_norm" in scores else "acc"
+            stderr = scores.get(f"{metric}_stderr")
+            cells.append(f"{scores[metric]:.3f}" + (f" ± {stderr:.3f}" if stderr is not None else "") if metric in scores else "-")
+        parts.append(f"| {task} | " + " | ".join(cells) + " |")
+    return parts

@@ -46,7 +46,8 @@ def finished_run(tmp_path_factory, tiny_teacher):
         {"name": "samples", "kind": "teacher", "samples": {"num_sequences": 8, "max_new_tokens": 40, "batch_size": 4}},
     ]}, prune={"permute": True, "permute_sweeps": 10}, activations={"target": 0.5, "allocation": "greedy"},
         attention={"streaming_fraction": 0.5, "sink": 2, "window": 8, "select": "distill", "gate_steps": 3},
-        eval={"block_size": 64, "max_blocks": 4, "batch_size": 4, "activation_levels": [0.0, 0.5]})
+        eval={"block_size": 64, "max_blocks": 4, "batch_size": 4, "activation_levels": [0.0, 0.5],
+              "lm_eval": {"tasks": ["wikitext_cloze"], "include_path": str(REPO / "configs" / "lm_eval"), "limit": 8}})
     path = write_config(tmp_path / "tiny.yaml", config)
     result = run_pipeline(path, f"eval.files=[{TEST_TEXT}]")
     return path, tmp_path / "runs" / "tiny", result
@@ -141,6 +142,16 @@ def test_attention_sparsity_is_chosen_measured_exported_and_decoded_with_a_bound
         full = model.generate(prompt, max_new_tokens=30, min_new_tokens=30, do_sample=False, cache=DynamicCache())
         out = model.generate(prompt, max_new_tokens=30, min_new_tokens=30, do_sample=False, return_dict_in_generate=True)
     assert isinstance(out.cache, StreamingCache) and torch.equal(out.sequences, full)
+
+
+def test_the_report_scores_every_model_with_lm_eval(finished_run):
+    _, run_dir, _ = finished_run
+    zero_shot = json.loads((run_dir / "evaluate" / "report.json").read_text())["zero_shot"]
+    assert set(zero_shot) == {"teacher", "oneshot", "student"}
+    for model, tasks in zero_shot.items():
+        scores = tasks["wikitext_cloze"]
+        assert scores["samples"] == 8 and 0 <= scores["acc"] <= 1 and scores["acc_stderr"] > 0, model
+    assert "| wikitext_cloze |" in (run_dir / "evaluate" / "report.md").read_text()
 
 
 def test_exported_model_loads_with_transformers_and_is_2_4(finished_run):

@@ -25,6 +25,7 @@ from distill.artifacts import STUDENT_DIR, read_metrics, read_sparsity_spec, rea
 from distill.sparsity.attention import head_statistics, kv_cache_bytes
 from distill.sparsity.masks import masked_modules, masked_weight
 from distill.student import apply_runtime_sparsity, load_student
+from distill.zero_shot import zero_shot_accuracy
 
 MODELS = ("teacher", "oneshot", "student")
 
@@ -81,6 +82,7 @@ def run(ctx: StageContext) -> dict:
     attention = _attention_sparsity(ctx, measured, sets)
     if not accelerator.is_main_process:
         return {}
+    zero_shot = zero_shot_accuracy(measured, tokenizer, config.eval.lm_eval) if config.eval.lm_eval.tasks else {}
 
     trained = load_student(ctx.stage_dir("distill") / STUDENT_DIR)
     layers = layer_table(teacher, oneshot, trained)
@@ -96,6 +98,7 @@ def run(ctx: StageContext) -> dict:
                    "pattern": export.get("pattern", ""), "steps": config.train.steps},
         "activations": activations,
         "attention": attention,
+        "zero_shot": zero_shot,
     }
     write_json(ctx.work_dir / "report.json", report)
     history = _training_history(ctx)

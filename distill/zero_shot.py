@@ -1,0 +1,48 @@
+"""Zero-shot accuracy with lm-evaluation-harness, on models already in memory: each model is wrapped
+in lm-eval's HFLM as it is (no re-loading by path, no second copy), so the student is scored with
+whatever runs in its forward (input thresholds, streaming heads).
+
+lm-eval is the optional extra `eval` (`pip install -e '.[eval]'`); the config refuses
+`eval.lm_eval.tasks` without it. Registry tasks (boolq, rte, hellaswag, winogrande, arc_easy,
+arc_challenge, openbookqa) download their datasets from the hub; `eval.lm_eval.include_path` adds
+local task YAMLs, such as configs/lm_eval/wikitext_cloze.yaml, which runs offline.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from distill.config import LmEvalConfig
+
+# metrics reported per task when lm-eval computes them (multiple choice: acc, and acc_norm where the
+# task normalizes by length)
+METRICS = ("acc", "acc_norm")
+
+
+def zero_shot_accuracy(models: dict[str, nn.Module], tokenizer, config: LmEvalConfig) -> dict[str, dict[str, dict]]:
+    """{model name: {task: {metric: value, metric_stderr: value}}} for every task of `config`."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=config.include_path)
+    results = {}
+    for name, model in models.items():
+        wrapped = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=config.batch_size)
+        output = simple_evaluate(model=wrapped, tasks=list(config.tasks), task_manager=manager,
+                                 limit=config.limit or None, log_samples=False, random_seed=0, numpy_random_seed=0,
+                                 torch_random_seed=0, fewshot_random_seed=0)
+        results[name] = {task: _metrics(scores) for task, scores in output["results"].items()}
+    return results
+
+
+def _metrics(scores: dict) -> dict:
+    """lm-eval's "acc,none" / "acc_stderr,none" as acc / acc_stderr."""
+    found = {}
+    for metric in METRICS:
+        if f"{metric},none" in scores:
+            found[metric] = float(scores[f"{metric},none"])
+            stderr = scores.get(f"{metric}_stderr,none")
+            found[f"{metric}_stderr"] = float(stderr) if isinstance(stderr, (int, float)) else None
+    found["samples"] = scores.get("sample_len")
+    return found
