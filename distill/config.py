@@ -497,6 +497,9 @@ class ExportConfig:
     # mlp_channels and heads: cut the removed channels / heads out, so hf/ is a smaller dense model
     # (its config says how much smaller); false exports dense-with-zeros
     shrink: bool = True
+    # a hub model repo id: after the export is verified, upload export/packed (export/hf when there is
+    # no packed form) there with huggingface_hub; off by default
+    push_to_hub: Optional[str] = None
 
     def validate(self, where: str = "export") -> None:
         _positive(f"{where}.kernel_tolerance", self.kernel_tolerance)

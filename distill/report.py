@@ -128,6 +128,15 @@ def plot(path: Path, layers: list[dict], history: list[dict], activations: dict,
     temp.replace(path)
 
 
+def card_tables(report: dict) -> str:
+    """What a model card shows of the report: held-out quality, the runtime-sparsity rows and the
+    zero-shot accuracies."""
+    parts = ["KL is KL(teacher || model) per token in nats; perplexity over non-overlapping blocks.", "",
+             quality_table(report["sources"])]
+    parts += _runtime_markdown(report) + _zero_shot_markdown(report.get("zero_shot", {}))
+    return "\n".join(parts)
+
+
 def _runtime_markdown(report: dict) -> list[str]:
     sources = report["sources"]
     if not any(RUNTIME in scores for scores in sources.values()):

@@ -154,6 +154,36 @@ def test_the_report_scores_every_model_with_lm_eval(finished_run):
     assert "| wikitext_cloze |" in (run_dir / "evaluate" / "report.md").read_text()
 
 
+def test_both_export_dirs_have_a_model_card_with_the_report(finished_run):
+    from huggingface_hub import ModelCard
+
+    _, run_dir, _ = finished_run
+    for form in ("hf", "packed"):
+        card = ModelCard.load(run_dir / "export" / form / "README.md")
+        assert card.data.pipeline_tag == "text-generation" and "2:4-sparsity" in card.data.tags
+        text = card.text
+        assert "2:4-sparse student of" in text and "12 steps (1,536 tokens)" in text  # 12 steps of 4 x 32
+        assert "| test |" in text and "| wikitext_cloze |" in text and "![report](report.png)" in text
+        assert "KV heads attend to the first 2 and last 8 tokens only" in text
+        assert "its card does not say which" in text  # the tiny teacher has no card, so no license to inherit
+        assert (run_dir / "export" / form / "report.png").stat().st_size > 10_000
+    assert "import distill" in (run_dir / "export" / "packed" / "README.md").read_text()
+
+
+def test_a_failed_upload_is_one_line_and_keeps_the_finished_export(finished_run, tmp_path):
+    path, run_dir, _ = finished_run
+    copy = run_dir.parent / "upload"
+    shutil.copytree(run_dir, copy)
+    manifest = (copy / "export" / "manifest.json").read_text()
+    result = run_pipeline(path, "run.name=upload", f"eval.files=[{TEST_TEXT}]", "export.push_to_hub=nobody/student",
+                          check=False, env={"HF_HUB_OFFLINE": "1"})
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    error = [line for line in result.stderr.splitlines() if "export.push_to_hub" in line]
+    assert len(error) == 1 and "nobody/student" in error[0] and "the run dir is intact" in error[0]
+    assert (copy / "export" / "manifest.json").read_text() == manifest and (copy / "distill" / "student").is_dir()
+    shutil.rmtree(copy)
+
+
 def test_exported_model_loads_with_transformers_and_is_2_4(finished_run):
     _, run_dir, _ = finished_run
     model = AutoModelForCausalLM.from_pretrained(run_dir / "export" / "hf")

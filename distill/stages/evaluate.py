@@ -9,6 +9,7 @@ input thresholds or streaming heads, as load_sparse_model runs it ("student_runt
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -20,7 +21,8 @@ from distill.evaluation import activation_sparsity_curve, activation_table, scor
 from distill.io import write_json, write_text
 from distill.models import load_teacher
 from distill.pipeline import StageContext
-from distill.report import RUNTIME, markdown, plot, quality_table
+from distill.model_card import StudentFacts, model_card, write_model_card
+from distill.report import RUNTIME, card_tables, markdown, plot, quality_table
 from distill.artifacts import STUDENT_DIR, read_metrics, read_sparsity_spec, read_summary, read_token_blocks
 from distill.sparsity.attention import head_statistics, kv_cache_bytes
 from distill.sparsity.masks import masked_modules, masked_weight
@@ -104,10 +106,23 @@ def run(ctx: StageContext) -> dict:
     history = _training_history(ctx)
     plot(ctx.work_dir / "report.png", layers, history, activations, attention)
     write_text(ctx.work_dir / "report.md", markdown(report, history))
+    _complete_model_cards(ctx, report)
     ctx.log("\n" + quality_table(sources))
     ctx.log(f"[evaluate] report: {ctx.run_dir / 'evaluate' / 'report.md'}")
     return {name: {model: scores[model] for model in (*MODELS, RUNTIME) if model in scores}
             for name, scores in sources.items()}
+
+
+def _complete_model_cards(ctx: StageContext, report: dict) -> None:
+    """The export dirs' model cards again, now with the report's quality tables and its plot."""
+    facts = report["export"].get("card")
+    if not facts:  # exported before the export stage wrote cards
+        return
+    for form in ("hf", "packed"):
+        directory = ctx.stage_dir("export") / form
+        if directory.is_dir():
+            shutil.copyfile(ctx.work_dir / "report.png", directory / "report.png")
+            write_model_card(directory, model_card(StudentFacts(**facts), form, card_tables(report), "report.png"))
 
 
 def _exported_student(ctx: StageContext, dtype: torch.dtype) -> torch.nn.Module:

@@ -9,18 +9,23 @@ For mlp_channels and heads patterns (export.shrink), hf/ is instead a smaller de
 removed channels or heads cut out, checked to give the dense-with-zeros model's logits.
 The packed form is loaded back and must reproduce hf/ bitwise (weights and logits). On CUDA the
 packed student also runs on the 2:4 runtime (distill.runtime: our Triton kernel, then cuSPARSELt)
-and its logits are compared with the dense model's.
+and its logits are compared with the dense model's. Both dirs get a model card (README.md,
+distill.model_card; the evaluate stage adds the report to it), and with export.push_to_hub the
+verified packed dir (hf/ without one) is uploaded.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from distill.artifacts import STUDENT_DIR, read_sparsity_spec, read_token_blocks
+from distill.artifacts import STUDENT_DIR, SparsitySpec, read_sparsity_spec, read_summary, read_token_blocks
 from distill.errors import DistillError
 from distill.pipeline import StageContext
 from distill.exporting import save_in_hf_layout, shrink_and_verify, sparse_kernel_errors, verify_structure
+from distill.model_card import StudentFacts, model_card, push_to_hub, teacher_hub_id, teacher_license, write_model_card
 from distill.sparsity.activations import remove_thresholds
 from distill.sparsity.masks import remove_masks
 from distill.sparsity.packing import load_packed, save_packed
@@ -30,9 +35,42 @@ from distill.student import check_finite, load_student
 
 
 def run(ctx: StageContext) -> dict:
-    config, accelerator = ctx.config, ctx.accelerator
-    if not accelerator.is_main_process:
+    if not ctx.accelerator.is_main_process:
         return {}
+    summary = _export(ctx)
+    facts = _student_facts(ctx, read_sparsity_spec(ctx.stage_dir("distill") / STUDENT_DIR))
+    summary["card"] = dataclasses.asdict(facts)
+    for form in ("hf", "packed"):
+        if (ctx.work_dir / form).is_dir():
+            write_model_card(ctx.work_dir / form, model_card(facts, form))
+    repo_id = ctx.config.export.push_to_hub
+    if repo_id:
+        form = "packed" if (ctx.work_dir / "packed").is_dir() else "hf"
+        summary["pushed"] = {"repo_id": repo_id, "dir": form, "url": push_to_hub(ctx.work_dir / form, repo_id)}
+        ctx.log(f"[export] {form}/ uploaded to {repo_id}")
+    return summary
+
+
+def _student_facts(ctx: StageContext, spec: SparsitySpec) -> StudentFacts:
+    config, train = ctx.config, ctx.config.train
+    runtime = []
+    if spec.input_thresholds:
+        runtime.append(f"{config.activations.target:.0%} of the projection inputs zeroed by thresholds on "
+                       f"{len(spec.input_thresholds)} projections")
+    if spec.streaming is not None:
+        runtime.append(f"{spec.streaming.count()} KV heads attend to the first {spec.streaming.sink} and last "
+                       f"{spec.streaming.window} tokens only")
+    recipe = (f"{train.loss.divergence} to the teacher at temperature {train.loss.temperature:g}, AdamW at lr "
+              f"{train.lr:g}, {train.global_batch_size} blocks of {config.data.block_size} tokens per step, "
+              f"{train.masks.mode} masks")
+    tokens = read_summary(ctx.stage_dir("distill")).get("tokens", 0)
+    return StudentFacts(config.teacher.source, teacher_hub_id(config.teacher), teacher_license(config.teacher),
+                        spec.pattern.describe(), str(spec.criterion or "-"), train.steps, int(tokens), recipe,
+                        "; ".join(runtime))
+
+
+def _export(ctx: StageContext) -> dict:
+    config = ctx.config
     student_dir = ctx.stage_dir("distill") / STUDENT_DIR
     spec = read_sparsity_spec(student_dir)
     pattern, masked = spec.pattern, spec.masked
