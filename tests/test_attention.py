@@ -143,7 +143,7 @@ def test_installed_heads_switch_the_model_and_remove_restores_it():
         install_heads(model, {names[0]: [2]}, 2, 4)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "olmo2"])
 def test_generation_with_the_bounded_cache_equals_the_full_cache(family):
     from distill.runtime import StreamingCache
     from distill.runtime.kv_cache import use_streaming_cache
@@ -169,6 +169,13 @@ def test_generation_with_the_bounded_cache_equals_the_full_cache(family):
         padded = torch.cat([torch.zeros(1, 2, dtype=torch.long), prompt], 1)
         with pytest.raises(ValueError, match="unpadded"):
             model.generate(padded, attention_mask=(padded != 0).long(), max_new_tokens=2, cache=StreamingCache(model))
+
+
+def test_a_model_that_modifies_attention_scores_is_refused():
+    model = tiny_model("gemma2", num_key_value_heads=2).eval()
+    install_heads(model, {}, 2, 4)
+    with pytest.raises(ValueError, match="softcap"):
+        model(input_ids=torch.randint(0, 256, (1, 8)))
 
 
 def test_gate_training_streams_the_heads_that_are_local_by_construction():

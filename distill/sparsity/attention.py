@@ -36,6 +36,9 @@ from distill.losses import forward_kl
 
 ATTENTION = "distill_heads"  # the registered attention implementation's name
 PROBABILITY_FLOOR = 1e-3  # the report's "attention probabilities below" this
+# attention-function arguments that change the scores (Gemma 2's logit soft-capping, learned sinks);
+# transformers' own sdpa refuses them too
+UNSUPPORTED = ("softcap", "s_aux")
 
 
 @dataclass
@@ -72,6 +75,7 @@ class AttentionHeads(nn.Module):
         mask = torch.zeros(kv_heads, dtype=torch.bool)
         mask[list(streaming)] = True
         self.register_buffer("streaming", mask, persistent=False)
+        self.any_streaming = bool(mask.any())  # on the host: the forward never reads the buffer to decide
         self.gate: nn.Parameter | None = None
         self.recorder: HeadStatistics | None = None
 
@@ -144,7 +148,7 @@ def streaming_heads(model: nn.Module) -> dict[str, list[int]]:
     """{attention module name: its streaming KV heads} for the modules with any."""
     return {name: torch.nonzero(module.attention_heads.streaming).flatten().tolist()
             for name, module in model.named_modules()
-            if isinstance(getattr(module, "attention_heads", None), AttentionHeads) and module.attention_heads.streaming.any()}
+            if isinstance(getattr(module, "attention_heads", None), AttentionHeads) and module.attention_heads.any_streaming}
 
 
 def heads_of(model: nn.Module) -> list[tuple[str, AttentionHeads]]:
@@ -217,10 +221,14 @@ def heads_attention(module: nn.Module, query: torch.Tensor, key, value, attentio
     """The registered attention function: query [B, Hq, L, D], key/value [B, Hkv, S, D] (or BoundedKV);
     returns [B, L, Hq, D] as transformers' attention functions do."""
     heads: AttentionHeads | None = getattr(module, "attention_heads", None)
+    unsupported = [name for name in UNSUPPORTED if kwargs.get(name) is not None]
+    if unsupported:
+        raise ValueError(f"{type(module).__name__} modifies its attention scores ({', '.join(unsupported)}), which "
+                         "scaled-dot-product attention, and so streaming heads, do not support")
     if isinstance(key, BoundedKV):
         return _bounded_attention(heads, query, key, value, attention_mask, scaling).transpose(1, 2).contiguous(), None
     allowed = allowed_keys(attention_mask, query.shape[2], key.shape[2], query.device)
-    if heads is None or (heads.gate is None and heads.recorder is None and not bool(heads.streaming.any())):
+    if heads is None or (heads.gate is None and heads.recorder is None and not heads.any_streaming):
         return _sdpa(query, key, value, allowed, scaling, dropout).transpose(1, 2).contiguous(), None
     groups = query.shape[1] // key.shape[1]
     local = sink_and_window(allowed, heads.sink, heads.window)
