@@ -180,10 +180,13 @@ def _attention_markdown(attention: dict) -> list[str]:
             parts.append(f"| {model} | {_mean(columns[0]):.3f} | {_mean(columns[1]):.3f} | {_mean(columns[2]):.2f} |")
         parts.append("")
     if kv:
-        parts.append(f"KV cache at {kv['context']} tokens: {kv['bytes'] / 2**20:.1f} MiB against {kv['dense_bytes'] / 2**20:.1f} "
-                     f"MiB dense ({kv['ratio']:.3f}x); each streaming head holds {attention['sink']} + {attention['window']} "
-                     "positions.")
+        parts.append(f"KV cache at {kv['context']} tokens: {_size(kv['bytes'])} against {_size(kv['dense_bytes'])} dense "
+                     f"({kv['ratio']:.3f}x); each streaming head holds {attention['sink']} + {attention['window']} positions.")
     return parts
+
+
+def _size(count: int) -> str:
+    return f"{count / 2**20:.1f} MiB" if count >= 2**20 else f"{count / 2**10:.1f} KiB"
 
 
 def _head_heatmaps(figure, axes, attention: dict) -> None:
