@@ -191,6 +191,8 @@ def _size(count: int) -> str:
 
 def _head_heatmaps(figure, axes, attention: dict) -> None:
     """Layers x KV heads of attention mass inside sink + window, per model; streaming heads crossed."""
+    from matplotlib.ticker import MaxNLocator
+
     heads = attention.get("heads") or {}
     streaming = attention.get("streaming") or {}
     for axis, (model, modules) in zip(axes, heads.items()):
@@ -200,6 +202,8 @@ def _head_heatmaps(figure, axes, attention: dict) -> None:
             for head in streaming.get(name, []):
                 axis.text(head, layer, "x", ha="center", va="center", color="red", fontsize=7)
         axis.set(title=f"{model}: mass in sink + window", xlabel="KV head", ylabel="layer")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axis.yaxis.set_major_locator(MaxNLocator(integer=True))
         figure.colorbar(image, ax=axis)
     for axis in list(axes)[len(heads):]:
         axis.axis("off")
