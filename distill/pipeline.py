@@ -99,6 +99,7 @@ KEYS_ADDED_SINCE = {
     "config.activations.allocation": ("uniform", "config.prune.criterion"),
     "config.activations.where": (["*"], "config.prune.criterion"),
     "config.activations.greedy_step": (0.1, "config.prune.criterion"),
+    "config.activations.greedy_blocks": (0, "config.prune.criterion"),
     "config.activations.straight_through": (False, "config.prune.criterion"),
     "config.activations.recalibrate_every": (0, "config.prune.criterion"),
     "config.eval.activation_levels": ([0.0, 0.25, 0.4, 0.5, 0.6, 0.7], "config.eval.batch_size"),

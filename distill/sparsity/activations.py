@@ -286,5 +286,6 @@ def calibrate_thresholds(model: nn.Module, blocks: torch.Tensor, activations: Ac
     groups = input_groups(model, blocks[:1], activations.where)
     statistics = input_statistics(model, groups, blocks, batch_size, thresholded=False)
     if activations.allocation is Allocation.GREEDY:
-        return groups, greedy_thresholds(model, groups, statistics, blocks, batch_size, target, activations.greedy_step)
+        errors_on = blocks[:activations.greedy_blocks] if activations.greedy_blocks else blocks
+        return groups, greedy_thresholds(model, groups, statistics, errors_on, batch_size, target, activations.greedy_step)
     return groups, uniform_thresholds(groups, statistics, target)
