@@ -166,6 +166,8 @@ def _mean(values: list[float]) -> float:
 
 def _attention_markdown(attention: dict) -> list[str]:
     heads, kv = attention.get("heads"), attention.get("kv_cache")
+    if attention.get("heads_not_measured"):
+        return ["", "## Attention sparsity", "", f"Not measured per head: {attention['heads_not_measured']}."]
     if not heads and not kv:
         return []
     parts = ["", "## Attention sparsity", ""]

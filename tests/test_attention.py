@@ -178,6 +178,16 @@ def test_a_model_that_modifies_attention_scores_is_refused():
         model(input_ids=torch.randint(0, 256, (1, 8)))
 
 
+def test_gpt_neox_attention_is_found_by_its_head_size():
+    model = tiny_model("gpt_neox").eval()
+    assert [name for name, _ in attention_modules(model)] == ["gpt_neox.layers.0.attention", "gpt_neox.layers.1.attention"]
+    ids = torch.randint(0, 256, (1, 30))
+    with torch.no_grad():
+        dense = model(input_ids=ids).logits
+        install_heads(model, {"gpt_neox.layers.1.attention": [0]}, 2, 6)
+        assert not torch.allclose(model(input_ids=ids).logits, dense, atol=1e-4)
+
+
 def test_gate_training_streams_the_heads_that_are_local_by_construction():
     """The teacher is the same random model with KV head 0 of every layer streaming; a full-attention
     student's gates must fall for head 0 and stay for head 1, and the cut streams exactly head 0."""

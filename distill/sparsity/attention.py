@@ -101,13 +101,18 @@ class BoundedKV:
     length: int
 
 
+def head_dim(module: nn.Module) -> int | None:
+    """An attention module's head size (`head_dim`, or GPT-NeoX's `head_size`); None for other modules."""
+    return getattr(module, "head_dim", None) or getattr(module, "head_size", None)
+
+
 def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, module) of the attention module of every decoder layer, in layer order: the outermost
-    submodule holding a `layer_idx` and a `head_dim` (how transformers builds attention modules;
+    submodule holding a `layer_idx` and a head size (how transformers builds attention modules;
     found by attribute, so projections swapped for sparse kernels do not hide it)."""
     found: dict[int, tuple[str, nn.Module]] = {}
     for name, module in model.named_modules():
-        if hasattr(module, "head_dim") and isinstance(getattr(module, "layer_idx", None), int):
+        if isinstance(head_dim(module), int) and isinstance(getattr(module, "layer_idx", None), int):
             found.setdefault(module.layer_idx, (name, module))
     if not found:
         raise ValueError(f"{type(model).__name__}: no attention modules (with a layer_idx and a head_dim) to stream")
@@ -328,8 +333,8 @@ def kv_cache_bytes(model: nn.Module, streaming: dict[str, list[int]], context: i
     """Keys and values held at `context` tokens, dense against streaming heads that keep sink + window
     (the working set of the next decode step: what it reads)."""
     modules = attention_modules(model)
-    kv_heads, head_dim = kv_head_count(model), modules[0][1].head_dim
-    per_position = 2 * head_dim * bytes_per_value  # a key and a value
+    kv_heads, size = kv_head_count(model), head_dim(modules[0][1])
+    per_position = 2 * size * bytes_per_value  # a key and a value
     dense = len(modules) * kv_heads * context * per_position
     streamed = sum(len(heads) for heads in streaming.values())
     sparse = dense - streamed * (context - min(context, sink + window)) * per_position

@@ -161,8 +161,12 @@ def _attention_sparsity(ctx: StageContext, models: dict, sets: dict[str, torch.T
         result["kv_cache"] = {"context": context, "dense_bytes": kv.dense, "bytes": kv.sparse, "ratio": kv.ratio}
     if config.eval.attention_blocks and ctx.accelerator.is_main_process:
         probe = next(iter(sets.values()))[:config.eval.attention_blocks]
-        result["heads"] = {name: head_statistics(model, probe, attention.sink, attention.window)
-                           for name, model in models.items()}
+        try:
+            result["heads"] = {name: head_statistics(model, probe, attention.sink, attention.window)
+                               for name, model in models.items()}
+        except ValueError as error:  # an architecture the registered attention function cannot run
+            result["heads_not_measured"] = str(error)
+            ctx.log(f"[evaluate] attention per head not measured: {error}")
     return result
 
 

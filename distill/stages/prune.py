@@ -78,7 +78,12 @@ def run(ctx: StageContext) -> dict:
         ctx.log(f"[prune] warning: {coverage['unasked_dense_fraction']:.1%} of the decoder's linear weights stay dense "
                 f"without prune.targets or prune.exclude asking for it (see the lines above)")
     pattern = Pattern.from_config(prune)
-    streaming = _choose_streaming_heads(ctx, model, calibration) if config.attention.enabled else None
+    streaming = None
+    if config.attention.enabled:
+        try:
+            streaming = _choose_streaming_heads(ctx, model, calibration)
+        except ValueError as error:  # an architecture the registered attention function cannot run
+            raise DistillError(f"config key 'attention.streaming_fraction': {error}") from None
     if config.activations.enabled:
         _install_activation_thresholds(ctx, model, calibration)
     save_student(model, ctx.work_dir / STUDENT_DIR, SparsitySpec(pattern, list(masks), criterion=prune.criterion,
