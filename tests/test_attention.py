@@ -173,9 +173,14 @@ def test_generation_with_the_bounded_cache_equals_the_full_cache(family):
 
 def test_a_model_that_modifies_attention_scores_is_refused():
     model = tiny_model("gemma2", num_key_value_heads=2).eval()
+    before = model.config._attn_implementation
     install_heads(model, {}, 2, 4)
     with pytest.raises(ValueError, match="softcap"):
         model(input_ids=torch.randint(0, 256, (1, 8)))
+    remove_heads(model)  # back to what it ran before, and it runs
+    assert model.config._attn_implementation == before
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=torch.randint(0, 256, (1, 8))).logits).all()
 
 
 def test_gpt_neox_attention_is_found_by_its_head_size():

@@ -69,9 +69,10 @@ class AttentionHeads(nn.Module):
     """The sparse-attention state of one attention module (see the module docstring). `streaming` is
     not a persistent buffer: the sparsity spec is its one home on disk."""
 
-    def __init__(self, kv_heads: int, sink: int, window: int, streaming=()):
+    def __init__(self, kv_heads: int, sink: int, window: int, streaming=(), previous_attention: str = "sdpa"):
         super().__init__()
         self.sink, self.window = int(sink), int(window)
+        self.previous_attention = previous_attention  # what remove_heads switches the model back to
         mask = torch.zeros(kv_heads, dtype=torch.bool)
         mask[list(streaming)] = True
         self.register_buffer("streaming", mask, persistent=False)
@@ -132,12 +133,21 @@ def install_heads(model: nn.Module, streaming: dict[str, list[int]], sink: int, 
     if unknown:
         raise ValueError(f"streaming heads for modules the model does not have: {sorted(unknown)[:3]}")
     device = next(model.parameters()).device
-    for name, module in attention_modules(model):
+    modules = attention_modules(model)
+    for name, _ in modules:
         heads = list(streaming.get(name, ()))
         if any(not 0 <= head < kv_heads for head in heads):
             raise ValueError(f"{name}: streaming KV heads {heads} outside 0..{kv_heads - 1}")
-        module.attention_heads = AttentionHeads(kv_heads, sink, window, heads).to(device)
+    previous = _installed_previous(model) or model.config._attn_implementation
+    for name, module in modules:
+        module.attention_heads = AttentionHeads(kv_heads, sink, window, streaming.get(name, ()), previous).to(device)
     _use_registered_attention(model)
+
+
+def _installed_previous(model: nn.Module) -> str | None:
+    """The attention implementation the model had before heads were first installed, if they are."""
+    installed = heads_of(model)
+    return installed[0][1].previous_attention if installed else None
 
 
 def _use_registered_attention(model: nn.Module) -> None:
@@ -162,12 +172,14 @@ def heads_of(model: nn.Module) -> list[tuple[str, AttentionHeads]]:
 
 
 def remove_heads(model: nn.Module) -> None:
-    """Every attention module back to full attention, the model back to sdpa (in place)."""
+    """Every attention module back to full attention, the model back to the attention implementation
+    it had before heads were installed (in place)."""
+    previous = _installed_previous(model) or "sdpa"
     for _, module in attention_modules(model):
         if hasattr(module, "attention_heads"):
             del module.attention_heads
     if model.config._attn_implementation == ATTENTION:
-        model.set_attn_implementation("sdpa")
+        model.set_attn_implementation(previous)
 
 
 # --- the masks -----------------------------------------------------------------------------------
