@@ -66,25 +66,15 @@ def test_a_2_4_student_of_the_demo_teacher_trains_towards_it(teacher_and_tokeniz
 
 
 def test_lm_eval_scores_the_teacher_above_chance_on_the_local_task(teacher_and_tokenizer):
-    """Real lm-evaluation-harness, offline, on configs/lm_eval/wikitext_cloze (four choices): the
-    teacher, a one-shot 2:4 student of it and that student with streaming heads are all scored."""
+    """Real lm-evaluation-harness, offline, on configs/lm_eval/wikitext_cloze (four choices). The
+    pipeline tests score all three models of a run through the same function on the tiny teacher;
+    this one checks, on the real teacher, that the task measures something."""
     from conftest import REPO
     from distill.config import LmEvalConfig
-    from distill.sparsity.attention import attention_modules, install_heads
     from distill.zero_shot import zero_shot_accuracy
 
     teacher, tokenizer = teacher_and_tokenizer
-    oneshot = type(teacher)(teacher.config)
-    oneshot.load_state_dict(teacher.state_dict())
-    install_masks(oneshot, {name: nm_mask(linear.weight.abs(), 2, 4) for name, linear in target_linears(oneshot)})
-    streaming = type(teacher)(teacher.config)
-    streaming.load_state_dict(teacher.state_dict())
-    install_heads(streaming, {name: [0] for name, _ in attention_modules(streaming)}, sink=2, window=8)
     config = LmEvalConfig(tasks=["wikitext_cloze"], include_path=str(REPO / "configs" / "lm_eval"), limit=16)
-    results = zero_shot_accuracy({"teacher": teacher, "oneshot": oneshot.eval(), "student": streaming.eval()},
-                                 tokenizer, config)
-    assert set(results) == {"teacher", "oneshot", "student"}
-    teacher_scores = results["teacher"]["wikitext_cloze"]
-    assert teacher_scores["samples"] == 16
-    assert teacher_scores["acc"] - 2 * teacher_scores["acc_stderr"] > 0.25, teacher_scores  # chance is 1 in 4
-    assert all(0 <= results[model]["wikitext_cloze"]["acc"] <= 1 for model in results)
+    scores = zero_shot_accuracy({"teacher": teacher}, tokenizer, config)["teacher"]["wikitext_cloze"]
+    assert scores["samples"] == 16
+    assert scores["acc"] - 2 * scores["acc_stderr"] > 0.25, scores  # chance is 1 in 4
