@@ -155,7 +155,8 @@ def linear_to_conv1d(linear: nn.Linear) -> nn.Module:
     return conv
 
 
-def _set(model: nn.Module, name: str, module: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put `module` in place of the submodule called `name`."""
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
@@ -165,7 +166,7 @@ def linearize(model: nn.Module) -> list[str]:
     conv1d = _conv1d_class()
     names = [name for name, module in model.named_modules() if isinstance(module, conv1d)]
     for name in names:
-        _set(model, name, conv1d_to_linear(model.get_submodule(name)))
+        replace_module(model, name, conv1d_to_linear(model.get_submodule(name)))
     return names
 
 
@@ -181,5 +182,5 @@ def restore_conv1d(model: nn.Module) -> list[str]:
     for name in names:
         module = model.get_submodule(name)
         if isinstance(module, nn.Linear):
-            _set(model, name, linear_to_conv1d(module))
+            replace_module(model, name, linear_to_conv1d(module))
     return names

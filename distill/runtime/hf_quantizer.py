@@ -32,7 +32,7 @@ from distill.runtime.kv_cache import use_streaming_cache
 from distill.runtime.linear import Sparse24Linear
 from distill.sparsity.packing import METHOD, full_groups_mask, pack_nm, unpack_nm
 from distill.student import apply_runtime_sparsity
-from distill.targets import linearize
+from distill.targets import linearize, replace_module
 
 THRESHOLD_KEY = ".input_threshold.threshold"  # an InputThreshold's buffer: the spec holds thresholds
 
@@ -87,7 +87,7 @@ class PackedSparsityQuantizer(HfQuantizer):
             linear = model.get_submodule(name)
             packed = PackedLinear(linear.in_features, linear.out_features, n, m, linear.bias is not None,
                                   linear.weight.dtype, linear.weight.device)
-            _replace(model, name, packed)
+            replace_module(model, name, packed)
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
@@ -105,7 +105,7 @@ class PackedSparsityQuantizer(HfQuantizer):
                 module.weight.data.copy_(weight)
                 if bias is not None:
                     module.bias.data.copy_(bias)
-            _replace(model, name, module)
+            replace_module(model, name, module)
         apply_runtime_sparsity(model, self.spec)
         if self.spec.streaming is not None:
             use_streaming_cache(model)
@@ -134,8 +134,3 @@ class PackedSparsityQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return False
-
-
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)

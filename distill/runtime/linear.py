@@ -18,6 +18,7 @@ from torch import nn
 
 from distill.errors import DistillError
 from distill.runtime.dispatch import CrossoverTable
+from distill.targets import replace_module
 from distill.runtime.layout import check_2_4_weight, compress_2_4, decompress_2_4, positions_2_4
 
 # under Triton's CPU interpreter (tests), CPU tensors may take the table's kernel paths too
@@ -111,6 +112,5 @@ def sparsify(model: nn.Module, names: list[str], table: CrossoverTable | None = 
             kept_dense[name] = str(error)
             continue
         sparse = Sparse24Linear(linear.weight, linear.bias, name, table, keep_dense=keep_dense)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, sparse)
+        replace_module(model, name, sparse)
     return kept_dense
