@@ -23,7 +23,7 @@ from distill.models import load_teacher
 from distill.pipeline import StageContext
 from distill.model_card import StudentFacts, model_card, write_model_card
 from distill.report import RUNTIME, card_tables, markdown, plot, quality_table
-from distill.artifacts import STUDENT_DIR, read_metrics, read_sparsity_spec, read_summary, read_token_blocks
+from distill.artifacts import STUDENT_DIR, SparsitySpec, read_metrics, read_sparsity_spec, read_summary, read_token_blocks
 from distill.sparsity.attention import head_statistics, kv_cache_bytes
 from distill.sparsity.masks import masked_modules, masked_weight
 from distill.student import apply_runtime_sparsity, load_student
@@ -68,7 +68,8 @@ def run(ctx: StageContext) -> dict:
     teacher = load_teacher(config.teacher, device)
     oneshot = load_student(ctx.stage_dir("prune") / STUDENT_DIR, device, teacher.dtype)
     models = {"teacher": teacher, "oneshot": oneshot, "student": _exported_student(ctx, teacher.dtype)}
-    runtime = _runtime_student(ctx, teacher.dtype)
+    spec = read_sparsity_spec(ctx.stage_dir("distill") / STUDENT_DIR)
+    runtime = _runtime_student(ctx, spec, teacher.dtype)
     if runtime is not None:
         models[RUNTIME] = runtime
 
@@ -81,7 +82,7 @@ def run(ctx: StageContext) -> dict:
     # the tables measure each model as it runs: the student with its thresholds and streaming heads
     measured = {"teacher": teacher, "oneshot": oneshot, "student": models.get(RUNTIME, models["student"])}
     activations = _activation_sparsity(ctx, measured, sets)
-    attention = _attention_sparsity(ctx, measured, sets)
+    attention = _attention_sparsity(ctx, measured, sets, spec)
     if not accelerator.is_main_process:
         return {}
     zero_shot = zero_shot_accuracy(measured, tokenizer, config.eval.lm_eval) if config.eval.lm_eval.tasks else {}
@@ -131,10 +132,9 @@ def _exported_student(ctx: StageContext, dtype: torch.dtype) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype).to(ctx.accelerator.device).eval()
 
 
-def _runtime_student(ctx: StageContext, dtype: torch.dtype) -> torch.nn.Module | None:
+def _runtime_student(ctx: StageContext, spec: SparsitySpec, dtype: torch.dtype) -> torch.nn.Module | None:
     """The student as load_sparse_model runs it, with the input thresholds and streaming heads its
     spec names (export/hf runs without them); None when it has neither."""
-    spec = read_sparsity_spec(ctx.stage_dir("distill") / STUDENT_DIR)
     if not (spec.input_thresholds or spec.streaming):
         return None
     student = _exported_student(ctx, dtype)
@@ -142,7 +142,7 @@ def _runtime_student(ctx: StageContext, dtype: torch.dtype) -> torch.nn.Module |
     return student
 
 
-def _attention_sparsity(ctx: StageContext, models: dict, sets: dict[str, torch.Tensor]) -> dict:
+def _attention_sparsity(ctx: StageContext, models: dict, sets: dict[str, torch.Tensor], spec: SparsitySpec) -> dict:
     """Attention sparsity in the report: per layer and KV head of each model (as it runs: the
     one-shot student and the student with their streaming heads), the attention mass
     inside attention.sink + window, the fraction of probabilities below 1e-3 and the entropy, on the
@@ -152,7 +152,6 @@ def _attention_sparsity(ctx: StageContext, models: dict, sets: dict[str, torch.T
     attention = config.attention
     result: dict = {"sink": attention.sink, "window": attention.window, "streaming_fraction": attention.streaming_fraction,
                     "select": attention.select.value}
-    spec = read_sparsity_spec(ctx.stage_dir("distill") / STUDENT_DIR)
     if spec.streaming is not None:
         result["streaming"] = spec.streaming.heads
         context = config.eval.block_size
