@@ -2,8 +2,21 @@
 
 __version__ = "0.2.0"  # 0.2: the teacher writes its text with distill.sampling (every stage runs again)
 
-# importing the quantizer registers the packed export's method with transformers, so that after
-# `import distill` AutoModelForCausalLM.from_pretrained(<run>/export/packed) loads the sparse student
-from distill.runtime.hf_quantizer import PackedSparsityQuantizer  # noqa: E402
+# `import distill` registers the packed export's quantization method with transformers, so that
+# AutoModelForCausalLM.from_pretrained(<run>/export/packed) loads the sparse student. The
+# registration waits until transformers loads its quantizers: importing torch and transformers here
+# would cost every `import distill` seconds, and the CLI reports a bad config before they load.
+from distill.registration import register_when_transformers_loads  # noqa: E402
+
+register_when_transformers_loads()
+
+
+def __getattr__(name: str):
+    if name == "PackedSparsityQuantizer":  # the class itself, for whoever asks for it by name
+        from distill.hf_quantizer import PackedSparsityQuantizer
+
+        return PackedSparsityQuantizer
+    raise AttributeError(f"module 'distill' has no attribute {name!r}")
+
 
 __all__ = ["PackedSparsityQuantizer", "__version__"]

@@ -125,6 +125,11 @@ class Layout(Choice):
         return self in (Layout.PACKED, Layout.PACKED_V1)
 
 
+# a packed dir's config.json names this quantization method, so that transformers loads it through
+# distill.hf_quantizer once `import distill` has registered the method
+QUANT_METHOD = "distill_nm_packed"
+
+
 @dataclass(frozen=True)
 class StreamingHeads:
     """Attention sparsity: the KV heads (per attention module name) that attend only to the first

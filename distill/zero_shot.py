@@ -23,9 +23,8 @@ def zero_shot_accuracy(models: dict[str, nn.Module], tokenizer, config: LmEvalCo
     """{model name: {task: {metric: value, metric_stderr: value}}} for every task of `config`."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
-    manager = TaskManager(include_path=config.include_path)
+    manager = task_manager(config)
     results = {}
     for name, model in models.items():
         wrapped = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=config.batch_size)
@@ -34,6 +33,18 @@ def zero_shot_accuracy(models: dict[str, nn.Module], tokenizer, config: LmEvalCo
                                  torch_random_seed=0, fewshot_random_seed=0)
         results[name] = {task: _metrics(scores) for task, scores in output["results"].items()}
     return results
+
+
+def task_manager(config: LmEvalConfig):
+    """lm-eval's task index. Indexing lm-eval's own few thousand task YAMLs takes seconds, so when
+    every configured task is in `include_path` only that dir is indexed."""
+    from lm_eval.tasks import TaskManager
+
+    if config.include_path:
+        local = TaskManager(include_path=config.include_path, include_defaults=False)
+        if set(config.tasks) <= set(local.all_tasks):
+            return local
+    return TaskManager(include_path=config.include_path)
 
 
 def _metrics(scores: dict) -> dict:

@@ -16,21 +16,18 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from distill.artifacts import Layout, SparsitySpec, read_sparsity_spec, write_sparsity_spec
+from distill.artifacts import QUANT_METHOD, Layout, SparsitySpec, read_sparsity_spec, write_sparsity_spec
 from distill.errors import DistillError
 from distill.io import load_tensors, save_tensors, write_json
 from distill.sparsity.patterns import NM
 from distill.targets import linearize
 
 FORMAT = f"distill.{Layout.PACKED.value}"  # the tensors file's metadata
-# config.json's quantization_config names this method, so transformers loads the dir through
-# distill.runtime.hf_quantizer once `import distill` has registered it
-METHOD = "distill_nm_packed"
 
 
 def quantization_config(spec: SparsitySpec) -> dict:
     """What a packed dir's config.json says of its format: the method and the whole spec."""
-    return {"quant_method": METHOD, "spec": spec.to_json()}
+    return {"quant_method": QUANT_METHOD, "spec": spec.to_json()}
 
 
 def pack_nm(weight: torch.Tensor, mask: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:

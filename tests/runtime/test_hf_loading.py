@@ -1,9 +1,11 @@
-"""The packed export through transformers' own loader (distill.runtime.hf_quantizer): after `import
+"""The packed export through transformers' own loader (distill.hf_quantizer): after `import
 distill`, AutoModelForCausalLM.from_pretrained returns the runtime model (Sparse24Linear projections,
 input thresholds, streaming heads), pipeline() runs it, and save_pretrained writes the same packed
 tensors again."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -17,7 +19,8 @@ from distill.runtime import Sparse24Linear, StreamingCache, load_sparse_model
 from distill.sparsity.activations import thresholded
 from distill.sparsity.attention import streaming_heads
 from distill.sparsity.masks import install_masks, nm_mask, remove_masks
-from distill.sparsity.packing import METHOD, save_packed
+from distill.artifacts import QUANT_METHOD
+from distill.sparsity.packing import save_packed
 from distill.sparsity.patterns import NM
 from distill.targets import target_linears
 
@@ -41,7 +44,7 @@ def packed_dir(tmp_path_factory, tiny_teacher):
 def test_from_pretrained_returns_the_runtime_model(packed_dir):
     directory, spec = packed_dir
     config = json.loads((directory / "config.json").read_text())
-    assert config["quantization_config"]["quant_method"] == METHOD
+    assert config["quantization_config"]["quant_method"] == QUANT_METHOD
     assert config["quantization_config"]["spec"]["pattern"] == {"kind": "nm", "n": 2, "m": 4}
     model = AutoModelForCausalLM.from_pretrained(directory)
     runtime = load_sparse_model(directory)
@@ -57,6 +60,23 @@ def test_from_pretrained_returns_the_runtime_model(packed_dir):
     generator = pipeline("text-generation", model=str(directory), device="cpu")
     assert isinstance(generator.model.model.layers[0].mlp.down_proj, Sparse24Linear)
     assert len(generator("The", max_new_tokens=4, do_sample=False)[0]["generated_text"]) > len("The")
+
+
+def test_import_distill_is_light_and_registers_the_method_when_transformers_loads_models(packed_dir):
+    """In a fresh interpreter: `import distill` loads neither torch nor transformers (the CLI
+    reports a bad config before they load), and from_pretrained still finds the method."""
+    directory, _ = packed_dir
+    script = f"""
+import sys
+import distill
+assert "torch" not in sys.modules and "transformers" not in sys.modules, "import distill loaded torch"
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained({str(directory)!r})
+print(type(model.model.layers[0].mlp.down_proj).__name__)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["Sparse24Linear"]
 
 
 def test_save_pretrained_writes_the_packed_format_again(packed_dir, tmp_path):

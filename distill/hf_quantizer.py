@@ -6,9 +6,16 @@
 returns the student with its N:M projections as `Sparse24Linear` (2:4; other N:M patterns load as
 dense-with-zeros nn.Linear), its input thresholds and streaming heads installed, as
 `distill.runtime.load_sparse_model` does. transformers finds the method through the packed dir's
-`config.json`: its `quantization_config` is `{"quant_method": METHOD, "spec": <sparsity spec>}`
-(distill.sparsity.packing.quantization_config), and `import distill` registers the config class and
-the quantizer with transformers' public hooks (`register_quantization_config`, `register_quantizer`).
+`config.json`: its `quantization_config` is `{"quant_method": QUANT_METHOD, "spec": <sparsity spec>}`
+(distill.sparsity.packing.quantization_config), and importing this module registers the config class
+and the quantizer with transformers' public hooks (`register_quantization_config`,
+`register_quantizer`). `import distill` imports it as soon as transformers has loaded its model code
+(distill.registration).
+
+This module is imported from inside that import of transformers' model code, possibly while a
+distill module that asked for it (distill.sparsity.attention) is itself half-imported. So at the top
+it imports only torch, transformers' quantizer API and modules that never load model code; the
+runtime pieces (Sparse24Linear, streaming heads, the packed format) are imported where they are used.
 
 Loading: before the weights, every masked nn.Linear of the (meta) model becomes a `PackedLinear`
 whose tensors are the packed file's `<name>.values` and `<name>.indices`, so transformers' own loader
@@ -22,26 +29,21 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers.quantizers import HfQuantizer
 from transformers.quantizers.auto import register_quantization_config, register_quantizer
+from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from distill.artifacts import SparsitySpec
-from distill.runtime.dispatch import CrossoverTable
-from distill.runtime.kv_cache import use_streaming_cache
-from distill.runtime.linear import Sparse24Linear
-from distill.sparsity.packing import METHOD, full_groups_mask, pack_nm, unpack_nm
-from distill.student import apply_runtime_sparsity
+from distill.artifacts import QUANT_METHOD, SparsitySpec
 from distill.targets import linearize, replace_module
 
 THRESHOLD_KEY = ".input_threshold.threshold"  # an InputThreshold's buffer: the spec holds thresholds
 
-@register_quantization_config(METHOD)
+@register_quantization_config(QUANT_METHOD)
 class PackedSparsityConfig(QuantizationConfigMixin):
     """config.json's quantization_config for a packed export: the dir's SparsitySpec as JSON."""
 
     def __init__(self, spec: dict | None = None, **kwargs):
-        self.quant_method = METHOD
+        self.quant_method = QUANT_METHOD
         self.spec = dict(spec or {})
 
     def sparsity_spec(self) -> SparsitySpec:
@@ -60,10 +62,12 @@ class PackedLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
 
     def dense_weight(self) -> torch.Tensor:
+        from distill.sparsity.packing import unpack_nm
+
         return unpack_nm(self.values.data, self.indices.data, self.n, self.m)
 
 
-@register_quantizer(METHOD)
+@register_quantizer(QUANT_METHOD)
 class PackedSparsityQuantizer(HfQuantizer):
     """Loads (and saves) the packed N:M format; the checkpoint must already be packed."""
 
@@ -75,7 +79,7 @@ class PackedSparsityQuantizer(HfQuantizer):
 
     def validate_environment(self, *args, **kwargs) -> None:
         if not self.spec.layout.packed:
-            raise ValueError(f"quantization_config {METHOD}: layout {self.spec.layout} is not a packed one")
+            raise ValueError(f"quantization_config {QUANT_METHOD}: layout {self.spec.layout} is not a packed one")
 
     def update_dtype(self, dtype: torch.dtype | None) -> torch.dtype | None:
         return dtype
@@ -91,6 +95,10 @@ class PackedSparsityQuantizer(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        from distill.runtime import CrossoverTable, Sparse24Linear
+        from distill.runtime.kv_cache import use_streaming_cache
+        from distill.student import apply_runtime_sparsity
+
         table = CrossoverTable()
         for name in self.spec.masked:
             packed = model.get_submodule(name)
@@ -114,6 +122,9 @@ class PackedSparsityQuantizer(HfQuantizer):
     def get_state_dict_and_metadata(self, model):
         """The packed tensors again: `<name>.values`/`.indices` for every masked projection, every
         other tensor as it is; thresholds and streaming heads stay in the config's spec."""
+        from distill.runtime import Sparse24Linear
+        from distill.sparsity.packing import full_groups_mask, pack_nm
+
         masked = set(self.spec.masked)
         n, m = self.spec.pattern.n, self.spec.pattern.m
         state = {}
