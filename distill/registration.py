@@ -10,6 +10,7 @@ anything can load a model that module has finished loading; the registration run
 
 from __future__ import annotations
 
+import importlib
 import importlib.abc
 import importlib.util
 import sys
@@ -18,7 +19,7 @@ MODEL_CODE = "transformers.modeling_utils"
 
 
 def register() -> None:
-    import distill.hf_quantizer  # noqa: F401  (its class decorators register the method)
+    importlib.import_module("distill.hf_quantizer")  # its class decorators register the method
 
 
 class _RegisterAfterExecuting(importlib.abc.Loader):

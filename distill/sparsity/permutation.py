@@ -8,7 +8,8 @@ the same permutation computes exactly the same function, and changes down_proj's
 "Channel Permutations for N:M Sparsity", NeurIPS 2021).
 
 The search is a local search over pairs of groups: every sweep pairs the groups at random and, for
-each pair, tries every way of splitting its 2M columns into two groups (35 for M = 4), keeping the
+each pair, tries every way of splitting its 2M columns into two groups (35 for M = 4, 6435 for M = 8,
+so a 4:8 sweep costs about 400 times a 2:4 one), keeping the
 split whose N:M mask keeps the highest total score. The current split is among the candidates, so
 the kept score never decreases; all pairs of a sweep are evaluated at once as tensor operations.
 """
