@@ -138,6 +138,7 @@ def test_overrides_may_follow_the_stage_flags():
     assert args.restart and args.overrides == ["train.sharding=fsdp"]
 
 
+@pytest.mark.slow  # two launches through launch.sh and accelerate launch
 def test_launch_says_the_precision_and_why_in_its_first_line(tmp_path, tiny_teacher):
     from distill.precision import choose_precision
 

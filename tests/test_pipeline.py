@@ -443,6 +443,7 @@ def test_two_processes_follow_the_same_loss_curve_as_one(tmp_path, tiny_teacher,
     assert report_two["sources"]["wiki"]["student"]["ppl"] == pytest.approx(report_one["sources"]["wiki"]["student"]["ppl"], rel=1e-3)
 
 
+@pytest.mark.slow  # a pipeline run of its own
 def test_wandb_offline_run_holds_the_logged_metrics(tmp_path, tiny_teacher):
     config = write_config(tmp_path / "w.yaml", tiny_config(tmp_path, tiny_teacher, name="tracked",
                                                            tracking={"backend": "wandb", "project": "distill-tests"}))
@@ -498,6 +499,7 @@ def test_a_killed_and_resumed_wandb_run_logs_every_step(tmp_path, tiny_teacher):
         assert row["train/loss"] == pytest.approx(expected[row["_step"]]["loss"], rel=1e-6)
 
 
+@pytest.mark.slow  # a pipeline run of its own
 def test_a_pattern_no_kernel_runs_exports_dense_with_zeros_and_the_report_says_so(tmp_path, tiny_teacher):
     config = write_config(tmp_path / "block.yaml", tiny_config(
         tmp_path, tiny_teacher, name="block", train={"steps": 2},
@@ -515,6 +517,7 @@ def test_a_pattern_no_kernel_runs_exports_dense_with_zeros_and_the_report_says_s
     assert int(tiles_zero.sum()) == 8  # a quarter of the 32 tiles, each entirely zero
 
 
+@pytest.mark.slow  # a pipeline run of its own per pattern
 @pytest.mark.parametrize("pattern,changed", [("mlp_channels", {"intermediate_size": (128, 64)}),
                                              ("heads", {"num_attention_heads": (4, 2), "num_key_value_heads": (2, 1)})])
 def test_spanning_patterns_export_a_smaller_dense_model_that_the_report_scores(tmp_path, tiny_teacher, pattern, changed):
@@ -544,6 +547,7 @@ def test_spanning_patterns_export_a_smaller_dense_model_that_the_report_scores(t
     assert float((actual - expected).norm() / expected.norm()) < 1e-5
 
 
+@pytest.mark.slow  # a pipeline run of its own
 def test_a_diverging_run_stops_in_one_line_and_never_finishes_a_nan_student(tmp_path, tiny_teacher):
     train = {"lr": 1e12, "warmup_steps": 0, "max_grad_norm": 0.0}
     config = write_config(tmp_path / "nan.yaml", tiny_config(tmp_path, tiny_teacher, name="nan", train=train))
