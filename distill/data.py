@@ -1,6 +1,6 @@
-"""Text sources to token blocks: local files and hub datasets through `datasets`, and text the teacher
-samples itself. Everything ends as fixed-length blocks of token ids; each source's last blocks are
-held out for evaluation."""
+"""Text sources to token blocks: local text files (read directly), jsonl/parquet files and hub
+datasets through `datasets`, and text the teacher samples itself. Everything ends as fixed-length
+blocks of token ids; each source's last blocks are held out for evaluation."""
 
 from __future__ import annotations
 
