@@ -1,7 +1,8 @@
 """Activation sparsity on the demo teacher: quality of 2:4 weights with 50% sparse activations,
 distilled under the thresholds against thresholds applied afterwards (wikitext-2 test perplexity).
 
-    python benchmarks/activation_sparsity.py [--set key=value ...] [--json out.json] [--write-results]
+    python benchmarks/activation_sparsity.py [--set key=value ...] [--activations key=value ...]
+                                             [--json out.json] [--write-results]
 
 Rows, all at the same distill budget (configs/quality.yaml, overridable with --set):
   teacher, training-free    the dense teacher with every projection input zeroed at 40% and 50%
@@ -12,8 +13,10 @@ Rows, all at the same distill budget (configs/quality.yaml, overridable with --s
                             distilled under (activations.target=0.5)
 Each distilled row is the pipeline itself (launch.sh), scored by its evaluate stage on the first
 `eval.max_blocks` (48) windows of 512 tokens of wikitext-2 test; calibration is wikitext-2 valid.
-The "after" row calibrates with the same library call the prune stage makes. --write-results puts
-the table into benchmarks/RESULTS.md between its activation-sparsity markers.
+The "after" row calibrates with the same library call the prune stage makes. --activations sets keys
+of the `activations:` section (allocation, greedy_blocks, straight_through, recalibrate_every) for the
+two thresholded rows only, so the rows without thresholds are not run again. --write-results puts the
+table into benchmarks/RESULTS.md between its activation-sparsity markers.
 """
 
 from __future__ import annotations
@@ -33,9 +36,10 @@ BASE = ["eval.max_blocks=48", "eval.activation_levels=[0.4,0.5]"]
 TARGET = 0.5
 
 
-def thresholds_after_distill(run_dir: Path, target: float) -> dict:
+def thresholds_after_distill(run_dir: Path, target: float, activations: list[str]) -> dict:
     """The distilled 2:4 student of `run_dir` with `target` of its projection inputs zeroed by
-    thresholds calibrated on it, scored like the evaluate stage scores (KL to the teacher)."""
+    thresholds calibrated on it (with the `activations.` overrides given), scored like the evaluate
+    stage scores (KL to the teacher)."""
     from accelerate import Accelerator
 
     from distill.artifacts import STUDENT_DIR, read_token_blocks
@@ -47,12 +51,12 @@ def thresholds_after_distill(run_dir: Path, target: float) -> dict:
     from distill.sparsity.activations import calibrate_thresholds, install_thresholds
     from distill.student import load_student
 
-    config = load_config(run_dir / "config.yaml")
+    config = load_config(run_dir / "config.yaml", activations)
     accelerator = Accelerator(cpu=True)
     teacher = load_teacher(config.teacher, accelerator.device)
     student = load_student(run_dir / "distill" / STUDENT_DIR)
     calibration = calibration_blocks(read_token_blocks(run_dir / "teacher").train, config.calibration.num_blocks)
-    # the allocation --set chose applies to this row too; the target is this row's
+    # the allocation chosen by --set or --activations applies to this row too; the target is this row's
     groups, thresholds = calibrate_thresholds(student, calibration, config.activations, config.calibration.batch_size,
                                               target)
     install_thresholds(student, groups, thresholds)
@@ -62,11 +66,12 @@ def thresholds_after_distill(run_dir: Path, target: float) -> dict:
     return scores["student"]
 
 
-def table(rows: list[dict], source: dict, teacher: str, config: Path) -> str:
+def table(rows: list[dict], source: dict, teacher: str, config: Path, activations: list[str]) -> str:
     windows, teacher_ppl = source["tokens"] // source["block_size"], source["teacher"]["ppl"]
     lines = [f"Teacher `{teacher}`, wikitext-2 test, the first {windows} windows of {source['block_size']} tokens "
              f"(teacher {teacher_ppl:.2f}); every distilled row at the budget of `{config.relative_to(REPO)}` "
-             f"(its calibration text, wikitext-2 valid).", "",
+             f"(its calibration text, wikitext-2 valid); thresholded rows with "
+             f"{', '.join(f'`{setting}`' for setting in activations) or 'the activations section as configured'}.", "",
              "| row | activations zeroed | ppl | x teacher | KL |", "|---|---:|---:|---:|---:|"]
     for row in rows:
         kl = f"{row['kl']:.4f}" if row.get("kl") is not None else "-"
@@ -78,19 +83,22 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=CONFIG, help="the pipeline config every row runs on")
     parser.add_argument("--set", nargs="*", default=[], help="overrides of the config for every run")
+    parser.add_argument("--activations", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="activations.KEY=VALUE for the thresholded rows only, e.g. allocation=greedy")
     parser.add_argument("--json", help="save the rows (JSON)")
     parser.add_argument("--write-results", action="store_true", help="update the table in benchmarks/RESULTS.md")
     args = parser.parse_args(argv)
     os.chdir(REPO)  # the configs name their files relative to the repo
     started = time.time()
     config = args.config.resolve()
+    activations = [f"activations.{setting}" for setting in args.activations]
     plain = run_pipeline(config, "activations_none", [*BASE, *args.set])
     under = run_pipeline(config, "activations_under", [*BASE, "eval.activation_levels=[]", f"activations.target={TARGET}",
-                                                       *args.set])
+                                                       *args.set, *activations])
     report = json.loads((plain / "evaluate" / "report.json").read_text())
     test = report["sources"]["test"]  # eval.files names wikitext-2 test.txt
     curve = report["activations"]["teacher_training_free"]["test"]
-    after = thresholds_after_distill(plain, TARGET)
+    after = thresholds_after_distill(plain, TARGET, activations)
     under_test = json.loads((under / "evaluate" / "report.json").read_text())["sources"]["test"]
     rows = [
         {"row": "teacher, training-free", "zeroed": "40%", "ppl": curve["0.4"]},
@@ -100,13 +108,13 @@ def main(argv=None) -> int:
         {"row": "2:4, distilled under thresholds", "zeroed": "50%", "ppl": under_test["student_runtime"]["ppl"],
          "kl": under_test["student_runtime"]["kl"]},
     ]
-    text = table(rows, test, report["config"]["teacher"], config)
+    text = table(rows, test, report["config"]["teacher"], config, activations)
     text += (f"\n\nDistilled under the thresholds against applied after: {rows[3]['ppl'] / rows[4]['ppl']:.3f}x lower "
              f"perplexity; 2:4 + 50% under thresholds against 2:4 alone: {rows[4]['ppl'] / rows[2]['ppl']:.3f}x.")
     print("\n" + text)
     print(f"\n({time.time() - started:.0f} s)")
     if args.json:
-        Path(args.json).write_text(json.dumps({"set": args.set, "rows": rows}, indent=1))
+        Path(args.json).write_text(json.dumps({"set": args.set, "activations": args.activations, "rows": rows}, indent=1))
     if args.write_results:
         write_results(MARKERS, text)
     return 0
