@@ -4,8 +4,9 @@ __version__ = "0.2.0"  # 0.2: the teacher writes its text with distill.sampling 
 
 # `import distill` registers the packed export's quantization method with transformers, so that
 # AutoModelForCausalLM.from_pretrained(<run>/export/packed) loads the sparse student. The
-# registration waits until transformers loads its quantizers: importing torch and transformers here
-# would cost every `import distill` seconds, and the CLI reports a bad config before they load.
+# registration waits until transformers loads its model code (distill.registration): importing torch
+# and transformers here would cost every `import distill` seconds, and the CLI reports a bad config
+# before they load.
 from distill.registration import register_when_transformers_loads  # noqa: E402
 
 register_when_transformers_loads()

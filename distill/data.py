@@ -31,10 +31,11 @@ def _separator(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
 
 
-def _tokenize_dataset(dataset, tokenizer: PreTrainedTokenizerBase, text_field: str, join_with_eos: bool) -> torch.Tensor:
+def _tokenize_dataset(dataset, tokenizer: PreTrainedTokenizerBase, text_field: str) -> torch.Tensor:
+    """Every record's tokens, each record a document ended by EOS."""
     if text_field not in dataset.column_names:
         raise DistillError(f"text field '{text_field}' not in the data's columns {dataset.column_names}")
-    separator = _separator(tokenizer) if join_with_eos else []
+    separator = _separator(tokenizer)
 
     def tokenize(batch):
         ids = tokenizer(batch[text_field], add_special_tokens=False)["input_ids"]
@@ -66,7 +67,7 @@ def tokenize_files(files: list[str], tokenizer: PreTrainedTokenizerBase, text_fi
                 dataset = load_dataset(builder, data_files=str(path.resolve()), split="train")
             except Exception as error:  # datasets raises many types for unreadable files
                 raise DistillError(f"data file {name} could not be read: {str(error).splitlines()[0]}") from None
-            tokens = _tokenize_dataset(dataset, tokenizer, text_field, join_with_eos=True)
+            tokens = _tokenize_dataset(dataset, tokenizer, text_field)
         pieces.append(torch.cat([tokens, torch.tensor(_separator(tokenizer), dtype=torch.long)]))
     return torch.cat(pieces)
 
@@ -93,7 +94,7 @@ def tokenize_hub_dataset(source: SourceConfig, tokenizer: PreTrainedTokenizerBas
         dataset = load_dataset(source.dataset, source.subset, split=source.split)
     except Exception as error:
         raise DistillError(f"dataset '{source.dataset}' could not be loaded: {str(error).splitlines()[0]}") from None
-    return _tokenize_dataset(dataset, tokenizer, source.text_field, join_with_eos=True)
+    return _tokenize_dataset(dataset, tokenizer, source.text_field)
 
 
 def sample_from_teacher(
