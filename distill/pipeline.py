@@ -85,54 +85,62 @@ def flatten(data, prefix: str = "") -> dict:
     return {prefix: data}
 
 
+def _within(path: str, keys: tuple[str, ...]) -> bool:
+    """Whether flattened config `path` lies inside one of the dotted `keys`."""
+    return any(path == key or path.startswith((key + ".", key + "[")) for key in keys)
+
+
 def _select(config: Config, keys: tuple[str, ...]) -> dict:
-    full = flatten(to_dict(config))
-    return {key: value for key, value in full.items() if any(key == k or key.startswith((k + ".", k + "[")) for k in keys)}
+    return {key: value for key, value in flatten(to_dict(config)).items() if _within(key, keys)}
 
 
 PRECISION_KEY = "precision"
-# fingerprinted keys added after run dirs existed: (the value that matches what those runs did, a key
-# whose presence says the saved stage is one that fingerprints the new key today)
+# config keys added after run dirs existed, with the value that matches what those runs did: a stage
+# that fingerprints one today and whose saved inputs lack it predates the key
 KEYS_ADDED_SINCE = {
-    "config.calibration.batch_size": (4, "config.calibration.num_blocks"),
-    "config.activations.target": (0.0, "config.prune.criterion"),
-    "config.activations.allocation": ("uniform", "config.prune.criterion"),
-    "config.activations.where": (["*"], "config.prune.criterion"),
-    "config.activations.greedy_step": (0.1, "config.prune.criterion"),
-    "config.activations.greedy_blocks": (0, "config.prune.criterion"),
-    "config.activations.straight_through": (False, "config.prune.criterion"),
-    "config.activations.recalibrate_every": (0, "config.prune.criterion"),
-    "config.eval.activation_levels": ([0.0, 0.25, 0.4, 0.5, 0.6, 0.7], "config.eval.batch_size"),
-    "config.attention.streaming_fraction": (0.0, "config.prune.criterion"),
-    "config.attention.sink": (4, "config.prune.criterion"),
-    "config.attention.window": (256, "config.prune.criterion"),
-    "config.attention.select": ("mass", "config.prune.criterion"),
-    "config.attention.gate_steps": (20, "config.prune.criterion"),
-    "config.attention.gate_batch_size": (2, "config.prune.criterion"),
-    "config.attention.gate_lr": (0.02, "config.prune.criterion"),
-    "config.attention.gate_penalty": (0.05, "config.prune.criterion"),
-    "config.attention.measure_blocks": (4, "config.prune.criterion"),
-    "config.eval.attention_blocks": (0, "config.eval.batch_size"),
-    "config.export.push_to_hub": (None, "config.export.shrink"),
-    "config.eval.lm_eval.tasks": ([], "config.eval.batch_size"),
-    "config.eval.lm_eval.include_path": (None, "config.eval.batch_size"),
-    "config.eval.lm_eval.batch_size": (8, "config.eval.batch_size"),
-    "config.eval.lm_eval.limit": (0, "config.eval.batch_size"),
+    "config.calibration.batch_size": 4,
+    "config.activations.target": 0.0,
+    "config.activations.allocation": "uniform",
+    "config.activations.where": ["*"],
+    "config.activations.greedy_step": 0.1,
+    "config.activations.greedy_blocks": 0,
+    "config.activations.straight_through": False,
+    "config.activations.recalibrate_every": 0,
+    "config.eval.activation_levels": [0.0, 0.25, 0.4, 0.5, 0.6, 0.7],
+    "config.attention.streaming_fraction": 0.0,
+    "config.attention.sink": 4,
+    "config.attention.window": 256,
+    "config.attention.select": "mass",
+    "config.attention.gate_steps": 20,
+    "config.attention.gate_batch_size": 2,
+    "config.attention.gate_lr": 0.02,
+    "config.attention.gate_penalty": 0.05,
+    "config.attention.measure_blocks": 4,
+    "config.eval.attention_blocks": 0,
+    "config.export.push_to_hub": None,
+    "config.eval.lm_eval.tasks": [],
+    "config.eval.lm_eval.include_path": None,
+    "config.eval.lm_eval.batch_size": 8,
+    "config.eval.lm_eval.limit": 0,
 }
 # run dirs made before distill.precision recorded accelerate's setting under this key
 _LEGACY_PRECISION_KEY, _LEGACY_PRECISION_VALUES = "accelerate.mixed_precision", {"bf16": "bf16", "no": "fp32"}
 
 
-def upgrade_inputs(inputs: dict) -> dict:
-    """A saved inputs dict in today's keys, so a run dir from an older release still matches: the
-    precision under its own key, input files keyed by path (`file:<path>`), not by position, and the
-    mask options under `train.masks`."""
+def upgrade_inputs(inputs: dict, config_keys: tuple[str, ...]) -> dict:
+    """A saved inputs dict of a stage that fingerprints `config_keys` today, in today's keys, so a
+    run dir from an older release still matches: the precision under its own key, input files keyed
+    by path (`file:<path>`), not by position, the mask options under `train.masks`, keys added since
+    at the value those runs had, and keys the stage no longer depends on dropped."""
     inputs = dict(inputs)
     for old, new in DEPRECATED_MASK_KEYS.items():
         if f"config.train.{old}" in inputs:
             inputs[f"config.train.masks.{new}"] = inputs.pop(f"config.train.{old}")
-    for key, (value, witness) in KEYS_ADDED_SINCE.items():  # saved by a stage that fingerprints it now
-        if key not in inputs and witness in inputs:
+    for key in [key for key in inputs if key.startswith("config.")]:
+        if not _within(key.removeprefix("config."), config_keys):  # e.g. moved to another stage
+            del inputs[key]
+    for key, value in KEYS_ADDED_SINCE.items():
+        if key not in inputs and _within(key.removeprefix("config."), config_keys):
             inputs[key] = value
     if _LEGACY_PRECISION_KEY in inputs:
         old = inputs.pop(_LEGACY_PRECISION_KEY)
@@ -248,13 +256,14 @@ class Pipeline:
     def _partial(self, name: str) -> Path:
         return self.run_dir / f"{name}.partial"
 
-    def _partial_inputs(self, name: str) -> dict | None:
+    def _partial_inputs(self, stage: Stage) -> dict | None:
         """The inputs an unfinished run was started with (None when it never got to write them)."""
+        name = stage.name
         path = self._partial(name) / "inputs.json"
         if not path.is_file():
             return None
         try:
-            return upgrade_inputs(_check_shape(path, read_json(path), {"inputs": dict})["inputs"])
+            return upgrade_inputs(_check_shape(path, read_json(path), {"inputs": dict})["inputs"], stage.config_keys)
         except DistillError as error:
             raise DistillError(f"{error}; rerun with --discard-partial {name} to drop that unfinished run") from None
 
@@ -329,11 +338,11 @@ class Pipeline:
             inputs = self.inputs(stage)
             stamp = fingerprint(inputs)
             manifest = None if name in forced else self.manifest(name)
-            finished = manifest is not None and fingerprint(upgrade_inputs(manifest["inputs"])) == stamp
+            finished = manifest is not None and fingerprint(upgrade_inputs(manifest["inputs"], stage.config_keys)) == stamp
             upstream_runs = [f"stage '{up}' runs again" for up in stage.upstream if up in will_run]
             has_partial = self._partial(name).is_dir()
             discard = has_partial and (name in forced or name in self.discard)
-            previous = self._partial_inputs(name) if has_partial and not discard else None
+            previous = self._partial_inputs(stage) if has_partial and not discard else None
             if previous is not None and fingerprint(previous) == stamp and not upstream_runs:
                 decision = Decision(stage, "resuming the unfinished run", str(self._partial(name)))
             elif previous is not None and finished and not upstream_runs:
@@ -347,7 +356,7 @@ class Pipeline:
                 again = (self.run_dir / name / MANIFEST_FILE).is_file()
                 decision = Decision(stage, "running again" if again else "running", "asked for" if again else "", discard)
             elif manifest is not None:
-                reason = "; ".join(upstream_runs) or describe_changes(upgrade_inputs(manifest["inputs"]), inputs)
+                reason = "; ".join(upstream_runs) or describe_changes(upgrade_inputs(manifest["inputs"], stage.config_keys), inputs)
                 decision = Decision(stage, "running again", reason, discard)
             else:
                 decision = Decision(stage, "running", "", discard)

@@ -42,10 +42,24 @@ def test_a_bad_spec_is_one_line_naming_the_file(tmp_path, content, message):
 def test_saved_inputs_of_older_runs_match_todays_keys():
     old = {"config.train.mask_mode": "fixed", "config.train.mask_lr": 0.05, "config.train.steps": 3,
            "config.calibration.num_blocks": 8}
-    assert upgrade_inputs(old) == {"config.train.masks.mode": "fixed", "config.train.masks.lr": 0.05,
-                                   "config.train.steps": 3, "config.calibration.num_blocks": 8,
-                                   "config.calibration.batch_size": 4}
-    assert "config.calibration.batch_size" not in upgrade_inputs({"config.train.steps": 3})
+    assert upgrade_inputs(old, ("train.masks", "train.steps", "calibration")) == {
+        "config.train.masks.mode": "fixed", "config.train.masks.lr": 0.05, "config.train.steps": 3,
+        "config.calibration.num_blocks": 8, "config.calibration.batch_size": 4}
+    assert "config.calibration.batch_size" not in upgrade_inputs({"config.train.steps": 3}, ("train",))
+
+
+def test_a_key_a_stage_no_longer_fingerprints_does_not_run_it_again():
+    """The prune stage fingerprinted all of `activations` until how the student trains under the
+    thresholds moved to distill: a prune stage saved then matches whatever those keys now say."""
+    from distill.stages import STAGES
+
+    prune = next(stage for stage in STAGES if stage.name == "prune")
+    saved = {"config.activations.target": 0.5, "config.activations.straight_through": True,
+             "config.activations.recalibrate_every": 5, "config.prune.n": 2, "precision": "bf16"}
+    upgraded = upgrade_inputs(saved, prune.config_keys)
+    assert "config.activations.straight_through" not in upgraded and "config.activations.recalibrate_every" not in upgraded
+    assert upgraded["config.activations.target"] == 0.5 and upgraded["precision"] == "bf16"
+    assert upgraded["config.activations.greedy_blocks"] == 0  # added since, at what those runs did
 
 
 def test_a_checkpoint_with_masks_as_buffers_is_refused_by_name(tmp_path):

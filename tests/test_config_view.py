@@ -45,3 +45,19 @@ def test_a_stage_may_read_what_its_upstream_stages_fingerprint():
     assert {"eval", "teacher", "prune", "train", "calibration"} <= set(evaluate)
     teacher = pipeline.readable_keys(by_name["teacher"])
     assert "eval" not in teacher and "train" not in teacher and "train.loss" not in teacher
+
+
+def test_every_activations_key_is_fingerprinted_by_the_stage_that_reads_it():
+    """prune calibrates the thresholds, distill trains under them: a key of how they train does not
+    calibrate them again, and a key added to the section must be given to one of the two."""
+    import dataclasses
+
+    from distill.config import ActivationsConfig
+    from distill.config_view import covers
+
+    by_name = {stage.name: stage for stage in STAGES}
+    prune, distill = by_name["prune"].config_keys, by_name["distill"].config_keys
+    for field in dataclasses.fields(ActivationsConfig):
+        key = f"activations.{field.name}"
+        assert covers(prune, key) != covers(distill, key), key
+    assert covers(distill, "activations.straight_through") and covers(prune, "activations.greedy_blocks")

@@ -5,14 +5,19 @@ from distill.models import teacher_files
 from distill.pipeline import Stage
 from distill.stages import evaluate, export, prune, teacher, teacher_logits, train
 
+# the activations keys prune calibrates the thresholds with, and those only distill reads (so a change
+# of how the student trains under them does not calibrate them again)
+CALIBRATED_ACTIVATIONS = tuple(f"activations.{key}" for key in ("target", "allocation", "where", "greedy_step", "greedy_blocks"))
+TRAINED_ACTIVATIONS = ("activations.straight_through", "activations.recalibrate_every")
+
 STAGES = [
     Stage("teacher", ("run.seed", "teacher", "data", "calibration", "prune.targets", "prune.exclude"), (), teacher.run,
           input_files=lambda config: teacher_files(config.teacher) + teacher.source_files(config),
           depends_on_precision=lambda config: any(source.kind is SourceKind.TEACHER for source in config.data.sources)),
     Stage("teacher_logits", ("teacher", "train.loss.teacher_topk", "train.micro_batch_size"), ("teacher",),
           teacher_logits.run, depends_on_precision=lambda config: config.train.loss.teacher_topk > 0),
-    Stage("prune", ("teacher", "prune", "activations", "attention"), ("teacher",), prune.run),
-    Stage("distill", ("run.seed", "teacher", "train"), ("prune", "teacher_logits"), train.run,
+    Stage("prune", ("teacher", "prune", *CALIBRATED_ACTIVATIONS, "attention"), ("teacher",), prune.run),
+    Stage("distill", ("run.seed", "teacher", "train", *TRAINED_ACTIVATIONS), ("prune", "teacher_logits"), train.run,
           depends_on_precision=lambda config: True),
     Stage("export", ("export",), ("distill",), export.run),
     Stage("evaluate", ("teacher", "eval"), ("teacher", "prune", "export"), evaluate.run,
