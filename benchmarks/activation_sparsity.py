@@ -57,9 +57,8 @@ def thresholds_after_distill(run_dir: Path, target: float, activations: list[str
     student = load_student(run_dir / "distill" / STUDENT_DIR)
     calibration = calibration_blocks(read_token_blocks(run_dir / "teacher").train, config.calibration.num_blocks)
     # the allocation chosen by --set or --activations applies to this row too; the target is this row's
-    groups, thresholds = calibrate_thresholds(student, calibration, config.activations, config.calibration.batch_size,
-                                              target)
-    install_thresholds(student, groups, thresholds)
+    calibrated = calibrate_thresholds(student, calibration, config.activations, config.calibration.batch_size, target)
+    install_thresholds(student, calibrated.groups, calibrated.thresholds)
     test = pack(tokenize_files(config.eval.files, load_tokenizer(config.teacher)), config.eval.block_size)
     test = test[:config.eval.max_blocks]
     scores = score_models({"teacher": teacher, "student": student}, test, accelerator, config.eval.batch_size)

@@ -50,7 +50,7 @@ def test_calibrated_thresholds_reach_the_target_and_come_off_cleanly(tiny_model,
     with torch.no_grad():
         dense = tiny_model(input_ids=ids).logits
     config = ActivationsConfig(target=0.5, allocation=Allocation.GREEDY if greedy else Allocation.UNIFORM, greedy_step=0.1)
-    groups, thresholds = calibrate_thresholds(tiny_model, blocks, config, batch_size=3)
+    groups, sparsity, thresholds = calibrate_thresholds(tiny_model, blocks, config, batch_size=3)
     try:
         install_thresholds(tiny_model, groups, thresholds)
         assert set(thresholded(tiny_model)) == {name for group in groups for name in group.projections}
@@ -68,6 +68,39 @@ def test_calibrated_thresholds_reach_the_target_and_come_off_cleanly(tiny_model,
     assert thresholded(tiny_model) == {}
     with torch.no_grad():
         assert torch.equal(tiny_model(input_ids=ids).logits, dense)
+
+
+def test_recalibration_keeps_the_allocation_on_a_moved_model(tiny_model):
+    """Distill re-calibrates to the fractions the prune stage allocated: on the same model that gives
+    the same thresholds; on a model whose weights moved, new thresholds that zero each input at its
+    own allocated fraction again (not the target everywhere)."""
+    from distill.sparsity.activations import recalibrate_thresholds
+
+    torch.manual_seed(3)
+    blocks = torch.randint(0, tiny_model.config.vocab_size, (6, 32))
+    config = ActivationsConfig(target=0.5, allocation=Allocation.GREEDY, greedy_step=0.25)
+    calibrated = calibrate_thresholds(tiny_model, blocks, config, batch_size=3)
+    assert len(set(calibrated.sparsity.values())) > 1, "greedy should not land on uniform here"
+    same = recalibrate_thresholds(tiny_model, blocks, config.where, calibrated.sparsity, batch_size=3)
+    assert same.thresholds == calibrated.thresholds
+    original = {name: parameter.clone() for name, parameter in tiny_model.named_parameters()}
+    try:
+        with torch.no_grad():
+            for name, parameter in tiny_model.named_parameters():
+                if "layernorm" in name:
+                    parameter.mul_(1 + torch.rand_like(parameter))  # every input's scale moves
+        moved = recalibrate_thresholds(tiny_model, blocks, config.where, calibrated.sparsity, batch_size=3)
+        assert all(moved.thresholds[name] != calibrated.thresholds[name] for name in calibrated.thresholds)
+        statistics = input_statistics(tiny_model, moved.groups, blocks, batch_size=3, thresholded=False)
+        for group in moved.groups:
+            zeroed = float((statistics[group.name].sample < moved.thresholds[group.name]).float().mean())
+            assert zeroed == pytest.approx(calibrated.sparsity[group.name], abs=0.02), group.name
+        with pytest.raises(ValueError, match="the allocation names 1 projection inputs"):
+            recalibrate_thresholds(tiny_model, blocks, config.where, dict([next(iter(calibrated.sparsity.items()))]), 3)
+    finally:
+        with torch.no_grad():
+            for name, parameter in tiny_model.named_parameters():
+                parameter.copy_(original[name])
 
 
 def test_greedy_allocation_costs_the_layer_less_error_than_uniform(tiny_model):
@@ -98,7 +131,7 @@ def test_greedy_allocation_costs_the_layer_less_error_than_uniform(tiny_model):
                 total += float((sparse - dense).square().sum() / dense.square().sum())
         return total
 
-    uniform = layer_errors(*calibrate_thresholds(tiny_model, blocks, ActivationsConfig(target=0.5), batch_size=6))
-    greedy = layer_errors(*calibrate_thresholds(
-        tiny_model, blocks, ActivationsConfig(target=0.5, allocation=Allocation.GREEDY, greedy_step=0.1), batch_size=6))
-    assert greedy <= uniform
+    uniform = calibrate_thresholds(tiny_model, blocks, ActivationsConfig(target=0.5), batch_size=6)
+    greedy = calibrate_thresholds(
+        tiny_model, blocks, ActivationsConfig(target=0.5, allocation=Allocation.GREEDY, greedy_step=0.1), batch_size=6)
+    assert layer_errors(greedy.groups, greedy.thresholds) <= layer_errors(uniform.groups, uniform.thresholds)

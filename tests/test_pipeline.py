@@ -270,13 +270,14 @@ def test_kill_in_distill_then_resume_gives_the_bitwise_same_student(tmp_path, ti
     """Every mask mode, each in one case: learnable masks in one process (which also checks what a
     launch must refuse), dynamic masks on two DDP gloo ranks, and fixed masks with the student
     sharded (fsdp trains fixed masks only) and resumed from the gathered checkpoint. The two-rank
-    cases add activation thresholds, re-calibrated every 3 steps, straight-through, and half of the
-    KV heads streaming."""
+    cases add activation thresholds, re-calibrated every 3 steps (to the greedy allocation of the
+    prune stage under fsdp), straight-through, and half of the KV heads streaming."""
     train = {"steps": 16, "checkpoint_every": 4, "log_every": 1, "global_batch_size": 8, "micro_batch_size": 4,
              "masks": {"mode": mask_mode, "update_every": 3, "init_logit": 0.02, "lr": 0.05}, "sharding": sharding}
     sections = {"train": train}
     if activations:
-        sections["activations"] = {"target": 0.5, "recalibrate_every": 3, "straight_through": True}
+        sections["activations"] = {"target": 0.5, "recalibrate_every": 3, "straight_through": True,
+                                   "allocation": "greedy" if sharding == "fsdp" else "uniform"}
         sections["attention"] = {"streaming_fraction": 0.5, "sink": 2, "window": 8}
     ranks = ["--num-processes", str(processes)] if processes > 1 else []
     reference = write_config(tmp_path / "reference.yaml", tiny_config(tmp_path, tiny_teacher, name="reference", **sections))

@@ -7,10 +7,13 @@ finds them by running one layer and comparing the tensors each projection receiv
 architecture is named.
 
   input_statistics   per input: the fraction of exact zeros and quantiles of |x| on calibration text
-  uniform_thresholds every input zeroed at the same fraction (the |x| quantile at the target)
-  greedy_thresholds  TEAL's allocation: per decoder layer, the layer's inputs take the target on
-                     average, and each step sparsifies further the input whose step costs the layer's
-                     output the least error on calibration data
+  allocation         the fraction of each input to zero: the same for every input (uniform), or
+                     TEAL's greedy allocation: per decoder layer, the layer's inputs take the target
+                     on average, and each step sparsifies further the input whose step costs the
+                     layer's output the least error on calibration data
+  thresholds_at      the |x| quantile of each input at its fraction
+  recalibrate_thresholds  thresholds for an allocation already chosen, on the model as it is now (the
+                     allocation is the expensive part; distill keeps it while the student moves)
   install_thresholds an `InputThreshold` module per thresholded projection (`<projection>.input_threshold`,
                      its threshold a buffer, so checkpoints and state dicts carry it) applied by a
                      forward pre-hook: the projection sees x * (|x| >= t)
@@ -24,7 +27,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -175,10 +178,15 @@ def input_statistics(model: nn.Module, groups: list[InputGroup], blocks: torch.T
             for name in samples}
 
 
+def thresholds_at(statistics: dict[str, InputStatistics], sparsity: dict[str, float]) -> dict[str, float]:
+    """{group name: threshold} zeroing each input's fraction in `sparsity` ({group name: fraction})."""
+    return {name: statistics[name].threshold(fraction) for name, fraction in sparsity.items()}
+
+
 def uniform_thresholds(groups: list[InputGroup], statistics: dict[str, InputStatistics],
                        target: float) -> dict[str, float]:
     """{group name: threshold} zeroing `target` of every input."""
-    return {group.name: statistics[group.name].threshold(target) for group in groups}
+    return thresholds_at(statistics, {group.name: target for group in groups})
 
 
 def install_thresholds(model: nn.Module, groups: list[InputGroup], thresholds: dict[str, float],
@@ -227,20 +235,20 @@ def _layer_output(output) -> torch.Tensor:
 
 
 @torch.no_grad()
-def greedy_thresholds(model: nn.Module, groups: list[InputGroup], statistics: dict[str, InputStatistics],
+def greedy_allocation(model: nn.Module, groups: list[InputGroup], statistics: dict[str, InputStatistics],
                       blocks: torch.Tensor, batch_size: int, target: float, step: float) -> dict[str, float]:
-    """TEAL's greedy allocation, layer by layer (the layers' own thresholds are removed; the caller
-    installs the result): every input of the layer starts dense; each step
+    """{group name: fraction to zero} by TEAL's greedy allocation, layer by layer (the layers' own
+    thresholds are removed; the caller installs the result): every input of the layer starts dense; each step
     adds `step` of sparsity to the input whose step raises the layer's relative output error
     (on `blocks`, against the layer without thresholds) least, until the layer's inputs, weighted by
     the weights they multiply, average `target`. The last step is cut to land on it."""
     layers = decoder_layers(model)[1]
     captured = _layer_samples(model, sorted({group.layer for group in groups}), blocks, batch_size)
-    thresholds: dict[str, float] = {}
+    sparsity: dict[str, float] = {}
     for index, samples in captured.items():
         mine = [group for group in groups if group.layer == index]
-        thresholds.update(_allocate_layer(model, layers[index], mine, statistics, samples, target, step))
-    return thresholds
+        sparsity.update(_allocate_layer(model, layers[index], mine, statistics, samples, target, step))
+    return sparsity
 
 
 def _allocate_layer(model: nn.Module, layer: nn.Module, groups: list[InputGroup], statistics: dict[str, InputStatistics],
@@ -254,7 +262,7 @@ def _allocate_layer(model: nn.Module, layer: nn.Module, groups: list[InputGroup]
     sparsity = {group.name: 0.0 for group in groups}
 
     def error(trial: dict[str, float]) -> float:
-        install_thresholds(model, groups, {name: statistics[name].threshold(s) for name, s in trial.items()})
+        install_thresholds(model, groups, thresholds_at(statistics, trial))
         outputs = [_layer_output(layer(*args, **kwargs)) for args, kwargs in samples]
         return sum(float((out - ref).float().square().sum()) for out, ref in zip(outputs, dense)) / scale
 
@@ -274,18 +282,41 @@ def _allocate_layer(model: nn.Module, layer: nn.Module, groups: list[InputGroup]
             sparsity = best
     finally:
         remove_thresholds(model, projections)  # the caller installs the result
-    return {name: statistics[name].threshold(s) for name, s in sparsity.items()}
+    return sparsity
+
+
+class Calibrated(NamedTuple):
+    """Thresholds calibrated on a model: the inputs, the fraction of each to zero, and the thresholds
+    that zero it there (both {group name: value})."""
+
+    groups: list[InputGroup]
+    sparsity: dict[str, float]
+    thresholds: dict[str, float]
 
 
 def calibrate_thresholds(model: nn.Module, blocks: torch.Tensor, activations: ActivationsConfig, batch_size: int,
-                         target: float | None = None) -> tuple[list[InputGroup], dict[str, float]]:
-    """(the inputs `activations.where` selects, {group name: threshold}) reaching `activations.target`
-    (or `target`) on `blocks`, uniformly or by TEAL's greedy allocation, from the inputs as they
-    arrive (earlier layers' installed thresholds active)."""
+                         target: float | None = None) -> Calibrated:
+    """The inputs `activations.where` selects, each given a fraction so that together they reach
+    `activations.target` (or `target`) on `blocks`, uniformly or by TEAL's greedy allocation, and the
+    thresholds for it, from the inputs as they arrive (earlier layers' installed thresholds active)."""
     target = activations.target if target is None else target
     groups = input_groups(model, blocks[:1], activations.where)
     statistics = input_statistics(model, groups, blocks, batch_size, thresholded=False)
     if activations.allocation is Allocation.GREEDY:
         errors_on = blocks[:activations.greedy_blocks] if activations.greedy_blocks else blocks
-        return groups, greedy_thresholds(model, groups, statistics, errors_on, batch_size, target, activations.greedy_step)
-    return groups, uniform_thresholds(groups, statistics, target)
+        sparsity = greedy_allocation(model, groups, statistics, errors_on, batch_size, target, activations.greedy_step)
+    else:
+        sparsity = {group.name: target for group in groups}
+    return Calibrated(groups, sparsity, thresholds_at(statistics, sparsity))
+
+
+def recalibrate_thresholds(model: nn.Module, blocks: torch.Tensor, where: Sequence[str], sparsity: dict[str, float],
+                           batch_size: int) -> Calibrated:
+    """The thresholds that zero each input's fraction of `sparsity` (an allocation calibrate_thresholds
+    chose) on the model as it is now: one pass over `blocks`, however the allocation was found."""
+    groups = input_groups(model, blocks[:1], where)
+    if {group.name for group in groups} != set(sparsity):
+        raise ValueError(f"the allocation names {len(sparsity)} projection inputs, the model has {len(groups)} "
+                         f"selected by {list(where)}")
+    statistics = input_statistics(model, groups, blocks, batch_size, thresholded=False)
+    return Calibrated(groups, dict(sparsity), thresholds_at(statistics, sparsity))

@@ -84,8 +84,7 @@ def run(ctx: StageContext) -> dict:
             streaming = _choose_streaming_heads(ctx, model, calibration)
         except ValueError as error:  # an architecture the registered attention function cannot run
             raise DistillError(f"config key 'attention.streaming_fraction': {error}") from None
-    if config.activations.enabled:
-        _install_activation_thresholds(ctx, model, calibration)
+    activation_sparsity = _install_activation_thresholds(ctx, model, calibration) if config.activations.enabled else None
     save_student(model, ctx.work_dir / STUDENT_DIR, SparsitySpec(pattern, list(masks), criterion=prune.criterion,
                                                                  dense=dense))
     sparsity = sparsity_report(model)
@@ -96,6 +95,8 @@ def run(ctx: StageContext) -> dict:
         summary["permutation_gain"] = gains
     if streaming:
         summary["streaming"] = streaming
+    if activation_sparsity:
+        summary["activation_sparsity"] = activation_sparsity
     return summary
 
 
@@ -122,11 +123,13 @@ def _choose_streaming_heads(ctx: StageContext, model: torch.nn.Module, calibrati
     return {"select": attention.select.value, "scores": scores, "heads": chosen, "gate_history": history}
 
 
-def _install_activation_thresholds(ctx: StageContext, model: torch.nn.Module, calibration: torch.Tensor) -> None:
-    """Thresholds of the one-shot student's own projection inputs (activations.*), installed on it."""
+def _install_activation_thresholds(ctx: StageContext, model: torch.nn.Module, calibration: torch.Tensor) -> dict[str, float]:
+    """Thresholds of the one-shot student's own projection inputs (activations.*), installed on it;
+    the fraction of each input they zero (distill re-calibrates to it)."""
     activations = ctx.config.activations
-    groups, thresholds = calibrate_thresholds(model, calibration, activations, ctx.config.calibration.batch_size)
-    install_thresholds(model, groups, thresholds)
-    ctx.log(f"[prune] activation thresholds on {len(groups)} projection inputs: {activations.target:.0%} of them zeroed "
-            f"({activations.allocation} allocation, calibrated on the one-shot student)")
+    calibrated = calibrate_thresholds(model, calibration, activations, ctx.config.calibration.batch_size)
+    install_thresholds(model, calibrated.groups, calibrated.thresholds)
+    ctx.log(f"[prune] activation thresholds on {len(calibrated.groups)} projection inputs: {activations.target:.0%} of "
+            f"them zeroed ({activations.allocation} allocation, calibrated on the one-shot student)")
+    return calibrated.sparsity
 

@@ -23,7 +23,7 @@ from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 from distill.artifacts import (STUDENT_DIR, SparsitySpec, read_calibration, read_metrics, read_sparsity_spec,
-                               read_teacher_topk, read_token_blocks, write_metrics)
+                               read_summary, read_teacher_topk, read_token_blocks, write_metrics)
 from distill.checkpoints import CHECKPOINTS, latest_checkpoint, resume, save_checkpoint
 from distill.calibration import calibration_blocks
 from distill.config import Criterion, MaskMode, NonFinite, Sharding
@@ -35,7 +35,8 @@ from distill.models import load_teacher
 from distill.objective import DistillationObjective, cached_teacher_outputs, teacher_outputs
 from distill.pipeline import StageContext
 from distill.sharding import ShardedCheckpoint, full_student_state, shard_objective, shard_teacher
-from distill.sparsity.activations import calibrate_thresholds, install_thresholds, set_thresholds, thresholded
+from distill.sparsity.activations import (calibrate_thresholds, install_thresholds, recalibrate_thresholds,
+                                          set_thresholds, thresholded)
 from distill.sparsity.masks import mask_rule, masked_modules, stored_weight
 from distill.sparsity.modes import FixedMasks, add_group_dropout, mask_upkeep, revive_pruned_weights
 from distill.student import load_student, nonfinite_problem, save_student
@@ -220,16 +221,24 @@ def _loop(ctx: StageContext, training: Training) -> None:
 
 
 def _recalibrate_thresholds(ctx: StageContext, training: Training, done: int) -> None:
-    """Thresholds calibrated again on the student as it is now (activations.recalibrate_every); every
-    process computes the same ones from the same blocks, in eval mode and the training precision."""
+    """Thresholds calibrated again on the student as it is now (activations.recalibrate_every), each
+    input zeroed at the fraction the prune stage allocated to it (a greedy allocation is not searched
+    again); every process computes the same ones from the same blocks, in eval mode and the training
+    precision."""
     activations, accelerator = ctx.config.activations, ctx.accelerator
     sharded_root = training.objective if training.sharded_checkpoint is not None else None
+    blocks = training.calibration.to(accelerator.device)
+    sparsity = read_summary(ctx.stage_dir("prune")).get("activation_sparsity")
     with evaluating(training.student, sharded_root), accelerator.autocast():
-        groups, thresholds = calibrate_thresholds(training.student, training.calibration.to(accelerator.device),
-                                                  activations, ctx.config.calibration.batch_size)
-    install_thresholds(training.student, groups, thresholds, activations.straight_through)
-    mean = sum(thresholds.values()) / len(thresholds)
-    ctx.log(f"[distill] step {done}: activation thresholds re-calibrated on {len(groups)} inputs (mean {mean:.4g})")
+        if sparsity is None:  # a prune stage from before allocations were kept: allocate again
+            calibrated = calibrate_thresholds(training.student, blocks, activations, ctx.config.calibration.batch_size)
+        else:
+            calibrated = recalibrate_thresholds(training.student, blocks, activations.where, sparsity,
+                                                ctx.config.calibration.batch_size)
+    install_thresholds(training.student, calibrated.groups, calibrated.thresholds, activations.straight_through)
+    mean = sum(calibrated.thresholds.values()) / len(calibrated.thresholds)
+    ctx.log(f"[distill] step {done}: activation thresholds re-calibrated on {len(calibrated.groups)} inputs "
+            f"(mean {mean:.4g})")
 
 
 def _log_window(ctx: StageContext, training: Training, window: list[dict], done: int, seconds: float,
