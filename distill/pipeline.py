@@ -3,7 +3,8 @@
 Every stage writes into `<run_dir>/<stage>.partial/` while it works (checkpoints live there) and the
 finished directory is renamed to `<run_dir>/<stage>/` with a manifest at the very end, so a finished
 stage is never overwritten by a failing one. A stage's fingerprint hashes the config keys it depends
-on, its input files, and the manifests of the stages it reads; a stage is skipped when its manifest
+on, the contents of its input files (distill.file_stamps), and the manifests of the stages it reads;
+a stage is skipped when its manifest
 holds the same fingerprint, and runs again (with everything downstream) when it does not.
 """
 
@@ -23,6 +24,7 @@ from distill import __version__
 from distill.artifacts import MANIFEST_FILE
 from distill.config import DEPRECATED_MASK_KEYS, Config, to_dict, to_yaml
 from distill.errors import DistillError
+from distill.file_stamps import FileStamps
 from distill.io import fingerprint, read_json, remove_stale_temporaries, replace_dir, write_json, write_text
 from distill.config_view import UNFINGERPRINTED, ConfigView
 from distill.locking import RunDirLock
@@ -155,14 +157,6 @@ def _file_key(path: str) -> str:
     return f"file:{path}"
 
 
-def _file_stamp(path: str) -> dict:
-    file = Path(path)
-    if not file.is_file():
-        return {"path": path, "missing": True}
-    stat = file.stat()
-    return {"path": path, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-
-
 def describe_changes(old: dict, new: dict) -> str:
     """Name what differs between two `Pipeline.inputs` dicts, key by key."""
     changes = []
@@ -208,17 +202,27 @@ class Pipeline:
         self.run_dir = config.run_dir
         self.precision = (Precision.BF16 if accelerator.mixed_precision == "bf16" else Precision.FP32).value
         self.discard = set(discard)  # stages whose unfinished run the user asked to drop (--discard-partial)
+        self.file_stamps = FileStamps(self.run_dir)
 
     def inputs(self, stage: Stage) -> dict:
         """What a stage's fingerprint covers, as a flat dict (so changes can be named key by key)."""
         inputs = {f"config.{key}": value for key, value in _select(self.config, stage.config_keys).items()}
         for path in stage.input_files(self.config):
-            inputs[_file_key(path)] = _file_stamp(path)
+            inputs[_file_key(path)] = self.file_stamps.stamp(path)
         for name in stage.upstream:
             inputs[f"upstream.{name}"] = self._completion(name)
         if stage.depends_on_precision(self.config):
             inputs[PRECISION_KEY] = self.precision
         inputs["distill.version"] = __version__
+        return inputs
+
+    def saved_inputs(self, inputs: dict, stage: Stage) -> dict:
+        """Inputs `stage` saved, possibly by an older distill, in today's form (upgrade_inputs, and
+        file stamps with their content hash)."""
+        inputs = upgrade_inputs(inputs, stage.config_keys)
+        for key in [key for key in inputs if key.startswith("file:")]:
+            if isinstance(inputs[key], dict) and "path" in inputs[key]:
+                inputs[key] = self.file_stamps.upgrade(inputs[key])
         return inputs
 
     def readable_keys(self, stage: Stage) -> tuple[str, ...]:
@@ -263,7 +267,7 @@ class Pipeline:
         if not path.is_file():
             return None
         try:
-            return upgrade_inputs(_check_shape(path, read_json(path), {"inputs": dict})["inputs"], stage.config_keys)
+            return self.saved_inputs(_check_shape(path, read_json(path), {"inputs": dict})["inputs"], stage)
         except DistillError as error:
             raise DistillError(f"{error}; rerun with --discard-partial {name} to drop that unfinished run") from None
 
@@ -304,7 +308,10 @@ class Pipeline:
                 if only and self.manifest(name) is None:
                     raise DistillError(f"stage '{stage.name}' needs stage '{name}' finished first; run the pipeline without --only")
         # decide everything before doing anything, so a refusal comes before any stage is replaced
-        for decision in self.plan(selected, forced):
+        decisions = self.plan(selected, forced)
+        if accelerator.is_main_process:
+            self.file_stamps.save()  # the input files hashed to plan
+        for decision in decisions:
             stage = decision.stage
             if decision.discard:
                 why = "asked to run it again" if stage.name in forced else "--discard-partial"
@@ -338,7 +345,7 @@ class Pipeline:
             inputs = self.inputs(stage)
             stamp = fingerprint(inputs)
             manifest = None if name in forced else self.manifest(name)
-            finished = manifest is not None and fingerprint(upgrade_inputs(manifest["inputs"], stage.config_keys)) == stamp
+            finished = manifest is not None and fingerprint(self.saved_inputs(manifest["inputs"], stage)) == stamp
             upstream_runs = [f"stage '{up}' runs again" for up in stage.upstream if up in will_run]
             has_partial = self._partial(name).is_dir()
             discard = has_partial and (name in forced or name in self.discard)
@@ -356,7 +363,7 @@ class Pipeline:
                 again = (self.run_dir / name / MANIFEST_FILE).is_file()
                 decision = Decision(stage, "running again" if again else "running", "asked for" if again else "", discard)
             elif manifest is not None:
-                reason = "; ".join(upstream_runs) or describe_changes(upgrade_inputs(manifest["inputs"], stage.config_keys), inputs)
+                reason = "; ".join(upstream_runs) or describe_changes(self.saved_inputs(manifest["inputs"], stage), inputs)
                 decision = Decision(stage, "running again", reason, discard)
             else:
                 decision = Decision(stage, "running", "", discard)
@@ -388,6 +395,7 @@ class Pipeline:
         if accelerator.is_main_process:
             work_dir.mkdir(parents=True, exist_ok=True)
             write_json(saved_inputs, {"fingerprint": stamp, "inputs": inputs})
+            self.file_stamps.save()
         accelerator.wait_for_everyone()
 
         started = time.time()

@@ -204,3 +204,40 @@ def test_input_files_are_keyed_by_path_and_old_run_dirs_keyed_by_position_still_
     manifest["inputs"]["file[0]"] = manifest["inputs"].pop(f"file:{text}")  # as releases before 0.2 wrote it
     path.write_text(json.dumps(manifest))
     assert [action for _, action, _ in actions(make_pipeline(tmp_path, accelerator, **{"eval.files": f"[{text}]"}))] == ["skip"] * 3
+
+
+def test_input_files_are_stamped_by_content_not_by_mtime(tmp_path, accelerator):
+    """A re-provisioned copy of the same bytes (a new mtime) runs nothing again; new bytes of the
+    same size do; a stamp saved by an older distill (size and mtime) matches while the file is
+    untouched; a damaged hash cache is rebuilt, not trusted."""
+    import os
+
+    from distill.file_stamps import CACHE_FILE
+
+    text = tmp_path / "eval.txt"
+    text.write_text("the same bytes\n" * 50)
+    files = {"eval.files": f"[{text}]"}
+    make_pipeline(tmp_path, accelerator, **files).run()
+    run_dir = tmp_path / "plan"
+    cache = read_json(run_dir / CACHE_FILE)
+    assert cache[str(text)]["sha256"] == read_json(run_dir / "third" / "manifest.json")["inputs"][f"file:{text}"]["sha256"]
+
+    stat = text.stat()
+    os.utime(text, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert [action for _, action, _ in actions(make_pipeline(tmp_path, accelerator, **files))] == ["skip"] * 3
+    (run_dir / CACHE_FILE).write_text("{not json")
+    assert [action for _, action, _ in actions(make_pipeline(tmp_path, accelerator, **files))] == ["skip"] * 3
+
+    manifest_path = run_dir / "third" / "manifest.json"
+    manifest = read_json(manifest_path)
+    stat = text.stat()
+    legacy = {"path": str(text), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    write_json(manifest_path, {**manifest, "inputs": {**manifest["inputs"], f"file:{text}": legacy}})
+    assert [action for _, action, _ in actions(make_pipeline(tmp_path, accelerator, **files))] == ["skip"] * 3
+    write_json(manifest_path, {**manifest, "inputs": {**manifest["inputs"], f"file:{text}": {**legacy, "mtime_ns": 1}}})
+    assert actions(make_pipeline(tmp_path, accelerator, **files))[2] == ("third", "running again", f"input file {text} changed")
+    write_json(manifest_path, manifest)
+
+    text.write_text("other bytes, same size\n"[:15] * 50)
+    assert text.stat().st_size == stat.st_size
+    assert actions(make_pipeline(tmp_path, accelerator, **files))[2] == ("third", "running again", f"input file {text} changed")

@@ -1,0 +1,81 @@
+"""Stamps of a stage's input files for its fingerprint: what the bytes are, not when they were written.
+
+A stamp is {path, size, sha256}. Hashing a teacher's weights takes seconds per GB, so each file's
+hash is kept in the run dir (`file_hashes.json`) under its size and modification time, and the file
+is read again only when those change. A copy of the same bytes with a new mtime (a re-provisioned
+data dir, a fresh checkout, a `touch`) then costs one read and still matches; a stamp of size and
+mtime alone ran the stage that reads the file, and everything after it, again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from distill.io import write_json
+
+CACHE_FILE = "file_hashes.json"
+_CHUNK = 1 << 24
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class FileStamps:
+    """Content stamps of files, with the hashes cached in `run_dir` (written by `save`, by the main
+    process only; every process computes the same stamps)."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / CACHE_FILE
+        self._known = self._load()  # {path: {"size", "mtime_ns", "sha256"}}
+        self._changed = False
+
+    def _load(self) -> dict:
+        """The cached hashes; a missing or damaged cache is rebuilt by hashing again, never trusted."""
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(data, dict):
+            return {}
+        return {path: entry for path, entry in data.items() if isinstance(entry, dict)
+                and isinstance(entry.get("size"), int) and isinstance(entry.get("mtime_ns"), int)
+                and isinstance(entry.get("sha256"), str)}
+
+    def stamp(self, path: str) -> dict:
+        """{path, size, sha256} of the file at `path` (as the config names it), or {path, missing}."""
+        file = Path(path)
+        if not file.is_file():
+            return {"path": path, "missing": True}
+        stat = file.stat()
+        known = self._known.get(path)
+        if known is None or (known["size"], known["mtime_ns"]) != (stat.st_size, stat.st_mtime_ns):
+            known = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha256_of(file)}
+            self._known[path] = known
+            self._changed = True
+        return {"path": path, "size": known["size"], "sha256": known["sha256"]}
+
+    def upgrade(self, saved: dict) -> dict:
+        """A stamp saved by an older distill (size and mtime, no hash) as today's stamp when the file
+        still has that size and mtime, i.e. has not been written since; otherwise as saved (it then
+        differs from today's, and the stage runs again, as it did then)."""
+        if "sha256" in saved or "mtime_ns" not in saved:
+            return saved
+        file = Path(saved["path"])
+        if file.is_file():
+            stat = file.stat()
+            if (stat.st_size, stat.st_mtime_ns) == (saved.get("size"), saved["mtime_ns"]):
+                return self.stamp(saved["path"])
+        return saved
+
+    def save(self) -> None:
+        """Write the hashes computed since the last save (when the run dir exists)."""
+        if self._changed and self.path.parent.is_dir():
+            write_json(self.path, self._known)
+            self._changed = False
