@@ -65,10 +65,12 @@ def thresholds_after_distill(run_dir: Path, target: float, activations: list[str
     return scores["student"]
 
 
-def table(rows: list[dict], source: dict, teacher: str, config: Path, activations: list[str]) -> str:
+def table(rows: list[dict], source: dict, teacher: str, config: Path, activations: list[str],
+          overrides: list[str] = ()) -> str:
     windows, teacher_ppl = source["tokens"] // source["block_size"], source["teacher"]["ppl"]
+    budget = f"`{config.relative_to(REPO)}`" + "".join(f", `{setting}`" for setting in overrides)
     lines = [f"Teacher `{teacher}`, wikitext-2 test, the first {windows} windows of {source['block_size']} tokens "
-             f"(teacher {teacher_ppl:.2f}); every distilled row at the budget of `{config.relative_to(REPO)}` "
+             f"(teacher {teacher_ppl:.2f}); every distilled row at the budget of {budget} "
              f"(its calibration text, wikitext-2 valid); thresholded rows with "
              f"{', '.join(f'`{setting}`' for setting in activations) or 'the activations section as configured'}.", "",
              "| row | activations zeroed | ppl | x teacher | KL |", "|---|---:|---:|---:|---:|"]
@@ -107,7 +109,7 @@ def main(argv=None) -> int:
         {"row": "2:4, distilled under thresholds", "zeroed": "50%", "ppl": under_test["student_runtime"]["ppl"],
          "kl": under_test["student_runtime"]["kl"]},
     ]
-    text = table(rows, test, report["config"]["teacher"], config, activations)
+    text = table(rows, test, report["config"]["teacher"], config, activations, args.set)
     text += (f"\n\nDistilled under the thresholds against applied after: {rows[3]['ppl'] / rows[4]['ppl']:.3f}x lower "
              f"perplexity; 2:4 + 50% under thresholds against 2:4 alone: {rows[4]['ppl'] / rows[2]['ppl']:.3f}x.")
     print("\n" + text)
