@@ -132,4 +132,14 @@ def activation_table(model: nn.Module, blocks: torch.Tensor, batch_size: int) ->
     groups = input_groups(model, blocks[:1].to(next(model.parameters()).device))
     statistics = input_statistics(model, groups, blocks, batch_size)
     return [{"layer": group.layer, "input": group.label, "zero_fraction": statistics[group.name].zero_fraction,
+             "weights": sum(model.get_submodule(name).weight.numel() for name in group.projections),
              **statistics[group.name].quantiles()} for group in groups]
+
+
+def weighted_zero_fraction(rows: list[dict]) -> float | None:
+    """The fraction of an activation_table's input entries that are zero, weighted by the weights each
+    input multiplies: the share of weight reads a decode step can skip. None for rows without weight
+    counts (reports written before they were kept)."""
+    if not rows or any("weights" not in row for row in rows):
+        return None
+    return sum(row["zero_fraction"] * row["weights"] for row in rows) / sum(row["weights"] for row in rows)

@@ -82,6 +82,10 @@ def _activation_markdown(activations: dict) -> list[str]:
                 cells.append(f"{sum(r['zero_fraction'] for r in mine) / len(mine):.3f} "
                              f"({sum(r['q0.5'] for r in mine) / len(mine):.3g})" if mine else "-")
             parts.append(f"| {label} | " + " | ".join(cells) + " |")
+        zeroed = activations.get("zeroed") or {}
+        if any(value is not None for value in zeroed.values()):
+            parts.append("| all, weighted by the weights each input multiplies | " + " | ".join(
+                f"{zeroed[name]:.3f}" if zeroed.get(name) is not None else "-" for name in tables) + " |")
     return parts
 
 

@@ -92,6 +92,12 @@ def test_activation_sparsity_is_measured_trained_under_and_exported(finished_run
                                                          "mlp.gate_proj+up_proj", "mlp.down_proj"}
     assert all(row["zero_fraction"] == 0 and row["q0.5"] > 0 for row in tables["teacher"])
     assert sum(row["zero_fraction"] for row in tables["oneshot"]) / len(tables["oneshot"]) > 0.2
+    zeroed = activations["zeroed"]  # weighted by the weights each input multiplies
+    assert zeroed["teacher"] == 0 and 0.3 < zeroed["oneshot"] < 0.7 and 0 < zeroed["student"] < 1
+    weights = {row["input"]: row["weights"] for row in tables["oneshot"] if row["layer"] == 0}
+    assert weights["mlp.gate_proj+up_proj"] == 2 * weights["mlp.down_proj"] > 0
+    assert f"| all, weighted by the weights each input multiplies | 0.000 | {zeroed['oneshot']:.3f} |" in (
+        run_dir / "evaluate" / "report.md").read_text()
     assert "## Activation sparsity" in (run_dir / "evaluate" / "report.md").read_text()
     # the packed export carries the thresholds and the runtime applies them; hf/ runs without them
     spec = read_sparsity_spec(run_dir / "export" / "packed")

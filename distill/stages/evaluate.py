@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from distill.data import pack, tokenize_files
 from distill.calibration import calibration_blocks
-from distill.evaluation import activation_sparsity_curve, activation_table, score_models
+from distill.evaluation import activation_sparsity_curve, activation_table, score_models, weighted_zero_fraction
 from distill.io import write_json, write_text
 from distill.models import load_teacher
 from distill.pipeline import StageContext
@@ -183,6 +183,7 @@ def _activation_sparsity(ctx: StageContext, models: dict, sets: dict[str, torch.
     if accelerator.is_main_process:  # only it writes the report; the tables need no other rank
         probe = next(iter(sets.values()))[:batch]  # the inputs as each model's weights see them
         result["inputs"] = {name: activation_table(model, probe, batch) for name, model in models.items()}
+        result["zeroed"] = {name: weighted_zero_fraction(rows) for name, rows in result["inputs"].items()}
     return result
 
 
