@@ -56,14 +56,15 @@ def thresholds_after_distill(run_dir: Path, target: float, activations: list[str
     accelerator = Accelerator(cpu=True)
     teacher = load_teacher(config.teacher, accelerator.device)
     student = load_student(run_dir / "distill" / STUDENT_DIR)
-    calibration = calibration_blocks(read_token_blocks(run_dir / "teacher").train, config.calibration.num_blocks)
+    blocks = read_token_blocks(run_dir / "teacher")
+    calibration = calibration_blocks(blocks.train, config.calibration.num_blocks)
     # the allocation chosen by --set or --activations applies to this row too; the target is this row's
     calibrated = calibrate_thresholds(student, calibration, config.activations, config.calibration.batch_size, target)
     install_thresholds(student, calibrated.groups, calibrated.thresholds)
     test = pack(tokenize_files(config.eval.files, load_tokenizer(config.teacher)), config.eval.block_size)
     test = test[:config.eval.max_blocks]
     scores = score_models({"teacher": teacher, "student": student}, test, accelerator, config.eval.batch_size)
-    probe = next(iter(read_token_blocks(run_dir / "teacher").heldout_sets().values()))[:config.eval.batch_size]
+    probe = next(iter(blocks.heldout_sets().values()))[:config.eval.batch_size]
     measured = weighted_zero_fraction(activation_table(student, probe, config.eval.batch_size))
     return {**scores["student"], "measured": measured}
 

@@ -22,8 +22,9 @@ UNFINGERPRINTED = ("run.name", "run.output_dir", "run.precision", "run.collectiv
 
 
 def covers(keys: tuple[str, ...], path: str) -> bool:
-    """Whether dotted `path` lies inside one of `keys` (a key covers itself and everything under it)."""
-    return any(path == key or path.startswith(key + ".") for key in keys)
+    """Whether dotted `path` lies inside one of `keys` (a key covers itself and everything under it,
+    list items of flattened configs included: `data.sources[0].name` is inside `data.sources`)."""
+    return any(path == key or path.startswith((key + ".", key + "[")) for key in keys)
 
 
 class ConfigView:

@@ -4,8 +4,8 @@ Every stage writes into `<run_dir>/<stage>.partial/` while it works (checkpoints
 finished directory is renamed to `<run_dir>/<stage>/` with a manifest at the very end, so a finished
 stage is never overwritten by a failing one. A stage's fingerprint hashes the config keys it depends
 on, the contents of its input files (distill.file_stamps), and the manifests of the stages it reads;
-a stage is skipped when its manifest
-holds the same fingerprint, and runs again (with everything downstream) when it does not.
+a stage is skipped when its manifest holds the same fingerprint, and runs again (with everything
+downstream) when it does not.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from distill.config import DEPRECATED_MASK_KEYS, Config, to_dict, to_yaml
 from distill.errors import DistillError
 from distill.file_stamps import FileStamps
 from distill.io import fingerprint, read_json, remove_stale_temporaries, replace_dir, write_json, write_text
-from distill.config_view import UNFINGERPRINTED, ConfigView
+from distill.config_view import UNFINGERPRINTED, ConfigView, covers
 from distill.locking import RunDirLock
 from distill.precision import Precision
 from distill.tracking import start_tracking
@@ -87,13 +87,8 @@ def flatten(data, prefix: str = "") -> dict:
     return {prefix: data}
 
 
-def _within(path: str, keys: tuple[str, ...]) -> bool:
-    """Whether flattened config `path` lies inside one of the dotted `keys`."""
-    return any(path == key or path.startswith((key + ".", key + "[")) for key in keys)
-
-
 def _select(config: Config, keys: tuple[str, ...]) -> dict:
-    return {key: value for key, value in flatten(to_dict(config)).items() if _within(key, keys)}
+    return {key: value for key, value in flatten(to_dict(config)).items() if covers(keys, key)}
 
 
 PRECISION_KEY = "precision"
@@ -139,10 +134,10 @@ def upgrade_inputs(inputs: dict, config_keys: tuple[str, ...]) -> dict:
         if f"config.train.{old}" in inputs:
             inputs[f"config.train.masks.{new}"] = inputs.pop(f"config.train.{old}")
     for key in [key for key in inputs if key.startswith("config.")]:
-        if not _within(key.removeprefix("config."), config_keys):  # e.g. moved to another stage
+        if not covers(config_keys, key.removeprefix("config.")):  # e.g. moved to another stage
             del inputs[key]
     for key, value in KEYS_ADDED_SINCE.items():
-        if key not in inputs and _within(key.removeprefix("config."), config_keys):
+        if key not in inputs and covers(config_keys, key.removeprefix("config.")):
             inputs[key] = value
     if _LEGACY_PRECISION_KEY in inputs:
         old = inputs.pop(_LEGACY_PRECISION_KEY)
