@@ -105,8 +105,6 @@ class NonFinite(Choice):
 class Allocation(Choice):
     UNIFORM = "uniform"  # every projection input zeroed at the target fraction
     GREEDY = "greedy"  # TEAL: per layer, the inputs whose sparsity costs the layer's output least go further
-    # greedy across layers: each layer's sparsity may differ from the target, only the model's average is fixed
-    GLOBAL_GREEDY = "global_greedy"
 
 
 class HeadSelection(Choice):
@@ -297,8 +295,8 @@ class ActivationsConfig:
     # which projection inputs: names or globs of the projections reading them, matched as prune.targets
     # (a shared input, like q/k/v's, is thresholded when any of its projections is named)
     where: List[str] = field(default_factory=lambda: ["*"])
-    greedy_step: float = 0.1  # greedy, global_greedy: how much sparsity one step of the allocation adds to one input
-    # greedy, global_greedy: calibration blocks the layer output error is measured on (0: all of them). Every step
+    greedy_step: float = 0.1  # greedy: how much sparsity one step of the allocation adds to one input
+    # greedy: calibration blocks the layer output error is measured on (0: all of them). Every step
     # of the allocation runs each layer once per input over them, so they set its cost: all 32 blocks
     # of 256 tokens took over 40 minutes on 2 CPU cores for the demo teacher
     greedy_blocks: int = 0

@@ -10,8 +10,7 @@ architecture is named.
   allocation         the fraction of each input to zero: the same for every input (uniform), or
                      TEAL's greedy allocation: per decoder layer, the layer's inputs take the target
                      on average, and each step sparsifies further the input whose step costs the
-                     layer's output the least error on calibration data; or the same greedy steps
-                     across the whole model (global_greedy), layers taking more or less than the target
+                     layer's output the least error on calibration data
   thresholds_at      the |x| quantile of each input at its fraction
   recalibrate_thresholds  thresholds for an allocation already chosen, on the model as it is now (the
                      allocation is the expensive part; distill keeps it while the student moves)
@@ -235,45 +234,6 @@ def _layer_output(output) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
-class _LayerError:
-    """The relative output error of one decoder layer with some of its inputs thresholded, against the
-    layer with dense inputs, on the (args, kwargs) it received for each calibration batch."""
-
-    def __init__(self, model: nn.Module, layer: nn.Module, groups: list[InputGroup],
-                 statistics: dict[str, InputStatistics], samples: list[tuple[tuple, dict]]):
-        self.model, self.layer, self.groups, self.statistics, self.samples = model, layer, groups, statistics, samples
-        remove_thresholds(model, self.projections)  # the reference is the layer with dense inputs
-        self.dense = [_layer_output(layer(*args, **kwargs)) for args, kwargs in samples]
-        self.scale = sum(float(out.float().square().sum()) for out in self.dense)
-
-    @property
-    def projections(self) -> list[str]:
-        return [name for group in self.groups for name in group.projections]
-
-    def __call__(self, sparsity: dict[str, float]) -> float:
-        """The error with each of the layer's inputs zeroed at its fraction in `sparsity`."""
-        install_thresholds(self.model, self.groups, thresholds_at(self.statistics, {
-            group.name: sparsity[group.name] for group in self.groups}))
-        try:
-            outputs = [_layer_output(self.layer(*args, **kwargs)) for args, kwargs in self.samples]
-        finally:
-            remove_thresholds(self.model, self.projections)  # the caller installs the result
-        return sum(float((out - ref).float().square().sum()) for out, ref in zip(outputs, self.dense)) / self.scale
-
-
-def _weights(model: nn.Module, groups: list[InputGroup]) -> dict[str, int]:
-    """{group name: the number of weights its input multiplies}: what zeroing it saves a decode step."""
-    return {group.name: sum(model.get_submodule(name).weight.numel() for name in group.projections) for group in groups}
-
-
-def _room(sparsity: dict[str, float], weight: dict[str, int], name: str, target: float, step: float) -> float:
-    """How much sparsity the next step may add to input `name`: `step`, less where the input is nearly
-    all zeroed or the inputs, weighted, are nearly at `target` (the last step is cut to land on it)."""
-    total = sum(weight.values())
-    reached = sum(weight[other] * value for other, value in sparsity.items()) / total
-    return min(step, 1.0 - sparsity[name], (target - reached) * total / weight[name])
-
-
 @torch.no_grad()
 def greedy_allocation(model: nn.Module, groups: list[InputGroup], statistics: dict[str, InputStatistics],
                       blocks: torch.Tensor, batch_size: int, target: float, step: float) -> dict[str, float]:
@@ -287,58 +247,41 @@ def greedy_allocation(model: nn.Module, groups: list[InputGroup], statistics: di
     sparsity: dict[str, float] = {}
     for index, samples in captured.items():
         mine = [group for group in groups if group.layer == index]
-        error = _LayerError(model, layers[index], mine, statistics, samples)
-        weight = _weights(model, mine)
-        allocated = {group.name: 0.0 for group in mine}
-        while True:
-            trials = [{**allocated, name: allocated[name] + room} for name in allocated
-                      if (room := _room(allocated, weight, name, target, step)) > 1e-9]
-            if not trials:
-                break
-            allocated = min(trials, key=error)
-        sparsity.update(allocated)
+        sparsity.update(_allocate_layer(model, layers[index], mine, statistics, samples, target, step))
     return sparsity
 
 
-@torch.no_grad()
-def global_greedy_allocation(model: nn.Module, groups: list[InputGroup], statistics: dict[str, InputStatistics],
-                             blocks: torch.Tensor, batch_size: int, target: float, step: float) -> dict[str, float]:
-    """{group name: fraction to zero} by a greedy allocation across the whole model: layers may end
-    sparser or denser than `target`, only all inputs together, weighted by the weights they
-    multiply, average it. Each step adds `step` of sparsity to the input, in any layer, whose step
-    raises its layer's relative output error (as in greedy_allocation) least per weight it zeroes.
-    A step changes one layer's error only, so only that layer's candidates are measured again:
-    the cost is about that of the per-layer allocation."""
-    layers = decoder_layers(model)[1]
-    captured = _layer_samples(model, sorted({group.layer for group in groups}), blocks, batch_size)
-    errors = {index: _LayerError(model, layers[index], [group for group in groups if group.layer == index],
-                                 statistics, samples) for index, samples in captured.items()}
-    weight = _weights(model, groups)
+def _allocate_layer(model: nn.Module, layer: nn.Module, groups: list[InputGroup], statistics: dict[str, InputStatistics],
+                    samples: list[tuple[tuple, dict]], target: float, step: float) -> dict[str, float]:
+    projections = [name for group in groups for name in group.projections]
+    remove_thresholds(model, projections)  # the reference is the layer with dense inputs
+    weight = {group.name: sum(model.get_submodule(name).weight.numel() for name in group.projections) for group in groups}
     total = sum(weight.values())
+    dense = [_layer_output(layer(*args, **kwargs)) for args, kwargs in samples]
+    scale = sum(float(out.float().square().sum()) for out in dense)
     sparsity = {group.name: 0.0 for group in groups}
-    current = {index: 0.0 for index in errors}  # each layer's error at the allocation so far
 
-    def candidates(index: int) -> list[tuple[float, str, float, float, int]]:
-        """(cost per weight zeroed, input, room, the layer's error after, layer) of each next step in
-        layer `index`."""
-        found = []
-        for group in errors[index].groups:
-            room = _room(sparsity, weight, group.name, target, step)
-            if room > 1e-9:
-                after = errors[index]({**sparsity, group.name: sparsity[group.name] + room})
-                found.append(((after - current[index]) / (room * weight[group.name] / total), group.name, room,
-                              after, index))
-        return found
+    def error(trial: dict[str, float]) -> float:
+        install_thresholds(model, groups, thresholds_at(statistics, trial))
+        outputs = [_layer_output(layer(*args, **kwargs)) for args, kwargs in samples]
+        return sum(float((out - ref).float().square().sum()) for out, ref in zip(outputs, dense)) / scale
 
-    pending = {index: candidates(index) for index in errors}
-    while options := [candidate for found in pending.values() for candidate in found]:
-        cost, name, room, after, index = min(options)
-        if room > _room(sparsity, weight, name, target, step) + 1e-12:
-            pending[index] = candidates(index)  # near the target the steps shrink: measure this layer's again
-            continue
-        sparsity[name] += room
-        current[index] = after
-        pending[index] = candidates(index)
+    try:
+        while (reached := sum(weight[name] * s for name, s in sparsity.items()) / total) < target - 1e-9:
+            best, best_error = None, float("inf")
+            for group in groups:
+                room = min(step, 1.0 - sparsity[group.name], (target - reached) * total / weight[group.name])
+                if room <= 1e-9:
+                    continue
+                trial = {**sparsity, group.name: sparsity[group.name] + room}
+                trial_error = error(trial)
+                if trial_error < best_error:
+                    best, best_error = trial, trial_error
+            if best is None:
+                break
+            sparsity = best
+    finally:
+        remove_thresholds(model, projections)  # the caller installs the result
     return sparsity
 
 
@@ -359,10 +302,9 @@ def calibrate_thresholds(model: nn.Module, blocks: torch.Tensor, activations: Ac
     target = activations.target if target is None else target
     groups = input_groups(model, blocks[:1], activations.where)
     statistics = input_statistics(model, groups, blocks, batch_size, thresholded=False)
-    if activations.allocation in (Allocation.GREEDY, Allocation.GLOBAL_GREEDY):
+    if activations.allocation is Allocation.GREEDY:
         errors_on = blocks[:activations.greedy_blocks] if activations.greedy_blocks else blocks
-        allocate = greedy_allocation if activations.allocation is Allocation.GREEDY else global_greedy_allocation
-        sparsity = allocate(model, groups, statistics, errors_on, batch_size, target, activations.greedy_step)
+        sparsity = greedy_allocation(model, groups, statistics, errors_on, batch_size, target, activations.greedy_step)
     else:
         sparsity = {group.name: target for group in groups}
     return Calibrated(groups, sparsity, thresholds_at(statistics, sparsity))
