@@ -132,7 +132,7 @@ def activation_table(model: nn.Module, blocks: torch.Tensor, batch_size: int) ->
     groups = input_groups(model, blocks[:1].to(next(model.parameters()).device))
     statistics = input_statistics(model, groups, blocks, batch_size)
     return [{"layer": group.layer, "input": group.label, "zero_fraction": statistics[group.name].zero_fraction,
-             "weights": sum(model.get_submodule(name).weight.numel() for name in group.projections),
+             "weights": group.weights(model),
              **statistics[group.name].quantiles()} for group in groups]
 
 

@@ -81,6 +81,10 @@ class InputGroup:
     def name(self) -> str:
         return self.projections[0]
 
+    def weights(self, model: nn.Module) -> int:
+        """How many weights the input multiplies: the reads a decode step skips where it is zero."""
+        return sum(model.get_submodule(name).weight.numel() for name in self.projections)
+
 
 def _forward_batches(model: nn.Module, blocks: torch.Tensor, batch_size: int) -> None:
     """Run `model` over `blocks` a batch at a time (for the hooks watching it)."""
@@ -266,7 +270,7 @@ def _allocate_layer(model: nn.Module, layer: nn.Module, groups: list[InputGroup]
                     samples: list[tuple[tuple, dict]], target: float, step: float) -> dict[str, float]:
     projections = [name for group in groups for name in group.projections]
     remove_thresholds(model, projections)  # the reference is the layer with dense inputs
-    weight = {group.name: sum(model.get_submodule(name).weight.numel() for name in group.projections) for group in groups}
+    weight = {group.name: group.weights(model) for group in groups}
     total = sum(weight.values())
     dense = [_layer_output(layer(*args, **kwargs)) for args, kwargs in samples]
     tokens = sum(out.shape[:-1].numel() for out in dense)
