@@ -302,6 +302,9 @@ class ActivationsConfig:
     greedy_blocks: int = 0
     straight_through: bool = False  # distill: gradients reach the zeroed entries too, as if kept
     recalibrate_every: int = 0  # distill: re-calibrate the thresholds to the moving student every k steps; 0 keeps them
+    # distill: each input's zeroed fraction rises linearly from 0 to its allocation over the first k
+    # steps, moved at each re-calibration (so it needs recalibrate_every); 0 trains at the allocation from the start
+    ramp_steps: int = 0
 
     @property
     def enabled(self) -> bool:
@@ -312,6 +315,10 @@ class ActivationsConfig:
         _within(f"{where}.greedy_step", self.greedy_step, 0.0, 1.0, "(]")
         _positive(f"{where}.greedy_blocks", self.greedy_blocks, allow_zero=True)
         _positive(f"{where}.recalibrate_every", self.recalibrate_every, allow_zero=True)
+        _positive(f"{where}.ramp_steps", self.ramp_steps, allow_zero=True)
+        if self.ramp_steps and not self.recalibrate_every:
+            raise DistillError(f"config key '{where}.ramp_steps': the ramp moves the thresholds when they are "
+                               f"re-calibrated; set {where}.recalibrate_every too")
         if not self.where:
             raise DistillError(f"config key '{where}.where': name at least one projection input (\"*\" for all)")
 

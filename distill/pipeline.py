@@ -103,6 +103,7 @@ KEYS_ADDED_SINCE = {
     "config.activations.greedy_blocks": 0,
     "config.activations.straight_through": False,
     "config.activations.recalibrate_every": 0,
+    "config.activations.ramp_steps": 0,
     "config.eval.activation_levels": [0.0, 0.25, 0.4, 0.5, 0.6, 0.7],
     "config.attention.streaming_fraction": 0.0,
     "config.attention.sink": 4,

@@ -103,6 +103,19 @@ def test_recalibration_keeps_the_allocation_on_a_moved_model(tiny_model):
                 parameter.copy_(original[name])
 
 
+def test_the_ramp_scales_every_input_linearly_to_its_allocation():
+    """Distill's ramp (activations.ramp_steps): nothing zeroed at step 0, the allocation's shares
+    between inputs kept on the way, the whole allocation from the ramp's last step on; no ramp is
+    the allocation throughout."""
+    from distill.sparsity.activations import ramped
+
+    allocation = {"layers.0.q_proj": 0.6, "layers.0.down_proj": 0.3}
+    assert ramped(allocation, 0, 40) == {"layers.0.q_proj": 0.0, "layers.0.down_proj": 0.0}
+    quarter = ramped(allocation, 10, 40)
+    assert quarter["layers.0.q_proj"] == pytest.approx(0.15) and quarter["layers.0.down_proj"] == pytest.approx(0.075)
+    assert ramped(allocation, 40, 40) == ramped(allocation, 90, 40) == ramped(allocation, 0, 0) == allocation
+
+
 def test_the_layer_error_is_relative_per_token():
     """Against a float64 reference: each token's error relative to its own norm, so a token with
     massive activations (100x the others' norm) weighs as much as any other."""

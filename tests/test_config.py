@@ -44,6 +44,7 @@ def test_demo_config_loads_and_overrides_reach_nested_keys():
     ("{}", ["train.masks.noise=-1"], "'train.masks.noise': -1.0 must be >= 0"),
     ("{}", ["activations.target=1.5"], "'activations.target': 1.5 is not in [0, 1)"),
     ("{}", ["activations.allocation=best"], "'activations.allocation': 'best' is not one of uniform, greedy"),
+    ("{}", ["activations.ramp_steps=20"], "'activations.ramp_steps': the ramp moves the thresholds when they are re-calibrated"),
     ("{}", ["eval.activation_levels=[0.5,1.0]"], "'eval.activation_levels': 1.0 is not in [0, 1)"),
     ("{}", ["train.masks.mode=sometimes"], "'train.masks.mode': 'sometimes' is not one of fixed, dynamic, learnable"),
     ("data: {sources: [{name: a, kind: web, files: [x.txt]}]}", [], "'data.sources[0].kind': 'web' is not one of files, hub, teacher"),

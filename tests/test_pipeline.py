@@ -277,13 +277,15 @@ def test_kill_in_distill_then_resume_gives_the_bitwise_same_student(tmp_path, ti
     launch must refuse), dynamic masks on two DDP gloo ranks, and fixed masks with the student
     sharded (fsdp trains fixed masks only) and resumed from the gathered checkpoint. The two-rank
     cases add activation thresholds, re-calibrated every 3 steps (to the greedy allocation of the
-    prune stage under fsdp), straight-through, and half of the KV heads streaming."""
+    prune stage under fsdp), straight-through, and half of the KV heads streaming; under ddp the
+    thresholds ramp up to the allocation over 6 steps, from none zeroed."""
     train = {"steps": 16, "checkpoint_every": 4, "log_every": 1, "global_batch_size": 8, "micro_batch_size": 4,
              "masks": {"mode": mask_mode, "update_every": 3, "init_logit": 0.02, "lr": 0.05}, "sharding": sharding}
     sections = {"train": train}
     if activations:
         sections["activations"] = {"target": 0.5, "recalibrate_every": 3, "straight_through": True,
-                                   "allocation": "greedy" if sharding == "fsdp" else "uniform"}
+                                   "allocation": "greedy" if sharding == "fsdp" else "uniform",
+                                   "ramp_steps": 6 if sharding == "ddp" else 0}
         sections["attention"] = {"streaming_fraction": 0.5, "sink": 2, "window": 8}
     ranks = ["--num-processes", str(processes)] if processes > 1 else []
     reference = write_config(tmp_path / "reference.yaml", tiny_config(tmp_path, tiny_teacher, name="reference", **sections))
@@ -339,6 +341,9 @@ def test_kill_in_distill_then_resume_gives_the_bitwise_same_student(tmp_path, ti
     if activations:  # re-calibrated to the moving student, and logged
         assert spec.input_thresholds != oneshot_spec.input_thresholds
         assert len({row["mean_input_threshold"] for row in metrics(run_dir)}) > 1
+    if activations and sharding == "ddp":  # the ramp: none zeroed by steps 1-3, half the allocation by 4-6
+        threshold = {row["step"]: row["mean_input_threshold"] for row in metrics(run_dir)}  # logged before re-calibrating
+        assert threshold[1] == threshold[3] == 0 < threshold[4] < threshold[7]
     for name in masks:
         weight = actual[name.replace(".mask", ".weight")]
         assert bool((weight[~actual[name]] == 0).all()) and nm_violations(weight, 2, 4) == 0, name

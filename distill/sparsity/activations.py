@@ -14,6 +14,8 @@ architecture is named.
   thresholds_at      the |x| quantile of each input at its fraction
   recalibrate_thresholds  thresholds for an allocation already chosen, on the model as it is now (the
                      allocation is the expensive part; distill keeps it while the student moves)
+  ramped             an allocation scaled down early in training (distill's ramp), each input's
+                     fraction rising linearly to its allocation
   install_thresholds an `InputThreshold` module per thresholded projection (`<projection>.input_threshold`,
                      its threshold a buffer, so checkpoints and state dicts carry it) applied by a
                      forward pre-hook: the projection sees x * (|x| >= t)
@@ -323,6 +325,19 @@ def calibrate_thresholds(model: nn.Module, blocks: torch.Tensor, activations: Ac
     else:
         sparsity = {group.name: target for group in groups}
     return Calibrated(groups, sparsity, thresholds_at(statistics, sparsity))
+
+
+def ramp_scale(step: int, ramp_steps: int) -> float:
+    """How much of the allocation applies at training step `step` of a linear ramp from 0 (step 0)
+    to all of it (from step `ramp_steps` on; 0: no ramp)."""
+    return min(1.0, step / ramp_steps) if ramp_steps else 1.0
+
+
+def ramped(sparsity: dict[str, float], step: int, ramp_steps: int) -> dict[str, float]:
+    """Each input's fraction of `sparsity` at step `step` of the ramp: the inputs keep their relative
+    shares, so the allocation's choice between them holds throughout."""
+    scale = ramp_scale(step, ramp_steps)
+    return {name: fraction * scale for name, fraction in sparsity.items()}
 
 
 def recalibrate_thresholds(model: nn.Module, blocks: torch.Tensor, where: Sequence[str], sparsity: dict[str, float],

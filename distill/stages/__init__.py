@@ -8,7 +8,7 @@ from distill.stages import evaluate, export, prune, teacher, teacher_logits, tra
 # the activations keys prune calibrates the thresholds with, and those only distill reads (so a change
 # of how the student trains under them does not calibrate them again)
 CALIBRATED_ACTIVATIONS = tuple(f"activations.{key}" for key in ("target", "allocation", "where", "greedy_step", "greedy_blocks"))
-TRAINED_ACTIVATIONS = ("activations.straight_through", "activations.recalibrate_every")
+TRAINED_ACTIVATIONS = ("activations.straight_through", "activations.recalibrate_every", "activations.ramp_steps")
 
 STAGES = [
     Stage("teacher", ("run.seed", "teacher", "data", "calibration", "prune.targets", "prune.exclude"), (), teacher.run,

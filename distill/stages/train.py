@@ -35,8 +35,8 @@ from distill.models import load_teacher
 from distill.objective import DistillationObjective, cached_teacher_outputs, teacher_outputs
 from distill.pipeline import StageContext
 from distill.sharding import ShardedCheckpoint, full_student_state, shard_objective, shard_teacher
-from distill.sparsity.activations import (calibrate_thresholds, install_thresholds, recalibrate_thresholds,
-                                          set_thresholds, thresholded)
+from distill.sparsity.activations import (calibrate_thresholds, install_thresholds, ramp_scale, ramped,
+                                          recalibrate_thresholds, set_thresholds, thresholded)
 from distill.sparsity.masks import mask_rule, masked_modules, stored_weight
 from distill.sparsity.modes import FixedMasks, add_group_dropout, mask_upkeep, revive_pruned_weights
 from distill.student import load_student, nonfinite_problem, save_student
@@ -71,6 +71,8 @@ class Training:
 def run(ctx: StageContext) -> dict:
     training = _setup(ctx)
     _resume(ctx, training)
+    if training.spec.input_thresholds and ctx.config.activations.ramp_steps and training.schedule.step == 0:
+        _recalibrate_thresholds(ctx, training, 0)  # the ramp's start, dense: the prune stage's are at the whole allocation
     _loop(ctx, training)
     return _finish(ctx, training)
 
@@ -223,22 +225,26 @@ def _loop(ctx: StageContext, training: Training) -> None:
 def _recalibrate_thresholds(ctx: StageContext, training: Training, done: int) -> None:
     """Thresholds calibrated again on the student as it is now (activations.recalibrate_every), each
     input zeroed at the fraction the prune stage allocated to it (a greedy allocation is not searched
-    again); every process computes the same ones from the same blocks, in eval mode and the training
-    precision."""
+    again), or at step `done` of the ramp to it (activations.ramp_steps); every process computes the
+    same ones from the same blocks, in eval mode and the training precision."""
     activations, accelerator = ctx.config.activations, ctx.accelerator
     sharded_root = training.objective if training.sharded_checkpoint is not None else None
     blocks = training.calibration.to(accelerator.device)
     sparsity = read_summary(ctx.stage_dir("prune")).get("activation_sparsity")
     with evaluating(training.student, sharded_root), accelerator.autocast():
-        if sparsity is None:  # a prune stage from before allocations were kept: allocate again
-            calibrated = calibrate_thresholds(training.student, blocks, activations, ctx.config.calibration.batch_size)
+        if sparsity is None:  # a prune stage from before allocations were kept: allocate again, at the ramp's target
+            target = activations.target * ramp_scale(done, activations.ramp_steps)
+            calibrated = calibrate_thresholds(training.student, blocks, activations, ctx.config.calibration.batch_size,
+                                              target)
         else:
-            calibrated = recalibrate_thresholds(training.student, blocks, activations.where, sparsity,
+            calibrated = recalibrate_thresholds(training.student, blocks, activations.where,
+                                                ramped(sparsity, done, activations.ramp_steps),
                                                 ctx.config.calibration.batch_size)
     install_thresholds(training.student, calibrated.groups, calibrated.thresholds, activations.straight_through)
     mean = sum(calibrated.thresholds.values()) / len(calibrated.thresholds)
+    ramp = f", {ramp_scale(done, activations.ramp_steps):.0%} of the allocation" if activations.ramp_steps else ""
     ctx.log(f"[distill] step {done}: activation thresholds re-calibrated on {len(calibrated.groups)} inputs "
-            f"(mean {mean:.4g})")
+            f"(mean {mean:.4g}{ramp})")
 
 
 def _log_window(ctx: StageContext, training: Training, window: list[dict], done: int, seconds: float,
