@@ -14,8 +14,12 @@ Rows, all at the same distill budget (configs/quality.yaml, overridable with --s
 Each distilled row is the pipeline itself (launch.sh), scored by its evaluate stage on the first
 `eval.max_blocks` (48) windows of 512 tokens of wikitext-2 test; calibration is wikitext-2 valid.
 The "after" row calibrates with the same library call the prune stage makes. --activations sets keys
-of the `activations:` section (allocation, greedy_blocks, straight_through, recalibrate_every) for the
-two thresholded rows only, so the rows without thresholds are not run again. --write-results puts the
+of the `activations:` section (allocation, greedy_blocks, straight_through, recalibrate_every,
+ramp_steps) for the two thresholded rows only, so the rows without thresholds are not run again.
+The table in RESULTS.md (about 90 minutes on 2 CPU cores with native bf16 when every row runs):
+
+    python benchmarks/activation_sparsity.py --set train.steps=100 --activations allocation=greedy \
+        greedy_blocks=8 straight_through=true recalibrate_every=10 ramp_steps=40 --write-results --write-results puts the
 table into benchmarks/RESULTS.md between its activation-sparsity markers.
 """
 
