@@ -18,9 +18,10 @@ of the `activations:` section (allocation, greedy_blocks, straight_through, reca
 ramp_steps) for the two thresholded rows only, so the rows without thresholds are not run again.
 The table in RESULTS.md (about 90 minutes on 2 CPU cores with native bf16 when every row runs):
 
-    python benchmarks/activation_sparsity.py --set train.steps=100 --activations allocation=greedy \
-        greedy_blocks=8 straight_through=true recalibrate_every=10 ramp_steps=40 --write-results --write-results puts the
-table into benchmarks/RESULTS.md between its activation-sparsity markers.
+    python benchmarks/activation_sparsity.py --set train.steps=100 --activations allocation=greedy \\
+        greedy_blocks=8 straight_through=true recalibrate_every=10 ramp_steps=40 --write-results
+
+--write-results puts the table into benchmarks/RESULTS.md between its activation-sparsity markers.
 """
 
 from __future__ import annotations
