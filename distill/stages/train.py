@@ -71,8 +71,6 @@ class Training:
 def run(ctx: StageContext) -> dict:
     training = _setup(ctx)
     _resume(ctx, training)
-    if training.spec.input_thresholds and ctx.config.activations.ramp_steps and training.schedule.step == 0:
-        _recalibrate_thresholds(ctx, training, 0)  # the ramp's start, dense: the prune stage's are at the whole allocation
     _loop(ctx, training)
     return _finish(ctx, training)
 
@@ -113,8 +111,10 @@ def _setup(ctx: StageContext) -> Training:
     blocks, heldout, cached, teacher = _load_inputs(ctx)
     spec = read_sparsity_spec(ctx.stage_dir("prune") / STUDENT_DIR)
     student = load_student(ctx.stage_dir("prune") / STUDENT_DIR, accelerator.device).train()
-    # the prune stage's, calibrated on the one-shot student
-    set_thresholds(student, spec.input_thresholds, config.activations.straight_through)
+    # the prune stage's, calibrated on the one-shot student; a ramp starts from none zeroed (a threshold
+    # of 0 keeps every entry) until its first re-calibration. A resumed run's come from its checkpoint.
+    thresholds = dict.fromkeys(spec.input_thresholds, 0.0) if config.activations.ramp_steps else spec.input_thresholds
+    set_thresholds(student, thresholds, config.activations.straight_through)
     step_flops = flops_per_token(student, teacher, context=blocks.shape[1])
     # the chunked loss applies each head itself: what the head does after its projection, probed
     # before compile and sharding
@@ -231,9 +231,10 @@ def _recalibrate_thresholds(ctx: StageContext, training: Training, done: int) ->
     sharded_root = training.objective if training.sharded_checkpoint is not None else None
     blocks = training.calibration.to(accelerator.device)
     sparsity = read_summary(ctx.stage_dir("prune")).get("activation_sparsity")
+    scale = ramp_scale(done, activations.ramp_steps)
     with evaluating(training.student, sharded_root), accelerator.autocast():
         if sparsity is None:  # a prune stage from before allocations were kept: allocate again, at the ramp's target
-            target = activations.target * ramp_scale(done, activations.ramp_steps)
+            target = activations.target * scale
             calibrated = calibrate_thresholds(training.student, blocks, activations, ctx.config.calibration.batch_size,
                                               target)
         else:
@@ -242,7 +243,7 @@ def _recalibrate_thresholds(ctx: StageContext, training: Training, done: int) ->
                                                 ctx.config.calibration.batch_size)
     install_thresholds(training.student, calibrated.groups, calibrated.thresholds, activations.straight_through)
     mean = sum(calibrated.thresholds.values()) / len(calibrated.thresholds)
-    ramp = f", {ramp_scale(done, activations.ramp_steps):.0%} of the allocation" if activations.ramp_steps else ""
+    ramp = f", {scale:.0%} of the allocation" if activations.ramp_steps else ""
     ctx.log(f"[distill] step {done}: activation thresholds re-calibrated on {len(calibrated.groups)} inputs "
             f"(mean {mean:.4g}{ramp})")
 
