@@ -1,6 +1,6 @@
 """distill: turn a dense Hugging Face causal LM into an N:M-sparse student recovered by distillation."""
 
-__version__ = "0.2.0"  # 0.2: the teacher writes its text with distill.sampling (every stage runs again)
+__version__ = "0.3.0"  # 0.3: manifests and checkpoints carry the checksums of their files (every stage runs again)
 
 # `import distill` registers the packed export's quantization method with transformers, so that
 # AutoModelForCausalLM.from_pretrained(<run>/export/packed) loads the sparse student. The

@@ -12,7 +12,7 @@ from accelerate.utils import (DistributedDataParallelKwargs, DistributedType, Pr
 from distill.config import Config, Sharding
 from distill.errors import DistillError
 from distill.precision import PrecisionChoice, choose_precision
-from distill.tracking import log_with
+from distill.tracking import log_with, logs_dir
 
 
 def build_accelerator(config: Config) -> tuple[Accelerator, PrecisionChoice]:
@@ -28,7 +28,7 @@ def build_accelerator(config: Config) -> tuple[Accelerator, PrecisionChoice]:
     accelerator = Accelerator(
         mixed_precision=choice.mixed_precision,
         log_with=log_with(config),
-        project_config=ProjectConfiguration(project_dir=str(config.run_dir), logging_dir=str(config.run_dir / "logs")),
+        project_config=ProjectConfiguration(project_dir=str(config.run_dir), logging_dir=str(logs_dir(config))),
         # masks are identical on every rank: no need to broadcast buffers each forward
         kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
     )

@@ -1,7 +1,9 @@
 """Checkpoints of the distill stage: accelerate `save_state` dirs (model with masks, optimizer,
 scheduler, RNG, data position; under train.sharding=fsdp the sharded model and optimizer beside
 them), written under a temporary name and renamed when complete, with a `latest.json` pointer
-written last, so a kill at any moment leaves the previous checkpoint whole and named.
+written last, so a kill at any moment leaves the previous checkpoint whole and named. Each holds the
+checksums of its files (distill.checksums): a checkpoint whose bytes changed is passed over for the
+previous one, as an unreadable one is.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 from accelerate import Accelerator
 from safetensors import safe_open
 
+from distill.checksums import CHECKSUMS_FILE, damage, digest_tree
 from distill.errors import DistillError
 from distill.io import read_json, write_failure, write_json
 from distill.sharding import ShardedCheckpoint
@@ -55,6 +58,8 @@ def save_checkpoint(accelerator: Accelerator, root: Path, step: int, keep: int,
         raise
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        # every process's files are written now; resume checks them before it loads any
+        write_json(temp / CHECKSUMS_FILE, digest_tree(temp))
         final = root / name
         if final.exists():
             shutil.rmtree(final)
@@ -81,6 +86,10 @@ def _masks_as_buffers(path: Path) -> bool:
 
 
 def load_checkpoint(accelerator: Accelerator, path: Path, sharded: ShardedCheckpoint | None = None) -> None:
+    checksums = path / CHECKSUMS_FILE
+    problem = damage(path, read_json(checksums) if checksums.is_file() else None, f"its {CHECKSUMS_FILE}")
+    if problem:
+        raise DistillError(f"checkpoint {path} is damaged: {problem}")
     if _masks_as_buffers(path):
         raise DistillError(f"checkpoint {path} was written by an older distill (masks as buffers), which this one "
                            f"cannot resume")

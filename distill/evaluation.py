@@ -69,10 +69,18 @@ def score_models(
     results = {}
     for name in models:
         total_nll = accelerator.reduce(nll[name], "sum")
-        results[name] = {"ppl": math.exp(float(total_nll / predicted))}
+        results[name] = {"ppl": perplexity(float(total_nll / predicted))}
         if name != reference and reference in models:
             results[name]["kl"] = float(accelerator.reduce(kl[name], "sum") / positions)
     return results
+
+
+def perplexity(mean_nll: float) -> float:
+    """exp(mean NLL), inf where it overflows a float (a diverged model still gets a report)."""
+    try:
+        return math.exp(mean_nll)
+    except OverflowError:
+        return math.inf
 
 
 def heldout_perplexity(accelerator: Accelerator, student: nn.Module, heldout: torch.Tensor, batch_size: int,

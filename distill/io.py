@@ -19,7 +19,10 @@ from safetensors.torch import load_file, save_file
 from distill.errors import DistillError
 
 
-TEMP_PATTERN = re.compile(r"^\..+\.tmp\d*$")  # `.name.tmp<pid>` files, `.step_N.tmp` checkpoint dirs
+# the temp names of every writer in a run dir: `.name.tmp<pid>` files (atomic_write), `.step_N.tmp`
+# checkpoint dirs, and `.tmpXXXXXX`, where the safetensors library writes a file (also inside our own
+# temp name, and in save_pretrained dirs) before it renames it
+TEMP_PATTERN = re.compile(r"^\..+\.tmp\d*$|^\.tmp[A-Za-z0-9]{6}$")
 
 
 def _temp_name(path: Path) -> Path:
@@ -52,6 +55,9 @@ def write_failure(error: BaseException, path: Path) -> BaseException:
     `error`. Call it before removing the half-written temp files, which free space again."""
     if isinstance(error, OSError):
         return error
+    for code in (errno.ENOSPC, errno.EDQUOT):  # the safetensors library says so in words, after removing its temp
+        if os.strerror(code) in str(error):
+            return OSError(code, os.strerror(code), str(path))
     existing = next((parent for parent in [path, *path.parents] if parent.exists()), None)
     try:
         free = shutil.disk_usage(existing).free if existing is not None else None

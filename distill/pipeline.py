@@ -22,6 +22,7 @@ from accelerate.utils import broadcast_object_list
 
 from distill import __version__
 from distill.artifacts import MANIFEST_FILE
+from distill.checksums import damage, digest_tree
 from distill.config import DEPRECATED_MASK_KEYS, Config, to_dict, to_yaml
 from distill.errors import DistillError
 from distill.file_stamps import FileStamps
@@ -70,6 +71,9 @@ class Stage:
     # whether its results depend on the precision it computes in (for this config): then the effective
     # precision is part of its fingerprint
     depends_on_precision: Callable[[Config], bool] = field(default=lambda config: False)
+    # files of its dir that a later stage completes (the export's model cards, which evaluate fills
+    # in with the report): fnmatch patterns, left out of its checksums
+    completed_later: tuple[str, ...] = ()
 
 
 def flatten(data, prefix: str = "") -> dict:
@@ -92,6 +96,9 @@ def _select(config: Config, keys: tuple[str, ...]) -> dict:
 
 
 PRECISION_KEY = "precision"
+INPUTS_FILE = "inputs.json"  # in a stage's work dir: the inputs it runs on (a resume must match them)
+# in every run dir distill makes: --restart, --from and --discard-partial delete only in dirs that hold it
+RUN_MARKER = ".distill-run"
 # config keys added after run dirs existed, with the value that matches what those runs did: a stage
 # that fingerprints one today and whose saved inputs lack it predates the key
 KEYS_ADDED_SINCE = {
@@ -259,7 +266,7 @@ class Pipeline:
     def _partial_inputs(self, stage: Stage) -> dict | None:
         """The inputs an unfinished run was started with (None when it never got to write them)."""
         name = stage.name
-        path = self._partial(name) / "inputs.json"
+        path = self._partial(name) / INPUTS_FILE
         if not path.is_file():
             return None
         try:
@@ -277,25 +284,55 @@ class Pipeline:
         # the main process takes the lock for the launch; every process refuses together
         lock = RunDirLock(self.run_dir) if self.accelerator.is_main_process else None
         refusal = lock.try_acquire() if lock is not None else None
-        if self.accelerator.num_processes > 1:
-            refusal = broadcast_object_list([refusal])[0]
-        if refusal:
-            raise DistillError(refusal)
+        self._refuse_together(refusal)
         try:
             self._run(only, start_from, restart)
         finally:
             if lock is not None:
                 lock.release()
 
+    def _refuse_together(self, refusal: str | None) -> None:
+        """Raise `refusal` (the main process's verdict) on every process, or go on together."""
+        if self.accelerator.num_processes > 1:
+            refusal = broadcast_object_list([refusal])[0]
+        if refusal:
+            raise DistillError(refusal)
+
+    def _main_verdict(self, check: Callable[[], str | None]) -> str | None:
+        """`check()` on the main process alone, its refusal (or DistillError, or a failed file
+        operation) as a line that _refuse_together hands to every process, which would otherwise
+        wait for the main one at the next collective."""
+        if not self.accelerator.is_main_process:
+            return None
+        try:
+            return check()
+        except DistillError as error:
+            return str(error)
+        except OSError as error:
+            return f"{error.strerror or type(error).__name__}: {error.filename}"
+
+    def _prepare_run_dir(self, restart: bool) -> str | None:
+        """Under the lock, on the main process: make sure the run dir is one distill made (it deletes
+        nothing elsewhere), start it over on --restart, and clean up after a killed launch. Returns
+        the refusal, if any."""
+        run_dir = self.run_dir
+        if run_dir.is_dir() and any(run_dir.iterdir()) and not (run_dir / RUN_MARKER).is_file():
+            return (f"not a distill run dir: {run_dir} exists and has no {RUN_MARKER}, which distill writes in every "
+                    f"run dir it makes; choose another run.name or run.output_dir (nothing there was touched)")
+        if restart and run_dir.exists():
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not (run_dir / RUN_MARKER).is_file():
+            write_json(run_dir / RUN_MARKER, {"made_by": f"distill {__version__}"})
+        # nothing else writes here under the lock: temp files and half-landed stages are what a killed
+        # launch left
+        remove_stale_temporaries(run_dir)
+        self._finish_interrupted_landings()
+        return None
+
     def _run(self, only: str | None, start_from: str | None, restart: bool) -> None:
         accelerator = self.accelerator
-        if accelerator.is_main_process:
-            if restart and self.run_dir.exists():
-                shutil.rmtree(self.run_dir)
-            # under the lock nothing else writes here: temp files are what a killed launch left
-            remove_stale_temporaries(self.run_dir)
-            self._finish_interrupted_landings()
-        accelerator.wait_for_everyone()
+        self._refuse_together(self._main_verdict(lambda: self._prepare_run_dir(restart)))
 
         selected = [stage for stage in self.stages if only is None or stage.name == only]
         forced = {only} if only else set(self._names()[self._names().index(start_from):]) if start_from else set()
@@ -305,6 +342,7 @@ class Pipeline:
                     raise DistillError(f"stage '{stage.name}' needs stage '{name}' finished first; run the pipeline without --only")
         # decide everything before doing anything, so a refusal comes before any stage is replaced
         decisions = self.plan(selected, forced)
+        self._refuse_together(self._main_verdict(lambda: self._damage(self._finished_stages_read(decisions))))
         if accelerator.is_main_process:
             self.file_stamps.save()  # the input files hashed to plan
         for decision in decisions:
@@ -323,12 +361,37 @@ class Pipeline:
 
     def _finish_interrupted_landings(self) -> None:
         """A stage whose `.partial/` holds its manifest had finished and was being renamed into place
-        when the launch died: complete the rename instead of running it again."""
+        when the launch died: complete the rename instead of running it again. A launch killed just
+        after the rename left the stage's previous dir (`.STAGE.old`) and its `inputs.json`."""
         for name in self._names():
             partial = self._partial(name)
             if (partial / MANIFEST_FILE).is_file():
                 replace_dir(partial, self.run_dir / name)
-                (self.run_dir / name / "inputs.json").unlink(missing_ok=True)
+            old = self.run_dir / f".{name}.old"
+            if old.is_dir() and (self.run_dir / name / MANIFEST_FILE).is_file():
+                shutil.rmtree(old)
+            if (self.run_dir / name / MANIFEST_FILE).is_file():
+                (self.run_dir / name / INPUTS_FILE).unlink(missing_ok=True)
+
+    def _finished_stages_read(self, decisions: list[Decision]) -> list[str]:
+        """The finished stages this launch uses as they are: those it skips and those that a stage
+        it runs reads without running them first."""
+        running = {decision.stage.name for decision in decisions if decision.action != "skip"}
+        used = [decision.stage.name for decision in decisions if decision.action == "skip"]
+        for decision in decisions:
+            if decision.action != "skip":
+                used += [name for name in decision.stage.upstream if name not in running]
+        return [name for name in dict.fromkeys(used) if self.manifest(name) is not None]
+
+    def _damage(self, names: list[str]) -> str | None:
+        """The first finished stage among `names` whose files differ from its manifest's checksums, as
+        a one-line refusal with the way on; None when all are as they were written."""
+        for name in names:
+            manifest_path = self.run_dir / name / MANIFEST_FILE
+            problem = damage(self.run_dir / name, self.manifest(name).get("files"), "its manifest")
+            if problem:
+                return f"stage '{name}' is damaged: {problem}; rerun with --from {name} to run it again"
+        return None
 
     def plan(self, selected: list[Stage], forced: set[str]) -> list[Decision]:
         """A Decision for each selected stage. An unfinished run resumes when its inputs are today's;
@@ -386,7 +449,7 @@ class Pipeline:
         inputs = self.inputs(stage)  # now, after the stages before it have finished
         stamp = fingerprint(inputs)
         work_dir = self.run_dir / f"{stage.name}.partial"
-        saved_inputs = work_dir / "inputs.json"
+        saved_inputs = work_dir / INPUTS_FILE
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             work_dir.mkdir(parents=True, exist_ok=True)
@@ -408,9 +471,11 @@ class Pipeline:
                 "completion": uuid.uuid4().hex,  # downstream stages fingerprint this, so a re-run invalidates them
                 "seconds": round(seconds, 2),
                 "summary": summary,
+                # what every later launch and every reader checks the stage's files against
+                "files": digest_tree(work_dir, skip=(MANIFEST_FILE, INPUTS_FILE, *stage.completed_later)),
             })
             replace_dir(work_dir, self.run_dir / stage.name)
-            (self.run_dir / stage.name / "inputs.json").unlink()  # after the rename: a crash before it leaves a resumable partial
+            (self.run_dir / stage.name / INPUTS_FILE).unlink()  # after the rename: a crash before it leaves a resumable partial
             # the config the finished stages now reflect; a failed or refused stage never changes it
             write_text(self.run_dir / "config.yaml", to_yaml(self.config))
         accelerator.wait_for_everyone()

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from distill.io import atomic_write
+
 RUNTIME = "student_runtime"  # the student with its input thresholds and streaming heads (load_sparse_model)
 
 
@@ -126,10 +128,8 @@ def plot(path: Path, layers: list[dict], history: list[dict], activations: dict,
         curve.axis("off")
     _head_heatmaps(figure, heatmaps, attention)
     figure.tight_layout()
-    temp = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(temp, dpi=90)
+    atomic_write(path, lambda temp: figure.savefig(temp, dpi=90, format="png"))
     plt.close(figure)
-    temp.replace(path)
 
 
 def card_tables(report: dict) -> str:

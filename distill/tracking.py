@@ -1,7 +1,8 @@
 """Experiment trackers through accelerate (wandb, tensorboard, or none), from the main process only.
 
 wandb reads WANDB_MODE, WANDB_DIR, WANDB_API_KEY ... from the environment itself; WANDB_PROJECT
-overrides `tracking.project`. The wandb run id is kept in the stage's dir, so a resumed stage
+overrides `tracking.project`. Both write inside the run dir (`logs/`) unless WANDB_DIR or an absolute
+tensorboard project names another place. The wandb run id is kept in the stage's dir, so a resumed stage
 continues the same wandb run instead of starting a new one.
 """
 
@@ -16,6 +17,12 @@ from accelerate import Accelerator
 from distill.config import Config, TrackingBackend, to_dict
 
 RUN_ID_FILE = "wandb_run_id.txt"
+
+
+def logs_dir(config: Config) -> Path:
+    """Where the trackers write (tensorboard under <project>/, wandb under wandb/ unless WANDB_DIR
+    says otherwise): inside the run dir."""
+    return config.run_dir / "logs"
 
 
 def log_with(config: Config) -> str | None:
@@ -33,6 +40,8 @@ def start_tracking(accelerator: Accelerator, config: Config, state_dir: Path) ->
             run_id_file.write_text(secrets.token_hex(4))  # wandb run ids: short, lowercase alphanumeric
         accelerator.wait_for_everyone()
         init_kwargs["wandb"] = {"id": run_id_file.read_text().strip(), "resume": "allow", "name": config.run.name}
+        if not os.environ.get("WANDB_DIR"):  # wandb's default is ./wandb, wherever the launch started
+            init_kwargs["wandb"]["dir"] = str(logs_dir(config))
     project = os.environ.get("WANDB_PROJECT", config.tracking.project)
     accelerator.init_trackers(project, config=_flat_hparams(to_dict(config)), init_kwargs=init_kwargs)
 

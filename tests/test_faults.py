@@ -138,7 +138,7 @@ def test_a_full_disk_stops_in_one_line_keeps_the_last_good_state_and_the_same_co
         mount -t tmpfs -o size=40m tmpfs {small}
         {command} > {report}/first.out 2> {report}/first.err; echo $? > {report}/first.rc
         ls -a {small}/runs/full > {report}/after_first.ls
-        find {small}/runs -name '.*.tmp*' > {report}/temporaries.ls
+        find {small}/runs -name '.*.tmp*' -o -name '.tmp*' > {report}/temporaries.ls
         cp {small}/runs/full/prune/manifest.json {report}/prune_manifest.json 2>/dev/null
         mount -o remount,size=2g {small}
         {command} > {report}/second.out 2> {report}/second.err; echo $? > {report}/second.rc

@@ -98,10 +98,20 @@ def test_a_corrupt_checkpoint_or_pointer_is_refused_in_one_line(tmp_path):
     root = tmp_path / "checkpoints"
     save_checkpoint(accelerator, root, 1, keep=1)
     weights = next((root / "step_00000001").glob("model*.safetensors"))
-    weights.write_bytes(weights.read_bytes()[:100])
-    with pytest.raises(DistillError, match="could not be loaded") as refusal:
+    intact = weights.read_bytes()
+    weights.write_bytes(intact[:100])
+    with pytest.raises(DistillError, match=r"step_00000001 is damaged: .*model.safetensors is 100 bytes") as refusal:
         load_checkpoint(accelerator, latest_checkpoint(root))
     assert "\n" not in str(refusal.value)
+    # the same size with other bytes (safetensors would load them as they are)
+    weights.write_bytes(intact[:-8] + bytes(byte ^ 0xFF for byte in intact[-8:]))
+    with pytest.raises(DistillError, match=r"model.safetensors does not match the sha256 its checksums.json recorded"):
+        load_checkpoint(accelerator, latest_checkpoint(root))
+    weights.write_bytes(intact)
+    load_checkpoint(accelerator, latest_checkpoint(root))
+    (root / "step_00000001" / "checksums.json").unlink()  # a checkpoint that cannot say what it held
+    with pytest.raises(DistillError, match="records no checksums"):
+        load_checkpoint(accelerator, latest_checkpoint(root))
     write_json(root / "latest.json", {"name": "step_00000009", "step": 9})
     with pytest.raises(DistillError, match="step_00000009, which does not exist"):
         latest_checkpoint(root)
@@ -130,7 +140,8 @@ def test_a_checkpoint_that_fails_to_write_leaves_no_temporary_and_keeps_the_olde
 
 def test_stale_temporaries_are_found_and_removed_and_nothing_else(tmp_path):
     keep = [tmp_path / "config.yaml", tmp_path / "distill" / "metrics.jsonl", tmp_path / "distill" / ".hidden"]
-    stale = [tmp_path / ".config.yaml.tmp123", tmp_path / "distill" / ".metrics.jsonl.tmp9"]
+    stale = [tmp_path / ".config.yaml.tmp123", tmp_path / "distill" / ".metrics.jsonl.tmp9",
+             tmp_path / "export" / "hf" / ".tmpAb3xZ9"]  # the safetensors library's own temp name
     for path in keep + stale:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("x")

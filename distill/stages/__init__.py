@@ -1,6 +1,7 @@
 """The pipeline's stages in order, each with the config keys and upstream stages it depends on."""
 
 from distill.config import SourceKind
+from distill.model_card import CARD_FILE
 from distill.models import teacher_files
 from distill.pipeline import Stage
 from distill.stages import evaluate, export, prune, teacher, teacher_logits, train
@@ -19,7 +20,8 @@ STAGES = [
     Stage("prune", ("teacher", "prune", *CALIBRATED_ACTIVATIONS, "attention"), ("teacher",), prune.run),
     Stage("distill", ("run.seed", "teacher", "train", *TRAINED_ACTIVATIONS), ("prune", "teacher_logits"), train.run,
           depends_on_precision=lambda config: True),
-    Stage("export", ("export",), ("distill",), export.run),
+    Stage("export", ("export",), ("distill",), export.run,
+          completed_later=tuple(f"*/{name}" for name in (CARD_FILE, evaluate.CARD_PLOT))),
     Stage("evaluate", ("teacher", "eval"), ("teacher", "prune", "export"), evaluate.run,
           input_files=lambda config: list(config.eval.files)),
 ]

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from distill.data import pack, tokenize_files
 from distill.calibration import calibration_blocks
 from distill.evaluation import activation_sparsity_curve, activation_table, score_models, weighted_zero_fraction
-from distill.io import write_json, write_text
+from distill.io import atomic_write, write_json, write_text
 from distill.models import load_teacher
 from distill.pipeline import StageContext
 from distill.model_card import StudentFacts, model_card, write_model_card
@@ -30,6 +30,7 @@ from distill.student import apply_runtime_sparsity, load_student
 from distill.zero_shot import zero_shot_accuracy
 
 MODELS = ("teacher", "oneshot", "student")
+CARD_PLOT = "report.png"  # the report's plot, copied beside each export dir's model card
 
 
 def eval_sets(ctx: StageContext, tokenizer) -> dict[str, torch.Tensor]:
@@ -122,8 +123,8 @@ def _complete_model_cards(ctx: StageContext, report: dict) -> None:
     for form in ("hf", "packed"):
         directory = ctx.stage_dir("export") / form
         if directory.is_dir():
-            shutil.copyfile(ctx.work_dir / "report.png", directory / "report.png")
-            write_model_card(directory, model_card(StudentFacts(**facts), form, card_tables(report), "report.png"))
+            atomic_write(directory / CARD_PLOT, lambda temp: shutil.copyfile(ctx.work_dir / "report.png", temp))
+            write_model_card(directory, model_card(StudentFacts(**facts), form, card_tables(report), CARD_PLOT))
 
 
 def _exported_student(ctx: StageContext, dtype: torch.dtype) -> torch.nn.Module:

@@ -297,6 +297,7 @@ def _finish(ctx: StageContext, training: Training) -> dict:
         training.masks.finish(final)
     # under fsdp only the main process holds the gathered student: it decides for every process
     problem = nonfinite_problem(final, f"the distilled student (after {train.steps} steps)") if final is not None else None
+    problem = problem or _unrecovered(training.history, train)
     if accelerator.num_processes > 1:
         problem = broadcast_object_list([problem])[0]
     if problem:
@@ -320,6 +321,18 @@ def _finish(ctx: StageContext, training: Training) -> dict:
         summary["masked_weights_zero"] = all(bool((stored_weight(module)[~mask_rule(module).mask] == 0).all())
                                              for _, module in masked_modules(final))
     return summary
+
+
+def _unrecovered(history: list[dict], train) -> str | None:
+    """Why a run under train.on_nonfinite=skip must not finish: every step of its last logged window
+    was skipped, so whatever the weights hold now never gave a finite loss. None when the loss
+    recovered (or nothing was skipped)."""
+    last = history[-1] if history else {}
+    if train.on_nonfinite is not NonFinite.SKIP or "loss" in last:
+        return None
+    return (f"the loss never recovered: train.on_nonfinite=skip skipped every step from the last log to step "
+            f"{last.get('step')} ({last.get('skipped_steps')} skipped in all), so the student is not saved; lower "
+            f"train.lr and rerun with --discard-partial distill")
 
 
 def _nonfinite_message(work_dir: Path, first: int, last: int) -> str:
