@@ -26,7 +26,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from distill.artifacts import SparsitySpec, StreamingHeads, read_sparsity_spec, write_sparsity_spec
 from distill.errors import DistillError
-from distill.io import atomic_write
+from distill.io import atomic_write, write_text
 from distill.sparsity.activations import set_thresholds, thresholded
 from distill.sparsity.attention import heads_of, install_heads, streaming_heads
 from distill.sparsity.masks import install_masks, mask_rule, masked_modules, masked_weight
@@ -59,7 +59,7 @@ def save_student(model: nn.Module, directory: Path, spec: SparsitySpec) -> None:
     the model."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    model.config.to_json_file(directory / "config.json")
+    write_text(directory / "config.json", model.config.to_json_string())
     state = plain_state(model)
     atomic_write(directory / WEIGHTS_FILE, lambda temp: save_file(state, str(temp), metadata={"format": "pt"}))
     masked = [name for name, _ in masked_modules(model)]

@@ -15,6 +15,7 @@ from pathlib import Path
 from accelerate import Accelerator
 
 from distill.config import Config, TrackingBackend, to_dict
+from distill.io import write_text
 
 RUN_ID_FILE = "wandb_run_id.txt"
 
@@ -37,7 +38,7 @@ def start_tracking(accelerator: Accelerator, config: Config, state_dir: Path) ->
     if config.tracking.backend is TrackingBackend.WANDB:
         run_id_file = Path(state_dir) / RUN_ID_FILE
         if accelerator.is_main_process and not run_id_file.is_file():
-            run_id_file.write_text(secrets.token_hex(4))  # wandb run ids: short, lowercase alphanumeric
+            write_text(run_id_file, secrets.token_hex(4))  # wandb run ids: short, lowercase alphanumeric
         accelerator.wait_for_everyone()
         init_kwargs["wandb"] = {"id": run_id_file.read_text().strip(), "resume": "allow", "name": config.run.name}
         if not os.environ.get("WANDB_DIR"):  # wandb's default is ./wandb, wherever the launch started

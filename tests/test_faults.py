@@ -44,17 +44,15 @@ def errors(result: subprocess.CompletedProcess) -> list[str]:
     return [line for line in result.stderr.splitlines() if line.startswith("distill: error:")]
 
 
-@pytest.mark.slow  # a reference run plus one launch per kill
-def test_seeded_random_kills_across_every_stage_recover_to_the_bitwise_same_run(tmp_path, tiny_teacher):
-    reference = faulty_config(tmp_path, tiny_teacher, "reference")
-    launch(reference)
-    expected = outputs(tmp_path / "runs" / "reference")
+def files(run_dir: Path) -> list[str]:
+    return sorted(str(path.relative_to(run_dir)) for path in run_dir.rglob("*"))
 
-    config = faulty_config(tmp_path, tiny_teacher, "killed")
-    run_dir = tmp_path / "runs" / "killed"
-    rng = random.Random(13)
+
+def kill_once_in_every_stage(config: Path, run_dir: Path, rng: random.Random) -> list[str]:
+    """Launch, SIGKILL at a random moment once a stage's work dir exists, launch again, for each stage
+    in turn; the stages the kills landed in."""
     landed = []
-    for stage in STAGES:  # one kill per stage, at a random moment once its work dir exists
+    for stage in STAGES:
         if (run_dir / stage / "manifest.json").is_file():
             continue  # a previous launch got past it before its kill
         process = subprocess.Popen(launch_command(config), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -70,15 +68,33 @@ def test_seeded_random_kills_across_every_stage_recover_to_the_bitwise_same_run(
         process.wait()
         landed.append(stage)
         assert not pipeline_processes(config, wait=10), f"a worker outlived the launcher killed in {stage}"
-    assert len(landed) >= 4, f"the kills landed in too few stages: {landed}"
+    return landed
 
-    finished = launch(config)
-    assert "Traceback" not in finished.stderr
-    assert all((run_dir / stage / "manifest.json").is_file() for stage in STAGES)
-    assert not any(path.name.endswith(".partial") for path in run_dir.iterdir())
-    actual = outputs(run_dir)
-    for name in expected:
-        assert actual[name] == expected[name], f"{name} differs from the uninterrupted run after kills in {landed}"
+
+@pytest.mark.slow  # a reference run plus one launch per kill
+def test_seeded_random_kills_across_every_stage_recover_to_the_bitwise_same_run(tmp_path, tiny_teacher):
+    reference = faulty_config(tmp_path, tiny_teacher, "reference")
+    launch(reference)
+    expected = outputs(tmp_path / "runs" / "reference")
+    expected_files = files(tmp_path / "runs" / "reference")
+
+    config = faulty_config(tmp_path, tiny_teacher, "killed")
+    run_dir = tmp_path / "runs" / "killed"
+    rng = random.Random(13)
+    # a round is a kill in every stage, then a launch that finishes; DISTILL_KILL_ROUNDS=5: 30 kills
+    for _ in range(int(os.environ.get("DISTILL_KILL_ROUNDS", "1"))):
+        shutil.rmtree(run_dir, ignore_errors=True)
+        landed = kill_once_in_every_stage(config, run_dir, rng)
+        assert len(landed) >= 4, f"the kills landed in too few stages: {landed}"
+
+        finished = launch(config)
+        assert "Traceback" not in finished.stderr
+        assert all((run_dir / stage / "manifest.json").is_file() for stage in STAGES)
+        # no partial dir, temp file, `.STAGE.old` or stray inputs.json: the files of the run never killed
+        assert files(run_dir) == expected_files, f"after kills in {landed}"
+        actual = outputs(run_dir)
+        for name in expected:
+            assert actual[name] == expected[name], f"{name} differs from the uninterrupted run after kills in {landed}"
 
 
 @pytest.mark.slow  # two pipeline runs

@@ -350,7 +350,9 @@ def test_kill_in_distill_then_resume_gives_the_bitwise_same_student(tmp_path, ti
 
 
 @pytest.mark.slow  # several processes or a kill and resume
-def test_an_unreadable_latest_checkpoint_falls_back_to_an_older_one_or_is_refused(tmp_path, tiny_teacher):
+def test_a_damaged_latest_checkpoint_falls_back_to_an_older_one_or_is_refused(tmp_path, tiny_teacher):
+    """Bytes changed in place (the size kept, so only the checksums can tell) in the latest
+    checkpoint's model and the older one's optimizer state."""
     train = {"steps": 40, "checkpoint_every": 4, "log_every": 2, "global_batch_size": 8, "micro_batch_size": 4}
     config = write_config(tmp_path / "c.yaml", tiny_config(tmp_path, tiny_teacher, name="corrupt", train=train))
     run_dir = tmp_path / "runs" / "corrupt"
@@ -358,20 +360,24 @@ def test_an_unreadable_latest_checkpoint_falls_back_to_an_older_one_or_is_refuse
     checkpoints = run_dir / "distill.partial" / "checkpoints"
     _kill_when(process, lambda: (checkpoints / "step_00000008").is_dir() and (checkpoints / "latest.json").is_file()
                and "step_00000008" in (checkpoints / "latest.json").read_text(), config)
-    older, latest = checkpoints / "step_00000004" / "model.safetensors", checkpoints / "step_00000008" / "model.safetensors"
+    older, latest = checkpoints / "step_00000004" / "optimizer.bin", checkpoints / "step_00000008" / "model.safetensors"
     intact = older.read_bytes()
-    for weights in (older, latest):
-        weights.write_bytes(weights.read_bytes()[:1000])
+    for path in (older, latest):
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2: len(data) // 2 + 64] = os.urandom(64)
+        path.write_bytes(bytes(data))
+    damaged = latest.read_bytes()
 
     refused = launch(config, check=False)
     assert refused.returncode == 2
     error = [line for line in refused.stderr.splitlines() if line.startswith("distill: error:")]
-    assert len(error) == 1 and "step_00000008 could not be loaded" in error[0], refused.stderr[-2000:]
+    assert len(error) == 1 and f"step_00000008 is damaged: {latest} does not match the sha256" in error[0], refused.stderr[-2000:]
     assert "no older checkpoint is readable" in error[0] and f"delete {run_dir / 'distill.partial'}" in error[0]
-    assert older.stat().st_size == latest.stat().st_size == 1000, "the checkpoints are left for the user to inspect"
+    assert latest.read_bytes() == damaged, "the checkpoints are left for the user to inspect"
 
-    older.write_bytes(intact)  # the older one readable again: the run resumes from it
+    older.write_bytes(intact)  # the older one whole again: the run resumes from it
     resumed = launch(config)
+    assert f"step_00000008 is damaged: {latest}" in resumed.stdout
     assert "resuming from the older step_00000004 instead" in resumed.stdout
     assert "resumed from" in resumed.stdout and "at step 4" in resumed.stdout
     assert "[evaluate] finished" in resumed.stdout
