@@ -18,44 +18,61 @@
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
+fail() {
+  echo "launch.sh: error: $*" >&2
+  exit 2
+}
+
+# the value after a flag that takes one: refuse a flag given last, with nothing after it
+value_of() {
+  [ $# -ge 2 ] || fail "$1 needs a value (see bash launch.sh --help)"
+  printf '%s' "$2"
+}
+
+# single_gpu when a GPU is visible, else cpu. nvidia-smi answers in well under a second where torch
+# takes seconds to import; torch decides only where neither tells (CUDA_VISIBLE_DEVICES set, another
+# vendor's device nodes)
+default_accelerate_config() {
+  if [ -z "${CUDA_VISIBLE_DEVICES+set}" ] && command -v nvidia-smi >/dev/null 2>&1 \
+      && nvidia-smi -L 2>/dev/null | grep -q '^GPU'; then
+    echo single_gpu
+  elif ! compgen -G '/dev/nvidia[0-9]*' >/dev/null && [ ! -e /dev/kfd ]; then
+    echo cpu  # no GPU device node at all
+  elif python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    echo single_gpu
+  else
+    echo cpu
+  fi
+}
+
 accelerate_config=""
 num_processes=1
 pipeline_args=()
 while [ $# -gt 0 ]; do
   case "$1" in
-    --accelerate) accelerate_config="$2"; shift 2 ;;
+    --accelerate) accelerate_config=$(value_of "$@"); shift 2 ;;
     --accelerate=*) accelerate_config="${1#*=}"; shift ;;
-    --num-processes) num_processes="$2"; shift 2 ;;
+    --num-processes) num_processes=$(value_of "$@"); shift 2 ;;
     --num-processes=*) num_processes="${1#*=}"; shift ;;
     -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) pipeline_args+=("$1"); shift ;;
   esac
 done
-if [ ${#pipeline_args[@]} -eq 0 ]; then
-  echo "launch.sh: error: no config file given (see bash launch.sh --help)" >&2
-  exit 2
+[ ${#pipeline_args[@]} -gt 0 ] || fail "no config file given (see bash launch.sh --help)"
+if [ -n "$accelerate_config" ] && [ ! -f "$here/configs/accelerate/$accelerate_config.yaml" ]; then
+  fail "no accelerate config $here/configs/accelerate/$accelerate_config.yaml (choose: $(cd "$here/configs/accelerate" && ls *.yaml | sed 's/.yaml//' | tr '\n' ' '))"
 fi
-if [ -z "$accelerate_config" ]; then
-  if python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
-    accelerate_config=single_gpu
-  else
-    accelerate_config=cpu
-  fi
-fi
-config_file="$here/configs/accelerate/$accelerate_config.yaml"
-if [ ! -f "$config_file" ]; then
-  echo "launch.sh: error: no accelerate config $config_file (choose: $(cd "$here/configs/accelerate" && ls *.yaml | sed 's/.yaml//' | tr '\n' ' '))" >&2
-  exit 2
-fi
-if ! [[ "$num_processes" =~ ^[1-9][0-9]*$ ]]; then
-  echo "launch.sh: error: --num-processes must be a positive integer, got '$num_processes'" >&2
-  exit 2
-fi
+[[ "$num_processes" =~ ^[1-9][0-9]*$ ]] || fail "--num-processes must be a positive integer, got '$num_processes'"
 
 if [ "$accelerate_config" = fsdp ]; then
   # distill shards the student itself (torch FSDP2, distill/sharding.py) on a plain multi-process launch
   pipeline_args+=("train.sharding=fsdp")
 fi
+# a mistake in the config or the command line ends here, in a fraction of a second: the check loads
+# no torch, which the CUDA probe and accelerate's launcher below take seconds to import
+python "$here/pipelines/run.py" --check-config "${pipeline_args[@]}" || exit $?
+[ -n "$accelerate_config" ] || accelerate_config=$(default_accelerate_config)
+config_file="$here/configs/accelerate/$accelerate_config.yaml"
 # pipelines/launch.py: a failing run ends with its one-line error and its own exit code, no launcher traceback
 launch=(--config_file "$config_file" --num_processes "$num_processes")
 if [ "$accelerate_config" = cpu ]; then

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import enum
+import math
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from distill.errors import DistillError
+from distill.errors import DistillError, speaks_for_the_launch
 from distill.precision import Precision
 
 # the projections of a Llama-style decoder layer (tests and benchmarks name them; configs need not)
@@ -122,6 +123,28 @@ def _positive(path: str, value: float, allow_zero: bool = False) -> None:
     if value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise DistillError(f"config key '{path}': {value} must be {bound}")
+
+
+def _refuse_non_finite(section: Any, where: str) -> None:
+    """Every float of a config section (nested sections and lists included) is a finite number: YAML
+    reads `.nan` and `.inf` as floats, and nan passes every range check, as no comparison holds for it."""
+    for item in dataclasses.fields(section):
+        value, path = getattr(section, item.name), f"{where}.{item.name}"
+        if dataclasses.is_dataclass(value):
+            _refuse_non_finite(value, path)
+        elif isinstance(value, list):
+            for index, element in enumerate(value):
+                if dataclasses.is_dataclass(element):
+                    _refuse_non_finite(element, f"{path}[{index}]")
+                else:
+                    _refuse_nan_or_inf(f"{path}[{index}]", element)
+        else:
+            _refuse_nan_or_inf(path, value)
+
+
+def _refuse_nan_or_inf(path: str, value: Any) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise DistillError(f"config key '{path}': {value} is not a finite number")
 
 
 def _within(path: str, value: float, low: float, high: float, closed: str = "[]") -> None:
@@ -471,6 +494,8 @@ class TrainConfig:
         _within(f"{where}.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
         if len(self.betas) != 2:
             raise DistillError(f"config key '{where}.betas': needs two values, got {len(self.betas)}")
+        for index, beta in enumerate(self.betas):  # Adam's decay rates of its two moment averages
+            _within(f"{where}.betas[{index}]", beta, 0.0, 1.0, "[)")
         self.masks.validate(f"{where}.masks")
         if self.sharding is Sharding.FSDP and self.per_projection_features():
             raise DistillError(f"config key '{where}.sharding': fsdp trains fixed masks only; "
@@ -589,7 +614,9 @@ class Config:
         return Path(self.run.output_dir) / self.run.name
 
     def validate(self) -> None:
-        """Every section checks itself; then the rules that tie sections together."""
+        """Every float is finite, every section checks itself; then the rules that tie sections together."""
+        for section in dataclasses.fields(self):
+            _refuse_non_finite(getattr(self, section.name), section.name)
         for section in dataclasses.fields(self):
             getattr(self, section.name).validate(section.name)
         prune, train = self.prune, self.train
@@ -651,13 +678,16 @@ def _parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def load_config(path: str | Path, overrides: List[str] | None = None) -> Config:
-    """Read a YAML config, apply dotted `key=value` overrides, validate, and return the typed Config."""
+def load_config(path: str | Path, overrides: List[str] | None = None, announce_deprecations: bool = True) -> Config:
+    """Read a YAML config, apply dotted `key=value` overrides, validate, and return the typed Config.
+    `announce_deprecations=False` keeps the notices about old key names for a later load to print."""
     path = Path(path)
     if not path.is_file():
         raise DistillError(f"config file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as error:
+        raise DistillError(f"config file {path} is not a YAML text file: not UTF-8 (byte offset {error.start})") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -665,7 +695,7 @@ def load_config(path: str | Path, overrides: List[str] | None = None) -> Config:
         raise DistillError(f"config file {path} is not valid YAML{where}: {problem}")
     if not isinstance(raw, dict):
         raise DistillError(f"config file {path} must hold a mapping of sections, not {type(raw).__name__}")
-    return config_from_dict(raw, overrides)
+    return config_from_dict(raw, overrides, announce_deprecations)
 
 
 def _check_keys(raw: Any, schema: type, path: str) -> None:
@@ -692,12 +722,13 @@ def _check_keys(raw: Any, schema: type, path: str) -> None:
                     raise DistillError(_one_line(error)) from None
 
 
-def _deprecated(old: str, new: str) -> None:
-    print(f"distill: config key '{old}' is deprecated, use '{new}' (the old name goes in the next release)",
-          file=sys.stderr, flush=True)
+def _deprecated(old: str, new: str, announce: bool) -> None:
+    if announce and speaks_for_the_launch():
+        print(f"distill: config key '{old}' is deprecated, use '{new}' (the old name goes in the next release)",
+              file=sys.stderr, flush=True)
 
 
-def _upgrade_raw(raw: dict) -> dict:
+def _upgrade_raw(raw: dict, announce: bool = True) -> dict:
     """Move the old `train.mask_*` keys of a YAML mapping into `train.masks`, with a warning each."""
     train = raw.get("train")
     if not isinstance(train, dict) or not set(train) & set(DEPRECATED_MASK_KEYS):
@@ -706,27 +737,27 @@ def _upgrade_raw(raw: dict) -> dict:
     masks = dict(train.get("masks") or {})
     for old, new in DEPRECATED_MASK_KEYS.items():
         if old in train:
-            _deprecated(f"train.{old}", f"train.masks.{new}")
+            _deprecated(f"train.{old}", f"train.masks.{new}", announce)
             masks.setdefault(new, train.pop(old))
     return {**raw, "train": {**train, "masks": masks}}
 
 
-def _upgrade_override_key(key: str) -> str:
+def _upgrade_override_key(key: str, announce: bool = True) -> str:
     old = key.removeprefix("train.")
     if key.startswith("train.") and old in DEPRECATED_MASK_KEYS:
-        _deprecated(key, f"train.masks.{DEPRECATED_MASK_KEYS[old]}")
+        _deprecated(key, f"train.masks.{DEPRECATED_MASK_KEYS[old]}", announce)
         return f"train.masks.{DEPRECATED_MASK_KEYS[old]}"
     return key
 
 
-def config_from_dict(raw: dict, overrides: List[str] | None = None) -> Config:
-    raw = _upgrade_raw(raw)
+def config_from_dict(raw: dict, overrides: List[str] | None = None, announce_deprecations: bool = True) -> Config:
+    raw = _upgrade_raw(raw, announce_deprecations)
     _check_keys(raw, Config, "")
     try:
         merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(raw))
         for text in overrides or []:
             key, value = _parse_override(text)
-            OmegaConf.update(merged, _upgrade_override_key(key), value, merge=True)
+            OmegaConf.update(merged, _upgrade_override_key(key, announce_deprecations), value, merge=True)
         missing = sorted(OmegaConf.missing_keys(merged))
         if missing:
             raise DistillError(f"config key '{missing[0]}' is required but not set")

@@ -31,17 +31,32 @@ def _separator(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
 
 
-def _tokenize_dataset(dataset, tokenizer: PreTrainedTokenizerBase, text_field: str) -> torch.Tensor:
-    """Every record's tokens, each record a document ended by EOS."""
+def _check_text_field(dataset, text_field: str, origin: str) -> None:
+    """The records hold their text as strings in `text_field`. A JSON file of the wrong shape, such as
+    a list of numbers, loads as records whose "text" is a number, which the tokenizer cannot take."""
     if text_field not in dataset.column_names:
-        raise DistillError(f"text field '{text_field}' not in the data's columns {dataset.column_names}")
+        raise DistillError(f"{origin}: text field '{text_field}' not in the data's columns {dataset.column_names}")
+    feature = dataset.features[text_field]
+    kind = getattr(feature, "dtype", None) if type(feature).__name__ == "Value" else type(feature).__name__.lower()
+    if kind not in ("string", "large_string"):
+        raise DistillError(f"{origin}: text field '{text_field}' holds {kind} values, not strings; each record must "
+                           f"be an object with a string field '{text_field}' (or set the source's text_field to one)")
+
+
+def _tokenize_dataset(dataset, tokenizer: PreTrainedTokenizerBase, text_field: str, origin: str) -> torch.Tensor:
+    """Every record's tokens, each record a document ended by EOS."""
+    _check_text_field(dataset, text_field, origin)
     separator = _separator(tokenizer)
 
-    def tokenize(batch):
-        ids = tokenizer(batch[text_field], add_special_tokens=False)["input_ids"]
+    def tokenize(batch, indices):
+        texts = batch[text_field]
+        if None in texts:
+            raise DistillError(f"{origin}: record {indices[texts.index(None)]} has no text (its '{text_field}' is null)")
+        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
         return {"ids": [row + separator for row in ids]}
 
-    tokenized = dataset.map(tokenize, batched=True, remove_columns=dataset.column_names, desc="tokenizing")
+    tokenized = dataset.map(tokenize, batched=True, with_indices=True, remove_columns=dataset.column_names,
+                            desc="tokenizing")
     flat = [token for row in tokenized["ids"] for token in row]
     return torch.tensor(flat, dtype=torch.long)
 
@@ -67,7 +82,7 @@ def tokenize_files(files: list[str], tokenizer: PreTrainedTokenizerBase, text_fi
                 dataset = load_dataset(builder, data_files=str(path.resolve()), split="train")
             except Exception as error:  # datasets raises many types for unreadable files
                 raise DistillError(f"data file {name} could not be read: {str(error).splitlines()[0]}") from None
-            tokens = _tokenize_dataset(dataset, tokenizer, text_field)
+            tokens = _tokenize_dataset(dataset, tokenizer, text_field, f"data file {name}")
         pieces.append(torch.cat([tokens, torch.tensor(_separator(tokenizer), dtype=torch.long)]))
     return torch.cat(pieces)
 
@@ -94,7 +109,7 @@ def tokenize_hub_dataset(source: SourceConfig, tokenizer: PreTrainedTokenizerBas
         dataset = load_dataset(source.dataset, source.subset, split=source.split)
     except Exception as error:
         raise DistillError(f"dataset '{source.dataset}' could not be loaded: {str(error).splitlines()[0]}") from None
-    return _tokenize_dataset(dataset, tokenizer, source.text_field)
+    return _tokenize_dataset(dataset, tokenizer, source.text_field, f"dataset '{source.dataset}'")
 
 
 def sample_from_teacher(

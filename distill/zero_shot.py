@@ -13,6 +13,7 @@ from __future__ import annotations
 from torch import nn
 
 from distill.config import LmEvalConfig
+from distill.errors import DistillError
 
 # metrics reported per task when lm-eval computes them (multiple choice: acc, and acc_norm where the
 # task normalizes by length)
@@ -45,6 +46,21 @@ def task_manager(config: LmEvalConfig):
         if set(config.tasks) <= set(local.all_tasks):
             return local
     return TaskManager(include_path=config.include_path)
+
+
+def check_tasks(config: LmEvalConfig) -> None:
+    """Refuse a task name lm-eval does not know (registry, include_path, groups and tags included) at
+    the start of a launch: lm-eval itself would raise a KeyError in the evaluate stage, after training."""
+    if not config.tasks:
+        return
+    known = set(task_manager(config).all_tasks)
+    unknown = [task for task in config.tasks if task not in known]
+    if unknown:
+        searched = (f"in neither lm-eval's registry nor {config.include_path}" if config.include_path
+                    else "not in lm-eval's registry")
+        raise DistillError(f"config key 'eval.lm_eval.tasks': unknown lm-eval task '{unknown[0]}' ({searched}); "
+                           "`lm-eval ls tasks` lists the registry's tasks, and eval.lm_eval.include_path names a dir "
+                           "of local task YAMLs")
 
 
 def _metrics(scores: dict) -> dict:

@@ -5,11 +5,11 @@
 Finished stages whose inputs did not change are skipped; an interrupted stage resumes from its last
 checkpoint. `--only STAGE` re-runs one stage, `--from STAGE` re-runs it and everything after it
 (both drop that stage's unfinished run first), `--discard-partial STAGE` drops one stage's unfinished
-run and goes on as usual, `--restart` deletes the run dir and starts over.
+run and goes on as usual, `--restart` deletes the run dir and starts over. `--check-config` checks
+the config and its input files only, without loading torch (launch.sh runs it before it launches).
 """
 
 import argparse
-import errno
 import os
 import signal
 import sys
@@ -17,11 +17,21 @@ import sys
 # only light imports here: a mistake in the config is reported before torch, transformers and
 # accelerate load (seconds on a busy machine)
 from distill.config import check_input_paths, load_config
-from distill.errors import DistillError
+from distill.errors import DistillError, describe_os_error, report_refusal
+
+REFUSED = 2  # the exit code of a refused input
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, except that a bad command line is one `distill: error:` line like any other refusal,
+    not the usage text followed by an error."""
+
+    def error(self, message: str):
+        sys.exit(refuse(message))
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", help="YAML config file")
     parser.add_argument("overrides", nargs="*", help="dotted overrides such as train.steps=50")
     parser.add_argument("--only", metavar="STAGE", help="run (or re-run) this stage alone")
@@ -29,6 +39,8 @@ def parse_args(argv):
     parser.add_argument("--discard-partial", metavar="STAGE", action="append", default=[],
                         help="drop this stage's unfinished run (its .partial dir), keeping every finished stage")
     parser.add_argument("--restart", action="store_true", help="delete the run dir and start over")
+    parser.add_argument("--check-config", action="store_true",
+                        help="check the config and its input files, run nothing (torch is not loaded)")
     return parser.parse_intermixed_args(argv)  # overrides may follow --only and friends
 
 
@@ -43,13 +55,35 @@ def die_with_launcher() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+def refuse(message: str) -> int:
+    report_refusal(f"distill: error: {message}")
+    return REFUSED
+
+
+def check_config(args) -> int:
+    """The config's refusals, in a fraction of a second: nothing here imports torch. The launch that
+    follows loads the config again and prints the notices about deprecated keys then."""
+    try:
+        check_input_paths(load_config(args.config, args.overrides, announce_deprecations=False))
+    except DistillError as error:
+        return refuse(str(error))
+    except OSError as error:
+        return refuse(describe_os_error(error))
+    return 0
+
+
 def main(argv=None) -> int:
     die_with_launcher()
     args = parse_args(argv)
+    if args.check_config:
+        return check_config(args)
     config = None
     try:
         config = load_config(args.config, args.overrides)
         check_input_paths(config)
+        from distill.zero_shot import check_tasks
+
+        check_tasks(config.eval.lm_eval)  # before any stage, not when evaluate starts after training
         from accelerate.utils import set_seed
 
         from distill.accelerator import build_accelerator
@@ -63,35 +97,17 @@ def main(argv=None) -> int:
         pipeline.run(only=args.only, start_from=args.start_from, restart=args.restart)
         accelerator.end_training()
     except DistillError as error:
-        print(f"distill: error: {error}", file=sys.stderr, flush=True)
-        return 2
+        return refuse(str(error))
     except OSError as error:  # the filesystem said no: one line naming the file, not a traceback
-        print(f"distill: error: {describe_os_error(error)}", file=sys.stderr, flush=True)
-        return 2
+        return refuse(describe_os_error(error))
     except Exception as error:  # a writer that reports a full disk in its own words (torch, safetensors)
         from distill.io import write_failure
 
         failure = write_failure(error, config.run_dir) if config is not None else error
         if failure is error:
             raise
-        print(f"distill: error: {describe_os_error(failure)}", file=sys.stderr, flush=True)
-        return 2
+        return refuse(describe_os_error(failure))
     return 0
-
-
-def describe_os_error(error: OSError) -> str:
-    """One line for a failed read or write, with what to do about the usual causes."""
-    where = f" ({error.filename})" if error.filename else ""
-    advice = {
-        errno.ENOSPC: "; its temp files were removed and the last finished stage and checkpoint are kept: free space "
-                      "and run the same command again",
-        errno.EDQUOT: "; free space and run the same command again",
-        errno.EACCES: "; give this user write access there, or set run.output_dir to a writable dir",
-        errno.EPERM: "; give this user write access there, or set run.output_dir to a writable dir",
-        errno.EROFS: "; set run.output_dir to a writable dir",
-        errno.ENAMETOOLONG: "; shorten run.name or run.output_dir",
-    }.get(error.errno, "")
-    return f"{error.strerror or type(error).__name__}{where}{advice}"
 
 
 if __name__ == "__main__":

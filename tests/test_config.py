@@ -54,6 +54,13 @@ def test_demo_config_loads_and_overrides_reach_nested_keys():
      "config key 'data.sources[0].heldout_fraction'"),
     ("{}", ["run.name=" + "n" * 300], "'run.name': 300 bytes is longer than the 249"),
     ("{}", ["run.name=a/b"], "'run.name': 'a/b' is not a directory name"),
+    ("{}", ["train.betas=[0.9,1.0]"], "'train.betas[1]': 1.0 is not in [0, 1)"),
+    ("{}", ["train.lr=.nan"], "'train.lr': nan is not a finite number"),
+    ("{}", ["train.max_grad_norm=.inf"], "'train.max_grad_norm': inf is not a finite number"),
+    ("{}", ["train.masks.noise=.nan"], "'train.masks.noise': nan is not a finite number"),
+    ("{}", ["speed.peak_tflops=.inf"], "'speed.peak_tflops': inf is not a finite number"),
+    ("{}", ["eval.activation_levels=[0.5,.nan]"], "'eval.activation_levels[1]': nan is not a finite number"),
+    ("{}", ["data.sources.0.samples.temperature=-.inf"], "'data.sources[0].samples.temperature': -inf is not a finite number"),
 ])
 def test_bad_config_is_one_clear_error(tmp_path, text, overrides, message):
     path = tmp_path / "bad.yaml"
@@ -77,6 +84,49 @@ def test_old_mask_keys_still_work_for_one_release_with_one_line_each(tmp_path, c
     assert warnings == [f"distill: config key 'train.{old}' is deprecated, use 'train.masks.{new}' (the old name goes "
                         f"in the next release)" for old, new in [("mask_mode", "mode"), ("mask_update_every", "update_every"),
                                                                   ("mask_lr", "lr")]]
+
+
+def test_every_float_key_refuses_nan():
+    """No float of the schema takes nan: each has a range, and nan passes every comparison-based check."""
+    from distill.config import config_from_dict
+
+    sources = {"data": {"sources": [{"name": "a", "kind": "files", "files": ["x.txt"]}]}}
+    floats = float_keys(config_from_dict(sources), "")
+    assert "train.lr" in floats and "data.sources[0].heldout_fraction" in floats
+    for key in floats:
+        config = config_from_dict(sources)
+        set_key(config, key, float("nan"))
+        with pytest.raises(DistillError, match=re.escape(f"config key '{key}': nan is not a finite number")):
+            config.validate()
+
+
+def float_keys(section, where: str) -> list[str]:
+    import dataclasses
+
+    keys = []
+    for item in dataclasses.fields(section):
+        value, path = getattr(section, item.name), f"{where}.{item.name}".lstrip(".")
+        if dataclasses.is_dataclass(value):
+            keys += float_keys(value, path)
+        elif isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):
+            keys += [key for index, element in enumerate(value) for key in float_keys(element, f"{path}[{index}]")]
+        elif isinstance(value, float):
+            keys.append(path)
+    return keys
+
+
+def set_key(config, key: str, value) -> None:
+    *parents, last = key.replace("[", ".").replace("]", "").split(".")
+    for part in parents:
+        config = config[int(part)] if part.isdigit() else getattr(config, part)
+    setattr(config, last, value)
+
+
+def test_a_config_file_that_is_not_utf8_text(tmp_path):
+    path = tmp_path / "binary.yaml"
+    path.write_bytes(b"train:\n  steps: \xff\xfe\n")
+    with pytest.raises(DistillError, match=re.escape(f"config file {path} is not a YAML text file: not UTF-8 (byte offset 16)")):
+        load_config(path)
 
 
 def test_missing_config_file():

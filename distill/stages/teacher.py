@@ -15,12 +15,23 @@ from distill.data import pack, sample_from_teacher, split_blocks, tokenize_files
 from distill.evaluation import score_models
 from distill.models import load_teacher, load_tokenizer
 from distill.config import SourceKind
+from distill.errors import DistillError
 from distill.pipeline import StageContext
-
 
 
 def source_files(config) -> list[str]:
     return [path for source in config.data.sources if source.kind is SourceKind.FILES for path in source.files]
+
+
+def check_vocabulary(tokenizer, teacher, source: str) -> None:
+    """Every token id the tokenizer can produce has a row in the teacher's embedding; a tokenizer from
+    another model would otherwise fail with an IndexError in the first forward pass (or on GPU, a
+    device-side assert)."""
+    rows = teacher.get_input_embeddings().num_embeddings
+    largest = max(tokenizer.get_vocab().values(), default=-1)
+    if largest >= rows:
+        raise DistillError(f"teacher '{source}': its tokenizer has {largest + 1} token ids but the model's embedding "
+                           f"has only {rows} rows; use the tokenizer this model was trained with")
 
 
 def run(ctx: StageContext) -> dict:
@@ -28,6 +39,7 @@ def run(ctx: StageContext) -> dict:
     with accelerator.main_process_first():  # the main process fetches and caches the demo teacher first
         tokenizer = load_tokenizer(config.teacher)
         teacher = load_teacher(config.teacher, accelerator.device)
+    check_vocabulary(tokenizer, teacher, config.teacher.source)
 
     train_parts, heldout, counts = [], {}, {}
     for source in config.data.sources:
