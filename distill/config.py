@@ -588,10 +588,16 @@ class EvalConfig:
 @dataclass
 class TrackingConfig:
     backend: TrackingBackend = TrackingBackend.NONE
-    project: str = "distill"  # WANDB_PROJECT wins when set
+    # WANDB_PROJECT wins when set. tensorboard writes under <run_dir>/logs/<project>: a relative project
+    # stays inside the run dir, an absolute one is a place the user chose
+    project: str = "distill"
 
     def validate(self, where: str = "tracking") -> None:
-        pass  # every field is checked by its type
+        if not self.project or "\0" in self.project:
+            raise DistillError(f"config key '{where}.project': {self.project!r} is not a project name")
+        if not Path(self.project).is_absolute() and ".." in Path(self.project).parts:
+            raise DistillError(f"config key '{where}.project': {self.project!r} climbs out of the run dir with '..'; "
+                               f"name a project (or an absolute dir for tensorboard) instead")
 
 
 @dataclass

@@ -24,7 +24,7 @@ from distill import __version__
 from distill.artifacts import MANIFEST_FILE
 from distill.checksums import damage, digest_tree
 from distill.config import DEPRECATED_MASK_KEYS, Config, to_dict, to_yaml
-from distill.errors import DistillError
+from distill.errors import DistillError, describe_os_error
 from distill.file_stamps import FileStamps
 from distill.io import fingerprint, read_json, remove_stale_temporaries, replace_dir, write_json, write_text
 from distill.config_view import UNFINGERPRINTED, ConfigView, covers
@@ -309,7 +309,7 @@ class Pipeline:
         except DistillError as error:
             return str(error)
         except OSError as error:
-            return f"{error.strerror or type(error).__name__}: {error.filename}"
+            return describe_os_error(error)
 
     def _prepare_run_dir(self, restart: bool) -> str | None:
         """Under the lock, on the main process: make sure the run dir is one distill made (it deletes

@@ -198,8 +198,6 @@ def test_a_stage_partial_dir_that_is_a_symlink(tmp_path, config):
     assert elsewhere.is_dir(), "what the link points to is kept"
 
 
-@pytest.mark.xfail(strict=True, reason="distill.pipeline.Pipeline._main_verdict words an OSError itself, without "
-                                       "the path shutil.rmtree refused; it needs distill.errors.describe_os_error")
 def test_a_run_dir_that_is_a_symlink_on_restart(tmp_path, config):
     real = marked_run_dir(tmp_path / "real")
     (tmp_path / "runs").mkdir()
