@@ -4,6 +4,7 @@ blocks of token ids; each source's last blocks are held out for evaluation."""
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,9 +62,12 @@ def _tokenize_dataset(dataset, tokenizer: PreTrainedTokenizerBase, text_field: s
     return torch.tensor(flat, dtype=torch.long)
 
 
-def tokenize_files(files: list[str], tokenizer: PreTrainedTokenizerBase, text_field: str = "text") -> torch.Tensor:
+def tokenize_files(files: list[str], tokenizer: PreTrainedTokenizerBase, text_field: str = "text",
+                   scratch_dir: Path | None = None) -> torch.Tensor:
     """All files' tokens, in order. Text files keep their line breaks (one document per file);
-    each record of a jsonl/parquet file is a document ended by EOS."""
+    each record of a jsonl/parquet file is a document ended by EOS. The datasets library's cache of
+    a jsonl/parquet file goes to a temp dir inside `scratch_dir` (a stage's work dir: nothing of a
+    run lands in ~/.cache, and a killed run's temp dir is cleaned like any other), removed after."""
     pieces = []
     for name in files:
         path = Path(name)
@@ -78,11 +82,12 @@ def tokenize_files(files: list[str], tokenizer: PreTrainedTokenizerBase, text_fi
         else:
             from datasets import load_dataset
 
-            try:
-                dataset = load_dataset(builder, data_files=str(path.resolve()), split="train")
-            except Exception as error:  # datasets raises many types for unreadable files
-                raise DistillError(f"data file {name} could not be read: {str(error).splitlines()[0]}") from None
-            tokens = _tokenize_dataset(dataset, tokenizer, text_field, f"data file {name}")
+            with tempfile.TemporaryDirectory(prefix=".datasets.", suffix=".tmp", dir=scratch_dir) as cache:
+                try:
+                    dataset = load_dataset(builder, data_files=str(path.resolve()), split="train", cache_dir=cache)
+                except Exception as error:  # datasets raises many types for unreadable files
+                    raise DistillError(f"data file {name} could not be read: {str(error).splitlines()[0]}") from None
+                tokens = _tokenize_dataset(dataset, tokenizer, text_field, f"data file {name}")
         pieces.append(torch.cat([tokens, torch.tensor(_separator(tokenizer), dtype=torch.long)]))
     return torch.cat(pieces)
 

@@ -2,6 +2,9 @@
 and held-out splits."""
 
 import json
+from pathlib import Path
+
+import datasets
 
 import pytest
 import torch
@@ -40,9 +43,15 @@ def test_jsonl_and_parquet_records_become_eos_separated_documents(tmp_path, toke
     jsonl.write_text("".join(json.dumps({"body": text}) + "\n" for text in paragraphs[:5]))
     parquet = tmp_path / "b.parquet"
     pq.write_table(pa.table({"body": paragraphs[5:10]}), parquet)
-    tokens = tokenize_files([str(jsonl), str(parquet)], tokenizer, text_field="body")
+    scratch = tmp_path / "work"
+    scratch.mkdir()
+    cached_before = set(Path(datasets.config.HF_DATASETS_CACHE).glob("*"))
+    tokens = tokenize_files([str(jsonl), str(parquet)], tokenizer, text_field="body", scratch_dir=scratch)
     documents = tokenizer.decode(tokens).split(tokenizer.eos_token)
     assert documents[:5] == paragraphs[:5] and documents[6:11] == paragraphs[5:10]
+    # the datasets library's cache of the files went to a temp dir in the work dir, now removed
+    assert not any(scratch.iterdir())
+    assert set(Path(datasets.config.HF_DATASETS_CACHE).glob("*")) == cached_before
 
 
 def test_a_dataset_dir_loads_like_a_hub_dataset(tmp_path, tokenizer, paragraphs):

@@ -46,9 +46,9 @@ def run(ctx: StageContext) -> dict:
         if source.kind is SourceKind.TEACHER:
             tokens = sample_from_teacher(teacher, tokenizer, source.samples, config.run.seed, accelerator)
         else:
-            with accelerator.main_process_first():  # datasets caches the tokenized text once
-                tokens = (tokenize_files(source.files, tokenizer, source.text_field) if source.kind is SourceKind.FILES
-                          else tokenize_hub_dataset(source, tokenizer))
+            with accelerator.main_process_first():  # datasets caches a hub dataset's tokenized text once
+                tokens = (tokenize_files(source.files, tokenizer, source.text_field, scratch_dir=ctx.work_dir)
+                          if source.kind is SourceKind.FILES else tokenize_hub_dataset(source, tokenizer))
         blocks = split_blocks(pack(tokens, config.data.block_size), source, config.data.max_heldout_blocks)
         train_parts.append(blocks.train)
         heldout[source.name] = blocks.heldout
