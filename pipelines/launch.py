@@ -11,6 +11,7 @@ one that crashed with its own traceback) gets the launcher's summary line.
 
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -28,13 +29,15 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError  #
 from distill.errors import REFUSAL_DIR_ENV  # noqa: E402
 
 REFUSED = 2  # the exit code of a refused input (pipelines/run.py)
+REFUSALS_PREFIX = "distill-refusals-"  # then the launcher's PID: a killed launcher's dir is found by it
 
 
 def main() -> int:
     args = launch_command_parser().parse_args(sys.argv[1:])
     args.quiet = False  # quiet turns the worker's exit code into 1; the handlers below keep it instead
     logging.getLogger("torch.distributed.elastic").setLevel(os.environ["LOGLEVEL"])
-    with tempfile.TemporaryDirectory(prefix="distill-refusals-") as refusals:
+    remove_abandoned_refusal_dirs(Path(tempfile.gettempdir()))
+    with tempfile.TemporaryDirectory(prefix=f"{REFUSALS_PREFIX}{os.getpid()}-") as refusals:
         os.environ[REFUSAL_DIR_ENV] = refusals  # the workers' environment is copied from this one
         try:
             launch_command(args)
@@ -44,6 +47,24 @@ def main() -> int:
             _, first = failure.get_first_failure()
             return report_failure(Path(refusals), first.exitcode, [error.exitcode for error in failure.failures.values()])
     return 0
+
+
+def remove_abandoned_refusal_dirs(root: Path) -> None:
+    """The refusal dirs of launchers that no longer run: a SIGKILL skips a launcher's own cleanup."""
+    for path in root.glob(f"{REFUSALS_PREFIX}*"):
+        pid = path.name.removeprefix(REFUSALS_PREFIX).split("-")[0]
+        if pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def report_failure(refusals: Path, first: int, codes: list[int]) -> int:

@@ -149,6 +149,18 @@ def test_the_launcher_prints_one_refusal_or_else_a_summary(tmp_path, capsys):
     assert capsys.readouterr().err == "launch: 2 process(es) failed with exit code [-15, -9]\n"
 
 
+def test_a_killed_launchers_refusal_dir_is_removed_by_the_next_launcher(tmp_path):
+    launcher = load_launcher()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    abandoned = tmp_path / f"{launcher.REFUSALS_PREFIX}{dead.stdout.strip()}-x1y2"
+    alive = tmp_path / f"{launcher.REFUSALS_PREFIX}{os.getpid()}-a3b4"
+    unrelated = tmp_path / "distill-refusals-notes"
+    for path in (abandoned, alive, unrelated):
+        path.mkdir()
+    launcher.remove_abandoned_refusal_dirs(tmp_path)
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted([alive.name, unrelated.name])
+
+
 def torch_loaded_by(code: str) -> bool:
     result = subprocess.run([sys.executable, "-c", f"{code}\nimport sys; print('torch' in sys.modules)"],
                             capture_output=True, text=True, cwd=REPO)
