@@ -65,7 +65,7 @@ fi
 [[ "$num_processes" =~ ^[1-9][0-9]*$ ]] || fail "--num-processes must be a positive integer, got '$num_processes'"
 
 if [ "$accelerate_config" = fsdp ]; then
-  # distill shards the student itself (torch FSDP2, distill/sharding.py) on a plain multi-process launch
+  # distill shards the student itself (torch FSDP2, distill/train/sharding.py) on a plain multi-process launch
   pipeline_args+=("train.sharding=fsdp")
 fi
 # a mistake in the config or the command line ends here, in a fraction of a second: the check loads

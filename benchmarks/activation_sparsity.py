@@ -48,11 +48,11 @@ def thresholds_after_distill(run_dir: Path, target: float, activations: list[str
     measures it (`measured`: on the first held-out blocks, weighted by the weights each input multiplies)."""
     from accelerate import Accelerator
 
-    from distill.artifacts import STUDENT_DIR, read_token_blocks
-    from distill.calibration import calibration_blocks
+    from distill.run.artifacts import STUDENT_DIR, read_token_blocks
+    from distill.sparsity.calibration import calibration_blocks
     from distill.config import load_config
-    from distill.data import pack, tokenize_files
-    from distill.evaluation import activation_table, score_models, weighted_zero_fraction
+    from distill.data.corpus import pack, tokenize_files
+    from distill.eval.scoring import activation_table, score_models, weighted_zero_fraction
     from distill.models import load_teacher, load_tokenizer
     from distill.sparsity.activations import calibrate_thresholds, install_thresholds
     from distill.student import load_student

@@ -79,7 +79,7 @@ def llama_shaped(layers: int, device: torch.device, dtype: torch.dtype, smoke: b
 
 
 def packed_student(path: str, device: torch.device, dtype: torch.dtype):
-    from distill.artifacts import read_sparsity_spec
+    from distill.sparsity.spec import read_sparsity_spec
     from distill.sparsity.packing import load_packed
 
     return load_packed(path, dtype=dtype).to(device).eval(), read_sparsity_spec(Path(path)).masked

@@ -32,14 +32,14 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from distill.calibration import calibration_blocks, input_square_sums
+from distill.sparsity.calibration import calibration_blocks, input_square_sums
 from distill.config import PROJECTIONS, PruneConfig, TeacherConfig
 from distill.sparsity.criteria import gradient_saliency, sparsegpt_masks
-from distill.data import pack, tokenize_files
-from distill.evaluation import score_models
+from distill.data.corpus import pack, tokenize_files
+from distill.eval.scoring import score_models
 from distill.models import load_teacher, load_tokenizer
 from distill.sparsity.masks import install_masks
-from distill.pruning import masks_from_scores, weight_scores
+from distill.sparsity.pruning import masks_from_scores, weight_scores
 
 REPO = Path(__file__).resolve().parents[1]
 WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2"

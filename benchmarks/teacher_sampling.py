@@ -42,7 +42,7 @@ def run_generate(model, tokenizer, args, static: bool) -> list[list[int]]:
 
 
 def run_distill(model, tokenizer, args) -> list[list[int]]:
-    from distill.sampling import sample_sequences
+    from distill.data.sampling import sample_sequences
 
     return sample_sequences(model, tokenizer.bos_token_id, tokenizer.eos_token_id, args.batch, args.new_tokens,
                             1.0, 0, torch.Generator().manual_seed(0))

@@ -14,13 +14,13 @@ Variants (each from the same initial student, on the same batches):
   baseline       the plain loop of issue #5: teacher bf16 without grad, student fp32 under bf16
                  autocast, full fp32 logits for both, forward KL through F.kl_div, fused AdamW,
                  masks re-applied by a Python loop over the projections
-  pipeline       the distill stage's own step (distill.training.DistillStep): chunked KD loss with the
+  pipeline       the distill stage's own step (distill.train.step.DistillStep): chunked KD loss with the
                  output projections, masks as weight parametrizations, gradient clipping, the
                  stage's warmup-cosine schedule, no host sync
   +compile       the same with speed.compile (per-layer torch.compile)
   +checkpointing the same with speed.activation_checkpointing
 The loss of each variant on the first batch (before any update) is printed beside the baseline's:
-they compute the same forward KL. MFU counts FLOP per token as the pipeline does (distill.throughput:
+they compute the same forward KL. MFU counts FLOP per token as the pipeline does (distill.train.throughput:
 6N + 12LHQT for the student, 2N + 4LHQT for the teacher) against the bf16 peak measured here with a
 large matrix product.
 "host syncs/step" counts the calls in one step that made the host wait for the GPU (CUDA's sync
@@ -110,16 +110,16 @@ def plain_step_factory(teacher, student, masks, device):
 
 
 def pipeline_step_factory(teacher, student, masks, device, variant: str, chunk_tokens: int):
-    """The distill stage's step itself (distill.training.DistillStep, built as the stage builds it;
+    """The distill stage's step itself (distill.train.step.DistillStep, built as the stage builds it;
     +compile compiles a copy of the teacher too, as the stage does)."""
     from accelerate import Accelerator
 
     from distill.config import LossConfig, SpeedConfig, TrainConfig
-    from distill.objective import DistillationObjective, teacher_outputs
+    from distill.train.objective import DistillationObjective, teacher_outputs
     from distill.sparsity.masks import install_masks
     from distill.sparsity.modes import FixedMasks
     from distill.sparsity.patterns import NM
-    from distill.training import DistillStep, MicroBatch, build_optimizer, speed_up
+    from distill.train.step import DistillStep, MicroBatch, build_optimizer, speed_up
 
     accelerator = Accelerator(mixed_precision="bf16" if bf16_autocast(device) else "no", cpu=device.type == "cpu")
     model = install_masks(copy.deepcopy(student), masks).to(device).train()
@@ -164,7 +164,7 @@ def host_syncs(step, input_ids: torch.Tensor, device: torch.device) -> int | Non
 
 
 def run_variant(variant, teacher, student, masks, device, args, batches) -> dict:
-    from distill.throughput import flops_per_token
+    from distill.train.throughput import flops_per_token
 
     gc.collect()  # a compiled module holds a reference cycle: free the previous variant's student now
     if device.type == "cuda":
@@ -223,7 +223,7 @@ def main(argv=None) -> int:
         print(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}", file=sys.stderr)
         return 2
 
-    from distill.throughput import measured_peak_flops
+    from distill.train.throughput import measured_peak_flops
 
     peak_flops = measured_peak_flops(device)
     teacher, student, masks = build_models(args, device)

@@ -12,7 +12,6 @@ import dataclasses
 import importlib.util
 import enum
 import math
-import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,7 @@ import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from distill.errors import DistillError, speaks_for_the_launch
+from distill.errors import DistillError
 from distill.precision import Precision
 
 # the projections of a Llama-style decoder layer (tests and benchmarks name them; configs need not)
@@ -259,7 +258,7 @@ class DataConfig:
 class CalibrationConfig:
     num_blocks: int = 32  # training blocks the teacher sees to gather activation statistics
     # blocks per teacher forward in the teacher stage (statistics, held-out perplexity); before this
-    # key existed the stage used 4, which run dirs of that time are read as (distill.pipeline)
+    # key existed the stage used 4, which run dirs of that time are read as (distill.run.pipeline)
     batch_size: int = 4
 
     def validate(self, where: str = "calibration") -> None:
@@ -442,11 +441,6 @@ class MasksConfig:
         _positive(f"{where}.noise", self.noise, allow_zero=True)
 
 
-# keys of `train` that moved into `train.masks`; the old names work for one release, with a warning
-DEPRECATED_MASK_KEYS = {"mask_mode": "mode", "mask_update_every": "update_every", "refine_decay": "refine_decay",
-                        "mask_lr": "lr", "mask_init_logit": "init_logit", "gumbel_temperature": "gumbel_temperature",
-                        "mask_noise": "noise"}
-
 
 @dataclass
 class TrainConfig:
@@ -463,7 +457,7 @@ class TrainConfig:
     group_lasso: float = 0.0  # weight of the sum of the pattern's group norms (pushes whole groups to zero)
     group_dropout: float = 0.0  # probability of dropping each whole group of the pattern in a forward
     # ddp: every process holds the whole student (accelerate's DDP); fsdp: parameters, gradients,
-    # optimizer state sharded over the processes (torch FSDP2, distill.sharding); fixed masks
+    # optimizer state sharded over the processes (torch FSDP2, distill.train.sharding); fixed masks
     sharding: Sharding = Sharding.DDP
     log_every: int = 5
     # a non-finite loss or gradient norm: stop (exit with one line naming the step and the last good
@@ -684,9 +678,8 @@ def _parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def load_config(path: str | Path, overrides: List[str] | None = None, announce_deprecations: bool = True) -> Config:
-    """Read a YAML config, apply dotted `key=value` overrides, validate, and return the typed Config.
-    `announce_deprecations=False` keeps the notices about old key names for a later load to print."""
+def load_config(path: str | Path, overrides: List[str] | None = None) -> Config:
+    """Read a YAML config, apply dotted `key=value` overrides, validate, and return the typed Config."""
     path = Path(path)
     if not path.is_file():
         raise DistillError(f"config file not found: {path}")
@@ -701,7 +694,7 @@ def load_config(path: str | Path, overrides: List[str] | None = None, announce_d
         raise DistillError(f"config file {path} is not valid YAML{where}: {problem}")
     if not isinstance(raw, dict):
         raise DistillError(f"config file {path} must hold a mapping of sections, not {type(raw).__name__}")
-    return config_from_dict(raw, overrides, announce_deprecations)
+    return config_from_dict(raw, overrides)
 
 
 def _check_keys(raw: Any, schema: type, path: str) -> None:
@@ -728,42 +721,13 @@ def _check_keys(raw: Any, schema: type, path: str) -> None:
                     raise DistillError(_one_line(error)) from None
 
 
-def _deprecated(old: str, new: str, announce: bool) -> None:
-    if announce and speaks_for_the_launch():
-        print(f"distill: config key '{old}' is deprecated, use '{new}' (the old name goes in the next release)",
-              file=sys.stderr, flush=True)
-
-
-def _upgrade_raw(raw: dict, announce: bool = True) -> dict:
-    """Move the old `train.mask_*` keys of a YAML mapping into `train.masks`, with a warning each."""
-    train = raw.get("train")
-    if not isinstance(train, dict) or not set(train) & set(DEPRECATED_MASK_KEYS):
-        return raw
-    train = dict(train)
-    masks = dict(train.get("masks") or {})
-    for old, new in DEPRECATED_MASK_KEYS.items():
-        if old in train:
-            _deprecated(f"train.{old}", f"train.masks.{new}", announce)
-            masks.setdefault(new, train.pop(old))
-    return {**raw, "train": {**train, "masks": masks}}
-
-
-def _upgrade_override_key(key: str, announce: bool = True) -> str:
-    old = key.removeprefix("train.")
-    if key.startswith("train.") and old in DEPRECATED_MASK_KEYS:
-        _deprecated(key, f"train.masks.{DEPRECATED_MASK_KEYS[old]}", announce)
-        return f"train.masks.{DEPRECATED_MASK_KEYS[old]}"
-    return key
-
-
-def config_from_dict(raw: dict, overrides: List[str] | None = None, announce_deprecations: bool = True) -> Config:
-    raw = _upgrade_raw(raw, announce_deprecations)
+def config_from_dict(raw: dict, overrides: List[str] | None = None) -> Config:
     _check_keys(raw, Config, "")
     try:
         merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(raw))
         for text in overrides or []:
             key, value = _parse_override(text)
-            OmegaConf.update(merged, _upgrade_override_key(key, announce_deprecations), value, merge=True)
+            OmegaConf.update(merged, key, value, merge=True)
         missing = sorted(OmegaConf.missing_keys(merged))
         if missing:
             raise DistillError(f"config key '{missing[0]}' is required but not set")

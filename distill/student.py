@@ -5,7 +5,7 @@ Layout of a student dir:
   model.safetensors   every parameter and persistent buffer under its plain name, each masked
                       projection's weight with zeros where pruned, and its mask as `<projection>.mask`
                       (bool); tied parameters once
-  sparsity.json       distill.artifacts.SparsitySpec, with the input thresholds of activation
+  sparsity.json       distill.run.artifacts.SparsitySpec, with the input thresholds of activation
                       sparsity and the streaming heads of attention sparsity when there are any
                       (installed again at load)
 
@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from distill.artifacts import SparsitySpec, StreamingHeads, read_sparsity_spec, write_sparsity_spec
+from distill.sparsity.spec import SparsitySpec, StreamingHeads, read_sparsity_spec, write_sparsity_spec
 from distill.errors import DistillError
 from distill.io import atomic_write, write_text
 from distill.sparsity.activations import set_thresholds, thresholded

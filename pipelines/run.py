@@ -61,10 +61,9 @@ def refuse(message: str) -> int:
 
 
 def check_config(args) -> int:
-    """The config's refusals, in a fraction of a second: nothing here imports torch. The launch that
-    follows loads the config again and prints the notices about deprecated keys then."""
+    """The config's refusals, in a fraction of a second: nothing here imports torch."""
     try:
-        check_input_paths(load_config(args.config, args.overrides, announce_deprecations=False))
+        check_input_paths(load_config(args.config, args.overrides))
     except DistillError as error:
         return refuse(str(error))
     except OSError as error:
@@ -81,13 +80,13 @@ def main(argv=None) -> int:
     try:
         config = load_config(args.config, args.overrides)
         check_input_paths(config)
-        from distill.zero_shot import check_tasks
+        from distill.eval.zero_shot import check_tasks
 
         check_tasks(config.eval.lm_eval)  # before any stage, not when evaluate starts after training
         from accelerate.utils import set_seed
 
-        from distill.accelerator import build_accelerator
-        from distill.pipeline import Pipeline
+        from distill.run.accelerator import build_accelerator
+        from distill.run.pipeline import Pipeline
         from distill.stages import STAGES
 
         accelerator, precision = build_accelerator(config)

@@ -17,12 +17,12 @@ from conftest import run_pipeline, tiny_config, write_config
 from distill.config import LossConfig, PruneConfig
 from distill.errors import DistillError
 from distill.losses import IDENTITY, chunked_distillation_loss, distillation_loss, logit_transform
-from distill.artifacts import SparsitySpec
+from distill.sparsity.spec import SparsitySpec
 from distill.sparsity.packing import load_packed, save_packed
 from distill.sparsity.patterns import NM
 from distill.sparsity.masks import install_masks, nm_mask, nm_violations, remove_masks
-from distill.exporting import save_in_hf_layout
-from distill.pruning import incompatible_projections, pruning_coverage
+from distill.export.verify import save_in_hf_layout
+from distill.sparsity.pruning import incompatible_projections, pruning_coverage
 from distill.sparsity.structured import structured_masks
 from distill.targets import decoder_linears, linearize, target_linears
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from architectures import tiny_model
-from distill.artifacts import SparsitySpec, StreamingHeads, read_sparsity_spec, write_sparsity_spec
+from distill.sparsity.spec import SparsitySpec, StreamingHeads, read_sparsity_spec, write_sparsity_spec
 from distill.config import AttentionConfig, HeadSelection
 from distill.errors import DistillError
 from distill.sparsity.attention import (ATTENTION, AttentionHeads, HeadStatistics, attention_modules, choose_streaming,

@@ -8,7 +8,7 @@ import os
 import pytest
 from safetensors import SafetensorError
 
-from distill.checksums import damage, digest_tree
+from distill.run.checksums import damage, digest_tree
 from distill.io import sha256_file, write_failure
 
 

@@ -74,18 +74,6 @@ def test_bad_config_is_one_clear_error(tmp_path, text, overrides, message):
     assert "\n" not in str(info.value)
 
 
-def test_old_mask_keys_still_work_for_one_release_with_one_line_each(tmp_path, capfd):
-    path = tmp_path / "old.yaml"
-    path.write_text(yaml.safe_dump({"data": {"sources": [{"name": "a", "kind": "files", "files": ["x.txt"]}]},
-                                    "train": {"mask_mode": "dynamic", "mask_update_every": 3}}))
-    config = load_config(path, ["train.mask_lr=0.5"])
-    assert (config.train.masks.mode, config.train.masks.update_every, config.train.masks.lr) == ("dynamic", 3, 0.5)
-    warnings = capfd.readouterr().err.splitlines()
-    assert warnings == [f"distill: config key 'train.{old}' is deprecated, use 'train.masks.{new}' (the old name goes "
-                        f"in the next release)" for old, new in [("mask_mode", "mode"), ("mask_update_every", "update_every"),
-                                                                  ("mask_lr", "lr")]]
-
-
 def test_every_float_key_refuses_nan():
     """No float of the schema takes nan: each has a range, and nan passes every comparison-based check."""
     from distill.config import config_from_dict

@@ -1,11 +1,11 @@
-"""A stage reads only what its fingerprint covers (distill.config_view)."""
+"""A stage reads only what its fingerprint covers (distill.run.config_view)."""
 
 import pytest
 
 from distill.config import Config, TeacherConfig, config_from_dict
-from distill.config_view import UNFINGERPRINTED, ConfigView, missing_keys
+from distill.run.config_view import UNFINGERPRINTED, ConfigView, missing_keys
 from distill.errors import DistillError
-from distill.pipeline import Pipeline
+from distill.run.pipeline import Pipeline
 from distill.stages import STAGES
 
 SOURCES = {"data": {"sources": [{"name": "a", "kind": "files", "files": ["x.txt"]}]}}
@@ -53,7 +53,7 @@ def test_every_activations_key_is_fingerprinted_by_the_stage_that_reads_it():
     import dataclasses
 
     from distill.config import ActivationsConfig
-    from distill.config_view import covers
+    from distill.run.config_view import covers
 
     by_name = {stage.name: stage for stage in STAGES}
     prune, distill = by_name["prune"].config_keys, by_name["distill"].config_keys

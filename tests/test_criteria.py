@@ -8,10 +8,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from conftest import VALID_TEXT
 from distill.config import PROJECTIONS, PruneConfig
 from distill.sparsity.criteria import gradient_saliency, sparsegpt_masks, sparsegpt_nm
-from distill.data import pack, tokenize_files
+from distill.data.corpus import pack, tokenize_files
 from distill.sparsity.masks import nm_mask, nm_violations
 from distill.targets import target_linears
-from distill.pruning import masks_from_scores
+from distill.sparsity.pruning import masks_from_scores
 
 
 @pytest.fixture(scope="module")

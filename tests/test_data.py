@@ -12,7 +12,7 @@ from transformers import AutoTokenizer
 
 from conftest import VALID_TEXT
 from distill.config import SourceConfig
-from distill.data import pack, split_blocks, tokenize_files, tokenize_hub_dataset
+from distill.data.corpus import pack, split_blocks, tokenize_files, tokenize_hub_dataset
 from distill.errors import DistillError
 
 

@@ -7,8 +7,8 @@ from accelerate import Accelerator
 
 from conftest import TEST_TEXT, VALID_TEXT
 from distill.config import LossConfig, TeacherConfig
-from distill.data import pack, tokenize_files
-from distill.evaluation import score_models
+from distill.data.corpus import pack, tokenize_files
+from distill.eval.scoring import score_models
 from distill.losses import distillation_loss
 from distill.models import load_teacher, load_tokenizer
 from distill.sparsity.masks import apply_masks_, install_masks, mask_pairs, nm_mask
@@ -71,7 +71,7 @@ def test_lm_eval_scores_the_teacher_above_chance_on_the_local_task(teacher_and_t
     this one checks, on the real teacher, that the task measures something."""
     from conftest import REPO
     from distill.config import LmEvalConfig
-    from distill.zero_shot import zero_shot_accuracy
+    from distill.eval.zero_shot import zero_shot_accuracy
 
     teacher, tokenizer = teacher_and_tokenizer
     config = LmEvalConfig(tasks=["wikitext_cloze"], include_path=str(REPO / "configs" / "lm_eval"), limit=16)

@@ -47,6 +47,48 @@ def test_the_library_never_imports_stages_or_benchmarks():
     assert not offenders, f"library modules importing stages or benchmarks: {offenders}"
 
 
+# The library's layers, lowest first (docs/ARCHITECTURE.md): a module may import its own layer and those
+# below it, never one above. Each entry is a top-level module or a package.
+LAYERS = [
+    ("distill.errors", "distill.io", "distill.precision", "distill.targets"),
+    ("distill.config", "distill.losses"),
+    ("distill.sparsity",),
+    ("distill.runtime", "distill.data", "distill.models", "distill.student"),
+    ("distill.run",),
+    ("distill.train", "distill.eval", "distill.export"),
+    ("distill.stages",),
+]
+
+
+def layer_of(module: str) -> int | None:
+    for index, layer in enumerate(LAYERS):
+        if any(module == unit or module.startswith(unit + ".") for unit in layer):
+            return index
+    return None
+
+
+def test_every_library_module_sits_in_a_layer_and_imports_only_its_own_or_lower_ones():
+    upward, unplaced = {}, []
+    for path in sorted(LIBRARY.rglob("*.py")):
+        module = ".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+        if module == "distill":
+            continue  # the package's own __init__: the version and the registration entry point
+        own = layer_of(module)
+        if own is None:
+            unplaced.append(module)
+            continue
+        bad = sorted(name for name in imported_modules(path)
+                     if name.startswith("distill.") and (layer_of(name) or 0) > own)
+        if bad:
+            upward[module] = bad
+    assert not unplaced, f"modules outside every layer (add them to LAYERS and docs/ARCHITECTURE.md): {unplaced}"
+    assert not upward, f"imports of a higher layer: {upward}"
+
+
+def test_at_most_ten_modules_sit_directly_in_the_package():
+    assert len(list(LIBRARY.glob("*.py"))) <= 10
+
+
 def test_the_rule_sees_an_import_it_forbids(tmp_path):
     """The checker itself: a lazy stage import inside a function is found."""
     module = tmp_path / "m.py"

@@ -11,12 +11,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 import shutil
 from pathlib import Path
 
 import pytest
-import yaml
 
 from conftest import REPO, launch, run_pipeline, tiny_config, write_config
 
@@ -190,7 +188,7 @@ def test_a_student_whose_loss_never_recovered_is_not_finished(finished, launch_h
 
 
 def test_a_diverged_perplexity_is_reported_as_inf():
-    from distill.evaluation import perplexity
+    from distill.eval.scoring import perplexity
 
     assert perplexity(math.log(25.0)) == pytest.approx(25.0)
     assert perplexity(1e4) == math.inf

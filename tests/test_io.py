@@ -9,7 +9,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from distill.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from distill.train.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from distill.errors import DistillError
 from distill.io import (atomic_write, load_tensors, read_json, remove_stale_temporaries, replace_dir, save_tensors,
                        write_json)

@@ -3,7 +3,7 @@
 import shutil
 
 from distill.config import TeacherConfig
-from distill.model_card import StudentFacts, model_card, teacher_license
+from distill.export.model_card import StudentFacts, model_card, teacher_license
 
 
 def test_the_license_comes_from_the_teachers_own_card(tmp_path, tiny_teacher):

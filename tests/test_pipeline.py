@@ -17,10 +17,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from conftest import REPO, TEST_TEXT, launch, launch_command, pipeline_processes, run_pipeline, tiny_config, write_config
-from distill.artifacts import read_sparsity_spec, read_token_blocks
+from distill.run.artifacts import read_token_blocks
+from distill.sparsity.spec import read_sparsity_spec
 from distill.sparsity.packing import load_packed
 from distill.sparsity.masks import nm_violations
-from distill.throughput import flops_per_token
+from distill.train.throughput import flops_per_token
 from wandb_offline import history
 
 STAGES = ["teacher", "teacher_logits", "prune", "distill", "export", "evaluate"]

@@ -13,7 +13,7 @@ from conftest import VALID_TEXT
 from distill.config import config_from_dict
 from distill.errors import DistillError
 from distill.io import read_json, write_json
-from distill.pipeline import Pipeline, Stage
+from distill.run.pipeline import Pipeline, Stage
 
 
 def _writer(name):
@@ -96,23 +96,23 @@ def test_an_unfinished_stage_resumes_only_with_its_own_inputs(tmp_path, accelera
     assert "run.precision=bf16" in message and str(partial) in message and "\n" not in message
 
 
-def test_a_run_dir_from_before_the_precision_key_still_matches(tmp_path, accelerator):
+def test_a_run_dir_written_by_another_distill_runs_again_naming_both_versions(tmp_path, accelerator):
+    """No upgrade of older run dirs: their stages run again, from the first one, saying why."""
+    from distill import __version__
+
     make_pipeline(tmp_path, accelerator).run()
     path = tmp_path / "plan" / "first" / "manifest.json"
     manifest = read_json(path)
-    manifest["inputs"]["accelerate.mixed_precision"] = "no"  # what earlier releases recorded
-    del manifest["inputs"]["precision"]
+    manifest["inputs"]["distill.version"] = "0.1.0"
     path.write_text(json.dumps(manifest))
-    assert [action for _, action, _ in actions(make_pipeline(tmp_path, accelerator))] == ["skip"] * 3
-    manifest["inputs"]["accelerate.mixed_precision"] = "bf16"
-    path.write_text(json.dumps(manifest))
-    assert actions(make_pipeline(tmp_path, accelerator))[0] == ("first", "running again", "precision: 'bf16' -> 'fp32'")
+    assert actions(make_pipeline(tmp_path, accelerator))[0] == (
+        "first", "running again", f"written by distill 0.1.0, this is distill {__version__}")
 
 
 def test_a_second_launch_on_a_locked_run_dir_is_refused_naming_the_holder(tmp_path, accelerator):
     import os
 
-    from distill.locking import RunDirLock
+    from distill.run.locking import RunDirLock
 
     pipeline = make_pipeline(tmp_path, accelerator)
     holder = RunDirLock(tmp_path / "plan")
@@ -194,25 +194,12 @@ def test_what_a_killed_launch_left_is_cleaned_up_or_finished(tmp_path, accelerat
     assert read_json(run_dir / "third" / "manifest.json")["completion"] == completion, "landed, not run again"
 
 
-def test_input_files_are_keyed_by_path_and_old_run_dirs_keyed_by_position_still_match(tmp_path, accelerator):
-    text = tmp_path / "eval.txt"
-    text.write_text("some text\n")
-    make_pipeline(tmp_path, accelerator, **{"eval.files": f"[{text}]"}).run()
-    path = tmp_path / "plan" / "third" / "manifest.json"
-    manifest = read_json(path)
-    assert manifest["inputs"][f"file:{text}"]["path"] == str(text)
-    manifest["inputs"]["file[0]"] = manifest["inputs"].pop(f"file:{text}")  # as releases before 0.2 wrote it
-    path.write_text(json.dumps(manifest))
-    assert [action for _, action, _ in actions(make_pipeline(tmp_path, accelerator, **{"eval.files": f"[{text}]"}))] == ["skip"] * 3
-
-
 def test_input_files_are_stamped_by_content_not_by_mtime(tmp_path, accelerator):
     """A re-provisioned copy of the same bytes (a new mtime) runs nothing again; new bytes of the
-    same size do; a stamp saved by an older distill (size and mtime) matches while the file is
-    untouched; a damaged hash cache is rebuilt, not trusted."""
+    same size do; a damaged hash cache is rebuilt, not trusted."""
     import os
 
-    from distill.file_stamps import CACHE_FILE
+    from distill.run.file_stamps import CACHE_FILE
 
     text = tmp_path / "eval.txt"
     text.write_text("the same bytes\n" * 50)
@@ -228,15 +215,7 @@ def test_input_files_are_stamped_by_content_not_by_mtime(tmp_path, accelerator):
     (run_dir / CACHE_FILE).write_text("{not json")
     assert [action for _, action, _ in actions(make_pipeline(tmp_path, accelerator, **files))] == ["skip"] * 3
 
-    manifest_path = run_dir / "third" / "manifest.json"
-    manifest = read_json(manifest_path)
     stat = text.stat()
-    legacy = {"path": str(text), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    write_json(manifest_path, {**manifest, "inputs": {**manifest["inputs"], f"file:{text}": legacy}})
-    assert [action for _, action, _ in actions(make_pipeline(tmp_path, accelerator, **files))] == ["skip"] * 3
-    write_json(manifest_path, {**manifest, "inputs": {**manifest["inputs"], f"file:{text}": {**legacy, "mtime_ns": 1}}})
-    assert actions(make_pipeline(tmp_path, accelerator, **files))[2] == ("third", "running again", f"input file {text} changed")
-    write_json(manifest_path, manifest)
 
     text.write_text("other bytes, same size\n"[:15] * 50)
     assert text.stat().st_size == stat.st_size

@@ -15,9 +15,9 @@ from distill.config import PROJECTIONS, LossConfig, SpeedConfig
 from distill.sparsity.patterns import NM
 from distill.sparsity.masks import install_masks, nm_mask
 from distill.targets import target_linears
-from distill.objective import DistillationObjective, teacher_outputs
-from distill.training import speed_up
-from distill.throughput import flops_per_token, matmul_parameter_count, parameter_count
+from distill.train.objective import DistillationObjective, teacher_outputs
+from distill.train.step import speed_up
+from distill.train.throughput import flops_per_token, matmul_parameter_count, parameter_count
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -2,7 +2,7 @@
 
 from conftest import REPO
 from distill.config import LmEvalConfig
-from distill.zero_shot import task_manager
+from distill.eval.zero_shot import task_manager
 
 
 def test_local_tasks_index_only_the_include_path():

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from distill.artifacts import read_sparsity_spec
+from distill.sparsity.spec import read_sparsity_spec
 from distill.sparsity.packing import load_packed
 from distill.runtime.dispatch import CrossoverTable
 from distill.runtime.kv_cache import StreamingCache, use_streaming_cache

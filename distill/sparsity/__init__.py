@@ -7,5 +7,9 @@
   permutation   channel permutation before N:M pruning
   structured    patterns across projections (MLP channels, head groups) and shrinking them
   packing       the packed N:M format
+  spec          what a sparse model dir holds (sparsity.json): pattern, masks, thresholds, heads
+  calibration   the teacher's input statistics behind Wanda
+  pruning       a model's masks from a criterion under a pattern (what the prune stage calls)
   activations   activation sparsity: calibrated input thresholds (TEAL-style)
+  attention     attention sparsity: streaming KV heads (sink + window), chosen DuoAttention-style
 """

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from distill.artifacts import QUANT_METHOD, Layout, SparsitySpec, read_sparsity_spec, write_sparsity_spec
+from distill.sparsity.spec import QUANT_METHOD, Layout, SparsitySpec, read_sparsity_spec, write_sparsity_spec
 from distill.errors import DistillError
 from distill.io import load_tensors, save_tensors, write_json
 from distill.sparsity.patterns import NM

@@ -1,9 +1,9 @@
 """The pipeline's stages in order, each with the config keys and upstream stages it depends on."""
 
 from distill.config import SourceKind
-from distill.model_card import CARD_FILE
+from distill.export.model_card import CARD_FILE
 from distill.models import teacher_files
-from distill.pipeline import Stage
+from distill.run.pipeline import Stage
 from distill.stages import evaluate, export, prune, teacher, teacher_logits, train
 
 # the activations keys prune calibrates the thresholds with, and those only distill reads (so a change

@@ -15,19 +15,20 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from distill.data import pack, tokenize_files
-from distill.calibration import calibration_blocks
-from distill.evaluation import activation_sparsity_curve, activation_table, score_models, weighted_zero_fraction
+from distill.data.corpus import pack, tokenize_files
+from distill.sparsity.calibration import calibration_blocks
+from distill.eval.scoring import activation_sparsity_curve, activation_table, score_models, weighted_zero_fraction
 from distill.io import atomic_write, write_json, write_text
 from distill.models import load_teacher
-from distill.pipeline import StageContext
-from distill.model_card import StudentFacts, model_card, write_model_card
-from distill.report import RUNTIME, card_tables, markdown, plot, quality_table
-from distill.artifacts import STUDENT_DIR, SparsitySpec, read_metrics, read_sparsity_spec, read_summary, read_token_blocks
+from distill.run.pipeline import StageContext
+from distill.export.model_card import StudentFacts, model_card, write_model_card
+from distill.eval.report import RUNTIME, card_tables, markdown, plot, quality_table
+from distill.run.artifacts import STUDENT_DIR, read_metrics, read_summary, read_token_blocks
+from distill.sparsity.spec import SparsitySpec, read_sparsity_spec
 from distill.sparsity.attention import head_statistics, kv_cache_bytes
 from distill.sparsity.masks import masked_modules, masked_weight
 from distill.student import apply_runtime_sparsity, load_student
-from distill.zero_shot import zero_shot_accuracy
+from distill.eval.zero_shot import zero_shot_accuracy
 
 MODELS = ("teacher", "oneshot", "student")
 CARD_PLOT = "report.png"  # the report's plot, copied beside each export dir's model card

@@ -10,7 +10,7 @@ removed channels or heads cut out, checked to give the dense-with-zeros model's 
 The packed form is loaded back and must reproduce hf/ bitwise (weights and logits). On CUDA the
 packed student also runs on the 2:4 runtime (distill.runtime: our Triton kernel, then cuSPARSELt)
 and its logits are compared with the dense model's. Both dirs get a model card (README.md,
-distill.model_card; the evaluate stage adds the report to it), and with export.push_to_hub the
+distill.export.model_card; the evaluate stage adds the report to it), and with export.push_to_hub the
 verified packed dir (hf/ without one) is uploaded.
 """
 
@@ -21,11 +21,13 @@ import dataclasses
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from distill.artifacts import STUDENT_DIR, SparsitySpec, read_sparsity_spec, read_summary, read_token_blocks
+from distill.run.artifacts import STUDENT_DIR, read_summary, read_token_blocks
+
+from distill.sparsity.spec import SparsitySpec, read_sparsity_spec
 from distill.errors import DistillError
-from distill.pipeline import StageContext
-from distill.exporting import save_in_hf_layout, shrink_and_verify, sparse_kernel_errors, verify_structure
-from distill.model_card import StudentFacts, model_card, push_to_hub, teacher_hub_id, teacher_license, write_model_card
+from distill.run.pipeline import StageContext
+from distill.export.verify import save_in_hf_layout, shrink_and_verify, sparse_kernel_errors, verify_structure
+from distill.export.model_card import StudentFacts, model_card, push_to_hub, teacher_hub_id, teacher_license, write_model_card
 from distill.sparsity.activations import remove_thresholds
 from distill.sparsity.masks import remove_masks
 from distill.sparsity.packing import load_packed, save_packed

@@ -22,13 +22,15 @@ from __future__ import annotations
 
 import torch
 
-from distill.artifacts import STUDENT_DIR, SparsitySpec, read_calibration, read_token_blocks
-from distill.calibration import calibration_blocks
+from distill.run.artifacts import STUDENT_DIR, read_calibration, read_token_blocks
+
+from distill.sparsity.spec import SparsitySpec
+from distill.sparsity.calibration import calibration_blocks
 from distill.config import Criterion, HeadSelection
 from distill.errors import DistillError
 from distill.models import load_teacher
-from distill.pipeline import StageContext
-from distill.pruning import (DENSE_WARNING_FRACTION, GRADIENT_CRITERIA, incompatible_projections, masks_from_scores,
+from distill.run.pipeline import StageContext
+from distill.sparsity.pruning import (DENSE_WARNING_FRACTION, GRADIENT_CRITERIA, incompatible_projections, masks_from_scores,
                              permute_mlp_channels_for_nm, pruning_coverage, weight_scores)
 from distill.sparsity.activations import calibrate_thresholds, install_thresholds
 from distill.sparsity.attention import choose_streaming, head_statistics, install_heads, train_gates

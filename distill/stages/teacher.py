@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import torch
 
-from distill.artifacts import TokenBlocks, write_calibration, write_token_blocks
-from distill.calibration import calibration_blocks, input_square_sums
-from distill.data import pack, sample_from_teacher, split_blocks, tokenize_files, tokenize_hub_dataset
-from distill.evaluation import score_models
+from distill.run.artifacts import TokenBlocks, write_calibration, write_token_blocks
+from distill.sparsity.calibration import calibration_blocks, input_square_sums
+from distill.data.corpus import pack, sample_from_teacher, split_blocks, tokenize_files, tokenize_hub_dataset
+from distill.eval.scoring import score_models
 from distill.models import load_teacher, load_tokenizer
 from distill.config import SourceKind
 from distill.errors import DistillError
-from distill.pipeline import StageContext
+from distill.run.pipeline import StageContext
 
 
 def source_files(config) -> list[str]:

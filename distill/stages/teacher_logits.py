@@ -19,8 +19,8 @@ from tqdm.auto import tqdm
 from distill.errors import DistillError
 from distill.losses import TopK, logit_transform
 from distill.models import load_teacher
-from distill.pipeline import StageContext
-from distill.artifacts import read_token_blocks, write_teacher_topk
+from distill.run.pipeline import StageContext
+from distill.run.artifacts import read_token_blocks, write_teacher_topk
 
 
 

@@ -1,10 +1,10 @@
 """Stage 3, distill: train the masked student against the frozen teacher under accelerate.
 
 Setup, loop, finish. The global batch of every optimizer step is fixed by the config and by the step
-number alone (distill.training.BlockSchedule), then split over processes and accumulation
+number alone (distill.train.step.BlockSchedule), then split over processes and accumulation
 micro-steps, so one process and N processes see the same data and follow the same loss curve, and a
-resumed run continues exactly where the checkpoint left off (distill.checkpoints). The step itself is
-distill.training.DistillStep; what it optimizes, the student with its loss, is distill.objective;
+resumed run continues exactly where the checkpoint left off (distill.train.checkpoints). The step itself is
+distill.train.step.DistillStep; what it optimizes, the student with its loss, is distill.train.objective;
 how the masks behave is distill.sparsity.modes.
 """
 
@@ -22,28 +22,29 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
-from distill.artifacts import (STUDENT_DIR, SparsitySpec, read_calibration, read_metrics, read_sparsity_spec,
-                               read_summary, read_teacher_topk, read_token_blocks, write_metrics)
-from distill.checkpoints import CHECKPOINTS, latest_checkpoint, resume, save_checkpoint
-from distill.calibration import calibration_blocks
+from distill.run.artifacts import STUDENT_DIR, read_calibration, read_metrics, read_summary, read_teacher_topk, read_token_blocks, write_metrics
+
+from distill.sparsity.spec import SparsitySpec, read_sparsity_spec
+from distill.train.checkpoints import CHECKPOINTS, latest_checkpoint, resume, save_checkpoint
+from distill.sparsity.calibration import calibration_blocks
 from distill.config import Criterion, MaskMode, NonFinite, Sharding
-from distill.data import to_device
+from distill.data.corpus import to_device
 from distill.errors import DistillError
-from distill.evaluation import evaluating, heldout_perplexity
+from distill.eval.scoring import evaluating, heldout_perplexity
 from distill.losses import IDENTITY, TopK, logit_transform
 from distill.models import load_teacher
-from distill.objective import DistillationObjective, cached_teacher_outputs, teacher_outputs
-from distill.pipeline import StageContext
-from distill.sharding import ShardedCheckpoint, full_student_state, shard_objective, shard_teacher
+from distill.train.objective import DistillationObjective, cached_teacher_outputs, teacher_outputs
+from distill.run.pipeline import StageContext
+from distill.train.sharding import ShardedCheckpoint, full_student_state, shard_objective, shard_teacher
 from distill.sparsity.activations import (calibrate_thresholds, install_thresholds, ramp_scale, ramped,
                                           recalibrate_thresholds, set_thresholds, thresholded)
 from distill.sparsity.masks import mask_rule, masked_modules, stored_weight
 from distill.sparsity.modes import FixedMasks, add_group_dropout, mask_upkeep, revive_pruned_weights
 from distill.student import load_student, nonfinite_problem, save_student
 from distill.targets import decoder_layers
-from distill.throughput import flops_per_token, measured_peak_flops
-from distill.tracking import log_row, resend_rows
-from distill.training import (BlockSchedule, DistillStep, MicroBatch, accumulation_steps, build_optimizer, speed_up,
+from distill.train.throughput import flops_per_token, measured_peak_flops
+from distill.run.tracking import log_row, resend_rows
+from distill.train.step import (BlockSchedule, DistillStep, MicroBatch, accumulation_steps, build_optimizer, speed_up,
                               window_means)
 
 

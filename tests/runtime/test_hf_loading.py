@@ -1,4 +1,4 @@
-"""The packed export through transformers' own loader (distill.hf_quantizer): after `import
+"""The packed export through transformers' own loader (distill.export.hf_quantizer): after `import
 distill`, AutoModelForCausalLM.from_pretrained returns the runtime model (Sparse24Linear projections,
 input thresholds, streaming heads), pipeline() runs it, and save_pretrained writes the same packed
 tensors again."""
@@ -13,13 +13,13 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
 import distill  # noqa: F401  (registers the quantization method)
-from distill.artifacts import SparsitySpec, StreamingHeads
+from distill.sparsity.spec import SparsitySpec, StreamingHeads
 from distill.config import PROJECTIONS
 from distill.runtime import Sparse24Linear, StreamingCache, load_sparse_model
 from distill.sparsity.activations import thresholded
 from distill.sparsity.attention import streaming_heads
 from distill.sparsity.masks import install_masks, nm_mask, remove_masks
-from distill.artifacts import QUANT_METHOD
+from distill.sparsity.spec import QUANT_METHOD
 from distill.sparsity.packing import save_packed
 from distill.sparsity.patterns import NM
 from distill.targets import target_linears

@@ -6,7 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from distill.errors import DistillError
-from distill.artifacts import SparsitySpec
+from distill.sparsity.spec import SparsitySpec
 from distill.sparsity.packing import save_packed
 from distill.sparsity.patterns import NM
 from distill.runtime import CrossoverTable, Sparse24Linear, load_sparse_model, sparsify

@@ -106,7 +106,7 @@ def build_optimizer(student: nn.Module, train: TrainConfig, masks: FixedMasks, d
 @dataclass
 class MicroBatch:
     input_ids: torch.Tensor
-    teacher: Callable[[], dict]  # the teacher's side of the loss (distill.objective), run without grad
+    teacher: Callable[[], dict]  # the teacher's side of the loss (distill.train.objective), run without grad
 
 
 class DistillStep:

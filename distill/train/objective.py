@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from distill.config import LossConfig
-from distill.data import to_device
+from distill.data.corpus import to_device
 from distill.losses import (IDENTITY, LogitTransform, TopK, chunked_distillation_loss, distillation_loss,
                             hidden_state_matching)
 from distill.sparsity.masks import masked_modules, masked_weight

@@ -16,7 +16,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from distill.config import SourceConfig, TeacherSamplesConfig, check_text_file
 from distill.errors import DistillError
-from distill.sampling import sample_sequences
+from distill.data.sampling import sample_sequences
 
 TEXT_CHUNK_BYTES = 1 << 22  # lines tokenized together: one call per ~4 MiB of text
 FILE_BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}

@@ -61,19 +61,6 @@ class FileStamps:
             self._changed = True
         return {"path": path, "size": known["size"], "sha256": known["sha256"]}
 
-    def upgrade(self, saved: dict) -> dict:
-        """A stamp saved by an older distill (size and mtime, no hash) as today's stamp when the file
-        still has that size and mtime, i.e. has not been written since; otherwise as saved (it then
-        differs from today's, and the stage runs again, as it did then)."""
-        if "sha256" in saved or "mtime_ns" not in saved:
-            return saved
-        file = Path(saved["path"])
-        if file.is_file():
-            stat = file.stat()
-            if (stat.st_size, stat.st_mtime_ns) == (saved.get("size"), saved["mtime_ns"]):
-                return self.stamp(saved["path"])
-        return saved
-
     def save(self) -> None:
         """Write the hashes computed since the last save (when the run dir exists)."""
         if self._changed and self.path.parent.is_dir():

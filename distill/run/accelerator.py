@@ -12,7 +12,7 @@ from accelerate.utils import (DistributedDataParallelKwargs, DistributedType, Pr
 from distill.config import Config, Sharding
 from distill.errors import DistillError
 from distill.precision import PrecisionChoice, choose_precision
-from distill.tracking import log_with, logs_dir
+from distill.run.tracking import log_with, logs_dir
 
 
 def build_accelerator(config: Config) -> tuple[Accelerator, PrecisionChoice]:

@@ -10,7 +10,7 @@ dense-with-zeros nn.Linear), its input thresholds and streaming heads installed,
 (distill.sparsity.packing.quantization_config), and importing this module registers the config class
 and the quantizer with transformers' public hooks (`register_quantization_config`,
 `register_quantizer`). `import distill` imports it as soon as transformers has loaded its model code
-(distill.registration).
+(distill.export.registration).
 
 This module is imported from inside that import of transformers' model code, possibly while a
 distill module that asked for it (distill.sparsity.attention) is itself half-imported. So at the top
@@ -33,7 +33,7 @@ from transformers.quantizers.auto import register_quantization_config, register_
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from distill.artifacts import QUANT_METHOD, SparsitySpec
+from distill.sparsity.spec import QUANT_METHOD, SparsitySpec
 from distill.targets import linearize, replace_module
 
 THRESHOLD_KEY = ".input_threshold.threshold"  # an InputThreshold's buffer: the spec holds thresholds

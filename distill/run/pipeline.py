@@ -3,7 +3,7 @@
 Every stage writes into `<run_dir>/<stage>.partial/` while it works (checkpoints live there) and the
 finished directory is renamed to `<run_dir>/<stage>/` with a manifest at the very end, so a finished
 stage is never overwritten by a failing one. A stage's fingerprint hashes the config keys it depends
-on, the contents of its input files (distill.file_stamps), and the manifests of the stages it reads;
+on, the contents of its input files (distill.run.file_stamps), and the manifests of the stages it reads;
 a stage is skipped when its manifest holds the same fingerprint, and runs again (with everything
 downstream) when it does not.
 """
@@ -21,22 +21,22 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
 from distill import __version__
-from distill.artifacts import MANIFEST_FILE
-from distill.checksums import damage, digest_tree
-from distill.config import DEPRECATED_MASK_KEYS, Config, to_dict, to_yaml
+from distill.run.artifacts import MANIFEST_FILE
+from distill.run.checksums import damage, digest_tree
+from distill.config import Config, to_dict, to_yaml
 from distill.errors import DistillError, describe_os_error
-from distill.file_stamps import FileStamps
+from distill.run.file_stamps import FileStamps
 from distill.io import fingerprint, read_json, remove_stale_temporaries, replace_dir, write_json, write_text
-from distill.config_view import UNFINGERPRINTED, ConfigView, covers
-from distill.locking import RunDirLock
+from distill.run.config_view import UNFINGERPRINTED, ConfigView, covers
+from distill.run.locking import RunDirLock
 from distill.precision import Precision
-from distill.tracking import start_tracking
+from distill.run.tracking import start_tracking
 
 
 @dataclass
 class StageContext:
     # what the stage may read of the config: the keys its fingerprint covers, directly or through the
-    # stages it reads from (distill.config_view)
+    # stages it reads from (distill.run.config_view)
     config: ConfigView
     accelerator: Accelerator
     run_dir: Path
@@ -99,61 +99,9 @@ PRECISION_KEY = "precision"
 INPUTS_FILE = "inputs.json"  # in a stage's work dir: the inputs it runs on (a resume must match them)
 # in every run dir distill makes: --restart, --from and --discard-partial delete only in dirs that hold it
 RUN_MARKER = ".distill-run"
-# config keys added after run dirs existed, with the value that matches what those runs did: a stage
-# that fingerprints one today and whose saved inputs lack it predates the key
-KEYS_ADDED_SINCE = {
-    "config.calibration.batch_size": 4,
-    "config.activations.target": 0.0,
-    "config.activations.allocation": "uniform",
-    "config.activations.where": ["*"],
-    "config.activations.greedy_step": 0.1,
-    "config.activations.greedy_blocks": 0,
-    "config.activations.straight_through": False,
-    "config.activations.recalibrate_every": 0,
-    "config.activations.ramp_steps": 0,
-    "config.eval.activation_levels": [0.0, 0.25, 0.4, 0.5, 0.6, 0.7],
-    "config.attention.streaming_fraction": 0.0,
-    "config.attention.sink": 4,
-    "config.attention.window": 256,
-    "config.attention.select": "mass",
-    "config.attention.gate_steps": 20,
-    "config.attention.gate_batch_size": 2,
-    "config.attention.gate_lr": 0.02,
-    "config.attention.gate_penalty": 0.05,
-    "config.attention.measure_blocks": 4,
-    "config.eval.attention_blocks": 0,
-    "config.export.push_to_hub": None,
-    "config.eval.lm_eval.tasks": [],
-    "config.eval.lm_eval.include_path": None,
-    "config.eval.lm_eval.batch_size": 8,
-    "config.eval.lm_eval.limit": 0,
-}
-# run dirs made before distill.precision recorded accelerate's setting under this key
-_LEGACY_PRECISION_KEY, _LEGACY_PRECISION_VALUES = "accelerate.mixed_precision", {"bf16": "bf16", "no": "fp32"}
-
-
-def upgrade_inputs(inputs: dict, config_keys: tuple[str, ...]) -> dict:
-    """A saved inputs dict of a stage that fingerprints `config_keys` today, in today's keys, so a
-    run dir from an older release still matches: the precision under its own key, input files keyed
-    by path (`file:<path>`), not by position, the mask options under `train.masks`, keys added since
-    at the value those runs had, and keys the stage no longer depends on dropped."""
-    inputs = dict(inputs)
-    for old, new in DEPRECATED_MASK_KEYS.items():
-        if f"config.train.{old}" in inputs:
-            inputs[f"config.train.masks.{new}"] = inputs.pop(f"config.train.{old}")
-    for key in [key for key in inputs if key.startswith("config.")]:
-        if not covers(config_keys, key.removeprefix("config.")):  # e.g. moved to another stage
-            del inputs[key]
-    for key, value in KEYS_ADDED_SINCE.items():
-        if key not in inputs and covers(config_keys, key.removeprefix("config.")):
-            inputs[key] = value
-    if _LEGACY_PRECISION_KEY in inputs:
-        old = inputs.pop(_LEGACY_PRECISION_KEY)
-        inputs[PRECISION_KEY] = _LEGACY_PRECISION_VALUES.get(old, f"{old} (accelerate)")
-    for key in [key for key in inputs if key.startswith("file[")]:
-        stamp = inputs.pop(key)
-        inputs[_file_key(stamp["path"])] = stamp
-    return inputs
+# the distill release that ran a stage: a run dir written by another one runs again from the first stage
+# whose fingerprint differs (no upgrade of older run dirs)
+VERSION_KEY = "distill.version"
 
 
 def _file_key(path: str) -> str:
@@ -166,7 +114,9 @@ def describe_changes(old: dict, new: dict) -> str:
     for key in sorted(set(old) | set(new)):
         if old.get(key) == new.get(key):
             continue
-        if key.startswith("upstream."):
+        if key == VERSION_KEY:
+            changes.append(f"written by distill {old.get(key, '<unknown>')}, this is distill {new.get(key)}")
+        elif key.startswith("upstream."):
             changes.append(f"stage '{key.removeprefix('upstream.')}' ran again")
         elif key.startswith("file:"):
             path = key.removeprefix("file:")
@@ -216,16 +166,7 @@ class Pipeline:
             inputs[f"upstream.{name}"] = self._completion(name)
         if stage.depends_on_precision(self.config):
             inputs[PRECISION_KEY] = self.precision
-        inputs["distill.version"] = __version__
-        return inputs
-
-    def saved_inputs(self, inputs: dict, stage: Stage) -> dict:
-        """Inputs `stage` saved, possibly by an older distill, in today's form (upgrade_inputs, and
-        file stamps with their content hash)."""
-        inputs = upgrade_inputs(inputs, stage.config_keys)
-        for key in [key for key in inputs if key.startswith("file:")]:
-            if isinstance(inputs[key], dict) and "path" in inputs[key]:
-                inputs[key] = self.file_stamps.upgrade(inputs[key])
+        inputs[VERSION_KEY] = __version__
         return inputs
 
     def readable_keys(self, stage: Stage) -> tuple[str, ...]:
@@ -270,7 +211,7 @@ class Pipeline:
         if not path.is_file():
             return None
         try:
-            return self.saved_inputs(_check_shape(path, read_json(path), {"inputs": dict})["inputs"], stage)
+            return _check_shape(path, read_json(path), {"inputs": dict})["inputs"]
         except DistillError as error:
             raise DistillError(f"{error}; rerun with --discard-partial {name} to drop that unfinished run") from None
 
@@ -387,7 +328,6 @@ class Pipeline:
         """The first finished stage among `names` whose files differ from its manifest's checksums, as
         a one-line refusal with the way on; None when all are as they were written."""
         for name in names:
-            manifest_path = self.run_dir / name / MANIFEST_FILE
             problem = damage(self.run_dir / name, self.manifest(name).get("files"), "its manifest")
             if problem:
                 return f"stage '{name}' is damaged: {problem}; rerun with --from {name} to run it again"
@@ -404,7 +344,7 @@ class Pipeline:
             inputs = self.inputs(stage)
             stamp = fingerprint(inputs)
             manifest = None if name in forced else self.manifest(name)
-            finished = manifest is not None and fingerprint(self.saved_inputs(manifest["inputs"], stage)) == stamp
+            finished = manifest is not None and fingerprint(manifest["inputs"]) == stamp
             upstream_runs = [f"stage '{up}' runs again" for up in stage.upstream if up in will_run]
             has_partial = self._partial(name).is_dir()
             discard = has_partial and (name in forced or name in self.discard)
@@ -422,7 +362,7 @@ class Pipeline:
                 again = (self.run_dir / name / MANIFEST_FILE).is_file()
                 decision = Decision(stage, "running again" if again else "running", "asked for" if again else "", discard)
             elif manifest is not None:
-                reason = "; ".join(upstream_runs) or describe_changes(self.saved_inputs(manifest["inputs"], stage), inputs)
+                reason = "; ".join(upstream_runs) or describe_changes(manifest["inputs"], inputs)
                 decision = Decision(stage, "running again", reason, discard)
             else:
                 decision = Decision(stage, "running", "", discard)

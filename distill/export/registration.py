@@ -19,7 +19,7 @@ MODEL_CODE = "transformers.modeling_utils"
 
 
 def register() -> None:
-    importlib.import_module("distill.hf_quantizer")  # its class decorators register the method
+    importlib.import_module("distill.export.hf_quantizer")  # its class decorators register the method
 
 
 class _RegisterAfterExecuting(importlib.abc.Loader):

@@ -2,7 +2,7 @@
 scheduler, RNG, data position; under train.sharding=fsdp the sharded model and optimizer beside
 them), written under a temporary name and renamed when complete, with a `latest.json` pointer
 written last, so a kill at any moment leaves the previous checkpoint whole and named. Each holds the
-checksums of its files (distill.checksums): a checkpoint whose bytes changed is passed over for the
+checksums of its files (distill.run.checksums): a checkpoint whose bytes changed is passed over for the
 previous one, as an unreadable one is.
 """
 
@@ -15,12 +15,11 @@ from typing import Callable
 
 import torch
 from accelerate import Accelerator
-from safetensors import safe_open
 
-from distill.checksums import CHECKSUMS_FILE, damage, digest_tree
+from distill.run.checksums import CHECKSUMS_FILE, damage, digest_tree
 from distill.errors import DistillError
 from distill.io import read_json, write_failure, write_json
-from distill.sharding import ShardedCheckpoint
+from distill.train.sharding import ShardedCheckpoint
 
 CHECKPOINTS = "checkpoints"  # inside the stage's work dir
 SHARDED_DIR = "sharded"  # inside a checkpoint: the sharded model and optimizer (train.sharding=fsdp)
@@ -71,28 +70,11 @@ def save_checkpoint(accelerator: Accelerator, root: Path, step: int, keep: int,
     accelerator.wait_for_everyone()
 
 
-def _masks_as_buffers(path: Path) -> bool:
-    """Whether the checkpoint's model was saved before masks became weight parametrizations
-    (distill.sparsity.masks): projections with a `.mask` buffer beside a plain `.weight`."""
-    weights = path / "model.safetensors"
-    if not weights.is_file():
-        return False
-    try:
-        with safe_open(str(weights), "pt") as handle:
-            keys = list(handle.keys())
-    except Exception:  # unreadable: load_state names the problem
-        return False
-    return any(key.endswith(".mask") for key in keys) and not any(".parametrizations." in key for key in keys)
-
-
 def load_checkpoint(accelerator: Accelerator, path: Path, sharded: ShardedCheckpoint | None = None) -> None:
     checksums = path / CHECKSUMS_FILE
     problem = damage(path, read_json(checksums) if checksums.is_file() else None, f"its {CHECKSUMS_FILE}")
     if problem:
         raise DistillError(f"checkpoint {path} is damaged: {problem}")
-    if _masks_as_buffers(path):
-        raise DistillError(f"checkpoint {path} was written by an older distill (masks as buffers), which this one "
-                           f"cannot resume")
     try:
         accelerator.load_state(str(path))
         if sharded is not None:

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from distill.calibration import wanda_score
+from distill.sparsity.calibration import wanda_score
 from distill.config import Criterion, Incompatible, PruneConfig, Scope
 from distill.errors import DistillError
 from distill.sparsity.patterns import Pattern, Unstructured, global_unstructured_masks

@@ -1,0 +1,2 @@
+"""Scoring models on token blocks (perplexity, KL), zero-shot accuracy through lm-eval, and the report
+rendered for people."""
