@@ -1,21 +1,20 @@
 #!/usr/bin/env bash
-# Every GPU check and benchmark of the repo, in parts that each fit one call of the device tool
-# (10 minutes). Results and logs go to $OUT (the tool brings them back), else ./gpu_out.
+# The GPU suite: every GPU test and benchmark of the repo, in four parts of at most about 10 minutes
+# each. Results and logs go to $OUT when it is set, else to ./gpu_out.
 #
-#   bash benchmarks/gpu_session.sh tests        # GPU tests (marker gpu)              ~2 min
-#   bash benchmarks/gpu_session.sh kernels      # linear_2_4.py, writes crossover.json ~5 min
-#   bash benchmarks/gpu_session.sh end_to_end   # needs crossover.json from `kernels` ~5 min
-#   bash benchmarks/gpu_session.sh train        # train_throughput.py, demo-shaped and 1b
+#   bash benchmarks/gpu_suite.sh tests        # GPU tests (marker gpu)              ~2 min
+#   bash benchmarks/gpu_suite.sh kernels      # linear_2_4.py, writes crossover.json ~5 min
+#   bash benchmarks/gpu_suite.sh end_to_end   # needs crossover.json from `kernels` ~5 min
+#   bash benchmarks/gpu_suite.sh train        # train_throughput.py, demo-shaped and 1b
 #
-# The device machines have torch, transformers, accelerate and triton but not omegaconf (which
-# distill.config needs); prepare its wheels here once and carry `.whl`:
+# On a machine without network that lacks omegaconf (which distill.config needs), put its wheels in
+# .whl/ first; they are installed into /tmp/site:
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: -d .whl omegaconf==2.4.0
-# The demo teacher cannot travel (the tool moves 64 MiB, the teacher is 270 MB) and the machines
-# have no network, so `train` uses its shapes with random weights (--model demo-shaped); the quality
-# runs of issue #4 (configs/h100_recovery.yaml) need a machine that can reach the teacher.
+# `train` uses the demo teacher's shapes with random weights (--model demo-shaped), so it needs
+# neither the teacher nor network; the quality runs (configs/h100_recovery.yaml) need the teacher.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh tests|kernels|end_to_end|train}
+part=${1:?usage: gpu_suite.sh tests|kernels|end_to_end|train}
 out=${OUT:-gpu_out}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -40,5 +39,5 @@ case "$part" in
     done
     python3 benchmarks/train_throughput.py --model 1b --batch 8 --seq 2048 --variants pipeline,pipeline+compile \
       --json "$out/throughput_1b.json" 2>&1 | tee "$out/throughput_1b.log" ;;
-  *) echo "gpu_session.sh: unknown part '$part'" >&2; exit 2 ;;
+  *) echo "gpu_suite.sh: unknown part '$part'" >&2; exit 2 ;;
 esac
