@@ -11,7 +11,7 @@ teacher cannot reach: the device machines take no download and 64 MiB of files, 
 vocab 128256) with random weights, teacher and student of the same shape.
 
 Variants (each from the same initial student, on the same batches):
-  baseline       the plain loop of issue #5: teacher bf16 without grad, student fp32 under bf16
+  baseline       a plain distillation loop: teacher bf16 without grad, student fp32 under bf16
                  autocast, full fp32 logits for both, forward KL through F.kl_div, fused AdamW,
                  masks re-applied by a Python loop over the projections
   pipeline       the distill stage's own step (distill.train.step.DistillStep): chunked KD loss with the
@@ -83,7 +83,7 @@ def build_models(args, device: torch.device):
 
 
 def plain_step_factory(teacher, student, masks, device):
-    """The baseline loop of issue #5, written the way a first version usually is."""
+    """The baseline: a plain distillation loop, written the way a first version usually is."""
     from distill.sparsity.masks import remove_masks, install_masks
 
     model = remove_masks(install_masks(copy.deepcopy(student), masks)).to(device).train()
