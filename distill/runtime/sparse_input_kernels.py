@@ -15,7 +15,7 @@ memory and a zero input skips them in one contiguous run, as TEAL's kernel does.
                           sparsity a group is all-zero with probability 1/16, so this saves ~6% of
                           the 2:4 bytes; per-input skipping needs a layout whose kept weights of one
                           input are contiguous, i.e. groups of 4 along the output dimension (see
-                          benchmarks/RESULTS.md, "Activation sparsity").
+                          docs/sparsity.md).
 
 Each program computes y[:, n-tile] for all M rows (M padded to 16 for tl.dot) over the whole K, in
 fp32 accumulation. Run them under Triton's CPU interpreter (TRITON_INTERPRET=1) to test on a CPU.

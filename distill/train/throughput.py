@@ -8,7 +8,7 @@ embeddings). L layers, H query heads of Q dims, T positions of context: the atte
 weighted sum are 2·H·Q·T multiply-adds each per layer and token in forward, and backward doubles
 forward. A distill step costs the student's training count plus the teacher's forward count. The
 zeros of the sparse student are counted as work: MFU measures how well the hardware is used for
-the dense-equivalent work, the way the baseline in issue #5 is stated.
+the dense-equivalent work, the way dense training's MFU is usually stated.
 """
 
 from __future__ import annotations
