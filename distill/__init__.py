@@ -2,14 +2,18 @@
 
 __version__ = "0.3.0"  # 0.3: manifests and checkpoints carry the checksums of their files (every stage runs again)
 
-# `import distill` registers the packed export's quantization method with transformers, so that
-# AutoModelForCausalLM.from_pretrained(<run>/export/packed) loads the sparse student. The
-# registration waits until transformers loads its model code (distill.export.registration): importing torch
-# and transformers here would cost every `import distill` seconds, and the CLI reports a bad config
-# before they load.
-from distill.export.registration import register_when_transformers_loads  # noqa: E402
 
-register_when_transformers_loads()
+# `import distill` loads neither torch nor transformers (they cost seconds, and the CLI reports a bad
+# config before they load) and registers nothing with them: enable_transformers_loading() does that.
+
+
+def enable_transformers_loading() -> None:
+    """Register the packed export's quantization method with transformers, so that
+    AutoModelForCausalLM.from_pretrained(<run>/export/packed) returns the sparse student
+    (distill.export.registration); once per process, a second call does nothing."""
+    from distill.export.registration import register
+
+    register()
 
 
 def __getattr__(name: str):
@@ -20,4 +24,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'distill' has no attribute {name!r}")
 
 
-__all__ = ["PackedSparsityQuantizer", "__version__"]
+__all__ = ["PackedSparsityQuantizer", "__version__", "enable_transformers_loading"]

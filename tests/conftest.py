@@ -10,10 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-# Without a GPU, Triton kernels run in Triton's CPU interpreter; it must be chosen before triton loads.
-if not glob.glob("/dev/nvidia[0-9]*"):
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest
 import torch
 import yaml
@@ -22,6 +18,15 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data" / "wikitext-2"
 VALID_TEXT = SHARED_DATA / "valid.txt"
 TEST_TEXT = SHARED_DATA / "test.txt"
+
+
+def pytest_configure(config):
+    """Without a GPU, Triton kernels run in Triton's CPU interpreter. The choice has to be made before
+    the test modules are imported: `triton.jit` reads TRITON_INTERPRET when it decorates a kernel
+    (at the import of distill.runtime's kernel modules), and distill.runtime reads it at import too.
+    pytest imports test modules after this hook, and this conftest imports neither triton nor them."""
+    if not glob.glob("/dev/nvidia[0-9]*"):
+        os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,6 +1,7 @@
-"""Attention sparsity (distill.sparsity.attention, distill.runtime.kv_cache): streaming heads against
-a float64 reference written out loop by loop, the statistics the report shows, gate training on a
-model whose answer is known, the bounded KV cache against the full one, and the spec round trip."""
+"""Attention sparsity (distill.sparsity.attention, distill.sparsity.head_selection, distill.train.head_gates,
+distill.runtime.kv_cache): streaming heads against a float64 reference written out loop by loop, the
+statistics the report shows, gate training on a model whose answer is known, the bounded KV cache
+against the full one, and the spec round trip."""
 
 from __future__ import annotations
 
@@ -9,15 +10,17 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from accelerate import Accelerator
 
 from architectures import tiny_model
 from distill.sparsity.spec import SparsitySpec, StreamingHeads, read_sparsity_spec, write_sparsity_spec
 from distill.config import AttentionConfig, HeadSelection
 from distill.errors import DistillError
-from distill.sparsity.attention import (ATTENTION, AttentionHeads, HeadStatistics, attention_modules, choose_streaming,
-                                        head_statistics, heads_attention, install_heads, kv_cache_bytes, remove_heads,
-                                        streaming_heads, train_gates)
+from distill.sparsity.attention import (ATTENTION, AttentionHeads, HeadGates, HeadProbe, attention_modules, heads_attention,
+                                        install_heads, remove_heads, streaming_heads)
+from distill.sparsity.head_selection import choose_streaming, head_statistics, kv_cache_bytes
 from distill.sparsity.patterns import NM
+from distill.train.head_gates import train_gates
 
 
 def reference_attention(query, key, value, visible, sink, window, streaming, gate=None):
@@ -52,7 +55,7 @@ def reference_attention(query, key, value, visible, sink, window, streaming, gat
 
 
 def module_with(kv_heads, sink, window, streaming):
-    return SimpleNamespace(attention_heads=AttentionHeads(kv_heads, sink, window, streaming))
+    return SimpleNamespace(layer_idx=0, attention_heads=AttentionHeads(kv_heads, sink, window, streaming))
 
 
 @pytest.mark.parametrize("q_length,kv_length,padded", [(37, 37, False), (5, 41, False), (23, 23, True)])
@@ -84,14 +87,15 @@ def test_gates_mix_full_and_streaming_attention_per_kv_head():
     torch.manual_seed(1)
     query = torch.randn(1, 4, 19, 8, dtype=torch.float64)
     key, value = (torch.randn(1, 2, 19, 8, dtype=torch.float64) for _ in range(2))
-    module = module_with(2, 2, 5, [])
-    module.attention_heads.gate = torch.nn.Parameter(torch.tensor([0.3, 1.7], dtype=torch.float64))  # 1.7 clamps to 1
-    out, _ = heads_attention(module, query, key, value, None)
+    module = SimpleNamespace(layer_idx=0)  # gates need no installed heads
+    gates = HeadGates([0], kv_heads=2, sink=2, window=5)
+    gates.values = torch.nn.Parameter(torch.tensor([[0.3, 1.7]], dtype=torch.float64))  # 1.7 clamps to 1
+    out, _ = heads_attention(module, query, key, value, None, head_gates=gates)
     visible = [[[j <= i for j in range(19)] for i in range(19)]]
     expected = reference_attention(query, key, value, visible, 2, 5, set(), gate=[0.3, 1.0])
     assert float((out.detach() - expected).norm() / expected.norm()) < 1e-12
     out.sum().backward()
-    assert module.attention_heads.gate.grad[0] != 0 and module.attention_heads.gate.grad[1] == 0  # clamped
+    assert gates.values.grad[0, 0] != 0 and gates.values.grad[0, 1] == 0  # clamped
 
 
 def test_recorded_statistics_match_the_probabilities_and_the_output_is_unchanged():
@@ -101,10 +105,12 @@ def test_recorded_statistics_match_the_probabilities_and_the_output_is_unchanged
     sink, window = 2, 6
     module = module_with(2, sink, window, [1])
     plain, _ = heads_attention(module, query, key, value, None)
-    module.attention_heads.recorder = HeadStatistics(2)
-    recorded, _ = heads_attention(module, query, key, value, None)
+    state = module.attention_heads.extra_repr()
+    probe = HeadProbe(sink, window)
+    recorded, _ = heads_attention(module, query, key, value, None, head_probe=probe)
     assert torch.allclose(recorded, plain, atol=1e-5)
-    summary = module.attention_heads.recorder.summary()
+    assert module.attention_heads.extra_repr() == state and set(probe.by_layer) == {0}  # the call changed no state
+    summary = probe.by_layer[0].summary()
     # head 0 (full): probabilities over every earlier key, by hand
     scores = (query[0, :2] @ key[0, 0].T) / math.sqrt(8)
     causal = torch.ones(30, 30, dtype=torch.bool).tril()
@@ -203,7 +209,7 @@ def test_gate_training_streams_the_heads_that_are_local_by_construction():
     blocks = torch.randint(0, 256, (8, 48))
     attention = AttentionConfig(streaming_fraction=0.5, sink=1, window=4, select=HeadSelection.DISTILL, gate_steps=30,
                                 gate_batch_size=4, gate_lr=0.05, gate_penalty=0.0)
-    learned = train_gates(student, teacher, blocks, attention)
+    learned = train_gates(student, teacher, blocks, attention, Accelerator(cpu=True, mixed_precision="no"))
     for name in names:
         low, high = learned.gates[name]
         assert low < 0.6 < high, (name, learned.gates[name])
@@ -220,6 +226,21 @@ def test_mass_statistics_rank_heads_by_how_local_they_are():
     for values in stats.values():
         assert all(0 < mass < 1 for mass in values["local_mass"]) and all(h > 0 for h in values["entropy"])
     assert model.config._attn_implementation == "sdpa"  # measured without leaving heads behind
+
+
+def test_measuring_installed_heads_leaves_them_as_they_are():
+    """A streaming head keeps all its mass inside its own sink + window; measured against a wider one
+    it still does, and the installed heads keep their sink, window and implementation."""
+    model = tiny_model("llama", num_key_value_heads=2).float().eval()
+    names = [name for name, _ in attention_modules(model)]
+    install_heads(model, {names[0]: [1]}, 2, 8)
+    blocks = torch.randint(0, 256, (2, 40))
+    for sink, window in ((2, 8), (4, 12)):
+        stats = head_statistics(model, blocks, sink, window)
+        assert stats[names[0]]["local_mass"][1] == pytest.approx(1.0) and stats[names[0]]["local_mass"][0] < 1
+    heads = model.get_submodule(names[0]).attention_heads
+    assert (heads.sink, heads.window) == (2, 8) and model.config._attn_implementation == ATTENTION
+    assert streaming_heads(model) == {names[0]: [1]}
 
 
 def test_kv_cache_bytes_count_sink_and_window_for_streaming_heads():

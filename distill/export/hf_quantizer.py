@@ -1,21 +1,16 @@
 """The packed export as a Hugging Face quantization method, so that
 
     import distill
+    distill.enable_transformers_loading()
     model = AutoModelForCausalLM.from_pretrained("runs/demo/export/packed")
 
 returns the student with its N:M projections as `Sparse24Linear` (2:4; other N:M patterns load as
 dense-with-zeros nn.Linear), its input thresholds and streaming heads installed, as
 `distill.runtime.load_sparse_model` does. transformers finds the method through the packed dir's
 `config.json`: its `quantization_config` is `{"quant_method": QUANT_METHOD, "spec": <sparsity spec>}`
-(distill.sparsity.packing.quantization_config), and importing this module registers the config class
-and the quantizer with transformers' public hooks (`register_quantization_config`,
-`register_quantizer`). `import distill` imports it as soon as transformers has loaded its model code
-(distill.export.registration).
-
-This module is imported from inside that import of transformers' model code, possibly while a
-distill module that asked for it (distill.sparsity.attention) is itself half-imported. So at the top
-it imports only torch, transformers' quantizer API and modules that never load model code; the
-runtime pieces (Sparse24Linear, streaming heads, the packed format) are imported where they are used.
+(distill.sparsity.packing.quantization_config), and `distill.enable_transformers_loading()`
+(distill.export.registration) registers the config class and the quantizer with transformers'
+public hooks (`register_quantization_config`, `register_quantizer`); importing this module does not.
 
 Loading: before the weights, every masked nn.Linear of the (meta) model becomes a `PackedLinear`
 whose tensors are the packed file's `<name>.values` and `<name>.indices`, so transformers' own loader
@@ -29,16 +24,19 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers.quantizers.auto import register_quantization_config, register_quantizer
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from distill.runtime import CrossoverTable, Sparse24Linear
+from distill.runtime.kv_cache import use_streaming_cache
+from distill.sparsity.packing import full_groups_mask, pack_nm, unpack_nm
 from distill.sparsity.spec import QUANT_METHOD, SparsitySpec
+from distill.student import apply_runtime_sparsity
 from distill.targets import linearize, replace_module
 
 THRESHOLD_KEY = ".input_threshold.threshold"  # an InputThreshold's buffer: the spec holds thresholds
 
-@register_quantization_config(QUANT_METHOD)
+
 class PackedSparsityConfig(QuantizationConfigMixin):
     """config.json's quantization_config for a packed export: the dir's SparsitySpec as JSON."""
 
@@ -62,12 +60,9 @@ class PackedLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
 
     def dense_weight(self) -> torch.Tensor:
-        from distill.sparsity.packing import unpack_nm
-
         return unpack_nm(self.values.data, self.indices.data, self.n, self.m)
 
 
-@register_quantizer(QUANT_METHOD)
 class PackedSparsityQuantizer(HfQuantizer):
     """Loads (and saves) the packed N:M format; the checkpoint must already be packed."""
 
@@ -95,10 +90,6 @@ class PackedSparsityQuantizer(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        from distill.runtime import CrossoverTable, Sparse24Linear
-        from distill.runtime.kv_cache import use_streaming_cache
-        from distill.student import apply_runtime_sparsity
-
         table = CrossoverTable()
         for name in self.spec.masked:
             packed = model.get_submodule(name)
@@ -122,9 +113,6 @@ class PackedSparsityQuantizer(HfQuantizer):
     def get_state_dict_and_metadata(self, model):
         """The packed tensors again: `<name>.values`/`.indices` for every masked projection, every
         other tensor as it is; thresholds and streaming heads stay in the config's spec."""
-        from distill.runtime import Sparse24Linear
-        from distill.sparsity.packing import full_groups_mask, pack_nm
-
         masked = set(self.spec.masked)
         n, m = self.spec.pattern.n, self.spec.pattern.m
         state = {}

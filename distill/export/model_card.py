@@ -63,7 +63,8 @@ def model_card(facts: StudentFacts, form: str, report_markdown: str | None = Non
             "model = AutoModelForCausalLM.from_pretrained(\"<this dir>\")\n```\n\n"
             "Dense weights with zeros where pruned: it loads anywhere and runs at dense speed, without the "
             "student's runtime sparsity.") if form == "hf" else (
-            "```python\nimport distill  # the package this student was made with: registers the packed format\n"
+            "```python\nimport distill  # the package this student was made with\n"
+            "distill.enable_transformers_loading()  # registers the packed format with transformers\n"
             "from transformers import AutoModelForCausalLM\n\n"
             "model = AutoModelForCausalLM.from_pretrained(\"<this dir>\")\n```\n\n"
             "Only the kept weights and their positions; the projections load as `distill.runtime.Sparse24Linear` "

@@ -41,7 +41,6 @@ class Sparse24Linear(nn.Module):
         self.table = table
         self._semi_structured = None
         self._k_major: tuple[torch.Tensor, ...] | None = None  # built when the table picks a sparse-input path
-        self.last_path = None
 
     def extra_repr(self) -> str:
         return f"{self.name}: in_features={self.in_features}, out_features={self.out_features}, 2:4"
@@ -71,10 +70,18 @@ class Sparse24Linear(nn.Module):
                                    f"{self.values.dtype} weight ({str(error).splitlines()[0]}); remove the shape's "
                                    f"cusparselt entries from the crossover table") from None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def kernel_entry(self, x: torch.Tensor) -> dict:
+        """The crossover table's entry for input `x`: its `path` is the kernel the forward runs on `x`."""
         m = x.numel() // self.in_features
-        entry = self.table.entry(self.out_features, self.in_features, m, on_gpu=x.is_cuda or INTERPRETED)
-        path = self.last_path = entry["path"]
+        return self.table.entry(self.out_features, self.in_features, m, on_gpu=x.is_cuda or INTERPRETED)
+
+    def kernel_path(self, x: torch.Tensor) -> str:
+        """Which kernel path the forward takes for input `x` (the module docstring lists them)."""
+        return self.kernel_entry(x)["path"]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        entry = self.kernel_entry(x)
+        path = entry["path"]
         if path == "triton":
             from distill.runtime.triton_kernels import sparse24_matmul
 
@@ -89,7 +96,8 @@ class Sparse24Linear(nn.Module):
             kernel = sparse_input_matmul if path == "sparse_input" else sparse_input_matmul_24
             return kernel(x, *self._k_major, self.bias)
         if path == "dense" and self.dense_weight is None:
-            raise DistillError(f"{self.name}: the crossover table picks dense for M={m} but the dense weight was dropped")
+            raise DistillError(f"{self.name}: the crossover table picks dense for M={x.numel() // self.in_features} "
+                               "but the dense weight was dropped")
         return F.linear(x, self.weight_dense(), self.bias)
 
 

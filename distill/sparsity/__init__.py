@@ -11,5 +11,7 @@
   calibration   the teacher's input statistics behind Wanda
   pruning       a model's masks from a criterion under a pattern (what the prune stage calls)
   activations   activation sparsity: calibrated input thresholds (TEAL-style)
-  attention     attention sparsity: streaming KV heads (sink + window), chosen DuoAttention-style
+  attention     attention sparsity's mechanism: the registered attention function, streaming KV heads
+                (sink + window), and the probe and gates a forward may be given
+  head_selection  which KV heads stream (by attention mass, or by trained gates) and the KV bytes saved
 """

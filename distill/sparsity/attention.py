@@ -1,16 +1,24 @@
 """Attention sparsity: some KV heads attend only to the first `sink` tokens and the last `window` ones
 (StreamingLLM's attention sinks plus a recent window; DuoAttention chooses such heads per KV head).
 
-The one mechanism is a registered transformers attention function, `ATTENTION`. A model switched to
-it (`set_attn_implementation`) runs its own modelling code unchanged, and every attention module
-that carries an `AttentionHeads` child (`<attention>.attention_heads`) is read by the function:
+The one mechanism is a transformers attention function, `ATTENTION`, registered by
+`register_attention()` where a model is switched to it (`install_heads`, `registered_attention`). A
+model switched to it runs its own modelling code unchanged. Its state is the `AttentionHeads` child
+of every attention module (`<attention>.attention_heads`), set when heads are installed and never
+changed by a forward: a bool per KV head saying which heads (and every query head of their GQA
+group) see only the sink and the window.
 
-  streaming  a bool per KV head: those heads (and every query head of their GQA group) see only the
-             sink and the window
-  gate       while heads are being chosen (select=distill): a value in [0, 1] per KV head mixing
-             full (1) and streaming (0) attention, trained against the teacher
-  recorder   while measuring: per KV head, the attention mass inside sink + window, the fraction of
-             probabilities below PROBABILITY_FLOOR, and the entropy (HeadStatistics)
+Measuring and gating are not state of the model: they are objects passed to one forward as keyword
+arguments, which transformers hands on to the attention function of every layer, so nothing is set
+on the model before a call or cleared after it:
+
+  model(input_ids, head_probe=HeadProbe(sink, window))   adds, per KV head, the attention mass inside
+      the probe's sink + window, the fraction of probabilities below PROBABILITY_FLOOR and the entropy
+      (HeadStatistics) to the probe
+  model(input_ids, head_gates=HeadGates(...))            mixes full (gate 1) and streaming (gate 0)
+      attention per KV head by the gates' values (DuoAttention; distill.train.head_gates trains them)
+
+Choosing the heads from those measures is distill.sparsity.head_selection's.
 
 "Sink" and "window" count the keys a query is allowed to see, so the rule is the same for a training
 block, a padded batch and a decode step: a key is kept when it is among the first `sink` allowed keys
@@ -23,7 +31,8 @@ streaming heads' sink and window only.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -31,8 +40,6 @@ from torch import nn
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.masking_utils import sdpa_mask
 
-from distill.config import AttentionConfig
-from distill.losses import forward_kl
 
 ATTENTION = "distill_heads"  # the registered attention implementation's name
 PROBABILITY_FLOOR = 1e-3  # the report's "attention probabilities below" this
@@ -65,9 +72,39 @@ class HeadStatistics:
                 "entropy": (self.entropy / queries).tolist()}
 
 
+class HeadProbe:
+    """What one measuring forward fills: HeadStatistics per attention module (by layer index) of the
+    attention mass inside its own `sink` + `window`, which need not be what streaming heads keep."""
+
+    def __init__(self, sink: int, window: int):
+        self.sink, self.window = int(sink), int(window)
+        self.by_layer: dict[int, HeadStatistics] = {}
+
+    def statistics(self, layer_idx: int, kv_heads: int) -> HeadStatistics:
+        return self.by_layer.setdefault(layer_idx, HeadStatistics(kv_heads))
+
+
+class HeadGates(nn.Module):
+    """A gate per KV head of every attention module (by layer index), each in [0, 1] after `clamp_`:
+    1 is full attention, 0 streaming over `sink` + `window`. Starts at 1 (full)."""
+
+    def __init__(self, layer_indices: list[int], kv_heads: int, sink: int, window: int, device=None):
+        super().__init__()
+        self.sink, self.window = int(sink), int(window)
+        self.rows = {layer: row for row, layer in enumerate(layer_indices)}
+        self.values = nn.Parameter(torch.ones(len(layer_indices), kv_heads, device=device))
+
+    def of_layer(self, layer_idx: int) -> torch.Tensor:
+        return self.values[self.rows[layer_idx]].clamp(0, 1)
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        self.values.clamp_(0, 1)
+
+
 class AttentionHeads(nn.Module):
-    """The sparse-attention state of one attention module (see the module docstring). `streaming` is
-    not a persistent buffer: the sparsity spec is its one home on disk."""
+    """The sparse-attention state of one attention module (see the module docstring), fixed from
+    install to removal. `streaming` is not a persistent buffer: the sparsity spec is its one home on disk."""
 
     def __init__(self, kv_heads: int, sink: int, window: int, streaming=(), previous_attention: str = "sdpa"):
         super().__init__()
@@ -77,8 +114,6 @@ class AttentionHeads(nn.Module):
         mask[list(streaming)] = True
         self.register_buffer("streaming", mask, persistent=False)
         self.any_streaming = bool(mask.any())  # on the host: the forward never reads the buffer to decide
-        self.gate: nn.Parameter | None = None
-        self.recorder: HeadStatistics | None = None
 
     @property
     def kv_heads(self) -> int:
@@ -150,13 +185,34 @@ def _installed_previous(model: nn.Module) -> str | None:
     return installed[0][1].previous_attention if installed else None
 
 
+def register_attention() -> None:
+    """Register the attention function, and the boolean masks sdpa gets, under ATTENTION with
+    transformers (its registries are global; registering again replaces the entry with itself)."""
+    AttentionInterface.register(ATTENTION, heads_attention)
+    AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+
+
 def _use_registered_attention(model: nn.Module) -> None:
     if model.config._attn_implementation == ATTENTION:
         return
     if not model._can_set_attn_implementation():
         raise ValueError(f"{type(model).__name__} does not run attention through transformers' AttentionInterface, "
                          "so its heads cannot stream")
+    register_attention()
     model.set_attn_implementation(ATTENTION)
+
+
+@contextmanager
+def registered_attention(model: nn.Module):
+    """`model` on the registered function for the block (to measure or gate it with a probe or gates
+    passed to its forward), back on its own implementation after, heads installed or not."""
+    previous = model.config._attn_implementation
+    _use_registered_attention(model)
+    try:
+        yield model
+    finally:
+        if previous != ATTENTION:
+            model.set_attn_implementation(previous)
 
 
 def streaming_heads(model: nn.Module) -> dict[str, list[int]]:
@@ -212,31 +268,47 @@ def _sdpa(query, key, value, mask, scaling, dropout):
                                           enable_gqa=key.shape[1] != query.shape[1])
 
 
-def _recorded_attention(heads: AttentionHeads, query, key, value, allowed, local, scaling) -> torch.Tensor:
-    """Attention with its probabilities in the open (each head over the keys it sees: streaming heads
-    over sink + window), added to `heads.recorder` per KV head."""
-    groups = query.shape[1] // key.shape[1]
+def _recorded_attention(record: HeadStatistics, query, key, value, seen, measured, scaling) -> torch.Tensor:
+    """Attention with its probabilities in the open (each head over the keys it `seen`s: streaming
+    heads over their sink + window), added to `record` per KV head, with the mass inside `measured`."""
+    kv_heads, groups = key.shape[1], query.shape[1] // key.shape[1]
     key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
     scale = scaling if scaling is not None else 1 / math.sqrt(query.shape[-1])
-    seen = torch.where(_per_query_head(heads.streaming, groups), local, allowed)
     scores = (query.float() @ key.float().transpose(-1, -2)) * scale
     probs = scores.masked_fill(~seen, float("-inf")).softmax(-1)
-    shape = (probs.shape[0], heads.kv_heads, groups, *probs.shape[2:])  # [B, KV, G, L, S]
+    shape = (probs.shape[0], kv_heads, groups, *probs.shape[2:])  # [B, KV, G, L, S]
     grouped, seen = probs.reshape(shape), seen.expand(probs.shape).reshape(shape)
     over = (0, 2, 3, 4)
-    record = heads.recorder
     record.queries += float(shape[0] * groups * shape[3])
-    record.local_mass += (grouped * local.expand(probs.shape).reshape(shape)).sum(over).double().cpu()
+    record.local_mass += (grouped * measured.expand(probs.shape).reshape(shape)).sum(over).double().cpu()
     record.below_floor += ((grouped < PROBABILITY_FLOOR) & seen).sum(over).double().cpu()
     record.allowed += seen.sum(over).double().cpu()
     record.entropy += -(grouped * grouped.clamp(min=1e-30).log()).sum(over).double().cpu()
     return (probs @ value.float()).to(query.dtype)
 
 
+def _seen_keys(heads: AttentionHeads | None, allowed: torch.Tensor, groups: int) -> torch.Tensor:
+    """The keys each query head sees: its streaming KV head's sink + window, or every allowed key."""
+    if heads is None or not heads.any_streaming:
+        return allowed
+    local = sink_and_window(allowed, heads.sink, heads.window)
+    return torch.where(_per_query_head(heads.streaming, groups), local, allowed)
+
+
+def _gated_attention(gates: HeadGates, layer_idx: int, query, key, value, allowed, scaling, dropout) -> torch.Tensor:
+    """DuoAttention's mix per KV head: gate 1 is full attention, 0 streaming over the gates' sink + window."""
+    full = _sdpa(query, key, value, allowed, scaling, dropout)
+    stream = _sdpa(query, key, value, sink_and_window(allowed, gates.sink, gates.window), scaling, dropout)
+    gate = _per_query_head(gates.of_layer(layer_idx), query.shape[1] // key.shape[1]).to(full.dtype)
+    return stream + gate * (full - stream)
+
+
 def heads_attention(module: nn.Module, query: torch.Tensor, key, value, attention_mask: torch.Tensor | None,
-                    dropout: float = 0.0, scaling: float | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+                    dropout: float = 0.0, scaling: float | None = None, head_probe: HeadProbe | None = None,
+                    head_gates: HeadGates | None = None, **kwargs) -> tuple[torch.Tensor, None]:
     """The registered attention function: query [B, Hq, L, D], key/value [B, Hkv, S, D] (or BoundedKV);
-    returns [B, L, Hq, D] as transformers' attention functions do."""
+    returns [B, L, Hq, D] as transformers' attention functions do. `head_probe` and `head_gates` come
+    from the model's forward call (see the module docstring)."""
     heads: AttentionHeads | None = getattr(module, "attention_heads", None)
     unsupported = [name for name in UNSUPPORTED if kwargs.get(name) is not None]
     if unsupported:
@@ -245,20 +317,15 @@ def heads_attention(module: nn.Module, query: torch.Tensor, key, value, attentio
     if isinstance(key, BoundedKV):
         return _bounded_attention(heads, query, key, value, attention_mask, scaling).transpose(1, 2).contiguous(), None
     allowed = allowed_keys(attention_mask, query.shape[2], key.shape[2], query.device)
-    if heads is None or (heads.gate is None and heads.recorder is None and not heads.any_streaming):
-        return _sdpa(query, key, value, allowed, scaling, dropout).transpose(1, 2).contiguous(), None
     groups = query.shape[1] // key.shape[1]
-    local = sink_and_window(allowed, heads.sink, heads.window)
-    if heads.recorder is not None:
-        out = _recorded_attention(heads, query, key, value, allowed, local, scaling)
-    elif heads.gate is not None:  # DuoAttention's mix: gate 1 is full attention, 0 streaming
-        full = _sdpa(query, key, value, allowed, scaling, dropout)
-        stream = _sdpa(query, key, value, local, scaling, dropout)
-        gate = _per_query_head(heads.gate.clamp(0, 1), groups).to(full.dtype)
-        out = stream + gate * (full - stream)
+    if head_gates is not None:
+        out = _gated_attention(head_gates, module.layer_idx, query, key, value, allowed, scaling, dropout)
+    elif head_probe is not None:
+        record = head_probe.statistics(module.layer_idx, key.shape[1])
+        measured = sink_and_window(allowed, head_probe.sink, head_probe.window)
+        out = _recorded_attention(record, query, key, value, _seen_keys(heads, allowed, groups), measured, scaling)
     else:
-        out = _sdpa(query, key, value, torch.where(_per_query_head(heads.streaming, groups), local, allowed),
-                    scaling, dropout)
+        out = _sdpa(query, key, value, _seen_keys(heads, allowed, groups), scaling, dropout)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -282,121 +349,3 @@ def _bounded_attention(heads: AttentionHeads, query, key: BoundedKV, value: Boun
         out[:, key.streaming_heads] = _sdpa(part, key.streaming, value.streaming, kept, scaling, 0.0).reshape(
             batch, -1, grouped.shape[2], q_length, dim)
     return out.reshape(batch, -1, q_length, dim)
-
-
-AttentionInterface.register(ATTENTION, heads_attention)
-AttentionMaskInterface.register(ATTENTION, sdpa_mask)  # the same boolean masks sdpa gets
-
-
-# --- measuring and choosing heads ------------------------------------------------------------------
-
-@torch.no_grad()
-def head_statistics(model: nn.Module, blocks: torch.Tensor, sink: int, window: int) -> dict[str, dict[str, list[float]]]:
-    """{attention module name: HeadStatistics.summary()} of `model` on `blocks`, one block per forward
-    (the probabilities of a long block are large), measured as the model runs: a streaming head's
-    probabilities are over its sink and window (mass 1 inside them), a full head's over every key
-    (its mass inside sink + window is what streaming it would keep)."""
-    installed = {name: heads for name, heads in heads_of(model)}
-    if not installed:
-        install_heads(model, {}, sink, window)
-    recorders = {}
-    for name, heads in heads_of(model):
-        heads.recorder = recorders[name] = HeadStatistics(heads.kv_heads)
-        heads.sink, heads.window = sink, window
-    device = next(model.parameters()).device
-    try:
-        for block in blocks:
-            model(input_ids=block[None].to(device), use_cache=False)
-    finally:
-        for name, heads in heads_of(model):
-            heads.recorder = None
-            if name in installed:
-                heads.sink, heads.window = installed[name].sink, installed[name].window
-        if not installed:
-            remove_heads(model)
-    return {name: recorder.summary() for name, recorder in recorders.items()}
-
-
-def choose_streaming(scores: dict[str, list[float]], fraction: float, stream_highest: bool) -> dict[str, list[int]]:
-    """The `fraction` of all KV heads (rounded) with the highest (or lowest) score, model-wide, as
-    {attention module name: sorted KV head indices}; ties go to the earlier head."""
-    ranked = [(score, name, head) for name, values in scores.items() for head, score in enumerate(values)]
-    count = round(fraction * len(ranked))
-    order = sorted(range(len(ranked)), key=lambda i: (-ranked[i][0] if stream_highest else ranked[i][0], i))
-    chosen: dict[str, list[int]] = {}
-    for i in order[:count]:
-        _, name, head = ranked[i]
-        chosen.setdefault(name, []).append(head)
-    return {name: sorted(chosen[name]) for name in scores if name in chosen}
-
-
-@dataclass
-class KVBytes:
-    dense: int
-    sparse: int
-
-    @property
-    def ratio(self) -> float:
-        return self.sparse / self.dense
-
-
-def kv_cache_bytes(model: nn.Module, streaming: dict[str, list[int]], context: int, sink: int, window: int,
-                   bytes_per_value: int = 2) -> KVBytes:
-    """Keys and values held at `context` tokens, dense against streaming heads that keep sink + window
-    (the working set of the next decode step: what it reads)."""
-    modules = attention_modules(model)
-    kv_heads, size = kv_head_count(model), head_dim(modules[0][1])
-    per_position = 2 * size * bytes_per_value  # a key and a value
-    dense = len(modules) * kv_heads * context * per_position
-    streamed = sum(len(heads) for heads in streaming.values())
-    sparse = dense - streamed * (context - min(context, sink + window)) * per_position
-    return KVBytes(dense, sparse)
-
-
-@dataclass
-class GateTraining:
-    """What select=distill learned: the gate of every KV head per module, and a row per step."""
-
-    gates: dict[str, list[float]]
-    history: list[dict] = field(default_factory=list)
-
-
-def train_gates(student: nn.Module, teacher: nn.Module, blocks: torch.Tensor, attention: AttentionConfig,
-                seed: int = 0) -> GateTraining:
-    """DuoAttention's head selection against the teacher: every KV head of `student` mixes full and
-    streaming attention by a gate (starting at 1, full), and only the gates train, on
-    KL(teacher || student) + gate_penalty * mean(gate), the L1 push towards streaming; gates are
-    clamped to [0, 1] after each step. The student is left as it came (no heads installed)."""
-    install_heads(student, {}, attention.sink, attention.window)
-    modules = heads_of(student)
-    device = next(student.parameters()).device
-    trainable = [parameter for parameter in student.parameters() if parameter.requires_grad]
-    student.requires_grad_(False)
-    for _, heads in modules:
-        heads.gate = nn.Parameter(torch.ones(heads.kv_heads, device=device))
-    gates = [heads.gate for _, heads in modules]
-    optimizer = torch.optim.AdamW(gates, lr=attention.gate_lr, weight_decay=0.0)
-    generator = torch.Generator().manual_seed(seed)
-    history = []
-    try:
-        for step in range(attention.gate_steps):
-            input_ids = blocks[torch.randint(len(blocks), (attention.gate_batch_size,), generator=generator)].to(device)
-            with torch.no_grad():
-                target = teacher(input_ids=input_ids, use_cache=False).logits.float()
-            kl = forward_kl(student(input_ids=input_ids, use_cache=False).logits.float(), target)
-            mean_gate = torch.cat(gates).mean()
-            optimizer.zero_grad(set_to_none=True)
-            (kl + attention.gate_penalty * mean_gate).backward()
-            optimizer.step()
-            with torch.no_grad():
-                for gate in gates:
-                    gate.clamp_(0, 1)
-            history.append({"step": step + 1, "kl": float(kl.detach()), "mean_gate": float(torch.cat(gates).detach().mean())})
-        learned = {name: heads.gate.detach().cpu().tolist() for name, heads in modules}
-    finally:
-        for _, heads in modules:
-            heads.gate = None
-        remove_heads(student)
-        for parameter in trainable:
-            parameter.requires_grad_(True)
-    return GateTraining(learned, history)

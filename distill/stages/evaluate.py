@@ -25,7 +25,7 @@ from distill.export.model_card import StudentFacts, model_card, write_model_card
 from distill.eval.report import RUNTIME, card_tables, markdown, plot, quality_table
 from distill.run.artifacts import STUDENT_DIR, read_metrics, read_summary, read_token_blocks
 from distill.sparsity.spec import SparsitySpec, read_sparsity_spec
-from distill.sparsity.attention import head_statistics, kv_cache_bytes
+from distill.sparsity.head_selection import head_statistics, kv_cache_bytes
 from distill.sparsity.masks import masked_modules, masked_weight
 from distill.student import apply_runtime_sparsity, load_student
 from distill.eval.zero_shot import zero_shot_accuracy

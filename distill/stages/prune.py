@@ -11,7 +11,7 @@ criterion:
 A projection whose input size is not a multiple of M is refused or left dense (prune.incompatible).
 With attention.streaming_fraction > 0, that fraction of the student's KV heads is chosen to stream
 (sink + window only): by the attention mass those heads already keep (select=mass), or by gates
-trained against the teacher (select=distill, DuoAttention); see distill.sparsity.attention. Then,
+trained against the teacher (select=distill, DuoAttention); see distill.sparsity.head_selection. Then,
 with activations.target > 0, input thresholds are calibrated on the student as it now runs.
 With prune.permute, the intermediate channels of every gated MLP are first reordered so that
 down_proj's N:M groups keep more of the Wanda (or, for magnitude, |W|) score (distill.sparsity.permutation);
@@ -33,11 +33,13 @@ from distill.run.pipeline import StageContext
 from distill.sparsity.pruning import (DENSE_WARNING_FRACTION, GRADIENT_CRITERIA, incompatible_projections, masks_from_scores,
                              permute_mlp_channels_for_nm, pruning_coverage, weight_scores)
 from distill.sparsity.activations import calibrate_thresholds, install_thresholds
-from distill.sparsity.attention import choose_streaming, head_statistics, install_heads, train_gates
+from distill.sparsity.attention import install_heads
+from distill.sparsity.head_selection import choose_streaming, head_statistics
 from distill.sparsity.criteria import gradient_saliency, sparsegpt_masks
 from distill.sparsity.masks import install_masks, sparsity_report
 from distill.sparsity.patterns import Pattern
 from distill.student import save_student
+from distill.train.head_gates import train_gates
 
 
 def run(ctx: StageContext) -> dict:
@@ -107,7 +109,8 @@ def _choose_streaming_heads(ctx: StageContext, model: torch.nn.Module, calibrati
     attention, accelerator = ctx.config.attention, ctx.accelerator
     if attention.select is HeadSelection.DISTILL:
         teacher = load_teacher(ctx.config.teacher, accelerator.device)
-        learned = train_gates(model.to(accelerator.device), teacher, calibration, attention, ctx.config.run.seed)
+        learned = train_gates(model.to(accelerator.device), teacher, calibration, attention, accelerator,
+                              ctx.config.run.seed)
         model.cpu()
         del teacher
         scores, history = learned.gates, learned.history

@@ -1,7 +1,7 @@
-"""The packed export through transformers' own loader (distill.export.hf_quantizer): after `import
-distill`, AutoModelForCausalLM.from_pretrained returns the runtime model (Sparse24Linear projections,
-input thresholds, streaming heads), pipeline() runs it, and save_pretrained writes the same packed
-tensors again."""
+"""The packed export through transformers' own loader (distill.export.hf_quantizer): after
+`distill.enable_transformers_loading()`, AutoModelForCausalLM.from_pretrained returns the runtime model
+(Sparse24Linear projections, input thresholds, streaming heads), pipeline() runs it, and
+save_pretrained writes the same packed tensors again."""
 
 import json
 import subprocess
@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
-import distill  # noqa: F401  (registers the quantization method)
+import distill
 from distill.sparsity.spec import SparsitySpec, StreamingHeads
 from distill.config import PROJECTIONS
 from distill.runtime import Sparse24Linear, StreamingCache, load_sparse_model
@@ -28,7 +28,8 @@ from distill.targets import target_linears
 @pytest.fixture(scope="module")
 def packed_dir(tmp_path_factory, tiny_teacher):
     """A packed 2:4 export of the tiny Llama with input thresholds on two projections and one
-    streaming KV head, plus its tokenizer."""
+    streaming KV head, plus its tokenizer; transformers loads it once the method is registered."""
+    distill.enable_transformers_loading()
     model = AutoModelForCausalLM.from_pretrained(tiny_teacher, dtype=torch.float32)
     masks = {name: nm_mask(linear.weight.abs(), 2, 4) for name, linear in target_linears(model, PROJECTIONS)}
     dense = remove_masks(install_masks(model, masks))
@@ -62,21 +63,28 @@ def test_from_pretrained_returns_the_runtime_model(packed_dir):
     assert len(generator("The", max_new_tokens=4, do_sample=False)[0]["generated_text"]) > len("The")
 
 
-def test_import_distill_is_light_and_registers_the_method_when_transformers_loads_models(packed_dir):
+def test_import_distill_is_light_and_loading_needs_the_one_explicit_call(packed_dir):
     """In a fresh interpreter: `import distill` loads neither torch nor transformers (the CLI
-    reports a bad config before they load), and from_pretrained still finds the method."""
+    reports a bad config before they load) and changes no import machinery; from_pretrained knows
+    the method after distill.enable_transformers_loading(), and not before (transformers then loads
+    the pruned projections as plain, randomly initialized Linear layers)."""
     directory, _ = packed_dir
     script = f"""
 import sys
+finders = list(sys.meta_path)
 import distill
 assert "torch" not in sys.modules and "transformers" not in sys.modules, "import distill loaded torch"
+assert sys.meta_path == finders, "import distill installed an import hook"
 from transformers import AutoModelForCausalLM
-model = AutoModelForCausalLM.from_pretrained({str(directory)!r})
-print(type(model.model.layers[0].mlp.down_proj).__name__)
+before = AutoModelForCausalLM.from_pretrained({str(directory)!r})
+distill.enable_transformers_loading()
+distill.enable_transformers_loading()  # a second call does nothing
+after = AutoModelForCausalLM.from_pretrained({str(directory)!r})
+print(type(before.model.layers[0].mlp.down_proj).__name__, type(after.model.layers[0].mlp.down_proj).__name__)
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.split() == ["Sparse24Linear"]
+    assert result.stdout.split() == ["Linear", "Sparse24Linear"]
 
 
 def test_save_pretrained_writes_the_packed_format_again(packed_dir, tmp_path):

@@ -1,6 +1,8 @@
 """The runtime on a whole model: a packed 2:4 export of a tiny Llama loads with Sparse24Linear
 projections, the dispatcher picks paths per M, and the logits match the dense-with-zeros model."""
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -30,10 +32,10 @@ def test_reference_path_reproduces_the_dense_model_exactly(packed_student):
     model = load_sparse_model(directory)
     assert sum(isinstance(module, Sparse24Linear) for module in model.modules()) == len(masked) == 14
     ids = torch.randint(0, dense.config.vocab_size, (2, 24))
-    with torch.no_grad():
+    with torch.no_grad(), paths_taken(model) as paths:
         assert torch.equal(model(input_ids=ids).logits, dense(input_ids=ids).logits)
     # no crossover table: the exact product (reference on CPU, dense under Triton's interpreter)
-    assert {module.last_path for module in model.modules() if isinstance(module, Sparse24Linear)} <= {"reference", "dense"}
+    assert paths and paths <= {"reference", "dense"}
 
 
 def test_table_paths_per_m_and_the_triton_path_on_a_whole_model(packed_student):
@@ -44,14 +46,27 @@ def test_table_paths_per_m_and_the_triton_path_on_a_whole_model(packed_student):
                                                   for shape in shapes})
     model = load_sparse_model(directory, table=table)
     ids = torch.randint(0, dense.config.vocab_size, (1, 12))
-    with torch.no_grad():
+    with torch.no_grad(), paths_taken(model) as paths:
         actual, expected = model(input_ids=ids).logits, dense(input_ids=ids).logits.double()
-    paths = {module.last_path for module in model.modules() if isinstance(module, Sparse24Linear)}
     assert paths == ({"triton"} if torch.cuda.is_available() or _interpreted() else {"reference"})
     assert float((actual.double() - expected).norm() / expected.norm()) < 1e-5
-    with torch.no_grad():
+    with torch.no_grad(), paths_taken(model) as paths:
         model(input_ids=torch.randint(0, dense.config.vocab_size, (2, 12)))  # M = 24 > 16
-    assert {module.last_path for module in model.modules() if isinstance(module, Sparse24Linear)} <= {"dense", "reference"}
+    assert paths and paths <= {"dense", "reference"}
+
+
+@contextmanager
+def paths_taken(model):
+    """The kernel paths the model's Sparse24Linear projections take in the block's forwards, as the
+    dispatcher answers for each input they receive."""
+    paths = set()
+    hooks = [module.register_forward_pre_hook(lambda module, args: paths.add(module.kernel_path(args[0])))
+             for module in model.modules() if isinstance(module, Sparse24Linear)]
+    try:
+        yield paths
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def _interpreted():
@@ -91,5 +106,6 @@ def test_static_cache_generation_compiles_into_one_graph_and_matches_dense(packe
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1, "the decode step was not compiled"
     assert sparse_tokens.shape == (2, 13)
     assert torch.equal(sparse_tokens, dense_tokens)
-    if _interpreted():
-        assert {module.last_path for module in model.modules() if isinstance(module, Sparse24Linear)} == {"triton"}
+    if _interpreted():  # what a decode step's inputs (M = 2) run on
+        assert {module.kernel_path(torch.zeros(2, module.in_features)) for module in model.modules()
+                if isinstance(module, Sparse24Linear)} == {"triton"}
