@@ -40,6 +40,8 @@ from distill.eval.scoring import score_models
 from distill.models import load_teacher, load_tokenizer
 from distill.sparsity.masks import install_masks
 from distill.sparsity.pruning import masks_from_scores, weight_scores
+from distill.run.artifacts import read_distill_record
+from distill.targets import resolve_targets
 
 REPO = Path(__file__).resolve().parents[1]
 WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2"
@@ -77,10 +79,10 @@ def distill_variants(args) -> int:
             print(f"variant {name} failed:\n{result.stderr[-3000:]}", file=sys.stderr)
             return 1
         report = json.loads((run_dir / "evaluate" / "report.json").read_text())["sources"]["test"]
-        distill = json.loads((run_dir / "distill" / "manifest.json").read_text())
+        distill = json.loads((run_dir / "distill" / "manifest.json").read_text())  # the seconds it ran
         rows.append({"variant": name, "overrides": DISTILL_VARIANTS[name], "teacher_ppl": report["teacher"]["ppl"],
                      "oneshot_ppl": report["oneshot"]["ppl"], "student_ppl": report["student"]["ppl"],
-                     "student_kl": report["student"]["kl"], "tokens": distill["summary"]["tokens"],
+                     "student_kl": report["student"]["kl"], "tokens": read_distill_record(run_dir / "distill").tokens,
                      "distill_seconds": distill["seconds"], "wall_seconds": time.time() - started})
         print(f"{name}: student {rows[-1]['student_ppl']:.2f} (one-shot {rows[-1]['oneshot_ppl']:.2f}), "
               f"distill {distill['seconds']:.0f} s", flush=True)
@@ -106,8 +108,8 @@ def pruned_student(criterion: str, n: int, m: int, calibration: torch.Tensor, ac
             scores = gradient_saliency(model, calibration, PROJECTIONS, accelerator, criterion)
         else:
             statistics = input_square_sums(model, calibration, PROJECTIONS, accelerator) if criterion == "wanda" else {}
-            scores = weight_scores(model, prune, statistics)
-        masks = masks_from_scores(model, prune, scores, dense={})
+            scores = weight_scores(model, prune, resolve_targets(model, PROJECTIONS), statistics)
+        masks = masks_from_scores(model, prune, resolve_targets(model, PROJECTIONS), scores, dense={})
     return install_masks(model, masks).eval()
 
 

@@ -1,6 +1,7 @@
 """distill: turn a dense Hugging Face causal LM into an N:M-sparse student recovered by distillation."""
 
-__version__ = "0.3.0"  # 0.3: manifests and checkpoints carry the checksums of their files (every stage runs again)
+__version__ = "0.3.1"  # 0.3: manifests and checkpoints carry the checksums of their files (every stage runs again)
+# 0.3.1: stages hand typed records downstream and sparsity.json carries the activation allocation (schema 4)
 
 
 # `import distill` loads neither torch nor transformers (they cost seconds, and the CLI reports a bad

@@ -130,6 +130,18 @@ def target_linears(model: nn.Module, targets: Sequence[str] = ALL, exclude: Sequ
             yield name, module
 
 
+def resolve_targets(model: nn.Module, targets: Sequence[str] = ALL, exclude: Sequence[str] = ()) -> list[str]:
+    """The full names of the decoder projections `targets` selects and `exclude` does not: the globs
+    resolved once, so that every later step works on the same list (the prune stage records it)."""
+    return [name for name, _ in target_linears(model, targets, exclude)]
+
+
+def named_linears(model: nn.Module, names: Sequence[str]) -> Iterator[tuple[str, nn.Module]]:
+    """(name, module) of each of `names` (full names, as `resolve_targets` gives them), in that order."""
+    for name in names:
+        yield name, model.get_submodule(name)
+
+
 def conv1d_to_linear(conv: nn.Module) -> nn.Linear:
     """transformers' Conv1D (y = x @ W + b, W [in, out]) as the nn.Linear computing the same."""
     in_features, out_features = conv.weight.shape

@@ -24,7 +24,7 @@ from distill.sparsity.masks import install_masks, nm_mask, nm_violations, remove
 from distill.export.verify import save_in_hf_layout
 from distill.sparsity.pruning import incompatible_projections, pruning_coverage
 from distill.sparsity.structured import structured_masks
-from distill.targets import decoder_linears, linearize, target_linears
+from distill.targets import decoder_linears, linearize, resolve_targets, target_linears
 
 
 def _pruned_copy(model):
@@ -134,14 +134,14 @@ def test_weights_no_linear_holds_are_refused_by_name_or_kept_dense_and_listed_on
     """Mixtral's experts are 3-D parameters, not nn.Linear: never left dense in silence."""
     model = tiny_model("mixtral")
     with pytest.raises(DistillError) as refusal:
-        incompatible_projections(model, PruneConfig())
+        incompatible_projections(model, PruneConfig(), resolve_targets(model))
     message = str(refusal.value)
     assert "cannot prune model.layers.0.mlp.gate.weight: a 2-D weight [2, 64] outside any linear" in message
     assert "prune.incompatible=dense" in message and "\n" not in message
     kept = PruneConfig(incompatible="dense")
-    dense = incompatible_projections(model, kept)
+    dense = incompatible_projections(model, kept, resolve_targets(model))
     masks = {name: nm_mask(linear.weight.abs(), 2, 4) for name, linear in target_linears(model)}
-    coverage = pruning_coverage(model, kept, masks, dense)
+    coverage = pruning_coverage(model, kept, resolve_targets(model), masks, dense)
     assert coverage["pruned"] == coverage["decoder_linears"] == 8
     assert set(coverage["left_dense"]) == set(dense) == {f"model.layers.{i}.mlp.{name}" for i in range(2)
                                                          for name in ("gate.weight", "experts.gate_up_proj", "experts.down_proj")}

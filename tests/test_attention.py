@@ -259,7 +259,7 @@ def test_the_spec_carries_streaming_heads_and_older_specs_read_without(tmp_path)
     assert read_sparsity_spec(tmp_path) == spec
     write_sparsity_spec(tmp_path, SparsitySpec(NM(2, 4), ["a"]))
     assert read_sparsity_spec(tmp_path).streaming is None
-    (tmp_path / "sparsity.json").write_text('{"version": 3, "masked": [], "layout": "masked", "pattern": '
+    (tmp_path / "sparsity.json").write_text('{"version": 4, "masked": [], "layout": "masked", "pattern": '
                                             '{"kind": "nm", "n": 2, "m": 4}, "streaming": {"sink": 4}}')
     with pytest.raises(DistillError, match="corrupt file"):
         read_sparsity_spec(tmp_path)

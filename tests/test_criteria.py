@@ -10,7 +10,7 @@ from distill.config import PROJECTIONS, PruneConfig
 from distill.sparsity.criteria import gradient_saliency, sparsegpt_masks, sparsegpt_nm
 from distill.data.corpus import pack, tokenize_files
 from distill.sparsity.masks import nm_mask, nm_violations
-from distill.targets import target_linears
+from distill.targets import resolve_targets, target_linears
 from distill.sparsity.pruning import masks_from_scores
 
 
@@ -31,7 +31,8 @@ def test_gradient_criteria_give_valid_nm_masks(tiny_teacher, calibration, kind, 
     scores = gradient_saliency(model, calibration, PROJECTIONS, Accelerator(cpu=True), kind)
     assert set(scores) == {name for name, _ in target_linears(model, PROJECTIONS)}
     assert all(float(score.sum()) > 0 for score in scores.values())
-    masks = masks_from_scores(model, PruneConfig(criterion=kind, n=n, m=m), scores, dense={})
+    masks = masks_from_scores(model, PruneConfig(criterion=kind, n=n, m=m), resolve_targets(model, PROJECTIONS), scores,
+                              dense={})
     for name, mask in masks.items():
         rows, cols = mask.shape
         assert bool((mask.reshape(rows, cols // m, m).sum(-1) == n).all()), name

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from conftest import REPO, TEST_TEXT, launch, launch_command, pipeline_processes, run_pipeline, tiny_config, write_config
-from distill.run.artifacts import read_token_blocks
+from distill.run.artifacts import read_distill_record, read_prune_record, read_token_blocks
 from distill.sparsity.spec import read_sparsity_spec
 from distill.sparsity.packing import load_packed
 from distill.sparsity.masks import nm_violations
@@ -70,7 +70,9 @@ def test_pipeline_writes_every_stage_and_a_complete_report(finished_run):
     assert len(report["sparsity"]) == 14  # 7 projections x 2 layers
     assert all(value == pytest.approx(0.5, abs=1e-6) for value in report["sparsity"].values())
     assert (run_dir / "evaluate" / "report.png").stat().st_size > 10_000
-    gains = json.loads((run_dir / "prune" / "manifest.json").read_text())["summary"]["permutation_gain"]
+    pruned = read_prune_record(run_dir / "prune")
+    assert len(pruned.targets) == 14 and pruned.coverage == report["coverage"]
+    gains = pruned.permutation_gain
     assert len(gains) == 2 and all(gain >= 0 for gain in gains.values()) and max(gains.values()) > 0
     assert "| test |" in (run_dir / "evaluate" / "report.md").read_text()
     assert "| test |" in result.stdout  # the table is printed last
@@ -104,6 +106,9 @@ def test_activation_sparsity_is_measured_trained_under_and_exported(finished_run
     spec = read_sparsity_spec(run_dir / "export" / "packed")
     assert spec.layout.value == "nm_packed.v2" and len(spec.input_thresholds) == 14
     assert spec.input_thresholds == read_sparsity_spec(run_dir / "distill" / "student").input_thresholds
+    # the allocation the thresholds were calibrated to travels with them, one fraction per input
+    assert len(spec.input_allocation) == 8 and spec.input_allocation == read_sparsity_spec(
+        run_dir / "prune" / "student").input_allocation
     sparse = load_sparse_model(run_dir / "export" / "packed")
     assert thresholded(sparse) == pytest.approx(spec.input_thresholds)
     plain = AutoModelForCausalLM.from_pretrained(run_dir / "export" / "hf").eval()
@@ -121,7 +126,7 @@ def test_attention_sparsity_is_chosen_measured_exported_and_decoded_with_a_bound
     from distill.sparsity.attention import streaming_heads
 
     _, run_dir, _ = finished_run
-    summary = json.loads((run_dir / "prune" / "manifest.json").read_text())["summary"]["streaming"]
+    summary = read_prune_record(run_dir / "prune").head_selection
     assert summary["select"] == "distill" and len(summary["gate_history"]) == 3
     spec = read_sparsity_spec(run_dir / "distill" / "student")
     assert spec.streaming.count() == 2 and (spec.streaming.sink, spec.streaming.window) == (2, 8)  # half of 2 x 2
@@ -423,9 +428,9 @@ def test_two_processes_follow_the_same_loss_curve_as_one(tmp_path, tiny_teacher,
     two = _ranks_config(tmp_path, tiny_teacher, "two", teacher_topk, sharding)
     result = run_pipeline(two, processes=2)
     assert result.stdout.count("[distill] finished") == 1, "only the main process prints"
-    summary = json.loads((tmp_path / "runs" / "two" / "distill" / "manifest.json").read_text())["summary"]
-    assert summary["sharding"] == sharding and summary["masked_weights_zero"] is True
-    assert summary.get("teacher_layers_sharded") == (None if teacher_topk else sharding == "fsdp")
+    record = read_distill_record(tmp_path / "runs" / "two" / "distill")
+    assert record.sharding == sharding and record.masked_weights_zero is True
+    assert record.teacher_layers_sharded == (None if teacher_topk else sharding == "fsdp")
     not_loaded = "the teacher is not loaded"
     assert (not_loaded in one_stdout) == (not_loaded in result.stdout) == bool(teacher_topk)
     if teacher_topk:
@@ -437,8 +442,7 @@ def test_two_processes_follow_the_same_loss_curve_as_one(tmp_path, tiny_teacher,
         assert bool((cache_one["logp"][..., :-1] >= cache_one["logp"][..., 1:]).all()), "most likely first"
         mass = cache_one["logp"].float().exp().sum(-1)
         assert bool((mass > 0).all()) and bool((mass <= 1.001).all())
-    manifest = json.loads((tmp_path / "runs" / "two" / "distill" / "manifest.json").read_text())
-    assert manifest["summary"]["processes"] == 2, "two ranks really trained"
+    assert record.processes == 2, "two ranks really trained"
     curve_one, curve_two = metrics(one_dir), metrics(tmp_path / "runs" / "two")
     assert [row["step"] for row in curve_one] == [row["step"] for row in curve_two] == list(range(1, 7))
     # the tiny random teacher is nearly uniform over 49k tokens, so its top-16 hold ~0.03% of the mass

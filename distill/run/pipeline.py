@@ -66,7 +66,8 @@ class Stage:
     name: str
     config_keys: tuple[str, ...]  # dotted config paths this stage depends on
     upstream: tuple[str, ...]  # stages whose output it reads
-    run: Callable[[StageContext], dict]  # returns a summary kept in the manifest
+    # returns a summary kept in the manifest, for people: what later stages read is a record (distill.run.artifacts)
+    run: Callable[[StageContext], dict]
     input_files: Callable[[Config], list[str]] = field(default=lambda config: [])
     # whether its results depend on the precision it computes in (for this config): then the effective
     # precision is part of its fingerprint

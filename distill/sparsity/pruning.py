@@ -7,6 +7,7 @@ orchestrates these; benchmarks and tests call them directly.
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 
@@ -16,14 +17,15 @@ from distill.errors import DistillError
 from distill.sparsity.patterns import Pattern, Unstructured, global_unstructured_masks
 from distill.sparsity.permutation import gated_mlps, kept_score, nm_channel_permutation, permute_mlp_channels
 from distill.sparsity.structured import structured_masks
-from distill.targets import decoder_linears, matches, target_linears, unprunable_weights
+from distill.targets import decoder_linears, matches, named_linears, unprunable_weights
 
 GRADIENT_CRITERIA = (Criterion.TAYLOR, Criterion.FISHER)
 
 
-def incompatible_projections(model: torch.nn.Module, prune: PruneConfig) -> dict[str, str]:
-    """{name: reason} for target projections that cannot take the pattern, and for matrix weights in
-    the decoder layers that no nn.Linear holds; raises unless they may stay dense."""
+def incompatible_projections(model: torch.nn.Module, prune: PruneConfig, targets: Sequence[str]) -> dict[str, str]:
+    """{name: reason} for the target projections (`targets`, resolved by distill.targets.resolve_targets)
+    that cannot take the pattern, and for matrix weights in the decoder layers that no nn.Linear holds;
+    raises unless they may stay dense."""
     pattern = Pattern.from_config(prune)
     dense = {}
     for name, shape in unprunable_weights(model).items():
@@ -32,7 +34,7 @@ def incompatible_projections(model: torch.nn.Module, prune: PruneConfig) -> dict
             raise DistillError(f"cannot prune {name}: {reason}, which distill does not prune yet (set "
                                f"prune.incompatible=dense to keep such weights dense, listed in the report)")
         dense[name] = reason
-    for name, linear in target_linears(model, prune.targets, prune.exclude):
+    for name, linear in named_linears(model, targets):
         reason = pattern.incompatible(tuple(linear.weight.shape))
         if reason:
             if prune.incompatible is Incompatible.ERROR:
@@ -41,10 +43,11 @@ def incompatible_projections(model: torch.nn.Module, prune: PruneConfig) -> dict
     return dense
 
 
-def masks_from_scores(model: torch.nn.Module, prune: PruneConfig, scores: dict[str, torch.Tensor], dense: dict) -> dict:
+def masks_from_scores(model: torch.nn.Module, prune: PruneConfig, targets: Sequence[str], scores: dict[str, torch.Tensor],
+                      dense: dict) -> dict:
     pattern = Pattern.from_config(prune)
     chosen = {}
-    for name, linear in target_linears(model, prune.targets, prune.exclude):
+    for name, linear in named_linears(model, targets):
         if name in dense:
             continue
         if name not in scores:
@@ -59,21 +62,22 @@ def masks_from_scores(model: torch.nn.Module, prune: PruneConfig, scores: dict[s
     return {name: pattern.mask(score) for name, score in chosen.items()}
 
 
-def weight_scores(model: torch.nn.Module, prune: PruneConfig, statistics: dict[str, torch.Tensor]) -> dict:
+def weight_scores(model: torch.nn.Module, prune: PruneConfig, targets: Sequence[str],
+                  statistics: dict[str, torch.Tensor]) -> dict:
     """Scores of the criteria computed from weights (and the teacher stage's input statistics)."""
     scores = {}
-    for name, linear in target_linears(model, prune.targets, prune.exclude):
+    for name, linear in named_linears(model, targets):
         if prune.criterion is Criterion.WANDA and name not in statistics:
             continue
         scores[name] = wanda_score(linear.weight, statistics[name] if prune.criterion is Criterion.WANDA else None)
     return scores
 
 
-def permute_mlp_channels_for_nm(model: torch.nn.Module, prune: PruneConfig, statistics: dict[str, torch.Tensor],
-                                skip: set[str]) -> dict[str, float]:
+def permute_mlp_channels_for_nm(model: torch.nn.Module, prune: PruneConfig, targets: Sequence[str],
+                                statistics: dict[str, torch.Tensor], skip: set[str]) -> dict[str, float]:
     """Reorder each gated MLP's intermediate channels (in place, with down_proj's input statistics)
     so down_proj's N:M mask keeps more score; returns {mlp name: relative gain in kept score}."""
-    targets = dict(target_linears(model, prune.targets, prune.exclude))
+    targets = set(targets)
     gains = {}
     for name, mlp in gated_mlps(model):
         down = f"{name}.down_proj"
@@ -92,8 +96,11 @@ def permute_mlp_channels_for_nm(model: torch.nn.Module, prune: PruneConfig, stat
 DENSE_WARNING_FRACTION = 0.05
 
 
-def pruning_coverage(model: torch.nn.Module, prune: PruneConfig, masks: dict, dense: dict[str, str]) -> dict:
-    """How much of the decoder the masks cover: every decoder weight matrix left dense, with why."""
+def pruning_coverage(model: torch.nn.Module, prune: PruneConfig, targets: Sequence[str], masks: dict,
+                     dense: dict[str, str]) -> dict:
+    """How much of the decoder the masks cover: every decoder weight matrix left dense, with why (the
+    globs are matched only to say which of them left a projection out of `targets`)."""
+    targets = set(targets)
     left, linears, weights, pruned_weights, unasked = {}, 0, 0, 0, 0
     for name, path, module in decoder_linears(model):
         linears += 1
@@ -101,10 +108,8 @@ def pruning_coverage(model: torch.nn.Module, prune: PruneConfig, masks: dict, de
         if name in masks:
             pruned_weights += module.weight.numel()
             continue
-        if matches(name, path, prune.exclude):
-            left[name] = "excluded by prune.exclude"
-        elif not matches(name, path, prune.targets):
-            left[name] = "not among prune.targets"
+        if name not in targets:
+            left[name] = "excluded by prune.exclude" if matches(name, path, prune.exclude) else "not among prune.targets"
         else:
             left[name] = dense.get(name, "no mask was chosen for it")
             unasked += module.weight.numel()

@@ -55,8 +55,8 @@ class StreamingHeads:
 class SparsitySpec:
     """What a sparse model dir holds: its pattern, which projections carry masks, which were left
     dense and why, the criterion that chose the masks, how the weights are laid out, and the input
-    threshold of every projection whose small inputs are zeroed (activation sparsity), and the
-    streaming attention heads (attention sparsity)."""
+    threshold of every projection whose small inputs are zeroed (activation sparsity) with the
+    allocation they were calibrated to, and the streaming attention heads (attention sparsity)."""
 
     pattern: Pattern
     masked: list[str]
@@ -65,13 +65,17 @@ class SparsitySpec:
     dense: dict[str, str] = field(default_factory=dict)
     input_thresholds: dict[str, float] = field(default_factory=dict)
     streaming: StreamingHeads | None = None
+    # {input (its first projection's name): the fraction of its entries the thresholds zero}: what a
+    # re-calibration of the thresholds aims at again (version 4 added it)
+    input_allocation: dict[str, float] = field(default_factory=dict)
 
-    VERSION = 3  # the schema this distill writes and reads; a dir of another is refused, never upgraded
+    VERSION = 4  # the schema this distill writes and reads; a dir of another is refused, never upgraded
 
     def to_json(self) -> dict:
         return {"schema": "distill.sparsity", "version": self.VERSION, "layout": self.layout.value,
                 "pattern": self.pattern.to_spec(), "criterion": self.criterion.value if self.criterion else None,
                 "masked": list(self.masked), "dense": dict(self.dense), "input_thresholds": dict(self.input_thresholds),
+                "input_allocation": dict(self.input_allocation),
                 "streaming": self.streaming.to_json() if self.streaming else None}
 
     @classmethod
@@ -88,10 +92,12 @@ class SparsitySpec:
             pattern, layout = Pattern.from_spec(data["pattern"]), Layout(data["layout"])
             criterion = Criterion(data["criterion"]) if data.get("criterion") else None
             thresholds = {str(name): float(value) for name, value in (data.get("input_thresholds") or {}).items()}
+            allocation = {str(name): float(value) for name, value in (data.get("input_allocation") or {}).items()}
             streaming = StreamingHeads.from_json(data["streaming"]) if data.get("streaming") else None
         except (KeyError, ValueError, TypeError, AttributeError) as error:
             raise DistillError(f"corrupt file {path}: {type(error).__name__} {error}") from None
-        return cls(pattern, list(data["masked"]), layout, criterion, dict(data.get("dense") or {}), thresholds, streaming)
+        return cls(pattern, list(data["masked"]), layout, criterion, dict(data.get("dense") or {}), thresholds, streaming,
+                   allocation)
 
     def replace(self, **changes) -> "SparsitySpec":
         return dataclasses.replace(self, **changes)

@@ -23,7 +23,7 @@ from distill.models import load_teacher
 from distill.run.pipeline import StageContext
 from distill.export.model_card import StudentFacts, model_card, write_model_card
 from distill.eval.report import RUNTIME, card_tables, markdown, plot, quality_table
-from distill.run.artifacts import STUDENT_DIR, read_metrics, read_summary, read_token_blocks
+from distill.run.artifacts import STUDENT_DIR, ExportRecord, read_export_record, read_metrics, read_prune_record, read_token_blocks
 from distill.sparsity.spec import SparsitySpec, read_sparsity_spec
 from distill.sparsity.head_selection import head_statistics, kv_cache_bytes
 from distill.sparsity.masks import masked_modules, masked_weight
@@ -91,16 +91,15 @@ def run(ctx: StageContext) -> dict:
 
     trained = load_student(ctx.stage_dir("distill") / STUDENT_DIR)
     layers = layer_table(teacher, oneshot, trained)
-    export = read_summary(ctx.stage_dir("export"))
-    coverage = read_summary(ctx.stage_dir("prune")).get("coverage")
+    export = read_export_record(ctx.stage_dir("export"))
     report = {
         "sources": sources,
-        "export": export,
-        "coverage": coverage,
+        "export": export.to_json(),
+        "coverage": read_prune_record(ctx.stage_dir("prune")).coverage,
         "sparsity": {row["name"]: row["sparsity"] for row in layers},
         "layers": layers,
         "config": {"teacher": config.teacher.source, "criterion": config.prune.criterion,
-                   "pattern": export.get("pattern", ""), "steps": config.train.steps},
+                   "pattern": export.pattern, "steps": config.train.steps},
         "activations": activations,
         "attention": attention,
         "zero_shot": zero_shot,
@@ -109,23 +108,20 @@ def run(ctx: StageContext) -> dict:
     history = _training_history(ctx)
     plot(ctx.work_dir / "report.png", layers, history, activations, attention)
     write_text(ctx.work_dir / "report.md", markdown(report, history))
-    _complete_model_cards(ctx, report)
+    _complete_model_cards(ctx, export, report)
     ctx.log("\n" + quality_table(sources))
     ctx.log(f"[evaluate] report: {ctx.run_dir / 'evaluate' / 'report.md'}")
     return {name: {model: scores[model] for model in (*MODELS, RUNTIME) if model in scores}
             for name, scores in sources.items()}
 
 
-def _complete_model_cards(ctx: StageContext, report: dict) -> None:
+def _complete_model_cards(ctx: StageContext, export: ExportRecord, report: dict) -> None:
     """The export dirs' model cards again, now with the report's quality tables and its plot."""
-    facts = report["export"].get("card")
-    if not facts:  # exported before the export stage wrote cards
-        return
     for form in ("hf", "packed"):
         directory = ctx.stage_dir("export") / form
         if directory.is_dir():
             atomic_write(directory / CARD_PLOT, lambda temp: shutil.copyfile(ctx.work_dir / "report.png", temp))
-            write_model_card(directory, model_card(StudentFacts(**facts), form, card_tables(report), CARD_PLOT))
+            write_model_card(directory, model_card(StudentFacts(**export.card), form, card_tables(report), CARD_PLOT))
 
 
 def _exported_student(ctx: StageContext, dtype: torch.dtype) -> torch.nn.Module:

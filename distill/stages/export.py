@@ -21,7 +21,7 @@ import dataclasses
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from distill.run.artifacts import STUDENT_DIR, read_summary, read_token_blocks
+from distill.run.artifacts import STUDENT_DIR, ExportRecord, read_distill_record, read_token_blocks, write_export_record
 
 from distill.sparsity.spec import SparsitySpec, read_sparsity_spec
 from distill.errors import DistillError
@@ -39,7 +39,7 @@ from distill.student import check_finite, load_student
 def run(ctx: StageContext) -> dict:
     if not ctx.accelerator.is_main_process:
         return {}
-    summary = _export(ctx)
+    summary = _export(ctx)  # the record's fields, gathered as the export goes
     facts = _student_facts(ctx, read_sparsity_spec(ctx.stage_dir("distill") / STUDENT_DIR))
     summary["card"] = dataclasses.asdict(facts)
     for form in ("hf", "packed"):
@@ -50,7 +50,9 @@ def run(ctx: StageContext) -> dict:
         form = "packed" if (ctx.work_dir / "packed").is_dir() else "hf"
         summary["pushed"] = {"repo_id": repo_id, "dir": form, "url": push_to_hub(ctx.work_dir / form, repo_id)}
         ctx.log(f"[export] {form}/ uploaded to {repo_id}")
-    return summary
+    record = ExportRecord(**summary)
+    write_export_record(ctx.work_dir, record)
+    return record.to_json()
 
 
 def _student_facts(ctx: StageContext, spec: SparsitySpec) -> StudentFacts:
@@ -65,9 +67,9 @@ def _student_facts(ctx: StageContext, spec: SparsitySpec) -> StudentFacts:
     recipe = (f"{train.loss.divergence} to the teacher at temperature {train.loss.temperature:g}, AdamW at lr "
               f"{train.lr:g}, {train.global_batch_size} blocks of {config.data.block_size} tokens per step, "
               f"{train.masks.mode} masks")
-    tokens = read_summary(ctx.stage_dir("distill")).get("tokens", 0)
+    tokens = read_distill_record(ctx.stage_dir("distill")).tokens
     return StudentFacts(config.teacher.source, teacher_hub_id(config.teacher), teacher_license(config.teacher),
-                        spec.pattern.describe(), str(spec.criterion or "-"), train.steps, int(tokens), recipe,
+                        spec.pattern.describe(), str(spec.criterion or "-"), train.steps, tokens, recipe,
                         "; ".join(runtime))
 
 
@@ -93,7 +95,7 @@ def _export(ctx: StageContext) -> dict:
     summary = {"verified": True, "pattern": pattern.describe(), "masked": len(masked), "hf_dir": str(ctx.final_dir / hf_dir.name),
                "dense_bytes": sum(p.stat().st_size for p in hf_dir.glob("*.safetensors"))}
     if shrunk is not None:
-        summary["shrunk"] = shrunk
+        summary["shrunk"] = {key: list(sizes) for key, sizes in shrunk.items()}
         summary["note"] = (f"{pattern.describe()}: exported as a smaller dense model ("
                            + ", ".join(f"{key} {old} -> {new}" for key, (old, new) in shrunk.items() if old != new) + ")")
         ctx.log(f"[export] {summary['note']}")

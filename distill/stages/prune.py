@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from distill.run.artifacts import STUDENT_DIR, read_calibration, read_token_blocks
+from distill.run.artifacts import STUDENT_DIR, PruneRecord, read_calibration, read_token_blocks, write_prune_record
 
 from distill.sparsity.spec import SparsitySpec
 from distill.sparsity.calibration import calibration_blocks
@@ -39,6 +39,7 @@ from distill.sparsity.criteria import gradient_saliency, sparsegpt_masks
 from distill.sparsity.masks import install_masks, sparsity_report
 from distill.sparsity.patterns import Pattern
 from distill.student import save_student
+from distill.targets import resolve_targets
 from distill.train.head_gates import train_gates
 
 
@@ -50,30 +51,31 @@ def run(ctx: StageContext) -> dict:
         return {}
     device = accelerator.device if on_all_ranks else torch.device("cpu")
     model = load_teacher(config.teacher, device).float()
-    dense = incompatible_projections(model, prune)
+    targets = resolve_targets(model, prune.targets, prune.exclude)  # every step below, and later stages, use this list
+    dense = incompatible_projections(model, prune, targets)
     calibration = calibration_blocks(read_token_blocks(ctx.stage_dir("teacher")).train, config.calibration.num_blocks)
     statistics = read_calibration(ctx.stage_dir("teacher"))
     gains = {}
     if prune.permute:
-        gains = permute_mlp_channels_for_nm(model, prune, statistics, set(dense))
+        gains = permute_mlp_channels_for_nm(model, prune, targets, statistics, set(dense))
         if not gains:
             raise DistillError("config key 'prune.permute': no gated MLP (gate_proj, up_proj, down_proj) with down_proj "
                                "among prune.targets to permute")
         ctx.log(f"[prune] MLP channels permuted in {len(gains)} layers: down_proj keeps "
                 f"{100 * sum(gains.values()) / len(gains):+.2f}% score under {prune.n}:{prune.m} on average")
     if prune.criterion is Criterion.SPARSEGPT:
-        masks = sparsegpt_masks(model, calibration, prune.targets, prune.n, prune.m, skip=set(dense), exclude=prune.exclude)
+        masks = sparsegpt_masks(model, calibration, targets, prune.n, prune.m, skip=set(dense))
     else:
         if on_all_ranks:
-            scores = gradient_saliency(model, calibration, prune.targets, accelerator, prune.criterion, exclude=prune.exclude)
+            scores = gradient_saliency(model, calibration, targets, accelerator, prune.criterion)
         else:
-            scores = weight_scores(model, prune, statistics)
+            scores = weight_scores(model, prune, targets, statistics)
         if not accelerator.is_main_process:
             return {}
-        masks = masks_from_scores(model, prune, scores, dense)
+        masks = masks_from_scores(model, prune, targets, scores, dense)
     model = model.cpu()
     install_masks(model, masks)
-    coverage = pruning_coverage(model, prune, masks, dense)
+    coverage = pruning_coverage(model, prune, targets, masks, dense)
     ctx.log(f"[prune] {coverage['pruned']} of {coverage['decoder_linears']} decoder linear projections pruned, "
             f"{coverage['pruned_weight_fraction']:.1%} of the decoder's linear weights")
     for name, reason in coverage["left_dense"].items():
@@ -88,24 +90,18 @@ def run(ctx: StageContext) -> dict:
             streaming = _choose_streaming_heads(ctx, model, calibration)
         except ValueError as error:  # an architecture the registered attention function cannot run
             raise DistillError(f"config key 'attention.streaming_fraction': {error}") from None
-    activation_sparsity = _install_activation_thresholds(ctx, model, calibration) if config.activations.enabled else None
+    allocation = _install_activation_thresholds(ctx, model, calibration) if config.activations.enabled else {}
     save_student(model, ctx.work_dir / STUDENT_DIR, SparsitySpec(pattern, list(masks), criterion=prune.criterion,
-                                                                 dense=dense))
+                                                                 dense=dense, input_allocation=allocation))
     sparsity = sparsity_report(model)
     ctx.log(f"[prune] {prune.criterion} {pattern.describe()} masks on {len(masks)} projections")
-    summary = {"masked": len(masks), "dense": dense, "mean_sparsity": sum(sparsity.values()) / len(sparsity),
-               "coverage": coverage}
-    if gains:
-        summary["permutation_gain"] = gains
-    if streaming:
-        summary["streaming"] = streaming
-    if activation_sparsity:
-        summary["activation_sparsity"] = activation_sparsity
-    return summary
+    record = PruneRecord(targets, dense, coverage, sum(sparsity.values()) / len(sparsity), gains, streaming)
+    write_prune_record(ctx.work_dir, record)
+    return {"masked": len(masks), "targets": len(targets), "dense": dense, "mean_sparsity": record.mean_sparsity}
 
 
 def _choose_streaming_heads(ctx: StageContext, model: torch.nn.Module, calibration: torch.Tensor) -> dict:
-    """Install streaming heads on the one-shot student (attention.*); what chose them, for the summary."""
+    """Install streaming heads on the one-shot student (attention.*); what chose them, for the record."""
     attention, accelerator = ctx.config.attention, ctx.accelerator
     if attention.select is HeadSelection.DISTILL:
         teacher = load_teacher(ctx.config.teacher, accelerator.device)

@@ -10,6 +10,7 @@ how the masks behave is distill.sparsity.modes.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -22,7 +23,8 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
-from distill.run.artifacts import STUDENT_DIR, read_calibration, read_metrics, read_summary, read_teacher_topk, read_token_blocks, write_metrics
+from distill.run.artifacts import (STUDENT_DIR, DistillRecord, read_calibration, read_metrics, read_teacher_topk, read_token_blocks,
+                                   write_distill_record, write_metrics)
 
 from distill.sparsity.spec import SparsitySpec, read_sparsity_spec
 from distill.train.checkpoints import CHECKPOINTS, latest_checkpoint, resume, save_checkpoint
@@ -36,8 +38,8 @@ from distill.models import load_teacher
 from distill.train.objective import DistillationObjective, cached_teacher_outputs, teacher_outputs
 from distill.run.pipeline import StageContext
 from distill.train.sharding import ShardedCheckpoint, full_student_state, shard_objective, shard_teacher
-from distill.sparsity.activations import (calibrate_thresholds, install_thresholds, ramp_scale, ramped,
-                                          recalibrate_thresholds, set_thresholds, thresholded)
+from distill.sparsity.activations import (install_thresholds, ramp_scale, ramped, recalibrate_thresholds, set_thresholds,
+                                          thresholded)
 from distill.sparsity.masks import mask_rule, masked_modules, stored_weight
 from distill.sparsity.modes import FixedMasks, add_group_dropout, mask_upkeep, revive_pruned_weights
 from distill.student import load_student, nonfinite_problem, save_student
@@ -231,17 +233,11 @@ def _recalibrate_thresholds(ctx: StageContext, training: Training, done: int) ->
     activations, accelerator = ctx.config.activations, ctx.accelerator
     sharded_root = training.objective if training.sharded_checkpoint is not None else None
     blocks = training.calibration.to(accelerator.device)
-    sparsity = read_summary(ctx.stage_dir("prune")).get("activation_sparsity")
     scale = ramp_scale(done, activations.ramp_steps)
     with evaluating(training.student, sharded_root), accelerator.autocast():
-        if sparsity is None:  # a prune stage from before allocations were kept: allocate again, at the ramp's target
-            target = activations.target * scale
-            calibrated = calibrate_thresholds(training.student, blocks, activations, ctx.config.calibration.batch_size,
-                                              target)
-        else:
-            calibrated = recalibrate_thresholds(training.student, blocks, activations.where,
-                                                ramped(sparsity, done, activations.ramp_steps),
-                                                ctx.config.calibration.batch_size)
+        calibrated = recalibrate_thresholds(training.student, blocks, activations.where,
+                                            ramped(training.spec.input_allocation, done, activations.ramp_steps),
+                                            ctx.config.calibration.batch_size)
     install_thresholds(training.student, calibrated.groups, calibrated.thresholds, activations.straight_through)
     mean = sum(calibrated.thresholds.values()) / len(calibrated.thresholds)
     ramp = f", {scale:.0%} of the allocation" if activations.ramp_steps else ""
@@ -312,16 +308,24 @@ def _finish(ctx: StageContext, training: Training) -> dict:
         shutil.rmtree(checkpoints, ignore_errors=True)
     for tracker in accelerator.trackers:  # not end_training(): that would tear down the process group
         tracker.finish()
-    tokens = train.steps * train.global_batch_size * training.blocks.shape[1]
-    summary = {"steps": train.steps, "tokens": tokens, "processes": accelerator.num_processes,
-               "sharding": train.sharding.value, "final": training.history[-1] if training.history else {}}
+    record = _record(ctx, training, final)
+    if accelerator.is_main_process:
+        write_distill_record(ctx.work_dir, record)
+    return dataclasses.asdict(record)
+
+
+def _record(ctx: StageContext, training: Training, final: nn.Module | None) -> DistillRecord:
+    accelerator, train = ctx.accelerator, ctx.config.train
+    sharded = None
     if training.teacher is not None:
         layers = decoder_layers(training.teacher)[1]
-        summary["teacher_layers_sharded"] = all(isinstance(p, DTensor) for p in layers.parameters())
+        sharded = all(isinstance(p, DTensor) for p in layers.parameters())
+    zero = None
     if final is not None:
-        summary["masked_weights_zero"] = all(bool((stored_weight(module)[~mask_rule(module).mask] == 0).all())
-                                             for _, module in masked_modules(final))
-    return summary
+        zero = all(bool((stored_weight(module)[~mask_rule(module).mask] == 0).all()) for _, module in masked_modules(final))
+    return DistillRecord(train.steps, train.steps * train.global_batch_size * training.blocks.shape[1],
+                         accelerator.num_processes, train.sharding.value,
+                         training.history[-1] if training.history else {}, sharded, zero)
 
 
 def _unrecovered(history: list[dict], train) -> str | None:
