@@ -50,7 +50,7 @@ def thresholds_after_distill(run_dir: Path, target: float, activations: list[str
 
     from distill.run.artifacts import STUDENT_DIR, read_token_blocks
     from distill.sparsity.calibration import calibration_blocks
-    from distill.config import load_config
+    from distill.run.config_file import load_config
     from distill.data.corpus import pack, tokenize_files
     from distill.eval.scoring import activation_table, score_models, weighted_zero_fraction
     from distill.models import load_teacher, load_tokenizer

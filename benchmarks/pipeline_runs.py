@@ -12,7 +12,7 @@ RESULTS = REPO / "benchmarks" / "RESULTS.md"
 
 def run_pipeline(config: Path, name: str, overrides: list[str]) -> Path:
     """launch.sh on `config` as run `name` (the user's command); the run dir."""
-    from distill.config import load_config
+    from distill.run.config_file import load_config
 
     overrides = [f"run.name={name}", *overrides]
     result = subprocess.run(["bash", str(REPO / "launch.sh"), str(config), *overrides], cwd=REPO,

@@ -33,13 +33,14 @@ import torch
 from accelerate import Accelerator
 
 from distill.sparsity.calibration import calibration_blocks, input_square_sums
-from distill.config import PROJECTIONS, PruneConfig, TeacherConfig
+from distill.config import PROJECTIONS, TeacherConfig
 from distill.sparsity.criteria import gradient_saliency, sparsegpt_masks
 from distill.data.corpus import pack, tokenize_files
 from distill.eval.scoring import score_models
 from distill.models import load_teacher, load_tokenizer
 from distill.sparsity.masks import install_masks
 from distill.sparsity.pruning import masks_from_scores, weight_scores
+from distill.sparsity.prune_config import PruneConfig
 from distill.run.artifacts import read_distill_record
 from distill.targets import resolve_targets
 
@@ -61,7 +62,7 @@ DISTILL_VARIANTS = {
 
 def distill_variants(args) -> int:
     """Run the pipeline once per variant and tabulate wikitext-2 test perplexity."""
-    from distill.config import load_config
+    from distill.run.config_file import load_config
 
     names = args.variants.split(",")
     unknown = [name for name in names if name not in DISTILL_VARIANTS]

@@ -114,7 +114,8 @@ def pipeline_step_factory(teacher, student, masks, device, variant: str, chunk_t
     +compile compiles a copy of the teacher too, as the stage does)."""
     from accelerate import Accelerator
 
-    from distill.config import LossConfig, SpeedConfig, TrainConfig
+    from distill.config import SpeedConfig, TrainConfig
+    from distill.sections import LossConfig
     from distill.train.objective import DistillationObjective, teacher_outputs
     from distill.sparsity.masks import install_masks
     from distill.sparsity.modes import FixedMasks

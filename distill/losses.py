@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from distill.config import Divergence, LossConfig
 from distill.errors import DistillError
+from distill.sections import Divergence, LossConfig
 
 IGNORE = -100
 

@@ -16,8 +16,9 @@ import sys
 
 # only light imports here: a mistake in the config is reported before torch, transformers and
 # accelerate load (seconds on a busy machine)
-from distill.config import check_input_paths, load_config
+from distill.data.files import check_input_paths
 from distill.errors import DistillError, describe_os_error, report_refusal
+from distill.run.config_file import load_config
 
 REFUSED = 2  # the exit code of a refused input
 

@@ -4,7 +4,7 @@ on fresh random inputs, input groups found by running the model, and calibrated 
 import pytest
 import torch
 
-from distill.config import ActivationsConfig, Allocation
+from distill.sparsity.activations_config import ActivationsConfig, Allocation
 from distill.sparsity.activations import (InputThreshold, calibrate_thresholds, input_groups, input_statistics,
                                           install_thresholds, remove_thresholds, thresholded)
 

@@ -14,7 +14,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from architectures import ARCHITECTURES, tiny_model
 from conftest import run_pipeline, tiny_config, write_config
-from distill.config import LossConfig, PruneConfig
+from distill.sections import LossConfig
+from distill.sparsity.prune_config import PruneConfig
 from distill.errors import DistillError
 from distill.losses import IDENTITY, chunked_distillation_loss, distillation_loss, logit_transform
 from distill.sparsity.spec import SparsitySpec

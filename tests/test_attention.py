@@ -14,8 +14,8 @@ from accelerate import Accelerator
 
 from architectures import tiny_model
 from distill.sparsity.spec import SparsitySpec, StreamingHeads, read_sparsity_spec, write_sparsity_spec
-from distill.config import AttentionConfig, HeadSelection
 from distill.errors import DistillError
+from distill.sparsity.attention_config import AttentionConfig, HeadSelection
 from distill.sparsity.attention import (ATTENTION, AttentionHeads, HeadGates, HeadProbe, attention_modules, heads_attention,
                                         install_heads, remove_heads, streaming_heads)
 from distill.sparsity.head_selection import choose_streaming, head_statistics, kv_cache_bytes
@@ -275,7 +275,7 @@ def test_the_spec_carries_streaming_heads_and_older_specs_read_without(tmp_path)
 def test_attention_config_is_checked(tmp_path, change, message):
     import yaml
 
-    from distill.config import load_config
+    from distill.run.config_file import load_config
 
     base = {"teacher": {"source": "demo"},
             "data": {"block_size": 256, "sources": [{"name": "a", "kind": "files", "files": ["x.txt"]}]}}

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from conftest import REPO, launch, run_pipeline, tiny_config, write_config
-from distill.config import load_config
+from distill.run.config_file import load_config
 from distill.errors import DistillError
 
 
@@ -76,7 +76,7 @@ def test_bad_config_is_one_clear_error(tmp_path, text, overrides, message):
 
 def test_every_float_key_refuses_nan():
     """No float of the schema takes nan: each has a range, and nan passes every comparison-based check."""
-    from distill.config import config_from_dict
+    from distill.run.config_file import config_from_dict
 
     sources = {"data": {"sources": [{"name": "a", "kind": "files", "files": ["x.txt"]}]}}
     floats = float_keys(config_from_dict(sources), "")

@@ -2,7 +2,8 @@
 
 import pytest
 
-from distill.config import Config, TeacherConfig, config_from_dict
+from distill.config import Config, TeacherConfig
+from distill.run.config_file import config_from_dict
 from distill.run.config_view import UNFINGERPRINTED, ConfigView, missing_keys
 from distill.errors import DistillError
 from distill.run.pipeline import Pipeline
@@ -52,7 +53,7 @@ def test_every_activations_key_is_fingerprinted_by_the_stage_that_reads_it():
     calibrate them again, and a key added to the section must be given to one of the two."""
     import dataclasses
 
-    from distill.config import ActivationsConfig
+    from distill.sparsity.activations_config import ActivationsConfig
     from distill.run.config_view import covers
 
     by_name = {stage.name: stage for stage in STAGES}

@@ -6,7 +6,8 @@ from accelerate import Accelerator
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import VALID_TEXT
-from distill.config import PROJECTIONS, PruneConfig
+from distill.config import PROJECTIONS
+from distill.sparsity.prune_config import PruneConfig
 from distill.sparsity.criteria import gradient_saliency, sparsegpt_masks, sparsegpt_nm
 from distill.data.corpus import pack, tokenize_files
 from distill.sparsity.masks import nm_mask, nm_violations

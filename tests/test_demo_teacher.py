@@ -6,7 +6,8 @@ import torch
 from accelerate import Accelerator
 
 from conftest import TEST_TEXT, VALID_TEXT
-from distill.config import LossConfig, TeacherConfig
+from distill.config import TeacherConfig
+from distill.sections import LossConfig
 from distill.data.corpus import pack, tokenize_files
 from distill.eval.scoring import score_models
 from distill.losses import distillation_loss

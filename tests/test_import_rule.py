@@ -1,4 +1,4 @@
-"""The import rule of the layers (README, "Layout"): stages never import stages, and the library never
+"""The import rule of the layers (docs/ARCHITECTURE.md): stages never import stages, and the library never
 imports stages or benchmarks. Read from the source with ast, so a lazy import inside a function
 counts too."""
 
@@ -51,8 +51,9 @@ def test_the_library_never_imports_stages_or_benchmarks():
 # below it, never one above. Each entry is a top-level module or a package.
 LAYERS = [
     ("distill.errors", "distill.io", "distill.precision", "distill.targets"),
-    ("distill.config", "distill.losses"),
+    ("distill.sections", "distill.losses"),
     ("distill.sparsity",),
+    ("distill.config",),
     ("distill.runtime", "distill.data", "distill.models", "distill.student"),
     ("distill.run",),
     ("distill.train", "distill.eval", "distill.export"),
@@ -83,6 +84,17 @@ def test_every_library_module_sits_in_a_layer_and_imports_only_its_own_or_lower_
             upward[module] = bad
     assert not unplaced, f"modules outside every layer (add them to LAYERS and docs/ARCHITECTURE.md): {unplaced}"
     assert not upward, f"imports of a higher layer: {upward}"
+
+
+def test_sparsity_and_losses_never_import_the_config():
+    """Each kind of sparsity owns its config section (distill/sparsity/*_config.py), and the loss its own
+    (distill.sections): distill.config composes them, never the other way."""
+    offenders = {}
+    for path in sorted((LIBRARY / "sparsity").rglob("*.py")) + [LIBRARY / "losses.py", LIBRARY / "sections.py"]:
+        bad = sorted(name for name in imported_modules(path) if name == "distill.config" or name.startswith("distill.config."))
+        if bad:
+            offenders[str(path.relative_to(REPO))] = bad
+    assert not offenders, f"modules importing distill.config: {offenders}"
 
 
 def test_at_most_ten_modules_sit_directly_in_the_package():

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill.config import LossConfig
+from distill.sections import LossConfig
 from distill.losses import distillation_loss, forward_kl, next_token_loss
 
 

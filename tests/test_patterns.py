@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from distill.config import ChannelAxis
+from distill.sparsity.prune_config import ChannelAxis
 from distill.sparsity.patterns import NM, Blocks, Channels, HeadGroups, MLPChannels, Pattern, Unstructured, \
     global_unstructured_masks
 

@@ -10,7 +10,7 @@ import pytest
 from accelerate import Accelerator
 
 from conftest import VALID_TEXT
-from distill.config import config_from_dict
+from distill.run.config_file import config_from_dict
 from distill.errors import DistillError
 from distill.io import read_json, write_json
 from distill.run.pipeline import Pipeline, Stage

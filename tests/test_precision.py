@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from distill.config import config_from_dict
+from distill.run.config_file import config_from_dict
 from distill.errors import DistillError
 from distill.precision import Precision, choose_precision, cpu_bf16_support
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from distill.config import PROJECTIONS, LossConfig, SpeedConfig
+from distill.config import PROJECTIONS, SpeedConfig
+from distill.sections import LossConfig
 from distill.sparsity.patterns import NM
 from distill.sparsity.masks import install_masks, nm_mask
 from distill.targets import target_linears

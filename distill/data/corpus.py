@@ -14,7 +14,8 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from distill.config import SourceConfig, TeacherSamplesConfig, check_text_file
+from distill.config import SourceConfig, TeacherSamplesConfig
+from distill.data.files import check_text_file
 from distill.errors import DistillError
 from distill.data.sampling import sample_sequences
 

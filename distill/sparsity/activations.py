@@ -34,7 +34,7 @@ from typing import NamedTuple, Sequence
 import torch
 from torch import nn
 
-from distill.config import ActivationsConfig, Allocation
+from distill.sparsity.activations_config import ActivationsConfig, Allocation
 from distill.targets import decoder_layers, linear_types, matches, shared_input_groups
 
 # |x| values kept per input and batch to estimate quantiles (a sample: a whole calibration set of a

@@ -19,10 +19,10 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 from torch import nn
 
-from distill.config import Criterion
 from distill.errors import DistillError
 from distill.losses import next_token_loss
 from distill.sparsity.masks import nm_mask
+from distill.sparsity.prune_config import Criterion
 from distill.targets import decoder_layers, shared_input_groups, target_linears
 
 

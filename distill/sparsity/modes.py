@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from distill.sparsity.calibration import wanda_score
-from distill.config import MaskMode, MasksConfig
+from distill.sparsity.masks_config import MaskMode, MasksConfig
 from distill.sparsity.masks import (FixedMask, GroupDropout, LearnableMask, RefinedMask, add_weight_rule, apply_masks_,
                                     mask_pairs, mask_rule, masked_modules, set_mask_rule, stored_weight)
 from distill.sparsity.patterns import Pattern

@@ -21,8 +21,8 @@ from typing import ClassVar
 
 import torch
 
-from distill.config import ChannelAxis, PatternKind, PruneConfig, Scope
 from distill.sparsity.masks import nm_mask
+from distill.sparsity.prune_config import ChannelAxis, PatternKind, PruneConfig, Scope
 from distill.sparsity.structured import structure_violations
 
 

@@ -12,10 +12,10 @@ from typing import Sequence
 import torch
 
 from distill.sparsity.calibration import wanda_score
-from distill.config import Criterion, Incompatible, PruneConfig, Scope
 from distill.errors import DistillError
 from distill.sparsity.patterns import Pattern, Unstructured, global_unstructured_masks
 from distill.sparsity.permutation import gated_mlps, kept_score, nm_channel_permutation, permute_mlp_channels
+from distill.sparsity.prune_config import Criterion, Incompatible, PruneConfig, Scope
 from distill.sparsity.structured import structured_masks
 from distill.targets import decoder_linears, matches, named_linears, unprunable_weights
 

@@ -8,10 +8,11 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from distill.config import Choice, Criterion
 from distill.errors import DistillError
 from distill.io import read_json, write_json
+from distill.sections import Choice
 from distill.sparsity.patterns import Pattern
+from distill.sparsity.prune_config import Criterion
 
 SPARSITY_FILE = "sparsity.json"
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from distill.config import PatternKind
+from distill.sparsity.prune_config import PatternKind
 from distill.errors import DistillError
 from distill.targets import decoder_layers
 

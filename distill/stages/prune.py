@@ -26,7 +26,6 @@ from distill.run.artifacts import STUDENT_DIR, PruneRecord, read_calibration, re
 
 from distill.sparsity.spec import SparsitySpec
 from distill.sparsity.calibration import calibration_blocks
-from distill.config import Criterion, HeadSelection
 from distill.errors import DistillError
 from distill.models import load_teacher
 from distill.run.pipeline import StageContext
@@ -34,10 +33,12 @@ from distill.sparsity.pruning import (DENSE_WARNING_FRACTION, GRADIENT_CRITERIA,
                              permute_mlp_channels_for_nm, pruning_coverage, weight_scores)
 from distill.sparsity.activations import calibrate_thresholds, install_thresholds
 from distill.sparsity.attention import install_heads
+from distill.sparsity.attention_config import HeadSelection
 from distill.sparsity.head_selection import choose_streaming, head_statistics
 from distill.sparsity.criteria import gradient_saliency, sparsegpt_masks
 from distill.sparsity.masks import install_masks, sparsity_report
 from distill.sparsity.patterns import Pattern
+from distill.sparsity.prune_config import Criterion
 from distill.student import save_student
 from distill.targets import resolve_targets
 from distill.train.head_gates import train_gates

@@ -29,7 +29,7 @@ from distill.run.artifacts import (STUDENT_DIR, DistillRecord, read_calibration,
 from distill.sparsity.spec import SparsitySpec, read_sparsity_spec
 from distill.train.checkpoints import CHECKPOINTS, latest_checkpoint, resume, save_checkpoint
 from distill.sparsity.calibration import calibration_blocks
-from distill.config import Criterion, MaskMode, NonFinite, Sharding
+from distill.config import NonFinite, Sharding
 from distill.data.corpus import to_device
 from distill.errors import DistillError
 from distill.eval.scoring import evaluating, heldout_perplexity
@@ -41,7 +41,9 @@ from distill.train.sharding import ShardedCheckpoint, full_student_state, shard_
 from distill.sparsity.activations import (install_thresholds, ramp_scale, ramped, recalibrate_thresholds, set_thresholds,
                                           thresholded)
 from distill.sparsity.masks import mask_rule, masked_modules, stored_weight
+from distill.sparsity.masks_config import MaskMode
 from distill.sparsity.modes import FixedMasks, add_group_dropout, mask_upkeep, revive_pruned_weights
+from distill.sparsity.prune_config import Criterion
 from distill.student import load_student, nonfinite_problem, save_student
 from distill.targets import decoder_layers
 from distill.train.throughput import flops_per_token, measured_peak_flops

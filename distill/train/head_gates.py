@@ -19,7 +19,8 @@ from accelerate import Accelerator
 from torch import nn
 
 from distill.losses import distillation_loss
-from distill.config import AttentionConfig, LossConfig
+from distill.sections import LossConfig
+from distill.sparsity.attention_config import AttentionConfig
 from distill.sparsity.attention import HeadGates, attention_modules, kv_head_count, registered_attention
 from distill.train.objective import teacher_outputs
 from distill.train.step import DistillStep, MicroBatch

@@ -7,10 +7,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from distill.config import LossConfig
 from distill.data.corpus import to_device
 from distill.losses import (IDENTITY, LogitTransform, TopK, chunked_distillation_loss, distillation_loss,
                             hidden_state_matching)
+from distill.sections import LossConfig
 from distill.sparsity.masks import masked_modules, masked_weight
 from distill.sparsity.patterns import Pattern
 
