@@ -14,4 +14,8 @@
   attention     attention sparsity's mechanism: the registered attention function, streaming KV heads
                 (sink + window), and the probe and gates a forward may be given
   head_selection  which KV heads stream (by attention mass, or by trained gates) and the KV bytes saved
+
+Each kind owns its config section, in a module of its own that loads no torch (the config is checked
+before torch loads): prune_config (`prune`), masks_config (`train.masks`), activations_config
+(`activations`), attention_config (`attention`). distill.config composes them; nothing here imports it.
 """
