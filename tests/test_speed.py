@@ -63,8 +63,8 @@ def loss_and_gradients(teacher, student, input_ids, loss: LossConfig):
 def test_speed_option_gives_the_plain_loss_and_gradients(teacher_and_student, option, hidden_weight):
     if option == "compile" and os.environ.get("ATEN_CPU_CAPABILITY"):
         # measured: with ATEN_CPU_CAPABILITY=avx2 on an AVX512 CPU (the imitation of an AVX2-only CPU,
-        # README) inductor's compiled layers return NaN; on a real AVX2-only CPU this test passed
-        # (issue #10's run), so the imitation, not the CPU kind, breaks it
+        # see docs) inductor's compiled layers return NaN; on a real AVX2-only CPU this test passes, so
+        # the imitation, not the CPU kind, breaks it
         pytest.skip("torch.compile miscompiles when ATEN_CPU_CAPABILITY caps the vector ISA below the CPU's")
     teacher, student = teacher_and_student
     loss = LossConfig(chunk_tokens=16, lm_weight=0.3, hidden_weight=hidden_weight)
