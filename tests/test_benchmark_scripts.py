@@ -15,6 +15,7 @@ def run_script(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow  # a benchmark script in a process of its own
 def test_end_to_end_smoke_prints_the_table_for_every_case():
     result = run_script("benchmarks/end_to_end.py", "--smoke", "--layers", "2")
     assert result.returncode == 0, result.stderr[-2000:]
@@ -38,6 +39,7 @@ def test_train_throughput_smoke_runs_the_variants_on_the_same_loss():
         assert float(cells[8]) < 1e-3, name  # first-batch loss relative to the plain loop's
 
 
+@pytest.mark.slow  # a benchmark script in a process of its own
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU refusal")
 def test_gpu_benchmarks_refuse_without_a_gpu():
     for script in ("benchmarks/linear_2_4.py", "benchmarks/end_to_end.py", "benchmarks/train_throughput.py"):
@@ -46,6 +48,7 @@ def test_gpu_benchmarks_refuse_without_a_gpu():
         assert "needs a CUDA GPU" in result.stderr
 
 
+@pytest.mark.slow  # a benchmark script in a process of its own
 def test_teacher_sampling_prints_a_row_per_variant(tiny_teacher):
     result = run_script("benchmarks/teacher_sampling.py", "--teacher", str(tiny_teacher), "--batch", "2",
                         "--new-tokens", "4", "--variants", "generate,distill")

@@ -215,6 +215,7 @@ def test_exported_model_loads_with_transformers_and_is_2_4(finished_run):
     assert torch.equal(oneshot[name] == 0, trained[name] == 0), "the mask must not change under fixed masks"
 
 
+@pytest.mark.slow  # runs stages of the pipeline again
 def test_second_run_skips_every_stage_and_changed_keys_rerun_downstream(finished_run):
     path, run_dir, _ = finished_run
     again = run_pipeline(path, f"eval.files=[{TEST_TEXT}]", "speed.compile=true")  # speed never invalidates

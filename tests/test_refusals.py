@@ -62,6 +62,7 @@ def small_vocab_teacher(tmp_path_factory, demo_teacher_dir):
     return path
 
 
+@pytest.mark.slow  # a pipeline launch in a process of its own
 def test_a_tokenizer_larger_than_the_teacher_vocabulary(tmp_path, small_vocab_teacher):
     from transformers import AutoTokenizer
 
@@ -71,6 +72,7 @@ def test_a_tokenizer_larger_than_the_teacher_vocabulary(tmp_path, small_vocab_te
                    f"tokenizer has {tokens} token ids", "has only 1000 rows")
 
 
+@pytest.mark.slow  # a pipeline launch in a process of its own
 @pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason="needs lm-evaluation-harness (extra [eval])")
 def test_an_unknown_lm_eval_task_is_refused_before_any_stage(tmp_path, config):
     result = run_pipeline(config, "eval.lm_eval.tasks=[nosuchtask]",
@@ -80,6 +82,7 @@ def test_an_unknown_lm_eval_task_is_refused_before_any_stage(tmp_path, config):
     assert not list(tmp_path.glob("runs/*/teacher*")), "refused before the first stage"
 
 
+@pytest.mark.slow  # a pipeline launch in a process of its own
 def test_a_json_data_file_of_the_wrong_shape(tmp_path, config):
     numbers = tmp_path / "numbers.json"
     numbers.write_text("[1, 2, 3]\n")
@@ -200,6 +203,7 @@ def marked_run_dir(path):
     return path
 
 
+@pytest.mark.slow  # a pipeline launch in a process of its own
 def test_a_stage_partial_dir_that_is_a_symlink(tmp_path, config):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -210,6 +214,7 @@ def test_a_stage_partial_dir_that_is_a_symlink(tmp_path, config):
     assert elsewhere.is_dir(), "what the link points to is kept"
 
 
+@pytest.mark.slow  # a pipeline launch in a process of its own
 def test_a_run_dir_that_is_a_symlink_on_restart(tmp_path, config):
     real = marked_run_dir(tmp_path / "real")
     (tmp_path / "runs").mkdir()
