@@ -14,6 +14,7 @@
 #   --from STAGE      re-run STAGE and every stage after it (--only/--from drop STAGE's unfinished run)
 #   --discard-partial STAGE   drop STAGE's unfinished run, keep every finished stage, go on as usual
 #   --restart         delete the run dir and start over
+#   --help-config [SECTION]   every config key with its type, default and meaning (docs/config.md)
 # Multi-node: export MACHINE_RANK, NUM_MACHINES, MAIN_PROCESS_IP (and MAIN_PROCESS_PORT) on each node.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -54,7 +55,8 @@ while [ $# -gt 0 ]; do
     --accelerate=*) accelerate_config="${1#*=}"; shift ;;
     --num-processes) num_processes=$(value_of "$@"); shift 2 ;;
     --num-processes=*) num_processes="${1#*=}"; shift ;;
-    -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --help-config) shift; exec python -m distill.run.config_reference "$@" ;;
     *) pipeline_args+=("$1"); shift ;;
   esac
 done

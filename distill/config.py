@@ -72,9 +72,9 @@ MAX_RUN_NAME_BYTES = 255 - len(".") - len(".lock")
 class RunConfig(Section):
     KEY = "run"
 
-    name: str = "run"
+    name: str = "run"  # the run dir's name under output_dir
     output_dir: str = "runs"  # the run dir is <output_dir>/<name>: derived from the config alone
-    seed: int = 0
+    seed: int = 0  # every random draw of the run (data order, teacher samples, masks) follows it
     # auto: bf16 autocast where the hardware computes bf16 natively (CUDA with bf16, CPUs with
     # AVX512-BF16 or AMX), fp32 elsewhere; bf16 or fp32 force it. The effective precision is part of
     # the fingerprint of every stage whose results depend on it (distill.precision)
@@ -100,7 +100,7 @@ class TeacherConfig(Section):
     # "demo" (SmolLM2-135M-Instruct from PyPI), a hub id, a save_pretrained dir, or a .gguf file
     source: str = "demo"
     gguf_file: Optional[str] = None  # a GGUF file name inside `source` when `source` is a dir or hub id
-    revision: Optional[str] = None
+    revision: Optional[str] = None  # a hub branch, tag or commit of `source`
     dtype: TeacherDtype = TeacherDtype.AUTO
 
 
@@ -110,11 +110,11 @@ class TeacherSamplesConfig(Section):
 
     KEY = "data.sources[].samples"
 
-    num_sequences: int = 64
-    max_new_tokens: int = 128
-    temperature: float = 1.0
+    num_sequences: int = 64  # sequences the teacher writes
+    max_new_tokens: int = 128  # tokens per sequence at most (a sequence ends early at EOS)
+    temperature: float = 1.0  # the sampling temperature
     top_k: int = 0  # 0: sample from the whole vocabulary
-    batch_size: int = 16
+    batch_size: int = 16  # sequences written at once
 
     def check(self, where: str) -> None:
         for key in ("num_sequences", "max_new_tokens", "temperature", "batch_size"):
@@ -124,15 +124,17 @@ class TeacherSamplesConfig(Section):
 
 @dataclass
 class SourceConfig(Section):
+    """A source of text: local files, a hub dataset, or text the teacher writes."""
+
     KEY = "data.sources[]"
 
     name: str = MISSING  # key of this source in reports
     kind: SourceKind = MISSING
     files: List[str] = field(default_factory=list)  # kind=files: .txt, .jsonl/.json, .parquet
     dataset: Optional[str] = None  # kind=hub: dataset id
-    subset: Optional[str] = None
-    split: str = "train"
-    text_field: str = "text"
+    subset: Optional[str] = None  # kind=hub: the dataset's configuration name
+    split: str = "train"  # kind=hub: the split to read
+    text_field: str = "text"  # the field holding the text in .jsonl/.parquet records and hub datasets
     samples: TeacherSamplesConfig = field(default_factory=TeacherSamplesConfig)
     heldout_fraction: float = 0.1  # the last blocks of the source; 1.0 makes it evaluation-only
     max_blocks: int = 0  # 0: every block
@@ -152,7 +154,7 @@ class SourceConfig(Section):
 class DataConfig(Section):
     KEY = "data"
 
-    block_size: int = 128
+    block_size: int = 128  # tokens per training block
     sources: List[SourceConfig] = field(default_factory=list)
     max_heldout_blocks: int = 64  # per source
 
@@ -173,9 +175,7 @@ class CalibrationConfig(Section):
     KEY = "calibration"
 
     num_blocks: int = 32  # training blocks the teacher sees to gather activation statistics
-    # blocks per teacher forward in the teacher stage (statistics, held-out perplexity); before this
-    # key existed the stage used 4, which run dirs of that time are read as (distill.run.pipeline)
-    batch_size: int = 4
+    batch_size: int = 4  # blocks per teacher forward in the teacher stage (statistics, held-out perplexity)
 
     def check(self, where: str) -> None:
         positive(f"{where}.num_blocks", self.num_blocks)
@@ -186,14 +186,14 @@ class CalibrationConfig(Section):
 class TrainConfig(Section):
     KEY = "train"
 
-    steps: int = 100
+    steps: int = 100  # optimizer steps
     global_batch_size: int = 8  # blocks per optimizer step, over all processes and accumulation
     micro_batch_size: int = 4  # blocks per forward pass on one process
-    lr: float = 3e-4
+    lr: float = 3e-4  # AdamW's peak learning rate (cosine schedule after warmup)
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 10
-    weight_decay: float = 0.0
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    warmup_steps: int = 10  # linear warmup from 0 to lr
+    weight_decay: float = 0.0  # AdamW's decoupled weight decay
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW's betas, each in [0, 1)
     max_grad_norm: float = 1.0  # 0 disables clipping
     masks: MasksConfig = field(default_factory=MasksConfig)
     group_lasso: float = 0.0  # weight of the sum of the pattern's group norms (pushes whole groups to zero)
@@ -201,7 +201,7 @@ class TrainConfig(Section):
     # ddp: every process holds the whole student (accelerate's DDP); fsdp: parameters, gradients,
     # optimizer state sharded over the processes (torch FSDP2, distill.train.sharding); fixed masks
     sharding: Sharding = Sharding.DDP
-    log_every: int = 5
+    log_every: int = 5  # steps between logged rows (metrics.jsonl and the trackers)
     # a non-finite loss or gradient norm: stop (exit with one line naming the step and the last good
     # checkpoint, which is kept; checked at log steps, so no extra host sync) or skip (drop that step's
     # update and count it; checked every step)
@@ -210,7 +210,7 @@ class TrainConfig(Section):
     # log_every; 0: never), logged as `heldout_ppl`: the recovery curve
     eval_every: int = 0
     checkpoint_every: int = 25  # a multiple of log_every, so a resumed run logs the same averages
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # the newest checkpoints kept while distill runs
     loss: LossConfig = field(default_factory=LossConfig)
 
     def per_projection_features(self) -> list[str]:
@@ -290,7 +290,7 @@ class LmEvalConfig(Section):
 
     tasks: List[str] = field(default_factory=list)  # lm-eval task names (registry or include_path); empty: none
     include_path: Optional[str] = None  # a directory of local task YAMLs
-    batch_size: int = 8
+    batch_size: int = 8  # documents per forward
     limit: int = 0  # documents per task; 0: all
 
     def check(self, where: str) -> None:
@@ -308,9 +308,9 @@ class EvalConfig(Section):
     KEY = "eval"
 
     files: List[str] = field(default_factory=list)  # extra plain-text files, keyed by file stem
-    block_size: int = 512
+    block_size: int = 512  # tokens per evaluation window
     max_blocks: int = 32  # per file; 0: the whole file
-    batch_size: int = 4
+    batch_size: int = 4  # windows per forward
     # the teacher's held-out perplexity under training-free activation sparsity at these uniform
     # fractions, in the report (empty: not measured)
     activation_levels: List[float] = field(default_factory=lambda: [0.0, 0.25, 0.4, 0.5, 0.6, 0.7])
@@ -333,7 +333,7 @@ class EvalConfig(Section):
 class TrackingConfig(Section):
     KEY = "tracking"
 
-    backend: TrackingBackend = TrackingBackend.NONE
+    backend: TrackingBackend = TrackingBackend.NONE  # where the metrics go besides metrics.jsonl
     # WANDB_PROJECT wins when set. tensorboard writes under <run_dir>/logs/<project>: a relative project
     # stays inside the run dir, an absolute one is a place the user chose
     project: str = "distill"

@@ -117,7 +117,7 @@ class LossConfig(Section):
     KEY = "train.loss"
 
     divergence: Divergence = Divergence.FORWARD_KL  # to the teacher, at `temperature`
-    temperature: float = 1.0
+    temperature: float = 1.0  # softens teacher and student distributions alike
     jsd_beta: float = 0.5  # jsd: weight of the teacher in the mixture
     kd_weight: float = 1.0  # weight of the divergence, which is scaled by T^2
     lm_weight: float = 0.0  # next-token cross-entropy on the training text

@@ -28,9 +28,9 @@ class AttentionConfig(Section):
     # weights frozen): optimizer steps, blocks per step, AdamW learning rate, and the L1 weight that
     # pushes every gate towards streaming
     gate_steps: int = 20
-    gate_batch_size: int = 2
-    gate_lr: float = 0.02
-    gate_penalty: float = 0.05
+    gate_batch_size: int = 2  # select=distill: blocks per gate-training step
+    gate_lr: float = 0.02  # select=distill: the gates' learning rate
+    gate_penalty: float = 0.05  # select=distill: weight of the penalty that pushes gates towards streaming
     measure_blocks: int = 4  # select=mass: calibration blocks the attention mass is measured on
 
     @property

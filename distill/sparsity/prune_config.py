@@ -47,7 +47,7 @@ class Incompatible(Choice):
 class PruneConfig(Section):
     KEY = "prune"
 
-    criterion: Criterion = Criterion.WANDA
+    criterion: Criterion = Criterion.WANDA  # how weights are scored
     # only 2:4 (nm, n=2, m=4) runs on sparse kernels; mlp_channels and heads remove whole channels /
     # head groups across their projections
     pattern: PatternKind = PatternKind.NM
@@ -61,12 +61,12 @@ class PruneConfig(Section):
     # projection's last name (q_proj), its path in the layer (mlp.*) or its full name; "*" is every
     # linear projection inside the decoder layers. `exclude` removes from that set.
     targets: List[str] = field(default_factory=lambda: ["*"])
-    exclude: List[str] = field(default_factory=list)
+    exclude: List[str] = field(default_factory=list)  # names or globs of projections left dense
     incompatible: Incompatible = Incompatible.ERROR  # a target whose input size is not a multiple of m
     # nm: reorder each gated MLP's intermediate channels (function unchanged) so down_proj's groups keep
     # more score, by `permute_sweeps` sweeps of pairwise group exchanges (distill.sparsity.permutation)
     permute: bool = False
-    permute_sweeps: int = 100
+    permute_sweeps: int = 100  # permute: passes of the channel-swap search
 
     def check(self, where: str) -> None:
         for key in ("m", "n", "block", "permute_sweeps"):
