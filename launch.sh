@@ -2,7 +2,7 @@
 # Run the distill pipeline through `accelerate launch`.
 #
 #   bash launch.sh [--accelerate cpu|single_gpu|multi_gpu|fsdp] [--num-processes N] CONFIG [key=value ...]
-#                  [--only STAGE] [--from STAGE] [--discard-partial STAGE] [--restart]
+#                  [--only STAGE] [--from STAGE] [--discard-partial STAGE] [--restart] [--verbose]
 #
 #   --accelerate      an accelerate config from configs/accelerate/ (default: single_gpu when a GPU
 #                     is visible, else cpu)
@@ -14,6 +14,7 @@
 #   --from STAGE      re-run STAGE and every stage after it (--only/--from drop STAGE's unfinished run)
 #   --discard-partial STAGE   drop STAGE's unfinished run, keep every finished stage, go on as usual
 #   --restart         delete the run dir and start over
+#   --verbose         show every library's warnings (by default those about what distill does on purpose are dropped)
 #   --help-config [SECTION]   every config key with its type, default and meaning (docs/config.md)
 # Multi-node: export MACHINE_RANK, NUM_MACHINES, MAIN_PROCESS_IP (and MAIN_PROCESS_PORT) on each node.
 set -euo pipefail
@@ -55,7 +56,7 @@ while [ $# -gt 0 ]; do
     --accelerate=*) accelerate_config="${1#*=}"; shift ;;
     --num-processes) num_processes=$(value_of "$@"); shift 2 ;;
     --num-processes=*) num_processes="${1#*=}"; shift ;;
-    -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     --help-config) shift; exec python -m distill.run.config_reference "$@" ;;
     *) pipeline_args+=("$1"); shift ;;
   esac

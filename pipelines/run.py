@@ -7,6 +7,7 @@ checkpoint. `--only STAGE` re-runs one stage, `--from STAGE` re-runs it and ever
 (both drop that stage's unfinished run first), `--discard-partial STAGE` drops one stage's unfinished
 run and goes on as usual, `--restart` deletes the run dir and starts over. `--check-config` checks
 the config and its input files only, without loading torch (launch.sh runs it before it launches).
+`--verbose` keeps the libraries' warnings about what distill does on purpose (distill.run.console).
 """
 
 import argparse
@@ -19,6 +20,7 @@ import sys
 from distill.data.files import check_input_paths
 from distill.errors import DistillError, describe_os_error, report_refusal
 from distill.run.config_file import load_config
+from distill.run.console import quiet_expected_warnings
 
 REFUSED = 2  # the exit code of a refused input
 
@@ -40,6 +42,8 @@ def parse_args(argv):
     parser.add_argument("--discard-partial", metavar="STAGE", action="append", default=[],
                         help="drop this stage's unfinished run (its .partial dir), keeping every finished stage")
     parser.add_argument("--restart", action="store_true", help="delete the run dir and start over")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show every library's warnings too (by default those about what distill does on purpose are dropped)")
     parser.add_argument("--check-config", action="store_true",
                         help="check the config and its input files, run nothing (torch is not loaded)")
     return parser.parse_intermixed_args(argv)  # overrides may follow --only and friends
@@ -77,6 +81,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.check_config:
         return check_config(args)
+    if not args.verbose:
+        quiet_expected_warnings()
     config = None
     try:
         config = load_config(args.config, args.overrides)

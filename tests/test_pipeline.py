@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -39,9 +40,10 @@ def student_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
 def finished_run(tmp_path_factory, tiny_teacher):
     """One complete pipeline run, with wikitext-2 test added as an evaluation file, the MLP channels
     permuted for 2:4 before pruning, half of the projection inputs zeroed by thresholds (greedy), and
-    half of the KV heads streaming, chosen by gates trained against the teacher."""
+    half of the KV heads streaming, chosen by gates trained against the teacher; the recovery curve
+    measured every 4 steps."""
     tmp_path = tmp_path_factory.mktemp("finished")
-    config = tiny_config(tmp_path, tiny_teacher, data={"block_size": 32, "max_heldout_blocks": 8, "sources": [
+    config = tiny_config(tmp_path, tiny_teacher, train={"eval_every": 4}, data={"block_size": 32, "max_heldout_blocks": 8, "sources": [
         {"name": "wiki", "kind": "files", "files": [str(REPO.parent / "shared/data/wikitext-2/valid.txt")],
          "heldout_fraction": 0.1, "max_blocks": 160},
         {"name": "samples", "kind": "teacher", "samples": {"num_sequences": 8, "max_new_tokens": 40, "batch_size": 4}},
@@ -76,6 +78,43 @@ def test_pipeline_writes_every_stage_and_a_complete_report(finished_run):
     assert len(gains) == 2 and all(gain >= 0 for gain in gains.values()) and max(gains.values()) > 0
     assert "| test |" in (run_dir / "evaluate" / "report.md").read_text()
     assert "| test |" in result.stdout  # the table is printed last
+
+
+def test_the_report_holds_the_recovery_curve_and_per_layer_error_and_plots_nothing_constant(finished_run):
+    _, run_dir, _ = finished_run
+    report = json.loads((run_dir / "evaluate" / "report.json").read_text())
+    logged = [row for row in metrics(run_dir) if "heldout_kl" in row]
+    assert [row["step"] for row in logged] == [4, 8, 12] and all("heldout_ppl" in row for row in logged)
+    recovery = report["recovery"]
+    assert recovery["steps"] == [4, 8, 12] and recovery["blocks"] == 8  # train.eval_blocks of wiki's 8 + samples'
+    assert recovery["heldout_kl"] == [row["heldout_kl"] for row in logged] and len(recovery["heldout_ppl"]) == 3
+    assert all(kl > 0 for kl in recovery["heldout_kl"]) and recovery["oneshot_kl"] > 0
+    assert recovery["teacher_ppl"] > 1 and recovery["oneshot_ppl"] > 1
+    errors = report["layer_errors"]
+    assert errors["blocks"] == 8 and len(errors["oneshot"]) == len(errors["student"]) == 2  # 2 decoder layers
+    assert all(error > 0 for error in errors["oneshot"] + errors["student"])
+    drawn = report["plot"]
+    assert all(len(series["values"]) > 1 and len(set(series["values"])) > 1 for series in drawn["series"]), drawn
+    titles = " | ".join(drawn["panels"])
+    for panel in ("held-out KL", "held-out perplexity", "perplexity per held-out source", "layer output error"):
+        assert panel in titles, titles
+    assert {line["label"] for line in drawn["references"]} == {"teacher", "one-shot"}
+    # the teacher's projection inputs hold no exact zeros: a line of report.md, not a flat line in the plot
+    text = (run_dir / "evaluate" / "report.md").read_text()
+    assert any("zeros in projection inputs" in line and "teacher" in line for line in drawn["omitted"])
+    assert all(line in text for line in drawn["omitted"]) and "## Where the damage is" in text
+
+
+# a tqdm bar: "desc:  48%|████▊     | 23/48 [04:56<01:43, 4.14s/it]"
+PROGRESS_BAR = re.compile(r"\d+%\|[^|]*\| *\d+/\d+ \[")
+
+
+def test_the_console_holds_only_the_projects_lines_and_progress_bars(finished_run):
+    """No third-party warning on the way: the tiny run exercises every stage, lm-eval included."""
+    _, _, result = finished_run
+    foreign = [line for line in re.split(r"[\r\n]", result.stderr)
+               if line.strip() and not line.startswith("distill:") and not PROGRESS_BAR.search(line)]
+    assert not foreign, foreign[:10]
 
 
 def test_activation_sparsity_is_measured_trained_under_and_exported(finished_run):
