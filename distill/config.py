@@ -207,8 +207,12 @@ class TrainConfig(Section):
     # update and count it; checked every step)
     on_nonfinite: NonFinite = NonFinite.STOP
     # perplexity of the student on the held-out blocks every `eval_every` steps (a multiple of
-    # log_every; 0: never), logged as `heldout_ppl`: the recovery curve
+    # log_every; 0: never), logged as `heldout_ppl`, with its KL to the teacher as `heldout_kl`: the
+    # recovery curve
     eval_every: int = 0
+    # the held-out blocks the recovery curve and the report's per-layer error measure: the first ones,
+    # sources in name order; the teacher's log-probs of them stay in memory (blocks x length x vocab)
+    eval_blocks: int = 8
     checkpoint_every: int = 25  # a multiple of log_every, so a resumed run logs the same averages
     keep_checkpoints: int = 2  # the newest checkpoints kept while distill runs
     loss: LossConfig = field(default_factory=LossConfig)
@@ -222,7 +226,7 @@ class TrainConfig(Section):
 
     def check(self, where: str) -> None:
         for key in ("steps", "micro_batch_size", "global_batch_size", "lr", "log_every", "checkpoint_every",
-                    "keep_checkpoints"):
+                    "keep_checkpoints", "eval_blocks"):
             positive(f"{where}.{key}", getattr(self, key))
         for key in ("warmup_steps", "group_lasso", "eval_every", "max_grad_norm", "weight_decay"):
             positive(f"{where}.{key}", getattr(self, key), allow_zero=True)

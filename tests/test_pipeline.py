@@ -497,6 +497,8 @@ def test_two_processes_follow_the_same_loss_curve_as_one(tmp_path, tiny_teacher,
         assert ("heldout_ppl" in a) == ("heldout_ppl" in b)
         if "heldout_ppl" in a:
             assert b["heldout_ppl"] == pytest.approx(a["heldout_ppl"], rel=1e-3)
+            # KL to the teacher's log-probs, computed at setup (by a teacher loaded for it alone under the cache)
+            assert b["heldout_kl"] == pytest.approx(a["heldout_kl"], rel=1e-3) and a["heldout_kl"] > 0
     # the last point is the finished student on the same held-out blocks the evaluate stage scores
     report_one = json.loads((one_dir / "evaluate" / "report.json").read_text())
     report_two = json.loads((tmp_path / "runs" / "two" / "evaluate" / "report.json").read_text())

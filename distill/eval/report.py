@@ -3,11 +3,14 @@ the report dict that report.json holds. Nothing here computes a score."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from distill.io import atomic_write
 
 RUNTIME = "student_runtime"  # the student with its input thresholds and streaming heads (load_sparse_model)
+MODEL_LABELS = {"teacher": "teacher", "oneshot": "one-shot", "student": "distilled", RUNTIME: "distilled, runtime sparsity"}
 
 
 def quality_table(sources: dict) -> str:
@@ -51,12 +54,42 @@ def markdown(report: dict, history: list[dict]) -> str:
         parts += ["", "## Training", "",
                   f"Loss {history[0]['loss']:.4f} at step {history[0]['step']} -> {history[-1]['loss']:.4f} at step "
                   f"{history[-1]['step']}; last logged throughput {history[-1]['tokens_per_s']:.0f} tokens/s."]
+    parts += _recovery_markdown(report.get("recovery"))
+    parts += _layer_error_markdown(report.get("layer_errors"))
     parts += _zero_shot_markdown(report.get("zero_shot", {}))
     parts += _runtime_markdown(report)
     parts += _activation_markdown(report["activations"])
     parts += _attention_markdown(report.get("attention", {}))
-    parts += ["", "![per-layer sparsity, weight error, training loss, activation and attention sparsity](report.png)", ""]
+    drawn = report.get("plot", {})
+    if drawn.get("omitted"):
+        parts += ["", "## Not plotted", "", "Constant in this run, so not drawn:", ""]
+        parts += [f"- {line}" for line in drawn["omitted"]]
+    parts += ["", f"![{', '.join(drawn.get('panels', []))}](report.png)", ""]
     return "\n".join(parts)
+
+
+def _recovery_markdown(recovery: dict | None) -> list[str]:
+    """The recovery curve's ends, against the teacher and the one-shot student on the same blocks."""
+    if not recovery or not recovery.get("steps"):
+        return []
+    return ["", f"Recovery on {recovery['blocks']} held-out blocks (the teacher: perplexity "
+            f"{recovery['teacher_ppl']:.2f}; the one-shot student: perplexity {recovery['oneshot_ppl']:.2f}, KL "
+            f"{recovery['oneshot_kl']:.4f}): the student at step {recovery['steps'][0]} perplexity "
+            f"{recovery['heldout_ppl'][0]:.2f}, KL {recovery['heldout_kl'][0]:.4f}; at step {recovery['steps'][-1]} "
+            f"perplexity {recovery['heldout_ppl'][-1]:.2f}, KL {recovery['heldout_kl'][-1]:.4f}."]
+
+
+def _layer_error_markdown(errors: dict | None) -> list[str]:
+    """Per decoder layer, the relative error of its output hidden state against the teacher's."""
+    if not errors:
+        return []
+    parts = ["", "## Where the damage is", "",
+             f"Per decoder layer, ||h - h_teacher|| / ||h_teacher|| of the layer's output hidden state on "
+             f"{errors['blocks']} held-out blocks:", "",
+             "| layer | one-shot | distilled |", "|---:|---:|---:|"]
+    parts += [f"| {layer} | {oneshot:.4f} | {student:.4f} |"
+              for layer, (oneshot, student) in enumerate(zip(errors["oneshot"], errors["student"]))]
+    return parts
 
 
 def _activation_markdown(activations: dict) -> list[str]:
@@ -91,45 +124,233 @@ def _activation_markdown(activations: dict) -> list[str]:
     return parts
 
 
-def plot(path: Path, layers: list[dict], history: list[dict], activations: dict, attention: dict) -> None:
+@dataclass
+class Panel:
+    """One plot of report.png: what it draws, and the series it draws (recorded in report.json, so
+    what the picture shows can be checked without reading pixels)."""
+
+    title: str
+    draw: Callable  # draw(figure, axis)
+    series: list[dict]  # {"label", "values"}: the data, each varying
+    references: list[dict] = field(default_factory=list)  # {"label", "value"}: horizontal lines
+
+
+def plot(path: Path, report: dict, history: list[dict]) -> dict:
+    """report.png: one panel per kind of data that varies in this run. Returns what it drew: the
+    panels' titles, their series and reference lines, and one line of text for each series left
+    out because it was constant (report.md prints those)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(3, 3, figsize=(16, 12))
-    (left, middle, right), (zeros, curve, unused), heatmaps = axes
-    unused.axis("off")
-    index = range(len(layers))
-    left.bar(index, [row["sparsity"] for row in layers])
-    left.set(title="sparsity per projection", xlabel="projection (model order)", ylabel="fraction of zeros", ylim=(0, 1))
-    middle.plot(index, [row["oneshot_weight_error"] for row in layers], label="one-shot")
-    middle.plot(index, [row["student_weight_error"] for row in layers], label="distilled")
-    middle.set(title="relative weight error vs teacher", xlabel="projection (model order)")
-    middle.legend()
-    if history:
-        right.plot([row["step"] for row in history], [row["loss"] for row in history])
-    right.set(title="distillation loss", xlabel="step", ylabel="loss")
+    omitted: list[str] = []
+    candidates = [_recovery_panels(report.get("recovery") or {}, omitted), [_loss_panel(history, omitted)],
+                  [_quality_panel(report["sources"], omitted)], [_layer_error_panel(report.get("layer_errors"), omitted)],
+                  [_input_zeros_panel(report["activations"], omitted), _sweep_panel(report["activations"], omitted)],
+                  _heatmap_panels(report.get("attention", {}), omitted)]
+    panels = [panel for group in candidates for panel in group if panel is not None]
+    columns = min(3, max(len(panels), 1))
+    rows = max(1, -(-len(panels) // columns))
+    figure, axes = plt.subplots(rows, columns, figsize=(5.5 * columns, 4.2 * rows), squeeze=False)
+    for axis, panel in zip(axes.flat, panels):
+        panel.draw(figure, axis)
+        axis.set_title(panel.title)
+    for axis in list(axes.flat)[len(panels):]:
+        axis.axis("off")
+    figure.tight_layout()
+    atomic_write(path, lambda temp: figure.savefig(temp, dpi=90, format="png"))
+    plt.close(figure)
+    return {"panels": [panel.title for panel in panels],
+            "series": [{"panel": panel.title, **series} for panel in panels for series in panel.series],
+            "references": [{"panel": panel.title, **line} for panel in panels for line in panel.references],
+            "omitted": omitted}
+
+
+# the smallest spread a series must have to be drawn: relative to its values on an axis that scales to
+# them; of the whole range on an axis fixed to [0, 1] (fractions), where less is not visible
+RELATIVE_SPREAD = 1e-4
+FIXED_AXIS_SPREAD = 0.01
+
+
+def _varies(values: list[float], fixed_axis: bool = False) -> bool:
+    if len(values) < 2:
+        return False
+    spread = max(values) - min(values)
+    return spread > (FIXED_AXIS_SPREAD if fixed_axis else RELATIVE_SPREAD * max(abs(value) for value in values))
+
+
+def _varying(what: str, series: dict[str, list[float]], omitted: list[str],
+             fixed_axis: bool = False) -> dict[str, list[float]]:
+    """The series that vary; each constant one becomes a line of `omitted` saying what it was."""
+    kept = {}
+    for label, values in series.items():
+        if _varies(values, fixed_axis):
+            kept[label] = values
+        elif values:
+            spread = f"{values[0]:.4g}" if min(values) == max(values) else f"{min(values):.4g} to {max(values):.4g}"
+            omitted.append(f"{what}, {label}: {spread} throughout ({len(values)} values)")
+    return kept
+
+
+def _recovery_panels(recovery: dict, omitted: list[str]) -> list[Panel]:
+    """The held-out KL and perplexity during distillation, the teacher and the one-shot student as
+    horizontal lines."""
+    steps = recovery.get("steps", [])
+    panels = []
+    for key, title, unit, references in (
+            ("heldout_kl", "recovery: held-out KL(teacher || student)", "nats per token",
+             {"teacher": 0.0, "one-shot": recovery.get("oneshot_kl")}),
+            ("heldout_ppl", "recovery: held-out perplexity", "perplexity",
+             {"teacher": recovery.get("teacher_ppl"), "one-shot": recovery.get("oneshot_ppl")})):
+        kept = _varying(f"held-out {unit} during distillation", {"distilled": recovery.get(key, [])}, omitted)
+        if len(steps) < 2 or not kept:
+            continue
+        lines = [{"label": label, "value": value} for label, value in references.items() if value is not None]
+
+        def draw(figure, axis, values=kept["distilled"], lines=lines, unit=unit):
+            axis.plot(steps, values, marker="o", label="student while distilled")
+            for line, style in zip(lines, ("--", ":")):
+                axis.axhline(line["value"], linestyle=style, color="grey" if style == "--" else "red", label=line["label"])
+            every = [value for value in values + [line["value"] for line in lines] if value > 0]
+            if every and max(every) / min(every) > 10:
+                axis.set_yscale("log")
+            axis.set(xlabel="distillation step", ylabel=unit)
+            axis.legend()
+        panels.append(Panel(f"{title} ({recovery.get('blocks')} blocks)", draw,
+                            [{"label": "distilled", "values": kept["distilled"]}],
+                            lines))
+    return panels
+
+
+def _loss_panel(history: list[dict], omitted: list[str]) -> Panel | None:
+    kept = _varying("distillation loss", {"loss": [row["loss"] for row in history]}, omitted)
+    if len(history) < 2 or not kept:
+        return None
+
+    def draw(figure, axis):
+        axis.plot([row["step"] for row in history], kept["loss"])
+        axis.set(xlabel="step", ylabel="training loss (mean over the logged window)")
+    return Panel("distillation loss", draw, [{"label": "loss", "values": kept["loss"]}])
+
+
+def _grouped_bars(axis, groups: list[str], bars: dict[str, list[float]]) -> None:
+    """One group of bars per entry of `groups`, one bar per key of `bars`, side by side."""
+    width = 0.8 / max(len(bars), 1)
+    for offset, (label, values) in enumerate(bars.items()):
+        axis.bar([index + (offset - (len(bars) - 1) / 2) * width for index in range(len(groups))], values, width,
+                 label=label)
+    axis.set_xticks(range(len(groups)), groups)
+    axis.legend(ncol=2, fontsize="small", loc="upper center")
+
+
+def _quality_panel(sources: dict, omitted: list[str]) -> Panel | None:
+    """Perplexity per source: teacher, one-shot, student (and the student with runtime sparsity)."""
+    names = list(sources)
+    models = [model for model in MODEL_LABELS if all(model in scores for scores in sources.values())]
+    bars = {MODEL_LABELS[model]: [sources[name][model]["ppl"] for name in names] for model in models}
+    values = [value for row in bars.values() for value in row]
+    if not _varies(values):
+        omitted.append(f"perplexity: {values[0]:.4g} for every model on every source" if values else "no sources scored")
+        return None
+
+    def draw(figure, axis):
+        _grouped_bars(axis, names, bars)
+        if max(values) / min(values) > 10:
+            axis.set_yscale("log")
+        else:  # room for the legend above the bars
+            axis.set_ylim(0, 1.3 * max(values))
+        axis.set(xlabel="held-out source", ylabel="perplexity")
+    return Panel("perplexity per held-out source", draw, [{"label": "perplexity, models x sources", "values": values}])
+
+
+def _layer_error_panel(errors: dict | None, omitted: list[str]) -> Panel | None:
+    """Per decoder layer, how far the one-shot and the distilled student's output hidden states are
+    from the teacher's."""
+    if not errors:
+        return None
+    bars = {"one-shot": errors["oneshot"], "distilled": errors["student"]}
+    values = [value for row in bars.values() for value in row]
+    if not _varies(values):
+        omitted.append(f"per-layer hidden-state error: {values[0]:.4g} in every layer for both students")
+        return None
+
+    def draw(figure, axis):
+        _grouped_bars(axis, [str(layer) for layer in range(len(errors["oneshot"]))], bars)
+        axis.set_ylim(0, 1.3 * max(values))
+        axis.set(xlabel="decoder layer", ylabel="||h - h_teacher|| / ||h_teacher||")
+    return Panel(f"layer output error vs teacher ({errors['blocks']} held-out blocks)", draw,
+                 [{"label": "relative error, students x layers", "values": values}])
+
+
+def _input_zeros_panel(activations: dict, omitted: list[str]) -> Panel | None:
+    """The fraction of exact zeros in the projection inputs, mean per decoder layer, per model."""
+    series = {}
     for name, rows in activations.get("inputs", {}).items():
         by_layer: dict[int, list[float]] = {}
         for row in rows:
             by_layer.setdefault(row["layer"], []).append(row["zero_fraction"])
-        zeros.plot(list(by_layer), [sum(v) / len(v) for v in by_layer.values()], marker=".", label=name)
-    zeros.set(title="zeros in projection inputs (mean per layer)", xlabel="decoder layer", ylim=(0, 1))
-    zeros.legend()
-    sweep = activations.get("teacher_training_free")
-    if sweep:
-        for name, values in sweep.items():
-            curve.plot([float(level) for level in values], list(values.values()), marker="o", label=name)
-        curve.set(title="teacher ppl, training-free activation sparsity", xlabel="fraction of inputs zeroed",
-                  ylabel="perplexity", yscale="log")
-        curve.legend()
-    else:  # eval.activation_levels is empty
-        curve.axis("off")
-    _head_heatmaps(figure, heatmaps, attention)
-    figure.tight_layout()
-    atomic_write(path, lambda temp: figure.savefig(temp, dpi=90, format="png"))
-    plt.close(figure)
+        series[name] = [sum(values) / len(values) for values in by_layer.values()]
+    kept = _varying("fraction of zeros in projection inputs per layer", series, omitted, fixed_axis=True)
+    if not kept:
+        return None
+
+    def draw(figure, axis):
+        for name, values in kept.items():
+            axis.plot(range(len(values)), values, marker="o", label=name)
+        axis.set(xlabel="decoder layer", ylabel="fraction of input entries exactly 0", ylim=(0, 1))
+        axis.legend()
+    return Panel("zeros in projection inputs (mean per layer)", draw,
+                 [{"label": name, "values": values} for name, values in kept.items()])
+
+
+def _sweep_panel(activations: dict, omitted: list[str]) -> Panel | None:
+    """The teacher's perplexity under training-free activation sparsity, per source."""
+    sweep = activations.get("teacher_training_free") or {}
+    series = {name: list(values.values()) for name, values in sweep.items()}
+    kept = _varying("teacher perplexity under training-free activation sparsity", series, omitted)
+    if not kept:
+        return None
+    levels = [float(level) for level in next(iter(sweep.values()))]
+
+    def draw(figure, axis):
+        for name, values in kept.items():
+            axis.plot(levels, values, marker="o", label=name)
+        every = [value for values in kept.values() for value in values]
+        if len(levels) > 2 and max(every) / min(every) > 10:
+            axis.set_yscale("log")
+        axis.set(xlabel="fraction of projection inputs zeroed", ylabel="teacher perplexity")
+        axis.legend()
+    return Panel("teacher, training-free activation sparsity", draw,
+                 [{"label": name, "values": values} for name, values in kept.items()])
+
+
+def _heatmap_panels(attention: dict, omitted: list[str]) -> list[Panel]:
+    """Layers x KV heads of attention mass inside sink + window, per model; streaming heads crossed."""
+    heads = attention.get("heads") or {}
+    grids = {model: [stats["local_mass"] for stats in modules.values()] for model, modules in heads.items()}
+    flat = _varying("attention mass inside sink + window per layer and KV head",
+                    {model: [value for row in grid for value in row] for model, grid in grids.items()}, omitted,
+                    fixed_axis=True)
+    streaming = attention.get("streaming") or {}
+    return [Panel(f"{MODEL_LABELS.get(model, model)}: attention mass in sink + window",
+                  _heatmap(grids[model], list(heads[model]), streaming), [{"label": model, "values": values}])
+            for model, values in flat.items()]
+
+
+def _heatmap(grid: list[list[float]], modules: list[str], streaming: dict):
+    def draw(figure, axis):
+        from matplotlib.ticker import MaxNLocator
+
+        image = axis.imshow(grid, aspect="auto", vmin=0, vmax=1, cmap="viridis", interpolation="nearest")
+        for layer, name in enumerate(modules):
+            for head in streaming.get(name, []):
+                axis.text(head, layer, "x", ha="center", va="center", color="red", fontsize=14)
+        axis.set(xlabel="KV head (x: streaming)", ylabel="decoder layer")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axis.yaxis.set_major_locator(MaxNLocator(integer=True))
+        figure.colorbar(image, ax=axis, label="fraction of attention mass")
+    return draw
 
 
 def card_tables(report: dict) -> str:
@@ -193,26 +414,6 @@ def _attention_markdown(attention: dict) -> list[str]:
 
 def _size(count: int) -> str:
     return f"{count / 2**20:.1f} MiB" if count >= 2**20 else f"{count / 2**10:.1f} KiB"
-
-
-def _head_heatmaps(figure, axes, attention: dict) -> None:
-    """Layers x KV heads of attention mass inside sink + window, per model; streaming heads crossed."""
-    from matplotlib.ticker import MaxNLocator
-
-    heads = attention.get("heads") or {}
-    streaming = attention.get("streaming") or {}
-    for axis, (model, modules) in zip(axes, heads.items()):
-        grid = [stats["local_mass"] for stats in modules.values()]
-        image = axis.imshow(grid, aspect="auto", vmin=0, vmax=1, cmap="viridis", interpolation="nearest")
-        for layer, name in enumerate(modules):
-            for head in streaming.get(name, []):
-                axis.text(head, layer, "x", ha="center", va="center", color="red", fontsize=7)
-        axis.set(title=f"{model}: mass in sink + window", xlabel="KV head", ylabel="layer")
-        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-        axis.yaxis.set_major_locator(MaxNLocator(integer=True))
-        figure.colorbar(image, ax=axis)
-    for axis in list(axes)[len(heads):]:
-        axis.axis("off")
 
 
 def _zero_shot_markdown(zero_shot: dict) -> list[str]:

@@ -15,6 +15,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 from torch import nn
 
+from distill.targets import decoder_layers
 from distill.sparsity.activations import (input_groups, input_statistics, install_thresholds, remove_thresholds,
                                           uniform_thresholds)
 
@@ -28,14 +29,19 @@ def score_models(
     reference: str | None = "teacher",
     desc: str = "evaluating",
     lockstep: bool = False,
+    reference_logp: torch.Tensor | None = None,
 ) -> dict[str, dict[str, float]]:
     """{model name: {"ppl": ..., "kl": ...}} on `blocks` [n, length]; "kl" is KL(reference || model)
     per token at temperature 1, present for every model but the reference.
+
+    reference_logp: the reference's log-probs of `blocks` [n, length, vocab], computed beforehand,
+    for a reference that is not among `models` (the teacher during training).
 
     lockstep: every rank runs the same number of forwards, for models whose parameters are sharded
     (FSDP gathers them in each forward, a collective that all ranks must join); a rank whose blocks
     ran out runs the first batch of blocks again and does not count it."""
     mine = blocks[accelerator.process_index:: accelerator.num_processes]
+    given_logp = None if reference_logp is None else reference_logp[accelerator.process_index:: accelerator.num_processes]
     most_blocks = math.ceil(len(blocks) / accelerator.num_processes) if lockstep else len(mine)
     rounds = math.ceil(most_blocks / batch_size)
     device = accelerator.device
@@ -49,7 +55,7 @@ def score_models(
             for model in models.values():
                 model(input_ids=blocks[:batch_size].to(device), use_cache=False)
             continue
-        reference_logp = None
+        reference_logp = given_logp[start:start + batch_size].to(device) if given_logp is not None else None
         log_probs = {}
         for name, model in models.items():
             logits = model(input_ids=input_ids, use_cache=False).logits.float()
@@ -70,7 +76,7 @@ def score_models(
     for name in models:
         total_nll = accelerator.reduce(nll[name], "sum")
         results[name] = {"ppl": perplexity(float(total_nll / predicted))}
-        if name != reference and reference in models:
+        if name != reference and (reference in models or given_logp is not None):
             results[name]["kl"] = float(accelerator.reduce(kl[name], "sum") / positions)
     return results
 
@@ -83,24 +89,37 @@ def perplexity(mean_nll: float) -> float:
         return math.inf
 
 
-def heldout_perplexity(accelerator: Accelerator, student: nn.Module, heldout: torch.Tensor, batch_size: int,
-                       sharded_root: nn.Module | None = None) -> float:
-    """The student's perplexity on the held-out blocks (ranks share them) during training, in eval
-    mode: learnable masks take their most likely pattern and group dropout is off.
+@torch.no_grad()
+def log_probs(model: nn.Module, blocks: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """`model`'s log-probs of every next token of `blocks` [n, length, vocab], float32 on the CPU; every
+    process computes all of them (a sharded model's forwards are collectives all ranks must join)."""
+    device = next(model.parameters()).device
+    parts = [F.log_softmax(model(input_ids=blocks[start:start + batch_size].to(device), use_cache=False).logits.float(),
+                           dim=-1).cpu() for start in range(0, len(blocks), batch_size)]
+    return torch.cat(parts)
+
+
+def heldout_scores(accelerator: Accelerator, student: nn.Module, heldout: torch.Tensor, batch_size: int,
+                   teacher_logp: torch.Tensor | None = None, sharded_root: nn.Module | None = None) -> dict[str, float]:
+    """{"heldout_ppl": ..., "heldout_kl": ...}: the student's perplexity on the held-out blocks (ranks
+    share them) during training, and its KL(teacher || student) per token in nats against the
+    teacher's log-probs of the same blocks (no KL without them), in eval mode: learnable masks take
+    their most likely pattern and group dropout is off.
 
     sharded_root: the FSDP root (the objective) when the student is sharded. The root owns the
     embeddings, final norm and output projection, which it gathers only in its own forward, so they
     are gathered here for the student's forward; its decoder layers gather themselves."""
     with evaluating(student, sharded_root), accelerator.autocast():
-        return score_models({"student": student}, heldout, accelerator, batch_size, reference=None,
-                            desc="held-out", lockstep=sharded_root is not None)["student"]["ppl"]
+        scores = score_models({"student": student}, heldout, accelerator, batch_size, reference="teacher",
+                              desc="held-out", lockstep=sharded_root is not None, reference_logp=teacher_logp)["student"]
+    return {f"heldout_{key}": value for key, value in scores.items()}
 
 
 @contextmanager
 def evaluating(student: nn.Module, sharded_root: nn.Module | None = None):
     """The training student in eval mode for a while (learnable masks take their most likely
     pattern, group dropout is off), its FSDP root's parameters gathered when it is sharded (see
-    heldout_perplexity); back to training mode after."""
+    heldout_scores); back to training mode after."""
     student.eval()
     try:
         if sharded_root is not None:
@@ -151,3 +170,47 @@ def weighted_zero_fraction(rows: list[dict]) -> float | None:
     if not rows or any("weights" not in row for row in rows):
         return None
     return sum(row["zero_fraction"] * row["weights"] for row in rows) / sum(row["weights"] for row in rows)
+
+
+@contextmanager
+def layer_outputs(model: nn.Module):
+    """A list that the decoder layers of `model` append their output hidden states to, one per layer
+    and forward, while the context lasts (forward hooks: output_hidden_states returns the last
+    layer's after the final norm in some architectures)."""
+    captured: list[torch.Tensor] = []
+
+    def keep(module, inputs, output):
+        captured.append((output[0] if isinstance(output, tuple) else output).detach())
+
+    handles = [layer.register_forward_hook(keep) for layer in decoder_layers(model)[1]]
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def layer_errors(reference: nn.Module, models: dict[str, nn.Module], blocks: torch.Tensor,
+                 batch_size: int) -> dict[str, list[float]]:
+    """{model name: per decoder layer, ||h - h_ref|| / ||h_ref|| of the layer's output hidden states
+    over every position of `blocks`}, against `reference` (the teacher) run on the same blocks."""
+    device = next(reference.parameters()).device
+    squares = {name: None for name in models}
+    reference_squares = None
+    for start in range(0, len(blocks), batch_size):
+        input_ids = blocks[start:start + batch_size].to(device)
+        expected = _hidden_states(reference, input_ids)
+        sums = torch.stack([(state.double() ** 2).sum() for state in expected])
+        reference_squares = sums if reference_squares is None else reference_squares + sums
+        for name, model in models.items():
+            actual = _hidden_states(model, input_ids)
+            sums = torch.stack([((a.double() - e.double()) ** 2).sum() for a, e in zip(actual, expected)])
+            squares[name] = sums if squares[name] is None else squares[name] + sums
+    return {name: [float(value) for value in (sums / reference_squares).sqrt()] for name, sums in squares.items()}
+
+
+def _hidden_states(model: nn.Module, input_ids: torch.Tensor) -> list[torch.Tensor]:
+    with layer_outputs(model) as captured:
+        model(input_ids=input_ids, use_cache=False)
+    return captured

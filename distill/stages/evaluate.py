@@ -17,7 +17,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from distill.data.corpus import pack, tokenize_files
 from distill.sparsity.calibration import calibration_blocks
-from distill.eval.scoring import activation_sparsity_curve, activation_table, score_models, weighted_zero_fraction
+from distill.eval.scoring import (activation_sparsity_curve, activation_table, layer_errors, score_models,
+                                  weighted_zero_fraction)
 from distill.io import atomic_write, write_json, write_text
 from distill.models import load_teacher
 from distill.run.pipeline import StageContext
@@ -85,6 +86,9 @@ def run(ctx: StageContext) -> dict:
     measured = {"teacher": teacher, "oneshot": oneshot, "student": models.get(RUNTIME, models["student"])}
     activations = _activation_sparsity(ctx, measured, sets)
     attention = _attention_sparsity(ctx, measured, sets, spec)
+    probe = _probe_blocks(ctx, sets)
+    history = _training_history(ctx)
+    recovery = _recovery(ctx, measured, probe, history)
     if not accelerator.is_main_process:
         return {}
     zero_shot = zero_shot_accuracy(measured, tokenizer, config.eval.lm_eval) if config.eval.lm_eval.tasks else {}
@@ -103,10 +107,12 @@ def run(ctx: StageContext) -> dict:
         "activations": activations,
         "attention": attention,
         "zero_shot": zero_shot,
+        "recovery": recovery,
+        "layer_errors": {"blocks": len(probe), **layer_errors(teacher, {"oneshot": oneshot, "student": measured["student"]},
+                                                              probe, config.eval.batch_size)},
     }
+    report["plot"] = plot(ctx.work_dir / "report.png", report, history)
     write_json(ctx.work_dir / "report.json", report)
-    history = _training_history(ctx)
-    plot(ctx.work_dir / "report.png", layers, history, activations, attention)
     write_text(ctx.work_dir / "report.md", markdown(report, history))
     _complete_model_cards(ctx, export, report)
     ctx.log("\n" + quality_table(sources))
@@ -183,6 +189,27 @@ def _activation_sparsity(ctx: StageContext, models: dict, sets: dict[str, torch.
         result["inputs"] = {name: activation_table(model, probe, batch) for name, model in models.items()}
         result["zeroed"] = {name: weighted_zero_fraction(rows) for name, rows in result["inputs"].items()}
     return result
+
+
+def _probe_blocks(ctx: StageContext, sets: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The held-out blocks the recovery curve was measured on (train.eval_blocks of them, sources in
+    name order), which the per-layer error measures too; the first eval set's when there are none."""
+    heldout = read_token_blocks(ctx.stage_dir("teacher")).all_heldout()
+    return (heldout if heldout is not None else next(iter(sets.values())))[:ctx.config.train.eval_blocks]
+
+
+def _recovery(ctx: StageContext, models: dict, probe: torch.Tensor, history: list[dict]) -> dict:
+    """The recovery curve (the held-out rows of distill's metrics), with the teacher's and the
+    one-shot student's perplexity and KL on the same blocks, its reference lines."""
+    rows = [row for row in history if "heldout_kl" in row]
+    if not rows:
+        return {}
+    scores = score_models({"teacher": models["teacher"], "oneshot": models["oneshot"]}, probe, ctx.accelerator,
+                          ctx.config.eval.batch_size, desc="recovery references")
+    return {"blocks": len(probe), "steps": [row["step"] for row in rows],
+            "heldout_ppl": [row["heldout_ppl"] for row in rows], "heldout_kl": [row["heldout_kl"] for row in rows],
+            "teacher_ppl": scores["teacher"]["ppl"], "oneshot_ppl": scores["oneshot"]["ppl"],
+            "oneshot_kl": scores["oneshot"]["kl"]}
 
 
 def _training_history(ctx: StageContext) -> list[dict]:

@@ -32,7 +32,7 @@ from distill.sparsity.calibration import calibration_blocks
 from distill.config import NonFinite, Sharding
 from distill.data.corpus import to_device
 from distill.errors import DistillError
-from distill.eval.scoring import evaluating, heldout_perplexity
+from distill.eval.scoring import evaluating, heldout_scores, log_probs
 from distill.losses import IDENTITY, TopK, logit_transform
 from distill.models import load_teacher
 from distill.train.objective import DistillationObjective, cached_teacher_outputs, teacher_outputs
@@ -64,6 +64,7 @@ class Training:
     schedule: BlockSchedule
     blocks: torch.Tensor
     heldout: torch.Tensor | None
+    heldout_teacher_logp: torch.Tensor | None  # the teacher's log-probs of the held-out blocks, on the CPU
     cached: TopK | None
     teacher_transform: object
     spec: SparsitySpec
@@ -85,6 +86,8 @@ def _load_inputs(ctx: StageContext):
     config, accelerator, train = ctx.config, ctx.accelerator, ctx.config.train
     data = read_token_blocks(ctx.stage_dir("teacher"))
     heldout = data.all_heldout() if train.eval_every else None
+    if heldout is not None:
+        heldout = heldout[:train.eval_blocks]
     cached = None
     if train.loss.teacher_topk and train.loss.kd_weight:
         cached = read_teacher_topk(ctx.stage_dir("teacher_logits"), tuple(data.train.shape), train.loss.teacher_topk)
@@ -130,6 +133,7 @@ def _setup(ctx: StageContext) -> Training:
     if teacher is not None:
         speed_up(teacher, config.speed, training=False)
     masks = _mask_modes(ctx, student, teacher, spec)
+    heldout_teacher_logp = _heldout_teacher_logp(ctx, teacher, heldout)
     objective = DistillationObjective(student, train.loss, spec.pattern, train.group_lasso, student_transform)
     sharded = train.sharding is Sharding.FSDP
     if sharded:
@@ -151,9 +155,20 @@ def _setup(ctx: StageContext) -> Training:
             torch.manual_seed(config.run.seed * 1_000_003 + step * 1009 + accelerator.process_index * accumulation + micro)
     step = DistillStep(accelerator, objective, optimizer, scheduler, trainable, masks, train.max_grad_norm,
                        skip_nonfinite=train.on_nonfinite is NonFinite.SKIP, reseed=reseed)
-    return Training(student, teacher, objective, step, masks, schedule, blocks, heldout, cached, teacher_transform,
-                    spec, ShardedCheckpoint(objective, optimizer) if sharded else None, step_flops,
+    return Training(student, teacher, objective, step, masks, schedule, blocks, heldout, heldout_teacher_logp, cached,
+                    teacher_transform, spec, ShardedCheckpoint(objective, optimizer) if sharded else None, step_flops,
                     calibration_blocks(blocks, config.calibration.num_blocks))
+
+
+@torch.no_grad()
+def _heldout_teacher_logp(ctx: StageContext, teacher: nn.Module | None, heldout: torch.Tensor | None) -> torch.Tensor | None:
+    """The teacher's log-probs of the held-out blocks, for the recovery curve's KL, computed once; a
+    run that trains from the cached top-k loads the teacher for this alone and lets it go."""
+    if heldout is None:
+        return None
+    source = teacher if teacher is not None else load_teacher(ctx.config.teacher, ctx.accelerator.device)
+    with ctx.accelerator.autocast():
+        return log_probs(source.eval(), heldout, ctx.config.train.micro_batch_size)
 
 
 def _resume(ctx: StageContext, training: Training) -> None:
@@ -250,7 +265,7 @@ def _recalibrate_thresholds(ctx: StageContext, training: Training, done: int) ->
 def _log_window(ctx: StageContext, training: Training, window: list[dict], done: int, seconds: float,
                 peak_flops: float) -> dict:
     """The row logged at step `done`: mean losses over the window, lr, tokens/s, MFU, and the held-out
-    perplexity at eval steps. Stops before a non-finite window reaches any checkpoint."""
+    perplexity and KL to the teacher at eval steps. Stops before a non-finite window reaches any checkpoint."""
     accelerator, train = ctx.accelerator, ctx.config.train
     if accelerator.device.type == "cuda":  # count the window's queued GPU work in its time
         torch.cuda.synchronize(accelerator.device)
@@ -267,8 +282,8 @@ def _log_window(ctx: StageContext, training: Training, window: list[dict], done:
         row["mfu"] = tokens_per_s * training.step_flops / (peak_flops * accelerator.num_processes)
     if training.heldout is not None and (done % train.eval_every == 0 or done == train.steps):
         sharded_root = training.objective if training.sharded_checkpoint is not None else None
-        row["heldout_ppl"] = heldout_perplexity(accelerator, training.student, training.heldout,
-                                                train.micro_batch_size, sharded_root)
+        row.update(heldout_scores(accelerator, training.student, training.heldout, train.micro_batch_size,
+                                  training.heldout_teacher_logp, sharded_root))
     return row
 
 
