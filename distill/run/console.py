@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 
 # (logger name, start of the message): why distill does what the message warns about
 EXPECTED_WARNINGS = [
@@ -28,7 +29,8 @@ class _DropExpected(logging.Filter):
         self.prefixes = tuple(prefixes)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(self.prefixes)
+        # accelerate's loggers put "[RANK n] " before the message
+        return not re.sub(r"^\[RANK \d+\] ", "", str(record.msg)).startswith(self.prefixes)
 
 
 def quiet_expected_warnings() -> None:
