@@ -24,12 +24,6 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0") or 0)
 
 
-def speaks_for_the_launch() -> bool:
-    """Whether this process prints notices meant for the user once per launch: the process started
-    alone, or local rank 0 of several (the others read the same config and would repeat them)."""
-    return local_rank() == 0
-
-
 def report_refusal(line: str) -> None:
     """Show `line` (a whole `distill: error: ...` line) to the user once per launch.
 

@@ -37,7 +37,7 @@ def markdown(report: dict, history: list[dict]) -> str:
         f"mean sparsity {mean_sparsity:.3f})",
     ]
     coverage = report.get("coverage")
-    if coverage:  # run dirs pruned before the coverage was recorded have none
+    if coverage:  # the prune record's; a report dict made in code may have none
         parts.append(f"- pruned {coverage['pruned']} of {coverage['decoder_linears']} decoder linear projections, "
                      f"{coverage['pruned_weight_fraction']:.1%} of the decoder's linear weights")
         for name, reason in coverage["left_dense"].items():

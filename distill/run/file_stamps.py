@@ -9,22 +9,12 @@ mtime alone ran the stage that reads the file, and everything after it, again.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
-from distill.io import write_json
+from distill.io import sha256_file, write_json
 
 CACHE_FILE = "file_hashes.json"
-_CHUNK = 1 << 24
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class FileStamps:
@@ -56,7 +46,7 @@ class FileStamps:
         stat = file.stat()
         known = self._known.get(path)
         if known is None or (known["size"], known["mtime_ns"]) != (stat.st_size, stat.st_mtime_ns):
-            known = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha256_of(file)}
+            known = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha256_file(file)}
             self._known[path] = known
             self._changed = True
         return {"path": path, "size": known["size"], "sha256": known["sha256"]}

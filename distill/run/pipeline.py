@@ -306,30 +306,31 @@ class Pipeline:
         when the launch died: complete the rename instead of running it again. A launch killed just
         after the rename left the stage's previous dir (`.STAGE.old`) and its `inputs.json`."""
         for name in self._names():
-            partial = self._partial(name)
+            partial, finished = self._partial(name), self.run_dir / name
             if (partial / MANIFEST_FILE).is_file():
-                replace_dir(partial, self.run_dir / name)
-            old = self.run_dir / f".{name}.old"
-            if old.is_dir() and (self.run_dir / name / MANIFEST_FILE).is_file():
-                shutil.rmtree(old)
-            if (self.run_dir / name / MANIFEST_FILE).is_file():
-                (self.run_dir / name / INPUTS_FILE).unlink(missing_ok=True)
+                replace_dir(partial, finished)
+            if (finished / MANIFEST_FILE).is_file():
+                old = self.run_dir / f".{name}.old"
+                if old.is_dir():
+                    shutil.rmtree(old)
+                (finished / INPUTS_FILE).unlink(missing_ok=True)
 
-    def _finished_stages_read(self, decisions: list[Decision]) -> list[str]:
-        """The finished stages this launch uses as they are: those it skips and those that a stage
-        it runs reads without running them first."""
+    def _finished_stages_read(self, decisions: list[Decision]) -> dict[str, dict]:
+        """{name: manifest} of the finished stages this launch uses as they are: those it skips and
+        those that a stage it runs reads without running them first."""
         running = {decision.stage.name for decision in decisions if decision.action != "skip"}
         used = [decision.stage.name for decision in decisions if decision.action == "skip"]
         for decision in decisions:
             if decision.action != "skip":
                 used += [name for name in decision.stage.upstream if name not in running]
-        return [name for name in dict.fromkeys(used) if self.manifest(name) is not None]
+        manifests = {name: self.manifest(name) for name in dict.fromkeys(used)}
+        return {name: manifest for name, manifest in manifests.items() if manifest is not None}
 
-    def _damage(self, names: list[str]) -> str | None:
-        """The first finished stage among `names` whose files differ from its manifest's checksums, as
-        a one-line refusal with the way on; None when all are as they were written."""
-        for name in names:
-            problem = damage(self.run_dir / name, self.manifest(name).get("files"), "its manifest")
+    def _damage(self, manifests: dict[str, dict]) -> str | None:
+        """The first finished stage among `manifests` whose files differ from its manifest's checksums,
+        as a one-line refusal with the way on; None when all are as they were written."""
+        for name, manifest in manifests.items():
+            problem = damage(self.run_dir / name, manifest.get("files"), "its manifest")
             if problem:
                 return f"stage '{name}' is damaged: {problem}; rerun with --from {name} to run it again"
         return None

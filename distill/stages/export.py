@@ -22,7 +22,6 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from distill.run.artifacts import STUDENT_DIR, ExportRecord, read_distill_record, read_token_blocks, write_export_record
-
 from distill.sparsity.spec import SparsitySpec, read_sparsity_spec
 from distill.errors import DistillError
 from distill.run.pipeline import StageContext

@@ -23,7 +23,6 @@ from __future__ import annotations
 import torch
 
 from distill.run.artifacts import STUDENT_DIR, PruneRecord, read_calibration, read_token_blocks, write_prune_record
-
 from distill.sparsity.spec import SparsitySpec
 from distill.sparsity.calibration import calibration_blocks
 from distill.errors import DistillError

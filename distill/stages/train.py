@@ -25,7 +25,6 @@ from tqdm.auto import tqdm
 
 from distill.run.artifacts import (STUDENT_DIR, DistillRecord, read_calibration, read_metrics, read_teacher_topk, read_token_blocks,
                                    write_distill_record, write_metrics)
-
 from distill.sparsity.spec import SparsitySpec, read_sparsity_spec
 from distill.train.checkpoints import CHECKPOINTS, latest_checkpoint, resume, save_checkpoint
 from distill.sparsity.calibration import calibration_blocks
