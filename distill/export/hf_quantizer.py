@@ -14,7 +14,8 @@ public hooks (`register_quantization_config`, `register_quantizer`); importing t
 
 Loading: before the weights, every masked nn.Linear of the (meta) model becomes a `PackedLinear`
 whose tensors are the packed file's `<name>.values` and `<name>.indices`, so transformers' own loader
-fills them; after, each is unpacked and turned into the runtime module. `save_pretrained` writes the
+fills them; after, each becomes the runtime module `distill.runtime.runtime_projection` makes of them
+(the loader's own function), with no dense copy on the way for 2:4. `save_pretrained` writes the
 packed tensors again (`get_state_dict_and_metadata`), so a round trip reproduces the file.
 """
 
@@ -27,11 +28,10 @@ from torch import nn
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from distill.runtime import CrossoverTable, Sparse24Linear
-from distill.runtime.kv_cache import use_streaming_cache
+from distill.runtime import CrossoverTable, Sparse24Linear, SparseInputLinear
+from distill.runtime.loading import dense_projection, finish_runtime, runtime_projection
 from distill.sparsity.packing import full_groups_mask, pack_nm, unpack_nm
 from distill.sparsity.spec import QUANT_METHOD, SparsitySpec
-from distill.student import apply_runtime_sparsity
 from distill.targets import linearize, replace_module
 
 THRESHOLD_KEY = ".input_threshold.threshold"  # an InputThreshold's buffer: the spec holds thresholds
@@ -61,6 +61,13 @@ class PackedLinear(nn.Module):
 
     def dense_weight(self) -> torch.Tensor:
         return unpack_nm(self.values.data, self.indices.data, self.n, self.m)
+
+
+def _module(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
 
 
 class PackedSparsityQuantizer(HfQuantizer):
@@ -93,22 +100,14 @@ class PackedSparsityQuantizer(HfQuantizer):
         table = CrossoverTable()
         for name in self.spec.masked:
             packed = model.get_submodule(name)
-            weight, bias = packed.dense_weight(), packed.bias.data if packed.bias is not None else None
-            if self.spec.pattern.accelerated:
-                module = Sparse24Linear(weight, bias, name, table)
-                if weight.is_cuda:
-                    module.prepare_kernels()
-            else:
-                module = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device,
-                                   dtype=weight.dtype)
-                module.weight.data.copy_(weight)
-                if bias is not None:
-                    module.bias.data.copy_(bias)
-            replace_module(model, name, module)
-        apply_runtime_sparsity(model, self.spec)
-        if self.spec.streaming is not None:
-            use_streaming_cache(model)
-        return model
+            bias = packed.bias.data if packed.bias is not None else None
+            replace_module(model, name, runtime_projection(name, packed.values.data, packed.indices.data, bias,
+                                                           self.spec, table))
+        for name in set(self.spec.input_thresholds) - set(self.spec.masked):
+            linear = model.get_submodule(name)
+            bias = linear.bias.data if linear.bias is not None else None
+            replace_module(model, name, dense_projection(name, linear.weight.data, bias, self.spec, table))
+        return finish_runtime(model, self.spec)
 
     def get_state_dict_and_metadata(self, model):
         """The packed tensors again: `<name>.values`/`.indices` for every masked projection, every
@@ -117,12 +116,21 @@ class PackedSparsityQuantizer(HfQuantizer):
         n, m = self.spec.pattern.n, self.spec.pattern.m
         state = {}
         for key, tensor in model.state_dict().items():
-            if key.rpartition(".")[0] not in masked and not key.endswith(THRESHOLD_KEY):
+            owner = key.rpartition(".")[0]
+            if owner not in masked and not key.endswith(THRESHOLD_KEY) and not isinstance(_module(model, owner), SparseInputLinear):
                 state[key] = tensor
+        for name, module in model.named_modules():
+            if isinstance(module, SparseInputLinear):  # a thresholded dense projection, held input-major
+                state[f"{name}.weight"] = module.weight_dense()
+                if module.bias is not None:
+                    state[f"{name}.bias"] = module.bias
         for name in masked:
             module = model.get_submodule(name)
-            weight = module.weight_dense() if isinstance(module, Sparse24Linear) else module.weight.data
-            state[f"{name}.values"], state[f"{name}.indices"] = pack_nm(weight, full_groups_mask(weight != 0, n, m, name), n, m)
+            if isinstance(module, Sparse24Linear):
+                state[f"{name}.values"], state[f"{name}.indices"] = module.packed()
+            else:
+                weight = module.weight.data
+                state[f"{name}.values"], state[f"{name}.indices"] = pack_nm(weight, full_groups_mask(weight != 0, n, m, name), n, m)
             if module.bias is not None:
                 state[f"{name}.bias"] = module.bias
         return state, {}

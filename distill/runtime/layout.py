@@ -19,15 +19,17 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 META_VALUES_PER_WORD = 16
 
 
-def check_2_4_weight(weight: torch.Tensor, name: str = "weight") -> torch.Tensor:
-    """The boolean mask of a 2:4 weight, or a DistillError naming the layer and the problem."""
+def check_2_4_weight(weight: torch.Tensor, name: str = "weight", input_multiple: int = 32) -> torch.Tensor:
+    """The boolean mask of a 2:4 weight, or a DistillError naming the layer and the problem. The GPU
+    layout packs 16 positions per int32 word, so its input size must be a multiple of 32; the CPU
+    layouts need whole groups of 4 (`input_multiple=4`)."""
     if weight.dim() != 2:
         raise DistillError(f"{name}: expected a 2-D weight, got shape {tuple(weight.shape)}")
     if weight.dtype not in SUPPORTED_DTYPES:
         raise DistillError(f"{name}: dtype {weight.dtype} is not supported (use float16, bfloat16 or float32)")
     rows, cols = weight.shape
-    if cols % 32:
-        raise DistillError(f"{name}: input size {cols} is not a multiple of 32, which the 2:4 kernels need")
+    if cols % input_multiple:
+        raise DistillError(f"{name}: input size {cols} is not a multiple of {input_multiple}, which the 2:4 kernels need")
     return full_groups_mask(weight != 0, 2, 4, name)
 
 

@@ -20,6 +20,7 @@ SPARSITY_FILE = "sparsity.json"
 class Layout(Choice):
     MASKED = "masked"  # dense weights with zeros where pruned, plus bool masks (distill.student)
     PACKED = "nm_packed.v2"  # kept values and their positions in each group (distill.sparsity.packing)
+    DENSE = "dense"  # a Hugging Face model dir, zeros where pruned or removed channels cut out (export/hf)
 
     @property
     def packed(self) -> bool:

@@ -18,7 +18,8 @@ def test_table_from_timings_picks_the_fastest_path_and_dense_where_sparse_loses(
     assert [table.choose(4096, 4096, m) for m in (1, 16, 17, 256, 257, 100000)] == \
         ["triton", "triton", "dense", "dense", "cusparselt", "cusparselt"]
     assert table.choose(1024, 4096, 1) == "dense", "an unmeasured shape stays dense"
-    assert table.choose(4096, 4096, 1, on_gpu=False) == "reference"
+    # a CPU takes the shipped default table where a GPU table says nothing for it
+    assert [table.choose(4096, 4096, m, on_gpu=False) for m in (1, 16, 17)] == ["cpu_kernel", "cpu_kernel", "cpu_unpack"]
 
 
 def test_table_round_trips_and_bad_tables_are_clear_errors(tmp_path):
@@ -45,7 +46,7 @@ def test_triton_entries_carry_their_fastest_tiles_and_split_where_tiles_differ()
         {"max_m": 16, "path": "triton", "tiles": [16, 64, 128, 4, 4]},
         {"max_m": None, "path": "triton", "tiles": [32, 64, 128, 4, 3]}]
     assert table.entry(4096, 4096, 10)["tiles"] == [16, 64, 128, 4, 4]
-    assert table.entry(4096, 4096, 3, on_gpu=False) == {"path": "reference"}
+    assert table.entry(4096, 4096, 3, on_gpu=False)["path"] == "cpu_kernel"
 
 
 def test_sparse_input_paths_are_chosen_at_decode_sizes_only_and_a_table_saying_otherwise_is_refused(tmp_path):
@@ -55,7 +56,7 @@ def test_sparse_input_paths_are_chosen_at_decode_sizes_only_and_a_table_saying_o
     table = CrossoverTable.from_timings("H200", timings)
     assert [table.choose(64, 128, m) for m in (1, 16, 64)] == ["sparse_input_24", "sparse_input", "triton"]
     (tmp_path / "wide.json").write_text('{"shapes": {"64x128": [{"max_m": null, "path": "sparse_input"}]}}')
-    with pytest.raises(DistillError, match="sparse-input kernels serve decode only"):
+    with pytest.raises(DistillError, match="serves decode only"):
         CrossoverTable.load(tmp_path / "wide.json")
 
 
@@ -69,7 +70,7 @@ def test_a_2_4_projection_on_a_sparse_input_path_computes_the_dense_product(path
 
     torch.manual_seed(11)
     weight, bias = random_2_4_weight(48, 64), torch.randn(48)
-    layer = Sparse24Linear(weight, bias, "probe", CrossoverTable("cpu", {"48x64": [
+    layer = Sparse24Linear.from_dense(weight, bias, "probe", layout="gpu", table=CrossoverTable("cpu", {"48x64": [
         {"max_m": 16, "path": path}, {"max_m": None, "path": "dense"}]}))
     x = torch.randn(2, 3, 64)
     x[..., torch.rand(64) < 0.5] = 0

@@ -33,7 +33,7 @@ def test_every_path_of_sparse24_linear_matches_the_reference(path):
     weight = random_2_4_weight(n, k, torch.bfloat16).cuda()
     bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
     table = CrossoverTable("test", {f"{n}x{k}": [{"max_m": None, "path": path}]})
-    layer = Sparse24Linear(weight, bias, "probe", table)
+    layer = Sparse24Linear.from_dense(weight, bias, "probe", table)
     x = torch.randn(3, m, k, device="cuda", dtype=torch.bfloat16)
     out = layer(x)
     assert layer.kernel_path(x) == path
@@ -43,7 +43,7 @@ def test_every_path_of_sparse24_linear_matches_the_reference(path):
 def test_projection_replays_inside_a_cuda_graph():
     n, k, m = 4096, 4096, 8
     weight = random_2_4_weight(n, k, torch.bfloat16).cuda()
-    layer = Sparse24Linear(weight, None, "probe", CrossoverTable("test", {f"{n}x{k}": [{"max_m": None, "path": "triton"}]}))
+    layer = Sparse24Linear.from_dense(weight, None, "probe", CrossoverTable("test", {f"{n}x{k}": [{"max_m": None, "path": "triton"}]}))
     static_x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
