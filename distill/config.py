@@ -321,6 +321,10 @@ class EvalConfig(Section):
     # held-out blocks (of the first eval set) on which each model's attention is measured per KV head
     # (mass inside attention.sink + attention.window, small probabilities, entropy); 0: not measured
     attention_blocks: int = 1
+    # rounds of the report's speed measurement on the machine evaluate runs on: decode and prefill
+    # tokens/s at batch 1 of the teacher and the student as it runs, timed in turns (teacher, student,
+    # teacher, ...), medians over the rounds, and their tensor bytes; 0: not measured
+    speed_repeats: int = 3
     lm_eval: LmEvalConfig = field(default_factory=LmEvalConfig)
 
     def check(self, where: str) -> None:
@@ -330,6 +334,7 @@ class EvalConfig(Section):
         positive(f"{where}.max_blocks", self.max_blocks, allow_zero=True)
         positive(f"{where}.batch_size", self.batch_size)
         positive(f"{where}.attention_blocks", self.attention_blocks, allow_zero=True)
+        positive(f"{where}.speed_repeats", self.speed_repeats, allow_zero=True)
         self.lm_eval.validate(f"{where}.lm_eval")
 
 

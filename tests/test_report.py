@@ -1,6 +1,6 @@
 """The report's measurements and plot on small inputs: the per-layer hidden-state error against a
-float64 computation, the held-out KL against given teacher log-probs, and which panels the plot
-draws (a constant series becomes a line of text)."""
+float64 computation, the held-out KL against given teacher log-probs, which panels the plot draws (a
+constant series becomes a line of text), and the speed section from a real measurement."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from accelerate import Accelerator
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from distill.eval.report import markdown, plot
+from distill.eval.report import RUNTIME, markdown, plot
+from distill.eval.speed import measure_speed
 from distill.eval.scoring import heldout_scores, layer_errors, log_probs, score_models
 
 
@@ -76,21 +77,46 @@ def _report() -> dict:
     }
 
 
+def _speed() -> dict:
+    """A real measurement of two tiny models, on one thread (on a shared machine, threads waiting on
+    each other would make it seconds)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return measure_speed({"teacher": _llama(0), RUNTIME: _llama(1)}, torch.arange(1, 41), new_tokens=4,
+                             prefill_tokens=32, repeats=2)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_the_plot_draws_what_varies_and_names_what_is_constant(tmp_path):
     report = _report()
+    report["speed"] = speed = _speed()
     history = [{"step": step, "loss": 1.0 / step, "tokens_per_s": 100.0} for step in range(1, 7)]
     drawn = plot(tmp_path / "report.png", report, history)
     assert (tmp_path / "report.png").stat().st_size > 10_000
     assert [title.split(" (")[0] for title in drawn["panels"]] == [
         "recovery: held-out KL(teacher || student)", "recovery: held-out perplexity", "distillation loss",
-        "perplexity per held-out source", "layer output error vs teacher", "teacher, training-free activation sparsity"]
+        "perplexity per held-out source", "speed and bytes vs teacher, this machine", "layer output error vs teacher",
+        "teacher, training-free activation sparsity"]
     assert all(len(set(series["values"])) > 1 for series in drawn["series"])
     references = {(line["panel"].split(" (")[0], line["label"]): line["value"] for line in drawn["references"]}
     assert references[("recovery: held-out perplexity", "one-shot")] == 95.0
     assert references[("recovery: held-out KL(teacher || student)", "teacher")] == 0.0
+    assert references[("speed and bytes vs teacher, this machine", "teacher")] == 1.0
+    ratios = speed["ratios"][RUNTIME]
+    assert [series["values"] for series in drawn["series"] if series["panel"].startswith("speed")] == [
+        [ratios["decode"], ratios["prefill"], ratios["bytes_projections"], ratios["bytes_total"]]]
     # the teacher's inputs hold no zeros and its heads keep all their mass inside: text, not panels
     assert len(drawn["omitted"]) == 2 and any("zeros in projection inputs" in line for line in drawn["omitted"])
     report["plot"] = drawn
     text = markdown(report, history)
     assert "## Not plotted" in text and all(line in text for line in drawn["omitted"])
     assert "| 1 | 0.4000 | 0.1500 |" in text and "at step 6 perplexity 32.00, KL 0.3500" in text
+    assert "## Speed on this machine" in text and "not a promise" in text and f"{speed['threads']} threads" in text
+    assert (speed["cpu"] or "an unnamed CPU") in text
+    student = speed["models"][RUNTIME]
+    assert (f"| distilled, runtime sparsity | {student['decode_tokens_per_s']:.1f} | {student['prefill_tokens_per_s']:.1f} | "
+            f"{student['bytes_projections'] / 2**10:.1f} KiB | {student['bytes_total'] / 2**10:.1f} KiB | "
+            f"{ratios['decode']:.2f} | {ratios['prefill']:.2f} | 1.00 | 1.00 |") in text
+    assert "| teacher |" in text and " | 1.00 | 1.00 | 1.00 | 1.00 |" in text

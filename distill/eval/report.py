@@ -3,6 +3,7 @@ the report dict that report.json holds. Nothing here computes a score."""
 
 from __future__ import annotations
 
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -50,6 +51,7 @@ def markdown(report: dict, history: list[dict]) -> str:
     if export.get("sparse_kernel_relative_error"):  # measured on CUDA only
         for path, error in export["sparse_kernel_relative_error"].items():
             parts.append(f"- 2:4 kernel path `{path}`: logits vs dense, relative error {error:.3g}")
+    parts += _speed_markdown(report.get("speed"))
     if history:
         parts += ["", "## Training", "",
                   f"Loss {history[0]['loss']:.4f} at step {history[0]['step']} -> {history[-1]['loss']:.4f} at step "
@@ -66,6 +68,39 @@ def markdown(report: dict, history: list[dict]) -> str:
         parts += [f"- {line}" for line in drawn["omitted"]]
     parts += ["", f"![{', '.join(drawn.get('panels', []))}](report.png)", ""]
     return "\n".join(parts)
+
+
+def _speed_markdown(speed: dict | None) -> list[str]:
+    """Decode and prefill tokens/s and tensor bytes per model as measured on the machine evaluate ran
+    on, with each model's ratios to the baseline (the teacher)."""
+    if not speed:
+        return []
+    machine = speed["device_name"] or speed["cpu"] or "an unnamed CPU"
+    baseline = speed["baseline"]
+    parts = ["", "## Speed on this machine", "",
+             f"Measured by evaluate in one process on {machine} ({speed['device']}, {speed['threads']} threads, "
+             f"{speed['dtype']}), batch 1: decode is greedy generation of {speed['new_tokens']} tokens after a "
+             f"{speed['decode_prompt_tokens']}-token prompt (KV cache), prefill one forward over "
+             f"{speed['prefill_tokens']} tokens; the models were timed in turns, median of {speed['repeats']} rounds. "
+             f"Bytes are the models' tensors (shared ones once); projections are the decoder layers' projections. "
+             f"Ratios are against the {MODEL_LABELS.get(baseline, baseline)}. This is a measurement on this machine, "
+             f"not a promise for another.", "",
+             "| model | decode tok/s | prefill tok/s | projections | total | decode x | prefill x | projections x | total x |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def ratio(value: float | None) -> str:
+        return f"{value:.2f}" if value is not None else "-"
+
+    for name, row in speed["models"].items():
+        ratios = speed["ratios"].get(name, {"decode": 1.0, "prefill": 1.0, "bytes_projections": 1.0, "bytes_total": 1.0})
+        parts.append(f"| {MODEL_LABELS.get(name, name)} | {row['decode_tokens_per_s']:.1f} | "
+                     f"{row['prefill_tokens_per_s']:.1f} | {_size(row['bytes_projections'])} | {_size(row['bytes_total'])} | "
+                     + " | ".join(ratio(ratios[key]) for key in ("decode", "prefill", "bytes_projections", "bytes_total"))
+                     + " |")
+    if speed.get("process_rss_bytes"):
+        parts += ["", f"The process held {_size(speed['process_rss_bytes'])} resident after measuring (every model "
+                      "evaluate had loaded, not one of them)."]
+    return parts
 
 
 def _recovery_markdown(recovery: dict | None) -> list[str]:
@@ -146,7 +181,8 @@ def plot(path: Path, report: dict, history: list[dict]) -> dict:
 
     omitted: list[str] = []
     candidates = [_recovery_panels(report.get("recovery") or {}, omitted), [_loss_panel(history, omitted)],
-                  [_quality_panel(report["sources"], omitted)], [_layer_error_panel(report.get("layer_errors"), omitted)],
+                  [_quality_panel(report["sources"], omitted), _speed_panel(report.get("speed"), omitted)],
+                  [_layer_error_panel(report.get("layer_errors"), omitted)],
                   [_input_zeros_panel(report["activations"], omitted), _sweep_panel(report["activations"], omitted)],
                   _heatmap_panels(report.get("attention", {}), omitted)]
     panels = [panel for group in candidates for panel in group if panel is not None]
@@ -262,6 +298,36 @@ def _quality_panel(sources: dict, omitted: list[str]) -> Panel | None:
             axis.set_ylim(0, 1.3 * max(values))
         axis.set(xlabel="held-out source", ylabel="perplexity")
     return Panel("perplexity per held-out source", draw, [{"label": "perplexity, models x sources", "values": values}])
+
+
+SPEED_GROUPS = {"decode": "decode tok/s", "prefill": "prefill tok/s", "bytes_projections": "projection bytes",
+                "bytes_total": "total bytes"}
+
+
+def _speed_panel(speed: dict | None, omitted: list[str]) -> Panel | None:
+    """Each model's decode and prefill tokens/s and tensor bytes as ratios to the baseline's (a line
+    at 1), measured on this machine; each bar carries its value."""
+    if not speed or not speed.get("ratios"):
+        return None
+    baseline = MODEL_LABELS.get(speed["baseline"], speed["baseline"])
+    series = {MODEL_LABELS.get(name, name): [ratios[key] if ratios[key] is not None else 0.0 for key in SPEED_GROUPS]
+              for name, ratios in speed["ratios"].items()}
+    kept = _varying(f"speed and bytes relative to the {baseline}", series, omitted)
+    if not kept:
+        return None
+
+    def draw(figure, axis):
+        _grouped_bars(axis, list(SPEED_GROUPS.values()), kept)
+        for bars in axis.containers:
+            axis.bar_label(bars, fmt="%.2fx", fontsize="small")
+        axis.axhline(1.0, linestyle="--", color="grey")
+        axis.set_ylim(0, 1.35 * max(1.0, *(value for values in kept.values() for value in values)))
+        machine = speed.get("device_name") or speed.get("cpu") or speed.get("device")
+        axis.set(ylabel=f"x the {baseline}", xlabel=textwrap.shorten(
+            f"{machine}, {speed['threads']} threads, {speed['dtype']}, batch 1", 60, placeholder="..."))
+    return Panel(f"speed and bytes vs {baseline}, this machine", draw,
+                 [{"label": label, "values": values} for label, values in kept.items()],
+                 [{"label": speed["baseline"], "value": 1.0}])
 
 
 def _layer_error_panel(errors: dict | None, omitted: list[str]) -> Panel | None:

@@ -24,6 +24,7 @@ from distill.models import load_teacher
 from distill.run.pipeline import StageContext
 from distill.export.model_card import StudentFacts, model_card, write_model_card
 from distill.eval.report import RUNTIME, card_tables, markdown, plot, quality_table
+from distill.eval.speed import measure_speed
 from distill.run.artifacts import STUDENT_DIR, ExportRecord, read_export_record, read_metrics, read_prune_record, read_token_blocks
 from distill.sparsity.spec import SparsitySpec, read_sparsity_spec
 from distill.sparsity.head_selection import head_statistics, kv_cache_bytes
@@ -111,6 +112,9 @@ def run(ctx: StageContext) -> dict:
         "layer_errors": {"blocks": len(probe), **layer_errors(teacher, {"oneshot": oneshot, "student": measured["student"]},
                                                               probe, config.eval.batch_size)},
     }
+    speed = _speed(ctx, {"teacher": teacher, RUNTIME if RUNTIME in models else "student": measured["student"]}, sets)
+    if speed:
+        report["speed"] = speed
     report["plot"] = plot(ctx.work_dir / "report.png", report, history)
     write_json(ctx.work_dir / "report.json", report)
     write_text(ctx.work_dir / "report.md", markdown(report, history))
@@ -188,6 +192,20 @@ def _activation_sparsity(ctx: StageContext, models: dict, sets: dict[str, torch.
         probe = next(iter(sets.values()))[:batch]  # the inputs as each model's weights see them
         result["inputs"] = {name: activation_table(model, probe, batch) for name, model in models.items()}
         result["zeroed"] = {name: weighted_zero_fraction(rows) for name, rows in result["inputs"].items()}
+    return result
+
+
+def _speed(ctx: StageContext, models: dict, sets: dict[str, torch.Tensor]) -> dict:
+    """Decode and prefill tokens/s and tensor bytes of the teacher and the student as it runs (with its
+    thresholds and streaming heads), timed in turns on this machine, from the first eval block;
+    eval.speed_repeats rounds (0: not measured, {})."""
+    repeats = ctx.config.eval.speed_repeats
+    if not repeats:
+        return {}
+    result = measure_speed(models, next(iter(sets.values()))[0], repeats=repeats)
+    for name, ratios in result["ratios"].items():
+        ctx.log(f"[evaluate] on this machine, {name} vs teacher: decode {ratios['decode']:.2f}x, "
+                f"prefill {ratios['prefill']:.2f}x the tokens/s")
     return result
 
 
