@@ -19,7 +19,8 @@ from distill.sparsity.prune_config import PruneConfig
 from distill.errors import DistillError
 from distill.losses import IDENTITY, chunked_distillation_loss, distillation_loss, logit_transform
 from distill.sparsity.spec import SparsitySpec
-from distill.sparsity.packing import load_packed, save_packed
+from distill.runtime import load_sparse_model
+from distill.sparsity.packing import save_packed
 from distill.sparsity.patterns import NM
 from distill.sparsity.masks import install_masks, nm_mask, nm_violations, remove_masks
 from distill.export.verify import save_in_hf_layout
@@ -55,7 +56,7 @@ def test_each_family_exports_every_decoder_linear_2_4_loadable_by_plain_transfor
         assert nm_violations(linear.weight, 2, 4) == 0 and float((linear.weight == 0).float().mean()) >= 0.5, name
 
     save_packed(model, SparsitySpec(NM(2, 4), masked), tmp_path / "packed")
-    unpacked = load_packed(tmp_path / "packed")
+    unpacked = load_sparse_model(tmp_path / "packed", sparse=False, runtime_sparsity=False)
     expected_state, actual_state = model.state_dict(), unpacked.state_dict()
     assert expected_state.keys() == actual_state.keys()
     assert all(torch.equal(expected_state[key], actual_state[key]) for key in expected_state), family
@@ -119,7 +120,7 @@ def test_each_family_runs_the_whole_pipeline_and_every_decoder_linear_ends_2_4(t
     linearize(exported)
     for name, _, linear in decoder_linears(exported):
         assert nm_violations(linear.weight, 2, 4) == 0, name
-    expected_state, packed_state = exported.state_dict(), load_packed(run_dir / "export" / "packed").state_dict()
+    expected_state, packed_state = exported.state_dict(), load_sparse_model(run_dir / "export" / "packed", sparse=False, runtime_sparsity=False).state_dict()
     assert all(torch.equal(expected_state[key], packed_state[key]) for key in expected_state), family
     report = json.loads((run_dir / "evaluate" / "report.json").read_text())
     assert report["coverage"]["pruned"] == layers and report["coverage"]["left_dense"] == {}

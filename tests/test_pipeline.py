@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM
 from conftest import REPO, TEST_TEXT, launch, launch_command, pipeline_processes, run_pipeline, tiny_config, write_config
 from distill.run.artifacts import read_distill_record, read_prune_record, read_token_blocks
 from distill.sparsity.spec import read_sparsity_spec
-from distill.sparsity.packing import load_packed
+from distill.runtime import load_sparse_model
 from distill.sparsity.masks import nm_violations
 from distill.train.throughput import flops_per_token
 from wandb_offline import history
@@ -243,7 +243,7 @@ def test_exported_model_loads_with_transformers_and_is_2_4(finished_run):
     for name, module in projections:
         assert nm_violations(module.weight, 2, 4) == 0, name
         assert float((module.weight == 0).float().mean()) == pytest.approx(0.5), name
-    packed = load_packed(run_dir / "export" / "packed")
+    packed = load_sparse_model(run_dir / "export" / "packed", sparse=False, runtime_sparsity=False)
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, packed.state_dict()[name]), name
     # the student learned: its weights moved away from the one-shot student's

@@ -55,15 +55,23 @@ def available() -> bool:
 
 def loaded_isa() -> str | None:
     """The ISA of the loaded kernels (as compiled), or None."""
-    return torch.ops.distill_cpu.isa() if available() else None
+    return _ops().isa() if available() else None
+
+
+def _namespace(isa: str) -> str:
+    return f"distill_cpu_{isa}"
+
+
+def _ops():
+    return getattr(torch.ops, _namespace(target_isa()))
 
 
 def _build(isa: str) -> bool:
     from torch.utils.cpp_extension import load
 
     try:
-        load(name=f"distill_cpu_kernels_{isa}", sources=[str(SOURCE)], extra_cflags=["-O3", *ISA_FLAGS[isa]],
-             is_python_module=False, verbose=False)
+        load(name=f"distill_cpu_kernels_{isa}", sources=[str(SOURCE)], is_python_module=False, verbose=False,
+             extra_cflags=["-O3", f"-DDISTILL_NAMESPACE={_namespace(isa)}", *ISA_FLAGS[isa]])
     except Exception as error:  # no compiler, no ninja, a failed build: the PyTorch products stand in
         reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
         print(f"distill: CPU sparse kernels unavailable ({reason[:200]}); running the plain PyTorch products "
@@ -82,7 +90,7 @@ def sparse24_matmul(x: torch.Tensor, masks: torch.Tensor, values: torch.Tensor, 
     """x [..., K] @ W.T (+ bias) for a 2:4 weight in the blocked layout; M <= 16 rows."""
     x2 = _rows(x)
     if available():
-        y = torch.ops.distill_cpu.sparse24_matmul(x2, masks, values, bias, n, block)
+        y = _ops().sparse24_matmul(x2, masks, values, bias, n, block)
     else:
         y = F.linear(x2, unpack_24(masks, values, n).to(x2.dtype), bias)
     return y.reshape(*x.shape[:-1], n)
@@ -92,7 +100,7 @@ def dense_matmul(x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | Non
     """x [..., K] @ W.T (+ bias) for a dense weight in the blocked layout; M <= 16 rows."""
     x2 = _rows(x)
     if available():
-        y = torch.ops.distill_cpu.dense_matmul(x2, values, bias, n, block)
+        y = _ops().dense_matmul(x2, values, bias, n, block)
     else:
         y = F.linear(x2, unpack_dense(values, n).to(x2.dtype), bias)
     return y.reshape(*x.shape[:-1], n)
@@ -104,7 +112,7 @@ def unpack_24_kmajor(masks: torch.Tensor, values: torch.Tensor, n: int, block: i
     if out is None:
         out = torch.empty(k, n, dtype=values.dtype)
     if available():
-        torch.ops.distill_cpu.sparse24_unpack(masks, values, n, block, out)
+        _ops().sparse24_unpack(masks, values, n, block, out)
     else:
         out.copy_(unpack_24(masks, values, n).t())
     return out
@@ -115,7 +123,7 @@ def grouped24_matmul(x: torch.Tensor, codes: torch.Tensor, values: torch.Tensor,
     """x [..., K] @ W.T (+ bias) for a 2:4 weight in the grouped layout; M <= 16 rows."""
     x2 = _rows(x)
     if available():
-        y = torch.ops.distill_cpu.grouped24_matmul(x2, codes, values, bias, n, block)
+        y = _ops().grouped24_matmul(x2, codes, values, bias, n, block)
     else:
         y = F.linear(x2, unpack_grouped_24(codes, values, n).to(x2.dtype), bias)
     return y.reshape(*x.shape[:-1], n)
@@ -127,7 +135,7 @@ def unpack_grouped24_kmajor(codes: torch.Tensor, values: torch.Tensor, n: int, b
     if out is None:
         out = torch.empty(k, n, dtype=values.dtype)
     if available():
-        torch.ops.distill_cpu.grouped24_unpack(codes, values, n, block, out)
+        _ops().grouped24_unpack(codes, values, n, block, out)
     else:
         out.copy_(unpack_grouped_24(codes, values, n).t())
     return out

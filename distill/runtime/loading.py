@@ -76,10 +76,12 @@ def finish_runtime(model: nn.Module, spec: SparsitySpec) -> nn.Module:
 
 
 def load_sparse_model(export_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                      table: str | Path | CrossoverTable | None = None, sparse: bool = True) -> nn.Module:
+                      table: str | Path | CrossoverTable | None = None, sparse: bool = True,
+                      runtime_sparsity: bool = True) -> nn.Module:
     """The exported student in `export_dir` (export/packed or export/hf) ready for inference on
     `device`, in `dtype` (default: as stored). `table`: a crossover table (distill.runtime.dispatch).
-    `sparse=False` loads every projection dense with zeros, as the exact reference of the sparse one."""
+    `sparse=False` loads every projection dense with zeros, as the exact reference of the sparse one;
+    `runtime_sparsity=False` leaves out the input thresholds and streaming heads (as export/hf runs)."""
     directory = Path(export_dir)
     spec = read_sparsity_spec(directory)
     table = crossover_table(table)
@@ -94,7 +96,7 @@ def load_sparse_model(export_dir: str | Path, device: str | torch.device = "cpu"
             linear = model.get_submodule(name)
             replace_module(model, name, dense_projection(name, linear.weight.detach(), _detached(linear.bias), spec,
                                                          table, sparse))
-    return finish_runtime(model, spec)
+    return finish_runtime(model, spec if runtime_sparsity else spec.replace(input_thresholds={}, streaming=None))
 
 
 def _detached(tensor: torch.Tensor | None) -> torch.Tensor | None:

@@ -5,7 +5,7 @@ For a masked weight W of shape [out, in] with N:M sparsity (G = in / M groups pe
   <name>.indices  [out, G * N], uint8: the position (0 .. M-1) of each kept weight inside its group
 so that W[r, g*M + indices[r, g*N + k]] = values[r, g*N + k] and every other entry of W is zero.
 Indices take one byte each here, for a format any reader can follow; the sparse runtime repacks them
-into 2-bit fields for its kernel (distill.runtime.layout).
+into the layouts its kernels read (distill.runtime.cpu_layout on CPU, distill.runtime.layout on GPU).
 """
 
 from __future__ import annotations
@@ -14,13 +14,11 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM
 
-from distill.sparsity.spec import QUANT_METHOD, Layout, SparsitySpec, read_sparsity_spec, write_sparsity_spec
+from distill.sparsity.spec import QUANT_METHOD, Layout, SparsitySpec, write_sparsity_spec
 from distill.errors import DistillError
-from distill.io import load_tensors, save_tensors, write_json
+from distill.io import save_tensors, write_json
 from distill.sparsity.patterns import NM
-from distill.targets import linearize
 
 FORMAT = f"distill.{Layout.PACKED.value}"  # the tensors file's metadata
 
@@ -88,29 +86,3 @@ def full_groups_mask(nonzero: torch.Tensor, n: int, m: int, name: str = "weight"
     free_rank = (~groups).cumsum(-1)  # 1, 2, ... over the zero positions of each group
     pad = (~groups) & (free_rank <= (n - counts))
     return (groups | pad).reshape(rows, cols)
-
-
-def load_packed(directory: Path, dtype: torch.dtype | None = None) -> nn.Module:
-    """Rebuild the dense-with-zeros Hugging Face model from its packed form (the exact CPU path)."""
-    directory = Path(directory)
-    spec = read_sparsity_spec(directory)
-    if not spec.layout.packed:
-        raise DistillError(f"{directory} is not a packed export (its layout is {spec.layout})")
-    tensors = load_tensors(directory / "model.safetensors")
-    n, m = spec.pattern.n, spec.pattern.m
-    state = {}
-    for name in spec.masked:
-        state[f"{name}.weight"] = unpack_nm(tensors.pop(f"{name}.values"), tensors.pop(f"{name}.indices"), n, m)
-    state.update(tensors)
-    config = AutoConfig.from_pretrained(directory)
-    if hasattr(config, "quantization_config"):  # the HF-native loading's; this rebuilds the dense model
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=next(iter(state.values())).dtype)
-    linearize(model)  # packed in nn.Linear layout (distill.targets), Conv1D models included
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {name for name in model.state_dict() if name not in dict(model.named_parameters())}
-    buffers = {name for name, _ in model.named_buffers()}
-    if set(missing) - tied - buffers or unexpected:
-        raise DistillError(f"packed export {directory} does not match its config: missing {sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]}")
-    model.tie_weights()
-    return model.to(dtype) if dtype else model

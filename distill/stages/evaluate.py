@@ -22,6 +22,7 @@ from distill.eval.scoring import (activation_sparsity_curve, activation_table, l
 from distill.io import atomic_write, write_json, write_text
 from distill.models import load_teacher
 from distill.run.pipeline import StageContext
+from distill.runtime import load_sparse_model
 from distill.export.model_card import StudentFacts, model_card, write_model_card
 from distill.eval.report import RUNTIME, card_tables, markdown, plot, quality_table
 from distill.eval.speed import measure_speed
@@ -29,7 +30,7 @@ from distill.run.artifacts import STUDENT_DIR, ExportRecord, read_export_record,
 from distill.sparsity.spec import SparsitySpec, read_sparsity_spec
 from distill.sparsity.head_selection import head_statistics, kv_cache_bytes
 from distill.sparsity.masks import masked_modules, masked_weight
-from distill.student import apply_runtime_sparsity, load_student
+from distill.student import load_student
 from distill.eval.zero_shot import zero_shot_accuracy
 
 MODELS = ("teacher", "oneshot", "student")
@@ -73,8 +74,8 @@ def run(ctx: StageContext) -> dict:
     oneshot = load_student(ctx.stage_dir("prune") / STUDENT_DIR, device, teacher.dtype)
     models = {"teacher": teacher, "oneshot": oneshot, "student": _exported_student(ctx, teacher.dtype)}
     spec = read_sparsity_spec(ctx.stage_dir("distill") / STUDENT_DIR)
-    runtime = _runtime_student(ctx, spec, teacher.dtype)
-    if runtime is not None:
+    runtime = _runtime_student(ctx, teacher.dtype)
+    if spec.input_thresholds or spec.streaming:  # it computes differently from export/hf: score it too
         models[RUNTIME] = runtime
 
     sources = {}
@@ -112,7 +113,7 @@ def run(ctx: StageContext) -> dict:
         "layer_errors": {"blocks": len(probe), **layer_errors(teacher, {"oneshot": oneshot, "student": measured["student"]},
                                                               probe, config.eval.batch_size)},
     }
-    speed = _speed(ctx, {"teacher": teacher, RUNTIME if RUNTIME in models else "student": measured["student"]}, sets)
+    speed = _speed(ctx, {"teacher": teacher, RUNTIME: runtime}, sets)
     if speed:
         report["speed"] = speed
     report["plot"] = plot(ctx.work_dir / "report.png", report, history)
@@ -140,14 +141,13 @@ def _exported_student(ctx: StageContext, dtype: torch.dtype) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype).to(ctx.accelerator.device).eval()
 
 
-def _runtime_student(ctx: StageContext, spec: SparsitySpec, dtype: torch.dtype) -> torch.nn.Module | None:
-    """The student as load_sparse_model runs it, with the input thresholds and streaming heads its
-    spec names (export/hf runs without them); None when it has neither."""
-    if not (spec.input_thresholds or spec.streaming):
-        return None
-    student = _exported_student(ctx, dtype)
-    apply_runtime_sparsity(student, spec)
-    return student
+def _runtime_student(ctx: StageContext, dtype: torch.dtype) -> torch.nn.Module:
+    """The student as a user runs it: load_sparse_model on the packed export (export/hf where there is
+    none), its projections on the sparse kernels, with the input thresholds and streaming heads its
+    spec names (export/hf runs without them)."""
+    export = ctx.stage_dir("export")
+    directory = export / "packed" if (export / "packed").is_dir() else export / "hf"
+    return load_sparse_model(directory, ctx.accelerator.device, dtype)
 
 
 def _attention_sparsity(ctx: StageContext, models: dict, sets: dict[str, torch.Tensor], spec: SparsitySpec) -> dict:

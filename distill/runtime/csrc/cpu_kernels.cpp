@@ -251,9 +251,9 @@ struct Shape {
   int64_t outputs_in(int64_t b) const { return std::min(block, n - b * block); }
 };
 
-Shape check_layout(const at::Tensor& values, int64_t n, int64_t k, int64_t block) {
+Shape check_layout(const at::Tensor& values, int64_t n, int64_t k, int64_t block, bool two_of_four = true) {
   TORCH_CHECK(block > 0 && block % LANES == 0 && block <= MAX_BLOCK, "block width ", block, " must be a multiple of 16, at most 256");
-  TORCH_CHECK(k % 4 == 0, "input size ", k, " is not a multiple of 4");
+  TORCH_CHECK(!two_of_four || k % 4 == 0, "input size ", k, " is not a multiple of 4");
   TORCH_CHECK(values.is_contiguous() && values.device().is_cpu(), "values must be a contiguous CPU tensor");
   int64_t padded = (n + LANES - 1) / LANES * LANES;
   TORCH_CHECK(padded % block == 0, "block width ", block, " does not divide ", padded, " outputs");
@@ -341,7 +341,7 @@ at::Tensor blocked_matmul(const at::Tensor& x, const at::Tensor& masks, const at
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous [M, K] tensor");
   const int64_t M = x.size(0), K = x.size(1);
   TORCH_CHECK(M >= 1 && M <= MAX_M, "the CPU kernel serves M from 1 to ", MAX_M, " rows, got ", M);
-  const Shape s = check_layout(values, n, K, block);
+  const Shape s = check_layout(values, n, K, block, PACKED);
   if (PACKED) {
     TORCH_CHECK(masks.scalar_type() == at::kShort && masks.is_contiguous(), "masks must be contiguous int16");
     TORCH_CHECK(masks.numel() == s.blocks * K * (block / LANES), "masks hold ", masks.numel(), " words, expected ",
@@ -501,7 +501,8 @@ std::string isa() { return ISA; }
 
 }  // namespace
 
-TORCH_LIBRARY(distill_cpu, m) {
+// one namespace per build (distill_cpu_avx512, ...): builds for several ISAs can live in one process
+TORCH_LIBRARY(DISTILL_NAMESPACE, m) {
   m.def("sparse24_matmul(Tensor x, Tensor masks, Tensor values, Tensor? bias, int n, int block) -> Tensor");
   m.def("dense_matmul(Tensor x, Tensor values, Tensor? bias, int n, int block) -> Tensor");
   m.def("sparse24_unpack(Tensor masks, Tensor values, int n, int block, Tensor(a!) out) -> ()");
@@ -510,7 +511,7 @@ TORCH_LIBRARY(distill_cpu, m) {
   m.def("isa() -> str", &isa);
 }
 
-TORCH_LIBRARY_IMPL(distill_cpu, CPU, m) {
+TORCH_LIBRARY_IMPL(DISTILL_NAMESPACE, CPU, m) {
   m.impl("sparse24_matmul", &sparse24_matmul);
   m.impl("dense_matmul", &dense_matmul);
   m.impl("sparse24_unpack", &sparse24_unpack);
