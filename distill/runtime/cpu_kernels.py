@@ -70,8 +70,11 @@ def _build(isa: str) -> bool:
     from torch.utils.cpp_extension import load
 
     try:
+        # -fopenmp: at::parallel_for is a header template that runs in parallel only where OpenMP is
+        # compiled in; the libgomp it links is the one torch has already loaded (same soname)
         load(name=f"distill_cpu_kernels_{isa}", sources=[str(SOURCE)], is_python_module=False, verbose=False,
-             extra_cflags=["-O3", f"-DDISTILL_NAMESPACE={_namespace(isa)}", *ISA_FLAGS[isa]])
+             extra_cflags=["-O3", "-fopenmp", f"-DDISTILL_NAMESPACE={_namespace(isa)}", *ISA_FLAGS[isa]],
+             extra_ldflags=["-fopenmp"])
     except Exception as error:  # no compiler, no ninja, a failed build: the PyTorch products stand in
         reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
         print(f"distill: CPU sparse kernels unavailable ({reason[:200]}); running the plain PyTorch products "

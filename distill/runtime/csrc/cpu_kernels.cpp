@@ -416,6 +416,10 @@ void sparse24_unpack(const at::Tensor& masks, const at::Tensor& values, int64_t 
   });
 }
 
+#ifndef GROUPED_PREFETCH_BYTES
+#define GROUPED_PREFETCH_BYTES 4096
+#endif
+
 // The grouped 2:4 layout, for inputs that are rarely zero: per block of outputs and group of 4 inputs,
 // the first and the second kept weight of every output (values [NB, K/4, 2, block]) and a 4-bit code
 // per output saying which 2 of the 4 inputs they multiply (codes [NB, K/4, block/2] uint8, 8 bytes per
@@ -454,6 +458,8 @@ at::Tensor grouped24_matmul(const at::Tensor& x, const at::Tensor& codes, const 
           if (!group_active[g]) continue;  // all 4 inputs zero in every row: the group's weights are not read
           const scalar_t* slot0 = value_data + (b * groups + g) * 2 * block;
           const uint8_t* group_codes = code_data + (b * groups + g) * (block / 2);
+          const char* ahead = reinterpret_cast<const char*>(slot0) + GROUPED_PREFETCH_BYTES;
+          for (int64_t line = 0; line < 2 * block * int64_t(sizeof(scalar_t)); line += 64) __builtin_prefetch(ahead + line);
           for (int64_t w = 0; w < block / LANES; ++w)
             group16(group_codes + 8 * w, slot0 + w * LANES, slot0 + block + w * LANES, rows.data() + 4 * g, K, M,
                     acc + w * LANES, block);
