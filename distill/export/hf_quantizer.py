@@ -30,7 +30,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from distill.runtime import CrossoverTable, Sparse24Linear, SparseInputLinear
 from distill.runtime.loading import dense_projection, finish_runtime, runtime_projection
-from distill.sparsity.packing import full_groups_mask, pack_nm, unpack_nm
+from distill.sparsity.packing import full_groups_mask, pack_nm
 from distill.sparsity.spec import QUANT_METHOD, SparsitySpec
 from distill.targets import linearize, replace_module
 
@@ -58,9 +58,6 @@ class PackedLinear(nn.Module):
         self.values = nn.Parameter(torch.empty(out_features, kept, dtype=dtype, device=device), requires_grad=False)
         self.indices = nn.Parameter(torch.empty(out_features, kept, dtype=torch.uint8, device=device), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
-
-    def dense_weight(self) -> torch.Tensor:
-        return unpack_nm(self.values.data, self.indices.data, self.n, self.m)
 
 
 def _module(model: nn.Module, name: str) -> nn.Module | None:

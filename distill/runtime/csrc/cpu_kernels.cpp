@@ -246,9 +246,14 @@ void dispatch_float(at::ScalarType dtype, const char* what, Fn&& fn) {
   }
 }
 
+// Blocks per task: at least ~256K weights each, so a small projection runs on one thread instead of
+// paying for waking the others (tens of microseconds, as long as its whole product at decode).
+constexpr int64_t WEIGHTS_PER_TASK = 1 << 18;
+
 struct Shape {
   int64_t n, k, block, blocks;
   int64_t outputs_in(int64_t b) const { return std::min(block, n - b * block); }
+  int64_t grain() const { return std::max<int64_t>(1, WEIGHTS_PER_TASK / (block * k)); }
 };
 
 Shape check_layout(const at::Tensor& values, int64_t n, int64_t k, int64_t block, bool two_of_four = true) {
@@ -359,7 +364,7 @@ at::Tensor blocked_matmul(const at::Tensor& x, const at::Tensor& masks, const at
   dispatch_float(values.scalar_type(), "values", [&](auto tag) {
     using scalar_t = decltype(tag);
     const scalar_t* value_data = values.data_ptr<scalar_t>();
-    at::parallel_for(0, s.blocks, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, s.blocks, s.grain(), [&](int64_t begin, int64_t end) {
       alignas(64) float acc[MAX_M * MAX_BLOCK];
       std::vector<Run> runs;
       runs.reserve(K);
@@ -396,7 +401,7 @@ void sparse24_unpack(const at::Tensor& masks, const at::Tensor& values, int64_t 
     using scalar_t = decltype(tag);
     const scalar_t* value_data = values.data_ptr<scalar_t>();
     scalar_t* wt = out.data_ptr<scalar_t>();
-    at::parallel_for(0, s.blocks, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, s.blocks, s.grain(), [&](int64_t begin, int64_t end) {
       alignas(64) float lanes[LANES];
       for (int64_t b = begin; b < end; ++b) {
         const int64_t first = b * block, outputs = s.outputs_in(b);
@@ -450,7 +455,7 @@ at::Tensor grouped24_matmul(const at::Tensor& x, const at::Tensor& codes, const 
   dispatch_float(values.scalar_type(), "values", [&](auto tag) {
     using scalar_t = decltype(tag);
     const scalar_t* value_data = values.data_ptr<scalar_t>();
-    at::parallel_for(0, s.blocks, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, s.blocks, s.grain(), [&](int64_t begin, int64_t end) {
       alignas(64) float acc[MAX_M * MAX_BLOCK];
       for (int64_t b = begin; b < end; ++b) {
         std::memset(acc, 0, sizeof(float) * M * block);
@@ -484,7 +489,7 @@ void grouped24_unpack(const at::Tensor& codes, const at::Tensor& values, int64_t
     using scalar_t = decltype(tag);
     const scalar_t* value_data = values.data_ptr<scalar_t>();
     scalar_t* wt = out.data_ptr<scalar_t>();
-    at::parallel_for(0, s.blocks, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, s.blocks, s.grain(), [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
         const int64_t first = b * block, outputs = s.outputs_in(b);
         for (int64_t g = 0; g < groups; ++g) {
