@@ -397,6 +397,12 @@ class Config:
         if prune.pattern in (PatternKind.MLP_CHANNELS, PatternKind.HEADS) and per_projection:
             raise DistillError(f"config key 'train.{per_projection[0]}': not available with prune.pattern={prune.pattern} "
                                f"(its groups span several projections); use fixed masks")
+        if prune.pattern is PatternKind.NONE and per_projection:
+            raise DistillError(f"config key 'train.{per_projection[0]}': not available with prune.pattern=none "
+                               f"(no weight is masked)")
+        if prune.pattern is PatternKind.NONE and not (self.activations.enabled or self.attention.enabled):
+            raise DistillError("config key 'prune.pattern': none prunes no weight, and activations.target and "
+                               "attention.streaming_fraction are 0: the student would be the teacher; set one of them")
         if train.masks.mode is MaskMode.DYNAMIC and prune.scope is Scope.GLOBAL:
             raise DistillError("config key 'train.masks.mode': dynamic masks are re-chosen per layer; use prune.scope=layer")
         attention = self.attention

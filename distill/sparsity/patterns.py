@@ -6,6 +6,7 @@
   Unstructured  any weights, the lowest-scoring fraction per layer or over all layers at once
   MLPChannels   whole intermediate channels of gated MLPs, across gate/up/down (distill.sparsity.structured)
   HeadGroups    whole attention head groups, across q/k/v/o (distill.sparsity.structured)
+  NoPruning     no weight removed (prune.pattern none: activation or attention sparsity alone)
 
 Each answers the same questions about one projection's weight: its mask from scores, how many of
 its groups a mask breaks, the norm of every group (group lasso), and a random mask of whole groups
@@ -228,8 +229,21 @@ class HeadGroups(_Spanning):
         return f"attention head groups, {self.sparsity:.0%} removed"
 
 
+@dataclass(frozen=True)
+class NoPruning(Pattern):
+    """prune.pattern none: every weight kept; the prune stage chooses no mask."""
+
+    kind: ClassVar[PatternKind] = PatternKind.NONE
+
+    def describe(self) -> str:
+        return "dense weights"
+
+    def mask(self, scores: torch.Tensor) -> torch.Tensor:
+        return torch.ones_like(scores, dtype=torch.bool)
+
+
 PATTERNS: dict[PatternKind, type[Pattern]] = {cls.kind: cls for cls in (NM, Blocks, Channels, Unstructured,
-                                                                       MLPChannels, HeadGroups)}
+                                                                       MLPChannels, HeadGroups, NoPruning)}
 
 
 def _build(kind: PatternKind, values: dict) -> Pattern:

@@ -26,6 +26,7 @@ class PatternKind(Choice):
     UNSTRUCTURED = "unstructured"
     MLP_CHANNELS = "mlp_channels"
     HEADS = "heads"
+    NONE = "none"  # no weight pruned: the sparsity is activations.target's or attention.streaming_fraction's alone
 
 
 class ChannelAxis(Choice):

@@ -15,7 +15,7 @@ from distill.sparsity.calibration import wanda_score
 from distill.errors import DistillError
 from distill.sparsity.patterns import Pattern, Unstructured, global_unstructured_masks
 from distill.sparsity.permutation import gated_mlps, kept_score, nm_channel_permutation, permute_mlp_channels
-from distill.sparsity.prune_config import Criterion, Incompatible, PruneConfig, Scope
+from distill.sparsity.prune_config import Criterion, Incompatible, PatternKind, PruneConfig, Scope
 from distill.sparsity.structured import structured_masks
 from distill.targets import decoder_linears, matches, named_linears, unprunable_weights
 
@@ -108,13 +108,18 @@ def pruning_coverage(model: torch.nn.Module, prune: PruneConfig, targets: Sequen
         if name in masks:
             pruned_weights += module.weight.numel()
             continue
-        if name not in targets:
+        if prune.pattern is PatternKind.NONE:
+            left[name] = "prune.pattern none"
+        elif name not in targets:
             left[name] = "excluded by prune.exclude" if matches(name, path, prune.exclude) else "not among prune.targets"
         else:
             left[name] = dense.get(name, "no mask was chosen for it")
             unasked += module.weight.numel()
     for name, shape in unprunable_weights(model).items():  # kept dense only under prune.incompatible=dense
         weights += math.prod(shape)
+        if prune.pattern is PatternKind.NONE:
+            left[name] = "prune.pattern none"
+            continue
         unasked += math.prod(shape)
         left[name] = dense.get(name, "outside any linear projection")
     return {"decoder_linears": linears, "pruned": len(masks), "pruned_weight_fraction": pruned_weights / max(weights, 1),

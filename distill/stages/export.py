@@ -30,7 +30,7 @@ from distill.export.model_card import StudentFacts, model_card, push_to_hub, tea
 from distill.sparsity.activations import remove_thresholds
 from distill.sparsity.masks import remove_masks
 from distill.sparsity.packing import load_packed, save_packed
-from distill.sparsity.patterns import NM
+from distill.sparsity.patterns import NM, NoPruning
 from distill.targets import linearize
 from distill.student import check_finite, load_student
 
@@ -102,7 +102,8 @@ def _export(ctx: StageContext) -> dict:
         return summary
     if not isinstance(pattern, NM):
         summary["packed_dir"] = None
-        summary["note"] = f"{pattern.describe()}: exported dense-with-zeros only, no sparse kernel runs this pattern"
+        summary["note"] = (f"{pattern.describe()}: exported dense, no weight was pruned" if isinstance(pattern, NoPruning) else
+                           f"{pattern.describe()}: exported dense-with-zeros only, no sparse kernel runs this pattern")
         ctx.log(f"[export] {summary['note']}")
         return summary
 

@@ -9,6 +9,8 @@ criterion:
   sparsegpt: layer-by-layer pruning with second-order weight updates (distill.sparsity.criteria); runs on
              the main process (it is sequential over layers)
 A projection whose input size is not a multiple of M is refused or left dense (prune.incompatible).
+With prune.pattern none no weight is pruned: the student is the teacher with the activation or
+attention sparsity below.
 With attention.streaming_fraction > 0, that fraction of the student's KV heads is chosen to stream
 (sink + window only): by the attention mass those heads already keep (select=mass), or by gates
 trained against the teacher (select=distill, DuoAttention); see distill.sparsity.head_selection. Then,
@@ -37,7 +39,7 @@ from distill.sparsity.head_selection import choose_streaming, head_statistics
 from distill.sparsity.criteria import gradient_saliency, sparsegpt_masks
 from distill.sparsity.masks import install_masks, sparsity_report
 from distill.sparsity.patterns import Pattern
-from distill.sparsity.prune_config import Criterion
+from distill.sparsity.prune_config import Criterion, PatternKind
 from distill.student import save_student
 from distill.targets import resolve_targets
 from distill.train.head_gates import train_gates
@@ -46,13 +48,15 @@ from distill.train.head_gates import train_gates
 def run(ctx: StageContext) -> dict:
     config, accelerator = ctx.config, ctx.accelerator
     prune = config.prune
-    on_all_ranks = prune.criterion in GRADIENT_CRITERIA
+    pruned = prune.pattern is not PatternKind.NONE
+    on_all_ranks = pruned and prune.criterion in GRADIENT_CRITERIA
     if not (on_all_ranks or accelerator.is_main_process):
         return {}
     device = accelerator.device if on_all_ranks else torch.device("cpu")
     model = load_teacher(config.teacher, device).float()
-    targets = resolve_targets(model, prune.targets, prune.exclude)  # every step below, and later stages, use this list
-    dense = incompatible_projections(model, prune, targets)
+    # every step below, and later stages, use this list (none under prune.pattern none)
+    targets = resolve_targets(model, prune.targets, prune.exclude) if pruned else []
+    dense = incompatible_projections(model, prune, targets) if pruned else {}
     calibration = calibration_blocks(read_token_blocks(ctx.stage_dir("teacher")).train, config.calibration.num_blocks)
     statistics = read_calibration(ctx.stage_dir("teacher"))
     gains = {}
@@ -63,7 +67,9 @@ def run(ctx: StageContext) -> dict:
                                "among prune.targets to permute")
         ctx.log(f"[prune] MLP channels permuted in {len(gains)} layers: down_proj keeps "
                 f"{100 * sum(gains.values()) / len(gains):+.2f}% score under {prune.n}:{prune.m} on average")
-    if prune.criterion is Criterion.SPARSEGPT:
+    if not pruned:
+        masks = {}
+    elif prune.criterion is Criterion.SPARSEGPT:
         masks = sparsegpt_masks(model, calibration, targets, prune.n, prune.m, skip=set(dense))
     else:
         if on_all_ranks:
@@ -78,8 +84,9 @@ def run(ctx: StageContext) -> dict:
     coverage = pruning_coverage(model, prune, targets, masks, dense)
     ctx.log(f"[prune] {coverage['pruned']} of {coverage['decoder_linears']} decoder linear projections pruned, "
             f"{coverage['pruned_weight_fraction']:.1%} of the decoder's linear weights")
-    for name, reason in coverage["left_dense"].items():
-        ctx.log(f"[prune] {name} stays dense: {reason}")
+    if pruned:
+        for name, reason in coverage["left_dense"].items():
+            ctx.log(f"[prune] {name} stays dense: {reason}")
     if coverage["unasked_dense_fraction"] > DENSE_WARNING_FRACTION:
         ctx.log(f"[prune] warning: {coverage['unasked_dense_fraction']:.1%} of the decoder's linear weights stay dense "
                 f"without prune.targets or prune.exclude asking for it (see the lines above)")
@@ -91,11 +98,13 @@ def run(ctx: StageContext) -> dict:
         except ValueError as error:  # an architecture the registered attention function cannot run
             raise DistillError(f"config key 'attention.streaming_fraction': {error}") from None
     allocation = _install_activation_thresholds(ctx, model, calibration) if config.activations.enabled else {}
-    save_student(model, ctx.work_dir / STUDENT_DIR, SparsitySpec(pattern, list(masks), criterion=prune.criterion,
+    criterion = prune.criterion if pruned else None  # none: nothing was scored
+    save_student(model, ctx.work_dir / STUDENT_DIR, SparsitySpec(pattern, list(masks), criterion=criterion,
                                                                  dense=dense, input_allocation=allocation))
     sparsity = sparsity_report(model)
-    ctx.log(f"[prune] {prune.criterion} {pattern.describe()} masks on {len(masks)} projections")
-    record = PruneRecord(targets, dense, coverage, sum(sparsity.values()) / len(sparsity), gains, streaming)
+    ctx.log(f"[prune] {prune.criterion} {pattern.describe()} masks on {len(masks)} projections" if pruned
+            else "[prune] prune.pattern none: no weight pruned")
+    record = PruneRecord(targets, dense, coverage, sum(sparsity.values()) / max(len(sparsity), 1), gains, streaming)
     write_prune_record(ctx.work_dir, record)
     return {"masked": len(masks), "targets": len(targets), "dense": dense, "mean_sparsity": record.mean_sparsity}
 
