@@ -37,19 +37,26 @@ def linear_types() -> tuple[type, ...]:
     return (nn.Linear, _conv1d_class())
 
 
+def is_projection(module: nn.Module) -> bool:
+    """A linear projection: nn.Linear, transformers' Conv1D, or a module standing in for one (the
+    sparse runtime's compressed projections, which hold buffers and say their in/out features)."""
+    return isinstance(module, linear_types()) or (
+        isinstance(getattr(module, "in_features", None), int) and isinstance(getattr(module, "out_features", None), int)
+        and callable(getattr(module, "resident_bytes", None)))
+
+
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
-    """(name, list) of the decoder blocks: the model's nn.ModuleList holding the most parameters
-    whose every entry holds a linear layer (entries may differ in class, as in hybrid models; a list
-    of experts inside a layer holds fewer parameters than the list of layers around it). None when
-    `model` has no such list (e.g. it is one layer)."""
-    types = linear_types()
+    """(name, list) of the decoder blocks: the model's nn.ModuleList holding the most tensor elements
+    whose every entry holds a projection (entries may differ in class, as in hybrid models; a list
+    of experts inside a layer holds fewer than the list of layers around it). None when `model` has
+    no such list (e.g. it is one layer)."""
     best, best_size = None, 0
     for name, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or len(module) == 0:
             continue
-        if not all(any(isinstance(sub, types) for sub in block.modules()) for block in module):
+        if not all(any(is_projection(sub) for sub in block.modules()) for block in module):
             continue
-        size = sum(p.numel() for p in module.parameters())
+        size = sum(p.numel() for p in module.parameters()) + sum(b.numel() for b in module.buffers())
         if size > best_size:
             best, best_size = (name, module), size
     return best

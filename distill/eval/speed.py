@@ -20,7 +20,7 @@ from torch import nn
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from distill.precision import cpu_model
-from distill.targets import linear_types
+from distill.targets import decoder_layers, linear_types
 
 DECODE_PROMPT_TOKENS = 16  # the prompt decode starts from
 
@@ -158,7 +158,8 @@ def _projection_bytes(model: nn.Module) -> int:
                for module in [getattr(model, getter, lambda: None)()] if module is not None}
     seen: set[tuple[str, int]] = set()
     total = 0
-    for layer in _decoder_layers(model):
+    found = decoder_layers(model)
+    for layer in found[1] if found else [model]:
         stack = [layer]
         while stack:  # a projection's own children (its mask, its input threshold) are its bytes
             module = stack.pop()
@@ -171,23 +172,6 @@ def _projection_bytes(model: nn.Module) -> int:
             else:
                 stack.extend(module.children())
     return total
-
-
-def _decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The decoder blocks: the model's nn.ModuleList holding the most parameters whose every entry
-    holds a projection (a linear layer or a module with `resident_bytes()`, so a list whose linears
-    were all replaced by compressed ones is still found); [model] when there is none."""
-    best, best_size = [model], -1
-    for module in model.modules():
-        if not isinstance(module, nn.ModuleList) or len(module) == 0:
-            continue
-        if not all(any(isinstance(sub, linear_types()) or _has_resident_bytes(sub) for sub in block.modules())
-                   for block in module):
-            continue
-        size = sum(tensor.numel() for tensor in _tensors(module))
-        if size > best_size:
-            best, best_size = list(module), size
-    return best
 
 
 def _has_resident_bytes(module: nn.Module) -> bool:

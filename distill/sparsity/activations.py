@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from distill.sparsity.activations_config import ActivationsConfig, Allocation
-from distill.targets import decoder_layers, linear_types, matches, shared_input_groups
+from distill.targets import decoder_layers, is_projection, matches, shared_input_groups
 
 # |x| values kept per input and batch to estimate quantiles (a sample: a whole calibration set of a
 # large model does not fit torch.quantile's 16M-element limit)
@@ -85,7 +85,13 @@ class InputGroup:
 
     def weights(self, model: nn.Module) -> int:
         """How many weights the input multiplies: the reads a decode step skips where it is zero."""
-        return sum(model.get_submodule(name).weight.numel() for name in self.projections)
+        return sum(_projection_size(model.get_submodule(name)) for name in self.projections)
+
+
+def _projection_size(module: nn.Module) -> int:
+    """in x out of a projection (a compressed one holds no `weight`)."""
+    weight = getattr(module, "weight", None)
+    return weight.numel() if isinstance(weight, torch.Tensor) else module.in_features * module.out_features
 
 
 def _forward_batches(model: nn.Module, blocks: torch.Tensor, batch_size: int) -> None:
@@ -125,7 +131,7 @@ def input_groups(model: nn.Module, probe: torch.Tensor, where: Sequence[str] = (
     for index, layer in enumerate(layers):
         layer_prefix = f"{prefix}.{index}" if prefix else str(index)
         linears = {path: module for path, module in layer.named_modules()
-                   if isinstance(module, linear_types()) and path and "parametrizations" not in path.split(".")}
+                   if is_projection(module) and path and "parametrizations" not in path.split(".")}
         for paths in shared_input_groups(layer, linears, samples[index][0]):
             names = tuple(f"{layer_prefix}.{path}" for path in paths)
             if any(matches(name, path, where) for name, path in zip(names, paths)):
