@@ -2,8 +2,8 @@
 
 At decode a projection is bound by the bytes of weight it reads, and a zero input (activation
 sparsity) needs none of the weights it multiplies. Both layouts therefore store a weight W [N, K]
-input by input inside blocks of `block` consecutive outputs, so the weights of one input are one
-contiguous run (256 outputs: 1 KiB in fp32) that a zero input skips whole:
+input by input inside blocks of `block` consecutive outputs (up to 1024), so the weights of one
+input are one contiguous run (1024 outputs: 4 KiB of dense fp32) that a zero input skips whole:
 
   dense   values [NB, K, block]        every weight
   2:4     masks  [NB, K, block / 16]   int16 words: bit j of masks[b, k, w] says output
@@ -21,7 +21,10 @@ from __future__ import annotations
 import torch
 
 LANES = 16  # outputs per mask word
-MAX_BLOCK = 256
+GROUPED_BLOCK = 256  # the grouped layout reads whole groups: its blocks need not be long
+# input-major layouts: a zero input skips one run per block; longer runs skip better (at half the
+# inputs zero, 1024-output blocks measured 2.00x dense against 1.90x for 256 on a 14336x4096 2:4 weight)
+INPUT_MAJOR_BLOCK = 1024
 VALUE_PAD = LANES
 
 
@@ -29,10 +32,10 @@ def padded_outputs(n: int) -> int:
     return -(-n // LANES) * LANES
 
 
-def block_width(n: int) -> int:
-    """The widest block (<= 256 outputs, a multiple of 16) that divides N rounded up to 16."""
+def block_width(n: int, widest: int) -> int:
+    """The widest block (<= `widest` outputs, a power of 2 times 16) that divides N rounded up to 16."""
     padded = padded_outputs(n)
-    return next(width for width in (256, 128, 64, 32, 16) if padded % width == 0)
+    return next(width for width in (1024, 512, 256, 128, 64, 32, 16) if width <= widest and padded % width == 0)
 
 
 def _blocked(tensor: torch.Tensor, block: int) -> torch.Tensor:
@@ -45,7 +48,7 @@ def _blocked(tensor: torch.Tensor, block: int) -> torch.Tensor:
 
 def pack_dense(weight: torch.Tensor) -> tuple[torch.Tensor, int]:
     """(values [NB, K, block], block) of a dense weight [N, K]."""
-    block = block_width(weight.shape[0])
+    block = block_width(weight.shape[0], INPUT_MAJOR_BLOCK)
     return _blocked(weight.detach(), block).contiguous(), block
 
 
@@ -65,7 +68,7 @@ def pack_24(values: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor
     kept.scatter_(-1, slots, True)
     weight = torch.zeros(n, k // 4, 4, dtype=values.dtype, device=values.device)
     weight.scatter_(-1, slots, values.reshape(n, k // 4, 2))
-    block = block_width(n)
+    block = block_width(n, INPUT_MAJOR_BLOCK)
     kept_blocked = _blocked(kept.view(n, k), block)  # [NB, K, block]
     blocked_values = _blocked(weight.view(n, k), block)[kept_blocked]  # logical order: block, input, output
     masks = _mask_words(kept_blocked)
@@ -113,7 +116,7 @@ def pack_grouped_24(values: torch.Tensor, positions: torch.Tensor) -> tuple[torc
     expansion, but only a group whose 4 inputs are all zero is skipped."""
     n, half = values.shape
     groups = half // 2
-    block = block_width(n)
+    block = block_width(n, GROUPED_BLOCK)
     padded = padded_outputs(n)
     slots = torch.zeros(padded, groups, 2, dtype=values.dtype, device=values.device)
     slots[:n] = values.reshape(n, groups, 2)

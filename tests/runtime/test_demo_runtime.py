@@ -1,7 +1,6 @@
 """The runtime on the real demo model (SmolLM2-135M, pruned 2:4 by magnitude): loaded from its packed
 export on CPU, it holds less than the dense model, and its greedy tokens equal the masked dense
-model's (fp32) for 64 new tokens. With input thresholds zeroing about half of every projection's
-inputs (the input-major layout and its skipping kernel) an input that sits on its threshold may fall
+model's (fp32) for 64 new tokens. With input thresholds zeroing 70% of every projection's inputs (the input-major layout and its skipping kernel) an input that sits on its threshold may fall
 on either side after a last-bit difference in the sums, so there the decode steps are compared
 token by token on the same forced tokens: nearly every step's choice agrees, and the first steps'
 logits agree to rounding."""
@@ -36,6 +35,7 @@ class Forced(LogitsProcessor):
         forced[:, self.tokens[0, input_ids.shape[1]]] = 0
         return forced
 NEW_TOKENS = 64
+ZEROED = 0.7  # enough for the input-major layout (distill.runtime.loading.INPUT_MAJOR_MIN_SPARSITY)
 
 
 @pytest.fixture(scope="module")
@@ -50,11 +50,11 @@ def pruned_demo(demo_teacher_dir, tmp_path_factory):
 
 
 def _thresholds(model, names, prompt) -> dict[str, float]:
-    """Per projection, the median input magnitude over the prompt: about half of the inputs fall below."""
+    """Per projection, the ZEROED quantile of its input magnitudes over the prompt: that share falls below."""
     seen = {}
 
     def record(module, args, name):
-        seen.setdefault(name, float(args[0].abs().float().median()))
+        seen.setdefault(name, float(args[0].abs().float().quantile(ZEROED)))
 
     hooks = [model.get_submodule(name).register_forward_pre_hook(lambda module, args, name=name: record(module, args, name))
              for name in names]
@@ -65,14 +65,15 @@ def _thresholds(model, names, prompt) -> dict[str, float]:
     return seen
 
 
-@pytest.mark.parametrize("thresholded", [False, True], ids=["dense-inputs", "half-the-inputs-zero"])
+@pytest.mark.parametrize("thresholded", [False, True], ids=["dense-inputs", "most-inputs-zero"])
 def test_the_runtime_student_generates_the_masked_dense_students_tokens(pruned_demo, thresholded):
     if not available():
         pytest.skip("no C++ compiler here: the runtime computes in PyTorch and is covered elsewhere")
     dense, masked, prompt, directory = pruned_demo
     thresholds = _thresholds(dense, masked, prompt) if thresholded else {}
     target = directory / ("thresholded" if thresholded else "plain")
-    save_packed(dense, SparsitySpec(NM(2, 4), masked, input_thresholds=thresholds), target)
+    allocation = {name: ZEROED for name in thresholds}
+    save_packed(dense, SparsitySpec(NM(2, 4), masked, input_thresholds=thresholds, input_allocation=allocation), target)
     runtime = load_sparse_model(target)
     layouts = {module.layout for module in runtime.modules() if isinstance(module, Sparse24Linear)}
     assert layouts == ({"inputs"} if thresholded else {"grouped"})
@@ -94,7 +95,7 @@ def test_the_runtime_student_generates_the_masked_dense_students_tokens(pruned_d
             remove_thresholds(reference)
             agreement = float((actual_logits.argmax(-1) == expected_logits.argmax(-1)).double().mean())
             # per step: the first steps agree to rounding; once an input has flipped, the KV cache differs
-            # and later steps drift apart (measured: 98% of choices agree over 64 steps)
+            # and later steps drift apart
             errors = (actual_logits - expected_logits).norm(dim=-1) / expected_logits.norm(dim=-1)
             assert agreement >= 0.95 and float(errors[:4].max()) < 1e-4, (agreement, errors.tolist())
     projections = sum(module.resident_bytes() for module in runtime.modules() if isinstance(module, Sparse24Linear))

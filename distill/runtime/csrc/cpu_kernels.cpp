@@ -32,7 +32,7 @@
 namespace {
 
 constexpr int64_t MAX_M = 16;
-constexpr int64_t MAX_BLOCK = 256;
+constexpr int64_t MAX_BLOCK = 1024;
 constexpr int64_t LANES = 16;  // outputs per mask word
 
 inline int popcount16(uint16_t mask) { return __builtin_popcount(mask); }
@@ -257,7 +257,7 @@ struct Shape {
 };
 
 Shape check_layout(const at::Tensor& values, int64_t n, int64_t k, int64_t block, bool two_of_four = true) {
-  TORCH_CHECK(block > 0 && block % LANES == 0 && block <= MAX_BLOCK, "block width ", block, " must be a multiple of 16, at most 256");
+  TORCH_CHECK(block > 0 && block % LANES == 0 && block <= MAX_BLOCK, "block width ", block, " must be a multiple of 16, at most ", MAX_BLOCK);
   TORCH_CHECK(!two_of_four || k % 4 == 0, "input size ", k, " is not a multiple of 4");
   TORCH_CHECK(values.is_contiguous() && values.device().is_cpu(), "values must be a contiguous CPU tensor");
   int64_t padded = (n + LANES - 1) / LANES * LANES;
@@ -281,6 +281,18 @@ void transpose_inputs(const at::Tensor& x, std::vector<float>& xt, std::vector<u
       }
     }
   });
+}
+
+// how many outputs of a block keep an input: the set bits of its mask words, 4 words per popcount
+inline int64_t kept_in(const uint16_t* mask, int64_t words) {
+  int64_t count = 0, w = 0;
+  for (; w + 4 <= words; w += 4) {
+    uint64_t four;
+    std::memcpy(&four, mask + w, 8);
+    count += __builtin_popcountll(four);
+  }
+  for (; w < words; ++w) count += popcount16(mask[w]);
+  return count;
 }
 
 // A run: the weights of one non-zero input inside a block, at `offset` in the block's values.
@@ -315,7 +327,7 @@ void block_product(const Shape& s, int64_t b, const float* xt, const uint8_t* ac
       for (int64_t j = 0; j < 4; ++j) {
         const uint16_t* mask = block_masks + (4 * g + j) * words;
         if (act[j]) runs.push_back({4 * g + j, offset});
-        for (int64_t w = 0; w < words; ++w) offset += popcount16(mask[w]);
+        offset += kept_in(mask, words);
       }
     }
   } else {
