@@ -22,14 +22,15 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from distill.run.artifacts import STUDENT_DIR, ExportRecord, read_distill_record, read_token_blocks, write_export_record
-from distill.sparsity.spec import SparsitySpec, read_sparsity_spec
+from distill.sparsity.spec import Layout, SparsitySpec, read_sparsity_spec, write_sparsity_spec
 from distill.errors import DistillError
 from distill.run.pipeline import StageContext
 from distill.export.verify import save_in_hf_layout, shrink_and_verify, sparse_kernel_errors, verify_structure
 from distill.export.model_card import StudentFacts, model_card, push_to_hub, teacher_hub_id, teacher_license, write_model_card
 from distill.sparsity.activations import remove_thresholds
 from distill.sparsity.masks import remove_masks
-from distill.sparsity.packing import load_packed, save_packed
+from distill.runtime import load_sparse_model
+from distill.sparsity.packing import save_packed
 from distill.sparsity.patterns import NM, NoPruning
 from distill.targets import linearize
 from distill.student import check_finite, load_student
@@ -90,6 +91,8 @@ def _export(ctx: StageContext) -> dict:
     if pattern.spans_projections and config.export.shrink:
         shrunk = shrink_and_verify(dense, pattern.kind, _probe_batch(ctx))
     save_in_hf_layout(dense, hf_dir)
+    # what load_sparse_model needs beside the weights: thresholds and streaming heads (from_pretrained ignores it)
+    write_sparsity_spec(hf_dir, spec.replace(layout=Layout.DENSE))
     tokenizer.save_pretrained(hf_dir)
     summary = {"verified": True, "pattern": pattern.describe(), "masked": len(masked), "hf_dir": str(ctx.final_dir / hf_dir.name),
                "dense_bytes": sum(p.stat().st_size for p in hf_dir.glob("*.safetensors"))}
@@ -113,7 +116,7 @@ def _export(ctx: StageContext) -> dict:
     # the round trip: hf/ as any user would load it, against packed/ unpacked by our loader
     from_hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     linearize(from_hf)  # compared in the layout the packed form keeps
-    from_packed = load_packed(packed_dir).eval()
+    from_packed = load_sparse_model(packed_dir, sparse=False, runtime_sparsity=False)  # dense with zeros, as hf/
     hf_state, packed_state = from_hf.state_dict(), from_packed.state_dict()
     mismatched = [name for name in hf_state if not torch.equal(hf_state[name], packed_state[name])]
     if mismatched:
