@@ -168,6 +168,7 @@ CPU_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 FORMS = ["dense", "dense compiled", "2:4", "2:4 + 50% activations", "50% activations on dense weights"]
 DENSE_FORMS = ("dense", "dense compiled")
 CALIBRATION_TOKENS = 128  # random tokens whose projection inputs set the thresholds (median |x|)
+ACTIVATION_SPARSITY = 0.5  # the share of projection inputs those thresholds zero
 
 
 def prune_24(model) -> list[str]:
@@ -258,6 +259,7 @@ def compiled_decode(model):
 def build_form(form: str, kind: str, base, names: list[str], thresholds: dict, table, args, dtype):
     """Model `form` of model `kind` (FORMS), from the dense base where it needs one."""
     from distill.runtime import SparseInputLinear, load_sparse_model, sparsify
+    from distill.runtime.loading import INPUT_MAJOR_MIN_SPARSITY
     from distill.sparsity.activations import set_thresholds
     from distill.targets import replace_module
 
@@ -271,7 +273,9 @@ def build_form(form: str, kind: str, base, names: list[str], thresholds: dict, t
     if form == "2:4":
         sparsify(model, names, table)
     elif form == "2:4 + 50% activations":
-        sparsify(model, names, table, sparse_inputs=set(names))
+        # the layout the loader picks at this share of zeroed inputs (distill.runtime.loading)
+        skipping = set(names) if ACTIVATION_SPARSITY >= INPUT_MAJOR_MIN_SPARSITY else set()
+        sparsify(model, names, table, sparse_inputs=skipping)
         set_thresholds(model, thresholds)
     else:  # 50% activations on dense weights
         for name in names:

@@ -310,11 +310,15 @@ inline void prefetch_run(const T* start, int64_t count) {
   for (int64_t offset = 0; offset < count * int64_t(sizeof(T)); offset += 64) __builtin_prefetch(bytes + offset);
 }
 
+// Accumulators per tile: M rows x tile outputs stay within ~16 KiB (L1), so for many rows the block's
+// outputs are done a tile at a time, each tile walking the block's runs again.
+constexpr int64_t TILE_FLOATS = 4096;
+
 template <typename T, bool PACKED>
 void block_product(const Shape& s, int64_t b, const float* xt, const uint8_t* active, int64_t M,
-                   const uint16_t* masks, const T* values, float* acc, std::vector<Run>& runs) {
+                   const uint16_t* masks, const T* values, float* acc, std::vector<Run>& runs, float* out) {
   const int64_t words = s.block / LANES;
-  std::memset(acc, 0, sizeof(float) * M * s.block);
+  const int64_t tile_words = std::max<int64_t>(1, std::min(words, TILE_FLOATS / (M * LANES)));
   const uint16_t* block_masks = PACKED ? masks + b * s.k * words : nullptr;
   const T* block_values = values + (PACKED ? b * (s.k / 2) * s.block : b * s.k * s.block);  // blocks before b are full
   runs.clear();
@@ -334,21 +338,37 @@ void block_product(const Shape& s, int64_t b, const float* xt, const uint8_t* ac
     for (int64_t k = 0; k < s.k; ++k)
       if (active[k]) runs.push_back({k, k * s.block});
   }
-  const int64_t run_length = PACKED ? s.block / 2 : s.block;  // values per run (on average, for 2:4)
   const int64_t count = int64_t(runs.size());
-  for (int64_t i = 0; i < count; ++i) {
-    if (i + PREFETCH_RUNS < count) prefetch_run(block_values + runs[i + PREFETCH_RUNS].offset, run_length);
-    const float* xk = xt + runs[i].k * M;
-    const T* src = block_values + runs[i].offset;
-    if (PACKED) {
-      const uint16_t* mask = block_masks + runs[i].k * words;
-      for (int64_t w = 0; w < words; ++w) {
-        kept16(mask[w], src, xk, M, acc + w * LANES, s.block);
-        src += popcount16(mask[w]);
+  for (int64_t first_word = 0; first_word < words; first_word += tile_words) {
+    const int64_t last_word = std::min(words, first_word + tile_words);
+    const int64_t tile = (last_word - first_word) * LANES;
+    std::memset(acc, 0, sizeof(float) * M * tile);
+    // values per run inside this tile (on average, for 2:4), for the prefetches
+    const int64_t run_length = PACKED ? tile / 2 : tile;
+    for (int64_t i = 0; i < count; ++i) {
+      const float* xk = xt + runs[i].k * M;
+      if (PACKED) {
+        const uint16_t* mask = block_masks + runs[i].k * words;
+        const T* src = block_values + runs[i].offset + kept_in(mask, first_word);
+        if (i + PREFETCH_RUNS < count) {
+          const Run& next = runs[i + PREFETCH_RUNS];
+          prefetch_run(block_values + next.offset + (first_word ? kept_in(block_masks + next.k * words, first_word) : 0),
+                       run_length);
+        }
+        for (int64_t w = first_word; w < last_word; ++w) {
+          kept16(mask[w], src, xk, M, acc + (w - first_word) * LANES, tile);
+          src += popcount16(mask[w]);
+        }
+      } else {
+        if (i + PREFETCH_RUNS < count) prefetch_run(block_values + runs[i + PREFETCH_RUNS].offset + first_word * LANES, run_length);
+        const T* src = block_values + runs[i].offset;
+        for (int64_t w = first_word; w < last_word; ++w) all16(src + w * LANES, xk, M, acc + (w - first_word) * LANES, tile);
       }
-    } else {
-      for (int64_t w = 0; w < words; ++w) all16(src + w * LANES, xk, M, acc + w * LANES, s.block);
     }
+    // the tile's real outputs into y [M, N]
+    const int64_t first = b * s.block + first_word * LANES;
+    const int64_t real = std::min(tile, s.n - first);
+    for (int64_t m = 0; real > 0 && m < M; ++m) std::memcpy(out + m * s.n + first, acc + m * tile, sizeof(float) * real);
   }
 }
 
@@ -377,14 +397,11 @@ at::Tensor blocked_matmul(const at::Tensor& x, const at::Tensor& masks, const at
     using scalar_t = decltype(tag);
     const scalar_t* value_data = values.data_ptr<scalar_t>();
     at::parallel_for(0, s.blocks, s.grain(), [&](int64_t begin, int64_t end) {
-      alignas(64) float acc[MAX_M * MAX_BLOCK];
+      alignas(64) float acc[TILE_FLOATS];
       std::vector<Run> runs;
       runs.reserve(K);
-      for (int64_t b = begin; b < end; ++b) {
-        block_product<scalar_t, PACKED>(s, b, xt.data(), active.data(), M, mask_data, value_data, acc, runs);
-        const int64_t first = b * s.block, outputs = s.outputs_in(b);
-        for (int64_t m = 0; m < M; ++m) std::memcpy(out + m * n + first, acc + m * s.block, sizeof(float) * outputs);
-      }
+      for (int64_t b = begin; b < end; ++b)
+        block_product<scalar_t, PACKED>(s, b, xt.data(), active.data(), M, mask_data, value_data, acc, runs, out);
     });
   });
   if (bias.has_value()) y.add_(bias->to(at::kFloat));
