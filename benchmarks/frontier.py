@@ -61,6 +61,39 @@ def speed(report: dict, model: str) -> dict | None:
     return {name: row.get(key) for name, key in SPEED_KEYS.items()}
 
 
+def measure(run_dirs: list[Path], dtype: str, repeats: int) -> dict[str, dict]:
+    """{run name: {decode, prefill, memory}}: each run's student as a user runs it (load_sparse_model on
+    its packed export, its hf export where it has none) timed against the teacher, in this one process,
+    with distill.eval.speed.measure_speed, on the first wikitext-2 test tokens: the same machine and
+    the same teacher for every recipe, unlike the reports, each measured while other work ran."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from distill.eval.speed import measure_speed
+    from distill.models import load_teacher
+    from distill.run.config_file import load_config
+    from distill.runtime import load_sparse_model
+
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    first = run_dirs[0]
+    config = load_config(first / "config.yaml")
+    teacher = load_teacher(config.teacher, torch.device("cpu")).to(torch_dtype).eval()
+    tokenizer = AutoTokenizer.from_pretrained(first / "teacher" / "tokenizer")
+    text = Path(config.eval.files[0]).read_text() if config.eval.files else "The history of the city " * 200
+    prompt = tokenizer(text[:8000], return_tensors="pt").input_ids[0]
+    found = {}
+    for run_dir in run_dirs:
+        export = run_dir / "export"
+        directory = export / "packed" if (export / "packed").is_dir() else export / "hf"
+        student = load_sparse_model(directory, dtype=torch_dtype)
+        result = measure_speed({"teacher": teacher, "student": student}, prompt, repeats=repeats)
+        ratios = result["ratios"]["student"]
+        found[run_dir.name] = {name: ratios.get(key) for name, key in SPEED_KEYS.items()}
+        found[run_dir.name]["machine"] = f"{result['cpu']}, {result['threads']} threads, {result['dtype']}"
+        del student
+    return found
+
+
 def recipe(report: dict) -> dict:
     """What the run's sparsity is: its weight pattern as the export describes it, and the fraction
     of projection inputs its thresholds zero."""
@@ -131,6 +164,10 @@ def main(argv=None) -> int:
     parser.add_argument("--source", default="test", help="the eval source the ratio is taken on (default: test)")
     parser.add_argument("--write", type=Path, help="save the table (markdown)")
     parser.add_argument("--plot", type=Path, help="save the frontier plot (PNG)")
+    parser.add_argument("--measure", action="store_true",
+                        help="time every run's student against the teacher here, in one process (not the reports' speed)")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="--measure: the models' dtype")
+    parser.add_argument("--repeats", type=int, default=5, help="--measure: interleaved rounds, the median is kept")
     args = parser.parse_args(argv)
     rows = []
     for run_dir in args.runs:
@@ -138,6 +175,12 @@ def main(argv=None) -> int:
         if not path.is_file():
             raise SystemExit(f"{path} is missing: has {run_dir} finished its evaluate stage?")
         rows.append(row(run_dir.name, json.loads(path.read_text()), args.source))
+    if args.measure:
+        measured = measure(args.runs, args.dtype, args.repeats)
+        for found in rows:
+            found["speed"] = measured[found["run"]]
+        machine = next(iter(measured.values()))["machine"]
+        print(f"speed and memory measured here, in one process: {machine}")
     text = table(rows)
     print(text)
     for found in rows:
