@@ -20,9 +20,11 @@ SPARSITY = [0.0, 0.5, 0.9]
 
 
 def isas():
+    """The machine's widest ISA, and the narrower ones as slow tests (each is one more ~20 s build)."""
     widest = cpu_kernels.target_isa()
     order = list(cpu_kernels.ISA_FLAGS)
-    return order[order.index(widest):]
+    narrower = order[order.index(widest) + 1:]
+    return [widest] + [pytest.param(isa, marks=pytest.mark.slow) for isa in narrower]
 
 
 @pytest.fixture(params=isas())
@@ -145,6 +147,7 @@ def test_modules_take_the_table_path_per_m_and_hold_no_dense_copy(isa):
     assert SCRATCH.nbytes() >= n * k * 4  # prefill unpacked into the shared buffer, one layer's worth
 
 
+@pytest.mark.slow
 def test_without_a_compiler_the_plain_pytorch_products_stand_in(tmp_path):
     """A machine without a C++ toolchain: the build fails with one printed line and the runtime computes
     the same products in PyTorch (exact, not faster). Run in a process of its own with no compiler."""
