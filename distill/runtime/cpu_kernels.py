@@ -1,7 +1,8 @@
 """The CPU kernels (csrc/cpu_kernels.cpp), compiled on first use for this machine's vector unit.
 
-    y = sparse24_matmul(x, masks, values, bias, n, block)   # 2:4 weight, blocked layout
-    y = dense_matmul(x, values, bias, n, block)             # dense weight, blocked layout
+    y = grouped24_matmul(x, codes, values, bias, n, block)  # 2:4 weight, grouped layout
+    y = sparse24_matmul(x, masks, values, bias, n, block)   # 2:4 weight, input-major layout
+    y = dense_matmul(x, values, bias, n, block)             # dense weight, input-major layout
     wt = unpack_24_kmajor(masks, values, n, block, k)       # the 2:4 weight dense, [K, N], for prefill
 
 The decode kernels take M = 1 to 16 rows and never read the weights of inputs that are zero in
@@ -25,7 +26,6 @@ import torch.nn.functional as F
 from distill.runtime.cpu_layout import unpack_24, unpack_dense, unpack_grouped_24
 
 SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
-DECODE_MAX_M = 16  # rows the decode kernels take in one call (their accumulator tile)
 ISA_FLAGS = {
     "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c", "-mpopcnt"],
     "avx2": ["-mavx2", "-mfma", "-mf16c", "-mpopcnt"],
@@ -88,57 +88,55 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x2 if x2.is_contiguous() else x2.contiguous()
 
 
-def sparse24_matmul(x: torch.Tensor, masks: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None,
-                    n: int, block: int) -> torch.Tensor:
-    """x [..., K] @ W.T (+ bias) for a 2:4 weight in the blocked layout; M <= 16 rows."""
+def _matmul(kernel: str, unpack, x: torch.Tensor, layout: tuple[torch.Tensor, ...], bias: torch.Tensor | None,
+            n: int, block: int) -> torch.Tensor:
+    """x [..., K] @ W.T (+ bias) by the compiled `kernel` on W's `layout` tensors, or by F.linear on
+    `unpack(*layout, n)` where the kernels could not be built."""
     x2 = _rows(x)
     if available():
-        y = _ops().sparse24_matmul(x2, masks, values, bias, n, block)
+        y = getattr(_ops(), kernel)(x2, *layout, bias, n, block)
     else:
-        y = F.linear(x2, unpack_24(masks, values, n).to(x2.dtype), bias)
+        y = F.linear(x2, unpack(*layout, n).to(x2.dtype), bias)
     return y.reshape(*x.shape[:-1], n)
+
+
+def _unpack_kmajor(kernel: str, unpack, layout: tuple[torch.Tensor, ...], n: int, block: int, k: int,
+                   out: torch.Tensor | None) -> torch.Tensor:
+    """W dense and K-major, wt [K, N] in the values' dtype (into `out` when given), by the compiled
+    `kernel` or by `unpack(*layout, n)`."""
+    if out is None:
+        out = torch.empty(k, n, dtype=layout[-1].dtype)
+    if available():
+        getattr(_ops(), kernel)(*layout, n, block, out)
+    else:
+        out.copy_(unpack(*layout, n).t())
+    return out
+
+
+def sparse24_matmul(x: torch.Tensor, masks: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None,
+                    n: int, block: int) -> torch.Tensor:
+    """x [..., K] @ W.T (+ bias) for a 2:4 weight in the input-major layout; M <= 16 rows."""
+    return _matmul("sparse24_matmul", unpack_24, x, (masks, values), bias, n, block)
 
 
 def dense_matmul(x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None, n: int, block: int) -> torch.Tensor:
-    """x [..., K] @ W.T (+ bias) for a dense weight in the blocked layout; M <= 16 rows."""
-    x2 = _rows(x)
-    if available():
-        y = _ops().dense_matmul(x2, values, bias, n, block)
-    else:
-        y = F.linear(x2, unpack_dense(values, n).to(x2.dtype), bias)
-    return y.reshape(*x.shape[:-1], n)
-
-
-def unpack_24_kmajor(masks: torch.Tensor, values: torch.Tensor, n: int, block: int, k: int,
-                     out: torch.Tensor | None = None) -> torch.Tensor:
-    """The 2:4 weight dense and K-major, wt [K, N] in the values' dtype, into `out` when given."""
-    if out is None:
-        out = torch.empty(k, n, dtype=values.dtype)
-    if available():
-        _ops().sparse24_unpack(masks, values, n, block, out)
-    else:
-        out.copy_(unpack_24(masks, values, n).t())
-    return out
+    """x [..., K] @ W.T (+ bias) for a dense weight in the input-major layout; M <= 16 rows."""
+    return _matmul("dense_matmul", unpack_dense, x, (values,), bias, n, block)
 
 
 def grouped24_matmul(x: torch.Tensor, codes: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None,
                      n: int, block: int) -> torch.Tensor:
     """x [..., K] @ W.T (+ bias) for a 2:4 weight in the grouped layout; M <= 16 rows."""
-    x2 = _rows(x)
-    if available():
-        y = _ops().grouped24_matmul(x2, codes, values, bias, n, block)
-    else:
-        y = F.linear(x2, unpack_grouped_24(codes, values, n).to(x2.dtype), bias)
-    return y.reshape(*x.shape[:-1], n)
+    return _matmul("grouped24_matmul", unpack_grouped_24, x, (codes, values), bias, n, block)
+
+
+def unpack_24_kmajor(masks: torch.Tensor, values: torch.Tensor, n: int, block: int, k: int,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+    """The input-major 2:4 weight dense and K-major, wt [K, N], for prefill."""
+    return _unpack_kmajor("sparse24_unpack", unpack_24, (masks, values), n, block, k, out)
 
 
 def unpack_grouped24_kmajor(codes: torch.Tensor, values: torch.Tensor, n: int, block: int, k: int,
                             out: torch.Tensor | None = None) -> torch.Tensor:
-    """The grouped 2:4 weight dense and K-major, wt [K, N] in the values' dtype."""
-    if out is None:
-        out = torch.empty(k, n, dtype=values.dtype)
-    if available():
-        _ops().grouped24_unpack(codes, values, n, block, out)
-    else:
-        out.copy_(unpack_grouped_24(codes, values, n).t())
-    return out
+    """The grouped 2:4 weight dense and K-major, wt [K, N], for prefill."""
+    return _unpack_kmajor("grouped24_unpack", unpack_grouped_24, (codes, values), n, block, k, out)

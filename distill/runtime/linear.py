@@ -130,7 +130,7 @@ class Sparse24Linear(nn.Module):
     def resident_bytes(self) -> int:
         """Bytes this projection holds: its layout and bias (and on GPU what its paths keep beside)."""
         held = sum(buffer.numel() * buffer.element_size() for buffer in self.buffers())
-        extra = [tensor for tensor in (self._k_major or ())]
+        extra = list(self._k_major or ())
         if self._semi_structured is not None:
             extra += [self._semi_structured.packed] + ([self._semi_structured.meta] if hasattr(self._semi_structured, "meta") else [])
         return held + sum(tensor.numel() * tensor.element_size() for tensor in extra if tensor is not None)

@@ -74,9 +74,8 @@ def run(ctx: StageContext) -> dict:
     oneshot = load_student(ctx.stage_dir("prune") / STUDENT_DIR, device, teacher.dtype)
     models = {"teacher": teacher, "oneshot": oneshot, "student": _exported_student(ctx, teacher.dtype)}
     spec = read_sparsity_spec(ctx.stage_dir("distill") / STUDENT_DIR)
-    runtime = _runtime_student(ctx, teacher.dtype)
     if spec.input_thresholds or spec.streaming:  # it computes differently from export/hf: score it too
-        models[RUNTIME] = runtime
+        models[RUNTIME] = _runtime_student(ctx, teacher.dtype)
 
     sources = {}
     for name, blocks in sets.items():  # one pass: the teacher's logits serve every model's KL
@@ -113,7 +112,7 @@ def run(ctx: StageContext) -> dict:
         "layer_errors": {"blocks": len(probe), **layer_errors(teacher, {"oneshot": oneshot, "student": measured["student"]},
                                                               probe, config.eval.batch_size)},
     }
-    speed = _speed(ctx, {"teacher": teacher, RUNTIME: runtime}, sets)
+    speed = _speed(ctx, teacher, models.get(RUNTIME), sets)
     if speed:
         report["speed"] = speed
     report["plot"] = plot(ctx.work_dir / "report.png", report, history)
@@ -195,14 +194,16 @@ def _activation_sparsity(ctx: StageContext, models: dict, sets: dict[str, torch.
     return result
 
 
-def _speed(ctx: StageContext, models: dict, sets: dict[str, torch.Tensor]) -> dict:
+def _speed(ctx: StageContext, teacher: torch.nn.Module, runtime: torch.nn.Module | None,
+           sets: dict[str, torch.Tensor]) -> dict:
     """Decode and prefill tokens/s and tensor bytes of the teacher and the student as it runs (with its
-    thresholds and streaming heads), timed in turns on this machine, from the first eval block;
-    eval.speed_repeats rounds (0: not measured, {})."""
+    thresholds and streaming heads; loaded here when scoring did not need it), timed in turns on this
+    machine, from the first eval block; eval.speed_repeats rounds (0: not measured, {})."""
     repeats = ctx.config.eval.speed_repeats
     if not repeats:
         return {}
-    result = measure_speed(models, next(iter(sets.values()))[0], repeats=repeats)
+    runtime = runtime if runtime is not None else _runtime_student(ctx, teacher.dtype)
+    result = measure_speed({"teacher": teacher, RUNTIME: runtime}, next(iter(sets.values()))[0], repeats=repeats)
     for name, ratios in result["ratios"].items():
         ctx.log(f"[evaluate] on this machine, {name} vs teacher: decode {ratios['decode']:.2f}x, "
                 f"prefill {ratios['prefill']:.2f}x the tokens/s")
