@@ -291,10 +291,13 @@ def zero_input_fraction(model, names: list[str], prompt: torch.Tensor, new_token
     zeros, total, hooks = [0], [0], []
 
     def count(module, inputs):
-        if inputs[0].dim() < 2 or inputs[0].shape[-2] == 1:  # decode steps only
-            zeros[0] += int((inputs[0] == 0).sum())
-            total[0] += inputs[0].numel()
-    for name in names:  # registered after the threshold's pre-hook: sees the thresholded input
+        x = inputs[0]
+        if getattr(module, "applies_input_threshold", False) and hasattr(module, "input_threshold"):
+            x = module.input_threshold(x)  # its kernel thresholds as it reads: count what the kernel sees
+        if x.dim() < 2 or x.shape[-2] == 1:  # decode steps only
+            zeros[0] += int((x == 0).sum())
+            total[0] += x.numel()
+    for name in names:  # registered after a threshold's pre-hook, where it has one: sees the thresholded input
         hooks.append(model.get_submodule(name).register_forward_pre_hook(count))
     with torch.inference_mode():
         model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,

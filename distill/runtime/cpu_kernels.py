@@ -6,7 +6,8 @@
     wt = unpack_24_kmajor(masks, values, n, block, k)       # the 2:4 weight dense, [K, N], for prefill
 
 The decode kernels take M = 1 to 16 rows and never read the weights of inputs that are zero in
-every row. They are built with torch.utils.cpp_extension for the widest vector unit PyTorch itself
+every row. With `threshold=t` they first zero the inputs below t in magnitude, as they read them
+(x * (|x| >= t), the activation threshold), so a thresholded projection needs no separate pass. They are built with torch.utils.cpp_extension for the widest vector unit PyTorch itself
 uses here (`torch.backends.cpu.get_cpu_capability()`: AVX512, AVX2 or neither; ATEN_CPU_CAPABILITY
 caps both, DISTILL_CPU_ISA=avx2|portable caps ours alone, to measure a narrower CPU on a wide
 one). The build is cached per ISA in torch's extensions dir and takes ~20 s once. Where no compiler
@@ -89,13 +90,16 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def _matmul(kernel: str, unpack, x: torch.Tensor, layout: tuple[torch.Tensor, ...], bias: torch.Tensor | None,
-            n: int, block: int) -> torch.Tensor:
-    """x [..., K] @ W.T (+ bias) by the compiled `kernel` on W's `layout` tensors, or by F.linear on
-    `unpack(*layout, n)` where the kernels could not be built."""
+            n: int, block: int, threshold: float) -> torch.Tensor:
+    """(x [..., K] with entries below `threshold` in magnitude zeroed) @ W.T (+ bias) by the compiled
+    `kernel` on W's `layout` tensors, or by F.linear on `unpack(*layout, n)` where the kernels could
+    not be built."""
     x2 = _rows(x)
     if available():
-        y = getattr(_ops(), kernel)(x2, *layout, bias, n, block)
+        y = getattr(_ops(), kernel)(x2, *layout, bias, n, block, threshold)
     else:
+        if threshold > 0:
+            x2 = x2 * (x2.abs() >= threshold)
         y = F.linear(x2, unpack(*layout, n).to(x2.dtype), bias)
     return y.reshape(*x.shape[:-1], n)
 
@@ -114,20 +118,21 @@ def _unpack_kmajor(kernel: str, unpack, layout: tuple[torch.Tensor, ...], n: int
 
 
 def sparse24_matmul(x: torch.Tensor, masks: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None,
-                    n: int, block: int) -> torch.Tensor:
+                    n: int, block: int, threshold: float = 0.0) -> torch.Tensor:
     """x [..., K] @ W.T (+ bias) for a 2:4 weight in the input-major layout; M <= 16 rows."""
-    return _matmul("sparse24_matmul", unpack_24, x, (masks, values), bias, n, block)
+    return _matmul("sparse24_matmul", unpack_24, x, (masks, values), bias, n, block, threshold)
 
 
-def dense_matmul(x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None, n: int, block: int) -> torch.Tensor:
+def dense_matmul(x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None, n: int, block: int,
+                 threshold: float = 0.0) -> torch.Tensor:
     """x [..., K] @ W.T (+ bias) for a dense weight in the input-major layout; M <= 16 rows."""
-    return _matmul("dense_matmul", unpack_dense, x, (values,), bias, n, block)
+    return _matmul("dense_matmul", unpack_dense, x, (values,), bias, n, block, threshold)
 
 
 def grouped24_matmul(x: torch.Tensor, codes: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None,
-                     n: int, block: int) -> torch.Tensor:
+                     n: int, block: int, threshold: float = 0.0) -> torch.Tensor:
     """x [..., K] @ W.T (+ bias) for a 2:4 weight in the grouped layout; M <= 16 rows."""
-    return _matmul("grouped24_matmul", unpack_grouped_24, x, (codes, values), bias, n, block)
+    return _matmul("grouped24_matmul", unpack_grouped_24, x, (codes, values), bias, n, block, threshold)
 
 
 def unpack_24_kmajor(masks: torch.Tensor, values: torch.Tensor, n: int, block: int, k: int,

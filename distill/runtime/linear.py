@@ -12,6 +12,10 @@ Sparse24Linear, a 2:4 projection:
 SparseInputLinear, a dense projection whose input a threshold zeroes (CPU): its weight input-major
   (cpu_layout.pack_dense), whose rows of zero inputs the decode kernel does not read.
 
+On CPU both apply their input threshold (distill.sparsity.activations, `input_threshold`) themselves:
+the decode kernels zero the small inputs as they read them, where a forward pre-hook would run three
+more PyTorch ops per projection and token.
+
 Which path runs is the crossover table's choice per shape and M (distill.runtime.dispatch).
 """
 
@@ -55,6 +59,18 @@ def _rows(x: torch.Tensor) -> int:
     return x.numel() // x.shape[-1]
 
 
+def input_threshold(module: nn.Module, x: torch.Tensor) -> float:
+    """The magnitude below which `module`'s inputs become zero, in x's dtype as InputThreshold compares
+    (0: none installed)."""
+    threshold = getattr(module, "input_threshold", None)
+    return float(threshold.threshold.to(x.dtype)) if threshold is not None else 0.0
+
+
+def _thresholded(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    threshold = getattr(module, "input_threshold", None)
+    return threshold(x) if threshold is not None else x
+
+
 def _prefill(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x [..., K] @ wt [K, N] (+ bias) in wt's dtype, back in x's."""
     x2 = x.reshape(-1, x.shape[-1]).to(wt.dtype)
@@ -78,6 +94,7 @@ class Sparse24Linear(nn.Module):
         # the layout follows the device; `layout="gpu"` on CPU tensors runs the GPU paths in Triton's
         # CPU interpreter (TRITON_INTERPRET=1), as the tests of those kernels do
         self.layout = layout or ((INPUTS if sparse_inputs else GROUPED) if values.device.type == "cpu" else GPU)
+        self.applies_input_threshold = self.layout != GPU  # the CPU kernels threshold as they read
         self._semi_structured = None
         self._k_major: tuple[torch.Tensor, ...] | None = None
         if self.layout == GROUPED:
@@ -173,15 +190,16 @@ class Sparse24Linear(nn.Module):
         n, k = self.out_features, self.in_features
         if self.layout != GPU:
             if path == "cpu_kernel":
+                threshold = input_threshold(self, x)
                 if self.layout == GROUPED:
-                    return cpu_kernels.grouped24_matmul(x, self.codes, self.values, self.bias, n, self.block)
-                return cpu_kernels.sparse24_matmul(x, self.masks, self.values, self.bias, n, self.block)
+                    return cpu_kernels.grouped24_matmul(x, self.codes, self.values, self.bias, n, self.block, threshold)
+                return cpu_kernels.sparse24_matmul(x, self.masks, self.values, self.bias, n, self.block, threshold)
             wt = SCRATCH.matrix(k, n, self.values.dtype)
             if self.layout == GROUPED:
                 cpu_kernels.unpack_grouped24_kmajor(self.codes, self.values, n, self.block, k, out=wt)
             else:
                 cpu_kernels.unpack_24_kmajor(self.masks, self.values, n, self.block, k, out=wt)
-            return _prefill(x, wt, self.bias)
+            return _prefill(_thresholded(self, x), wt, self.bias)
         if path == "triton":
             from distill.runtime.triton_kernels import sparse24_matmul
 
@@ -201,6 +219,8 @@ class Sparse24Linear(nn.Module):
 class SparseInputLinear(nn.Module):
     """A dense projection whose input a threshold zeroes, on CPU: the weight input-major
     (cpu_layout.pack_dense), so that decode reads only the weights of non-zero inputs."""
+
+    applies_input_threshold = True  # its kernel thresholds as it reads
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, name: str, table: CrossoverTable):
         super().__init__()
@@ -226,7 +246,7 @@ class SparseInputLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, k = self.out_features, self.in_features
         if self.kernel_path(x) == "cpu_kernel":
-            return cpu_kernels.dense_matmul(x, self.values, self.bias, n, self.block)
+            return cpu_kernels.dense_matmul(x, self.values, self.bias, n, self.block, input_threshold(self, x))
         wt = SCRATCH.matrix(k, n, self.values.dtype)
         blocks, _, block = self.values.shape
         # wt [K, N]: the blocks side by side, the last one cut to the real outputs
@@ -234,7 +254,7 @@ class SparseInputLinear(nn.Module):
             first = index * block
             width = min(block, n - first)
             wt[:, first:first + width].copy_(self.values[index, :, :width])
-        return _prefill(x, wt, self.bias)
+        return _prefill(_thresholded(self, x), wt, self.bias)
 
 
 def sparsify(model: nn.Module, names: list[str], table: CrossoverTable | None = None, allow_dense: bool = False,

@@ -18,7 +18,9 @@ architecture is named.
                      fraction rising linearly to its allocation
   install_thresholds an `InputThreshold` module per thresholded projection (`<projection>.input_threshold`,
                      its threshold a buffer, so checkpoints and state dicts carry it) applied by a
-                     forward pre-hook: the projection sees x * (|x| >= t)
+                     forward pre-hook: the projection sees x * (|x| >= t). A projection whose
+                     `applies_input_threshold` is true applies it itself (the CPU runtime's kernels
+                     zero the small inputs as they read them, with no separate pass): no hook
 
 Thresholds are magnitudes of the inputs, so they follow the input dtype's scale. The
 `straight_through` option lets the gradient reach the zeroed entries as if they were kept (the
@@ -224,7 +226,8 @@ def set_threshold(projection: nn.Module, threshold: float, straight_through: boo
         return
     device = next(itertools.chain(projection.parameters(), projection.buffers())).device
     projection.input_threshold = InputThreshold(threshold, straight_through).to(device)
-    projection._input_threshold_hook = projection.register_forward_pre_hook(_apply_threshold)
+    if not getattr(projection, "applies_input_threshold", False):
+        projection._input_threshold_hook = projection.register_forward_pre_hook(_apply_threshold)
 
 
 def thresholded(model: nn.Module) -> dict[str, float]:
@@ -237,8 +240,9 @@ def remove_thresholds(model: nn.Module, names: Sequence[str] | None = None) -> N
     """The projections `names` (default: all) back to their dense input (in place)."""
     for name, module in list(model.named_modules()):
         if (names is None or name in names) and isinstance(getattr(module, "input_threshold", None), InputThreshold):
-            module._input_threshold_hook.remove()
-            del module._input_threshold_hook
+            hook = module.__dict__.pop("_input_threshold_hook", None)
+            if hook is not None:
+                hook.remove()
             del module.input_threshold
 
 

@@ -14,7 +14,9 @@ from distill.runtime.dispatch import CrossoverTable
 from distill.runtime.linear import SCRATCH, Sparse24Linear, SparseInputLinear
 from distill.sparsity.packing import pack_nm
 
-SHAPES_24 = [(48, 64), (100, 36), (192, 576), (1536, 576)]  # N not a multiple of 16 (100), K = 36 (9 groups)
+# N not a multiple of 16 (100), K = 36 (9 groups), and 1072 outputs (16 x 67): blocks of 544 and 224, the
+# last one padded
+SHAPES_24 = [(48, 64), (100, 36), (192, 576), (1536, 576), (1072, 36)]
 M_VALUES = [1, 2, 7, 16]
 SPARSITY = [0.0, 0.5, 0.9]
 
@@ -71,7 +73,7 @@ def test_the_2_4_kernels_of_both_layouts_match_float64(isa, n, k):
                     assert relative_error(actual, expected) < 1e-6, (isa, m, sparsity)
 
 
-@pytest.mark.parametrize("n,k", [(48, 64), (100, 37), (576, 1536)])
+@pytest.mark.parametrize("n,k", [(48, 64), (100, 37), (576, 1536), (1100, 37)])
 def test_the_dense_weight_sparse_input_kernel_matches_float64_also_for_odd_k(isa, n, k):
     torch.manual_seed(n * k)
     weight, bias = torch.randn(n, k), torch.randn(n)
@@ -111,9 +113,8 @@ def test_layouts_round_trip_to_the_packed_form_and_unpack_k_major(isa, n, k):
     assert torch.equal(cpu_kernels.unpack_grouped24_kmajor(codes, grouped, n, block, k), weight.t())
     assert torch.equal(cpu_kernels.unpack_24_kmajor(masks, by_input, n, block_inputs, k), weight.t())
     # bytes: 1 bit per weight plus the kept half, as values + 2-bit positions (17/32 of fp32)
-    dense_bytes = n * k * 4
-    assert (codes.numel() + grouped.numel() * 4) <= dense_bytes * 17 / 32 + cpu_layout.padded_outputs(n) * k * 0.6
-    assert masks.numel() * 2 + by_input.numel() * 4 <= cpu_layout.padded_outputs(n) * k * 17 / 8 + 64
+    assert (codes.numel() + grouped.numel() * 4) <= cpu_layout.blocked_outputs(n, block) * k * 17 / 8
+    assert masks.numel() * 2 + by_input.numel() * 4 <= cpu_layout.blocked_outputs(n, block_inputs) * k * 17 / 8 + 64
 
 
 def test_a_kernel_refuses_too_many_rows_and_mismatched_layouts_in_one_line(isa):
@@ -145,6 +146,44 @@ def test_modules_take_the_table_path_per_m_and_hold_no_dense_copy(isa):
         x = inputs(m, k, 0.5)
         assert relative_error(module(x), x.double() @ dense.double().T) < 1e-5
     assert SCRATCH.nbytes() >= n * k * 4  # prefill unpacked into the shared buffer, one layer's worth
+
+
+def test_the_kernels_apply_an_input_threshold_as_they_read_and_the_runtime_needs_no_hook(isa):
+    """threshold=t gives (x * (|x| >= t)) @ W.T, in every kernel; a CPU runtime projection applies its
+    installed threshold in the kernel (no pre-hook), matching nn.Linear behind InputThreshold."""
+    from torch import nn
+
+    from distill.sparsity.activations import set_thresholds
+
+    torch.manual_seed(11)
+    n, k = 1072, 36
+    weight, bias = random_2_4_weight(n, k), torch.randn(n)
+    values, positions = packed_form(weight)
+    codes, grouped, block = cpu_layout.pack_grouped_24(values, positions)
+    masks, by_input, block_inputs = cpu_layout.pack_24(values, positions)
+    dense_values, dense_block = cpu_layout.pack_dense(weight)
+    threshold = 0.7  # about half of standard normal inputs
+    for m in M_VALUES:
+        x = inputs(m, k, 0.0)
+        kept = x * (x.abs() >= threshold)
+        expected = kept.double() @ weight.double().T + bias.double()
+        assert 0.25 < float(((x != 0) & (kept == 0)).sum() / (x != 0).sum()) < 0.75  # the threshold zeroed some
+        for actual in (cpu_kernels.grouped24_matmul(x, codes, grouped, bias, n, block, threshold),
+                       cpu_kernels.sparse24_matmul(x, masks, by_input, bias, n, block_inputs, threshold),
+                       cpu_kernels.dense_matmul(x, dense_values, bias, n, dense_block, threshold)):
+            assert relative_error(actual, expected) < 1e-6, m
+    for module in (Sparse24Linear.from_dense(weight, bias, "probe"),
+                   Sparse24Linear.from_dense(weight, bias, "probe", sparse_inputs=True),
+                   SparseInputLinear(weight, bias, "probe", CrossoverTable())):
+        reference = nn.Linear(k, n)
+        with torch.no_grad():
+            reference.weight.copy_(weight), reference.bias.copy_(bias)
+        for model in (module, reference):
+            set_thresholds(nn.ModuleDict({"probe": model}), {"probe": threshold})
+        assert not module._forward_pre_hooks and reference._forward_pre_hooks
+        for m in (1, 16, 40):  # decode kernels, then the unpacked prefill
+            x = inputs(m, k, 0.0)
+            assert relative_error(module(x), reference(x).detach().double()) < 1e-5, (type(module).__name__, m)
 
 
 @pytest.mark.slow

@@ -1,7 +1,7 @@
 // CPU kernels for the blocked K-major layouts of distill/runtime/cpu_layout.py.
 //
-// A weight W [N, K] is cut into blocks of BW consecutive outputs (BW a multiple of 16 that divides N
-// rounded up to 16). Inside a block the weights are stored input by input (K-major), so the weights
+// A weight W [N, K] is cut into blocks of BW consecutive outputs (BW a multiple of 16; the last block
+// is padded). Inside a block the weights are stored input by input (K-major), so the weights
 // that one input multiplies sit together and a zero input skips them in one contiguous run:
 //
 //   dense  values [NB, K, BW]: every weight.
@@ -13,15 +13,18 @@
 //
 // y[M, N] = x[M, K] @ W.T (+ bias) for decode-sized M (<= 16): every block accumulates its outputs for
 // all M rows in a tile on the stack, reading each kept weight once; an input that is zero in all M
-// rows is not read (whole groups of 4 skip their values without touching them). Accumulation is fp32;
-// weights are fp32, bf16 or fp16. Vector paths: AVX512F (16 lanes, expand), AVX2 (8 lanes, a
-// permutation from a 256-entry table), and a portable loop elsewhere.
+// rows is not read (whole groups of 4 skip their values without touching them). A `threshold` > 0
+// zeroes the inputs whose magnitude is below it as they are read (activation sparsity, the same
+// x * (|x| >= threshold) as distill.sparsity.activations.InputThreshold), so no separate pass runs.
+// Accumulation is fp32; weights are fp32, bf16 or fp16. Vector paths: AVX512F (16 lanes, expand),
+// AVX2 (8 lanes, a permutation from a 256-entry table), and a portable loop elsewhere.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -260,13 +263,14 @@ Shape check_layout(const at::Tensor& values, int64_t n, int64_t k, int64_t block
   TORCH_CHECK(block > 0 && block % LANES == 0 && block <= MAX_BLOCK, "block width ", block, " must be a multiple of 16, at most ", MAX_BLOCK);
   TORCH_CHECK(!two_of_four || k % 4 == 0, "input size ", k, " is not a multiple of 4");
   TORCH_CHECK(values.is_contiguous() && values.device().is_cpu(), "values must be a contiguous CPU tensor");
-  int64_t padded = (n + LANES - 1) / LANES * LANES;
-  TORCH_CHECK(padded % block == 0, "block width ", block, " does not divide ", padded, " outputs");
-  return Shape{n, k, block, padded / block};
+  return Shape{n, k, block, (n + block - 1) / block};  // the last block may be padded
 }
 
-// x [M, K] as fp32, input-major (xt[k * M + m]), and whether each input is non-zero in some row
-void transpose_inputs(const at::Tensor& x, std::vector<float>& xt, std::vector<uint8_t>& active) {
+// x [M, K] as fp32 with its entries below `threshold` in magnitude zeroed (NaN kept, as x * mask keeps it)
+inline float thresholded(float v, float threshold) { return std::fabs(v) < threshold ? 0.0f : v; }
+
+// x [M, K] as fp32, thresholded, input-major (xt[k * M + m]), and whether each input is non-zero in some row
+void transpose_inputs(const at::Tensor& x, float threshold, std::vector<float>& xt, std::vector<uint8_t>& active) {
   const int64_t M = x.size(0), K = x.size(1);
   xt.assign(K * M, 0.0f);
   active.assign(K, 0);
@@ -275,7 +279,7 @@ void transpose_inputs(const at::Tensor& x, std::vector<float>& xt, std::vector<u
     const scalar_t* data = x.data_ptr<scalar_t>();
     for (int64_t m = 0; m < M; ++m) {
       for (int64_t k = 0; k < K; ++k) {
-        float v = static_cast<float>(data[m * K + k]);
+        float v = thresholded(static_cast<float>(data[m * K + k]), threshold);
         xt[k * M + m] = v;
         active[k] |= (v != 0.0f);
       }
@@ -374,7 +378,7 @@ void block_product(const Shape& s, int64_t b, const float* xt, const uint8_t* ac
 
 template <bool PACKED>
 at::Tensor blocked_matmul(const at::Tensor& x, const at::Tensor& masks, const at::Tensor& values,
-                          const c10::optional<at::Tensor>& bias, int64_t n, int64_t block) {
+                          const c10::optional<at::Tensor>& bias, int64_t n, int64_t block, double threshold) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous [M, K] tensor");
   const int64_t M = x.size(0), K = x.size(1);
   TORCH_CHECK(M >= 1 && M <= MAX_M, "the CPU kernel serves M from 1 to ", MAX_M, " rows, got ", M);
@@ -389,7 +393,7 @@ at::Tensor blocked_matmul(const at::Tensor& x, const at::Tensor& masks, const at
   }
   std::vector<float> xt;
   std::vector<uint8_t> active;
-  transpose_inputs(x, xt, active);
+  transpose_inputs(x, float(threshold), xt, active);
   at::Tensor y = at::empty({M, n}, x.options().dtype(at::kFloat));
   float* out = y.data_ptr<float>();
   const uint16_t* mask_data = PACKED ? reinterpret_cast<const uint16_t*>(masks.data_ptr<int16_t>()) : nullptr;
@@ -409,13 +413,13 @@ at::Tensor blocked_matmul(const at::Tensor& x, const at::Tensor& masks, const at
 }
 
 at::Tensor sparse24_matmul(const at::Tensor& x, const at::Tensor& masks, const at::Tensor& values,
-                           const c10::optional<at::Tensor>& bias, int64_t n, int64_t block) {
-  return blocked_matmul<true>(x, masks, values, bias, n, block);
+                           const c10::optional<at::Tensor>& bias, int64_t n, int64_t block, double threshold) {
+  return blocked_matmul<true>(x, masks, values, bias, n, block, threshold);
 }
 
 at::Tensor dense_matmul(const at::Tensor& x, const at::Tensor& values, const c10::optional<at::Tensor>& bias,
-                        int64_t n, int64_t block) {
-  return blocked_matmul<false>(x, at::Tensor(), values, bias, n, block);
+                        int64_t n, int64_t block, double threshold) {
+  return blocked_matmul<false>(x, at::Tensor(), values, bias, n, block, threshold);
 }
 
 // the 2:4 weight K-major and dense, wt [K, N] (in `out`, fp32 or the values' dtype): prefill multiplies by it
@@ -459,7 +463,7 @@ void sparse24_unpack(const at::Tensor& masks, const at::Tensor& values, int64_t 
 // per output saying which 2 of the 4 inputs they multiply (codes [NB, K/4, block/2] uint8, 8 bytes per
 // 16 outputs as group16 reads them). Every load is a full vector of kept weights: no expansion.
 at::Tensor grouped24_matmul(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& values,
-                            const c10::optional<at::Tensor>& bias, int64_t n, int64_t block) {
+                            const c10::optional<at::Tensor>& bias, int64_t n, int64_t block, double threshold) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous [M, K] tensor");
   const int64_t M = x.size(0), K = x.size(1), groups = K / 4;
   TORCH_CHECK(M >= 1 && M <= MAX_M, "the CPU kernel serves M from 1 to ", MAX_M, " rows, got ", M);
@@ -474,7 +478,7 @@ at::Tensor grouped24_matmul(const at::Tensor& x, const at::Tensor& codes, const 
     using scalar_t = decltype(tag);
     const scalar_t* data = x.data_ptr<scalar_t>();
     for (int64_t i = 0; i < M * K; ++i) {
-      rows[i] = static_cast<float>(data[i]);
+      rows[i] = thresholded(static_cast<float>(data[i]), float(threshold));
       group_active[(i % K) / 4] |= (rows[i] != 0.0f);
     }
   });
@@ -543,10 +547,10 @@ std::string isa() { return ISA; }
 
 // one namespace per build (distill_cpu_avx512, ...): builds for several ISAs can live in one process
 TORCH_LIBRARY(DISTILL_NAMESPACE, m) {
-  m.def("sparse24_matmul(Tensor x, Tensor masks, Tensor values, Tensor? bias, int n, int block) -> Tensor");
-  m.def("dense_matmul(Tensor x, Tensor values, Tensor? bias, int n, int block) -> Tensor");
+  m.def("sparse24_matmul(Tensor x, Tensor masks, Tensor values, Tensor? bias, int n, int block, float threshold) -> Tensor");
+  m.def("dense_matmul(Tensor x, Tensor values, Tensor? bias, int n, int block, float threshold) -> Tensor");
   m.def("sparse24_unpack(Tensor masks, Tensor values, int n, int block, Tensor(a!) out) -> ()");
-  m.def("grouped24_matmul(Tensor x, Tensor codes, Tensor values, Tensor? bias, int n, int block) -> Tensor");
+  m.def("grouped24_matmul(Tensor x, Tensor codes, Tensor values, Tensor? bias, int n, int block, float threshold) -> Tensor");
   m.def("grouped24_unpack(Tensor codes, Tensor values, int n, int block, Tensor(a!) out) -> ()");
   m.def("isa() -> str", &isa);
 }
