@@ -53,31 +53,10 @@ inline __m512 load16(const at::BFloat16* p) {
 }
 inline __m512 load16(const at::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
 
-// Expanding by a permutation from a table: vexpandps is microcoded on AMD Zen 4 (~16 cycles), a
-// table lookup and vpermps cost a few cycles everywhere.
-struct Ranks {
-  uint64_t bytes[256];  // byte j of bytes[mask]: how many bits below bit j are set (lane j's source)
-  Ranks() {
-    for (int mask = 0; mask < 256; ++mask) {
-      uint64_t word = 0;
-      int rank = 0;
-      for (int lane = 0; lane < 8; ++lane) {
-        word |= uint64_t(rank) << (8 * lane);
-        rank += (mask >> lane) & 1;
-      }
-      bytes[mask] = word;
-    }
-  }
-};
-const Ranks RANKS;
-
-inline __m512 expand16(uint16_t mask, __m512 v) {
-  const uint8_t low = mask & 0xff, high = mask >> 8;
-  const uint64_t lo = RANKS.bytes[low];
-  const uint64_t hi = RANKS.bytes[high] + 0x0101010101010101ULL * uint64_t(__builtin_popcount(low));
-  const __m512i index = _mm512_cvtepu8_epi32(_mm_set_epi64x(int64_t(hi), int64_t(lo)));
-  return _mm512_maskz_permutexvar_ps(mask, index, v);
-}
+// the kept values of v placed on the set bits of mask, zero elsewhere: vexpandps between registers
+// (on an AMD EPYC with AVX512 it measured 10 to 25% faster in the input-major kernel than a
+// permutation whose indices come from a table of bit ranks)
+inline __m512 expand16(uint16_t mask, __m512 v) { return _mm512_maskz_expand_ps(mask, v); }
 
 // acc[m * stride + 0..15] += x[m] * w, m < M
 inline void fma_rows(__m512 w, const float* x, int64_t M, float* acc, int64_t stride) {
