@@ -104,28 +104,39 @@ def logit_transform(model: torch.nn.Module) -> LogitTransform:
 
 
 class TopK(NamedTuple):
-    """The teacher's k most likely tokens per position: log-probabilities [..., k] and token ids [..., k]."""
+    """The teacher's k most likely tokens per position: log-probabilities [..., k] and token ids [..., k]
+    (in any order), and optionally `rest` [...], the log of the mass of all other tokens, where it is
+    known more exactly than 1 - the sum of the k (a cache whose log-probabilities are quantized)."""
 
     logp: torch.Tensor
     index: torch.Tensor
+    rest: torch.Tensor | None = None
 
     def rows(self, rows: slice | None = None) -> "TopK":
         k = self.logp.shape[-1]
         logp, index = self.logp.reshape(-1, k), self.index.reshape(-1, k)
-        return TopK(logp[rows], index[rows]) if rows is not None else TopK(logp, index)
+        rest = self.rest.reshape(-1) if self.rest is not None else None
+        if rows is None:
+            return TopK(logp, index, rest)
+        return TopK(logp[rows], index[rows], rest[rows] if rest is not None else None)
 
 
-def _with_tail(top_logp: torch.Tensor) -> torch.Tensor:
-    """[..., k] log-probabilities of k outcomes -> [..., k + 1] with "everything else" last."""
-    mass = top_logp.exp().sum(-1, keepdim=True).clamp(max=1 - 1e-6)  # the rest keeps a sliver of mass
-    return torch.cat([top_logp, torch.log1p(-mass)], dim=-1)
+def _with_tail(top_logp: torch.Tensor, rest: torch.Tensor | None = None) -> torch.Tensor:
+    """[..., k] log-probabilities of k outcomes -> [..., k + 1] with "everything else" last (its log
+    mass `rest` [...] when given, else 1 - the k's)."""
+    if rest is None:
+        mass = top_logp.exp().sum(-1, keepdim=True).clamp(max=1 - 1e-6)  # the rest keeps a sliver of mass
+        rest = torch.log1p(-mass)
+    else:
+        rest = rest.to(top_logp.dtype).unsqueeze(-1)
+    return torch.cat([top_logp, rest], dim=-1)
 
 
 def topk_divergence(student_logits: torch.Tensor, teacher: TopK, kind: str, beta: float = 0.5) -> torch.Tensor:
     """Per-position divergence [rows] between the cached teacher and the student (logits [rows, vocab])
     on the teacher's k tokens plus one outcome for all the others; at temperature 1."""
     student_logp = F.log_softmax(student_logits.float(), dim=-1).gather(-1, teacher.index.long())
-    return divergence(_with_tail(student_logp), _with_tail(teacher.logp.float()), kind, 1.0, beta)
+    return divergence(_with_tail(student_logp), _with_tail(teacher.logp.float(), teacher.rest), kind, 1.0, beta)
 
 
 def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -176,14 +187,14 @@ def distillation_loss(
 
 
 def _chunk_sums(student_hidden, teacher_hidden, student_weight, student_bias, teacher_weight, teacher_bias,
-                topk_logp, topk_index, targets, kind: str, temperature: float, beta: float, with_kd: bool,
+                topk_logp, topk_index, topk_rest, targets, kind: str, temperature: float, beta: float, with_kd: bool,
                 with_lm: bool, student_transform: LogitTransform, teacher_transform: LogitTransform) -> torch.Tensor:
     """[sum of divergences, sum of token losses] over one chunk of positions."""
     student_logits = student_transform(F.linear(student_hidden, student_weight, student_bias).float())
     zero = student_logits.new_zeros(())
     kd = zero
     if with_kd and topk_logp is not None:
-        kd = topk_divergence(student_logits, TopK(topk_logp, topk_index), kind, beta).sum()
+        kd = topk_divergence(student_logits, TopK(topk_logp, topk_index, topk_rest), kind, beta).sum()
     elif with_kd:
         teacher_logits = teacher_transform(F.linear(teacher_hidden, teacher_weight, teacher_bias).float())
         kd = divergence(student_logits, teacher_logits, kind, temperature, beta).sum()
@@ -223,7 +234,8 @@ def chunked_distillation_loss(
             _chunk_sums, student_rows[rows], teacher_rows[rows] if live_teacher else None,
             student_head.weight, getattr(student_head, "bias", None), teacher_weight, teacher_bias,
             cached.logp[rows] if cached is not None else None,
-            cached.index[rows] if cached is not None else None, targets[rows],
+            cached.index[rows] if cached is not None else None,
+            cached.rest[rows] if cached is not None and cached.rest is not None else None, targets[rows],
             config.divergence, config.temperature, config.jsd_beta, with_kd, with_lm, student_transform,
             teacher_transform, use_reentrant=False,
         )

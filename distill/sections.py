@@ -110,6 +110,13 @@ class Divergence(Choice):
     JSD = "jsd"
 
 
+class CacheCodec(Choice):
+    """How the teacher's cached top-k is stored (distill.data.teacher_cache)."""
+
+    COMPACT = "compact"  # ids as sorted gaps, 8-bit log-probabilities, the residual mass, xz: ~235 B/token at k=128
+    EXACT = "exact"  # fp16 log-probabilities and int32 ids: 6 bytes per entry
+
+
 @dataclass
 class LossConfig(Section):
     """The distillation loss (distill.losses)."""
@@ -130,11 +137,14 @@ class LossConfig(Section):
     # position (all ranks share the work) and distill compares on those k tokens plus "any other",
     # without running the teacher; needs temperature 1 and no hidden-state matching
     teacher_topk: int = 0
+    teacher_cache: CacheCodec = CacheCodec.COMPACT  # how that cache is stored
+    teacher_cache_shard: int = 256  # training blocks per file of the cache (one is held in memory at a time)
 
     def check(self, where: str) -> None:
         within(f"{where}.jsd_beta", self.jsd_beta, 0.0, 1.0, "()")
         positive(f"{where}.chunk_tokens", self.chunk_tokens, allow_zero=True)
         positive(f"{where}.teacher_topk", self.teacher_topk, allow_zero=True)
+        positive(f"{where}.teacher_cache_shard", self.teacher_cache_shard)
         if self.teacher_topk and self.temperature != 1.0:
             raise DistillError(f"config key '{where}.temperature': the cached teacher ({where}.teacher_topk) is "
                                f"stored at temperature 1, got {self.temperature}")

@@ -197,16 +197,40 @@ def test_topk_divergence_with_the_whole_vocabulary_is_the_full_divergence():
         assert float((actual - expected).abs().max() / expected.abs().max()) < 1e-4, kind
 
 
+def test_a_given_residual_mass_is_the_other_tokens_outcome():
+    """A cache that stores the mass of the other tokens (its log-probabilities quantized): topk_divergence
+    uses it for the "other" outcome instead of 1 - the sum of the k, exactly as a reference built from it."""
+    from distill.losses import TopK, topk_divergence
+
+    torch.manual_seed(6)
+    student, teacher, k = torch.randn(9, 50) * 2, torch.randn(9, 50) * 2, 6
+    exact = cached_topk(teacher, k)
+    perturbed = TopK(exact.logp + 0.05 * torch.randn(9, k), exact.index)  # as quantized codes would be
+    rest = torch.log1p(-exact.logp.exp().sum(-1))
+    with_rest = TopK(perturbed.logp, perturbed.index, rest)
+    s = torch.softmax(student.double(), -1).gather(-1, exact.index.long())
+    teacher_outcomes = torch.cat([perturbed.logp.double(), rest.double()[:, None]], -1)
+    student_outcomes = torch.cat([s, 1 - s.sum(-1, keepdim=True)], -1).log()
+    for kind in ("forward_kl", "reverse_kl", "jsd"):
+        expected = reference_divergence(student_outcomes, teacher_outcomes, kind, 1.0, 0.5)
+        actual = topk_divergence(student, with_rest, kind)
+        assert float((actual.double() - expected).abs().max() / expected.abs().max()) < 1e-4, kind
+        assert not torch.allclose(actual, topk_divergence(student, perturbed, kind)), "the rest was used"
+
+
 @pytest.mark.parametrize("kind", ["forward_kl", "jsd"])
 @pytest.mark.parametrize("chunk_tokens", [3, 1000])
-def test_chunked_topk_loss_equals_the_plain_topk_loss_with_the_same_gradients(kind, chunk_tokens):
-    from distill.losses import chunked_distillation_loss
+@pytest.mark.parametrize("with_rest", [False, True])
+def test_chunked_topk_loss_equals_the_plain_topk_loss_with_the_same_gradients(kind, chunk_tokens, with_rest):
+    from distill.losses import TopK, chunked_distillation_loss
 
     torch.manual_seed(chunk_tokens)
     batch, length, hidden, vocab, k = 2, 7, 16, 61, 5
     head = torch.nn.Linear(hidden, vocab, bias=False).double()
     student_hidden = torch.randn(batch, length, hidden, dtype=torch.float64, requires_grad=True)
     teacher_topk = cached_topk(torch.randn(batch, length, vocab) * 2, k)
+    if with_rest:  # the residual mass a compact cache stores beside its quantized log-probabilities
+        teacher_topk = TopK(teacher_topk.logp, teacher_topk.index, torch.log1p(-teacher_topk.logp.exp().sum(-1)) - 0.01)
     ids = torch.randint(0, vocab, (batch, length))
     config = LossConfig(divergence=kind, lm_weight=0.4, chunk_tokens=chunk_tokens, teacher_topk=k)
 

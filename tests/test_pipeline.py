@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from conftest import REPO, TEST_TEXT, launch, launch_command, pipeline_processes, run_pipeline, tiny_config, write_config
+from distill.data.teacher_cache import TeacherCache
 from distill.run.artifacts import read_distill_record, read_prune_record, read_token_blocks
 from distill.sparsity.spec import read_sparsity_spec
 from distill.runtime import load_sparse_model
@@ -434,7 +435,7 @@ def _ranks_config(tmp_path: Path, tiny_teacher: Path, name: str, teacher_topk: i
     # the recovery curve: held-out perplexity every 3 steps, on 5 blocks, which two ranks split 3 + 2
     # (in 2 and 1 micro-batches: under fsdp the short rank must still join the parameter gathers)
     train = {"steps": 6, "global_batch_size": 8, "micro_batch_size": 2, "log_every": 1, "eval_every": 3,
-             "loss": {"teacher_topk": teacher_topk}, "sharding": sharding}
+             "loss": {"teacher_topk": teacher_topk, "teacher_cache_shard": 7}, "sharding": sharding}
     data = {**tiny_config(tmp_path, tiny_teacher)["data"], "max_heldout_blocks": 5}
     # fp32 on every CPU: the comparison is of process counts, at a tolerance fp32 rounding allows (under
     # bf16, fsdp's bf16 gathers and autocast's per-op casts differ by bf16 rounding)
@@ -474,14 +475,17 @@ def test_two_processes_follow_the_same_loss_curve_as_one(tmp_path, tiny_teacher,
     not_loaded = "the teacher is not loaded"
     assert (not_loaded in one_stdout) == (not_loaded in result.stdout) == bool(teacher_topk)
     if teacher_topk:
-        cache_one, cache_two = (load_file(run_dir / "teacher_logits" / "teacher_topk.safetensors")
-                                for run_dir in (one_dir, tmp_path / "runs" / "two"))
+        # each rank wrote its own shards (7 blocks each); the files are the one-process run's, byte for byte
+        cache_one, cache_two = (run_dir / "teacher_logits" / "topk" for run_dir in (one_dir, tmp_path / "runs" / "two"))
+        shards = sorted(path.name for path in cache_one.glob("shard-*"))
+        assert len(shards) >= 3 and shards == sorted(path.name for path in cache_two.glob("shard-*"))
+        assert all((cache_one / name).read_bytes() == (cache_two / name).read_bytes() for name in shards)
         blocks = load_file(one_dir / "teacher" / "data.safetensors")["train"]
-        assert cache_one["logp"].shape == (*blocks.shape, 16) and cache_one["index"].shape == (*blocks.shape, 16)
-        assert torch.equal(cache_one["index"], cache_two["index"]) and torch.equal(cache_one["logp"], cache_two["logp"])
-        assert bool((cache_one["logp"][..., :-1] >= cache_one["logp"][..., 1:]).all()), "most likely first"
-        mass = cache_one["logp"].float().exp().sum(-1)
-        assert bool((mass > 0).all()) and bool((mass <= 1.001).all())
+        cached = TeacherCache(cache_one).blocks(range(len(blocks)))
+        assert cached.logp.shape == cached.index.shape == (*blocks.shape, 16)
+        assert bool((cached.index[..., 1:] > cached.index[..., :-1]).all()), "16 distinct ids per position, ascending"
+        mass = cached.logp.exp().sum(-1)
+        assert bool((mass > 0).all()) and bool((mass <= 1.01).all())
     assert record.processes == 2, "two ranks really trained"
     curve_one, curve_two = metrics(one_dir), metrics(tmp_path / "runs" / "two")
     assert [row["step"] for row in curve_one] == [row["step"] for row in curve_two] == list(range(1, 7))

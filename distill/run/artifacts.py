@@ -4,7 +4,8 @@ is parsed in two places.
 
     <run_dir>/teacher/DATA_FILE            TokenBlocks: training and held-out token blocks
     <run_dir>/teacher/CALIBRATION_FILE     per-projection input square sums (Wanda), plus "tokens"
-    <run_dir>/teacher_logits/TOPK_FILE     the teacher's top-k at every training position (TopK)
+    <run_dir>/teacher_logits/TOPK_DIR      the teacher's top-k at every training position, in shards
+                                           (distill.data.teacher_cache)
     <run_dir>/prune/STUDENT_DIR            the one-shot student (distill.student's layout)
     <run_dir>/prune/PRUNE_RECORD           PruneRecord: the resolved targets, coverage, how heads were chosen
     <run_dir>/distill/STUDENT_DIR          the distilled student
@@ -31,11 +32,11 @@ import torch
 
 from distill.errors import DistillError
 from distill.io import load_tensors, read_json, save_tensors, write_json, write_text
-from distill.losses import TopK
+from distill.data.teacher_cache import TeacherCache
 
 DATA_FILE = "data.safetensors"
 CALIBRATION_FILE = "calibration.safetensors"
-TOPK_FILE = "teacher_topk.safetensors"
+TOPK_DIR = "topk"
 STUDENT_DIR = "student"
 METRICS_FILE = "metrics.jsonl"
 MANIFEST_FILE = "manifest.json"
@@ -84,19 +85,15 @@ def read_calibration(directory: Path) -> dict[str, torch.Tensor]:
     return load_tensors(Path(directory) / CALIBRATION_FILE)
 
 
-def write_teacher_topk(directory: Path, cached: TopK) -> None:
-    save_tensors(Path(directory) / TOPK_FILE, {"logp": cached.logp, "index": cached.index})
-
-
-def read_teacher_topk(directory: Path, blocks_shape: tuple[int, int], k: int) -> TopK:
-    """The cached top-k, refused in one line unless it covers `blocks_shape` training blocks at `k`."""
-    path = Path(directory) / TOPK_FILE
-    tensors = load_tensors(path)
-    cached = TopK(tensors["logp"], tensors["index"])
-    if tuple(cached.logp.shape[:2]) != tuple(blocks_shape) or cached.logp.shape[-1] != k:
-        raise DistillError(f"{path} holds {tuple(cached.logp.shape)} for {tuple(blocks_shape)} training blocks "
-                           f"at k={k}; rerun the stage")
-    return cached
+def read_teacher_cache(directory: Path, blocks_shape: tuple[int, int], k: int) -> TeacherCache:
+    """The teacher_logits stage's cache in `directory`, refused in one line unless it covers
+    `blocks_shape` training blocks at `k`."""
+    path = Path(directory) / TOPK_DIR
+    if not path.is_dir():
+        raise DistillError(f"missing teacher cache {path}; rerun the teacher_logits stage")
+    cache = TeacherCache(path)
+    cache.check(*blocks_shape, k)
+    return cache
 
 
 def write_metrics(directory: Path, rows: list[dict]) -> None:

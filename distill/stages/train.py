@@ -23,16 +23,17 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
-from distill.run.artifacts import (STUDENT_DIR, DistillRecord, read_calibration, read_metrics, read_teacher_topk, read_token_blocks,
+from distill.run.artifacts import (STUDENT_DIR, DistillRecord, read_calibration, read_metrics, read_teacher_cache, read_token_blocks,
                                    write_distill_record, write_metrics)
 from distill.sparsity.spec import SparsitySpec, read_sparsity_spec
 from distill.train.checkpoints import CHECKPOINTS, latest_checkpoint, resume, save_checkpoint
 from distill.sparsity.calibration import calibration_blocks
 from distill.config import NonFinite, Sharding
 from distill.data.corpus import to_device
+from distill.data.teacher_cache import TeacherCache
 from distill.errors import DistillError
 from distill.eval.scoring import evaluating, heldout_scores, log_probs
-from distill.losses import IDENTITY, TopK, logit_transform
+from distill.losses import IDENTITY, logit_transform
 from distill.models import load_teacher
 from distill.train.objective import DistillationObjective, cached_teacher_outputs, teacher_outputs
 from distill.run.pipeline import StageContext
@@ -64,7 +65,7 @@ class Training:
     blocks: torch.Tensor
     heldout: torch.Tensor | None
     heldout_teacher_logp: torch.Tensor | None  # the teacher's log-probs of the held-out blocks, on the CPU
-    cached: TopK | None
+    cached: TeacherCache | None  # the teacher_logits stage's, read a batch of blocks at a time
     teacher_transform: object
     spec: SparsitySpec
     sharded_checkpoint: ShardedCheckpoint | None
@@ -89,7 +90,7 @@ def _load_inputs(ctx: StageContext):
         heldout = heldout[:train.eval_blocks]
     cached = None
     if train.loss.teacher_topk and train.loss.kd_weight:
-        cached = read_teacher_topk(ctx.stage_dir("teacher_logits"), tuple(data.train.shape), train.loss.teacher_topk)
+        cached = read_teacher_cache(ctx.stage_dir("teacher_logits"), tuple(data.train.shape), train.loss.teacher_topk)
         ctx.log(f"[distill] teacher from the cache of its top-{train.loss.teacher_topk} tokens; the teacher is not loaded")
     needs_teacher = (train.loss.kd_weight > 0 and cached is None) or train.loss.hidden_weight > 0
     teacher = load_teacher(config.teacher, accelerator.device) if needs_teacher else None

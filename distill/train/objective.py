@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from distill.data.corpus import to_device
+from distill.data.teacher_cache import TeacherCache
 from distill.losses import (IDENTITY, LogitTransform, TopK, chunked_distillation_loss, distillation_loss,
                             hidden_state_matching)
 from distill.sections import LossConfig
@@ -75,6 +76,8 @@ def teacher_outputs(teacher: nn.Module | None, input_ids: torch.Tensor, loss: Lo
     return result
 
 
-def cached_teacher_outputs(cached: TopK, blocks: torch.Tensor, device: torch.device) -> dict:
-    """What DistillationObjective needs of a cached teacher: the top-k of these training blocks."""
-    return {"topk": TopK(to_device(cached.logp[blocks], device), to_device(cached.index[blocks], device))}
+def cached_teacher_outputs(cached: TeacherCache, blocks: torch.Tensor, device: torch.device) -> dict:
+    """What DistillationObjective needs of a cached teacher: the top-k of these training blocks, read
+    from the cache's shards."""
+    topk = cached.blocks(blocks)
+    return {"topk": TopK(*(to_device(part, device) if part is not None else None for part in topk))}
