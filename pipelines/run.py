@@ -108,6 +108,11 @@ def main(argv=None) -> int:
         return refuse(describe_os_error(error))
     except Exception as error:  # a writer that reports a full disk in its own words (torch, safetensors)
         from distill.io import write_failure
+        from distill.run.accelerator import lost_peer
+
+        peer = lost_peer(error)  # another rank (or machine) stopped: one line, not a traceback per rank
+        if peer is not None:
+            return refuse(peer)
 
         failure = write_failure(error, config.run_dir) if config is not None else error
         if failure is error:

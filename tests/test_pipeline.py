@@ -299,6 +299,33 @@ def _start(config: Path, *args: str, env: dict | None = None) -> subprocess.Pope
                             env={**os.environ, **(env or {})})
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _start_nodes(config: Path, *args: str) -> list[subprocess.Popen]:
+    """Two launches of launch.sh acting as two machines of one process each (rendezvous on this host),
+    as the README's multi-node commands run on two real machines."""
+    port = str(_free_port())
+    return [_start(config, "--num-processes", "2", *args,
+                   env={"NUM_MACHINES": "2", "MACHINE_RANK": str(rank), "MAIN_PROCESS_IP": "127.0.0.1",
+                        "MAIN_PROCESS_PORT": port}) for rank in (0, 1)]
+
+
+def _launch_nodes(config: Path, *args: str) -> list[tuple[str, str]]:
+    """(stdout, stderr) of each node of a two-node launch, both required to succeed."""
+    outputs = []
+    for process in _start_nodes(config, *args):
+        stdout, stderr = process.communicate(timeout=600)
+        assert process.returncode == 0, f"a node failed ({process.returncode}):\n{stderr[-4000:]}"
+        outputs.append((stdout, stderr))
+    return outputs
+
+
 def _kill_after_first_checkpoint(process: subprocess.Popen, checkpoints: Path, config: Path, timeout: float = 300) -> None:
     _kill_when(process, lambda: (checkpoints / "latest.json").is_file(), config, timeout)
 
@@ -317,13 +344,14 @@ def _kill_when(process: subprocess.Popen, ready, config: Path, timeout: float = 
 
 @pytest.mark.slow  # several processes or a kill and resume
 @pytest.mark.parametrize("mask_mode,sharding,processes,activations", [  # every mask mode, both shardings
-    ("learnable", "ddp", 1, False), ("dynamic", "ddp", 2, True), ("fixed", "fsdp", 2, True)])
+    ("learnable", "ddp", 1, False), ("dynamic", "ddp", 2, True), ("fixed", "fsdp", "nodes", True)])
 def test_kill_in_distill_then_resume_gives_the_bitwise_same_student(tmp_path, tiny_teacher, mask_mode, sharding,
                                                                      processes, activations):
     """Every mask mode, each in one case: learnable masks in one process (which also checks what a
     launch must refuse), dynamic masks on two DDP gloo ranks, and fixed masks with the student
-    sharded (fsdp trains fixed masks only) and resumed from the gathered checkpoint. The two-rank
-    cases add activation thresholds, re-calibrated every 3 steps (to the greedy allocation of the
+    sharded (fsdp trains fixed masks only) over two machines (two launches on this host, one process
+    each), resumed from the gathered checkpoint: killing one machine's launch stops the other's with
+    one line, and starting both again resumes. The two-rank cases add activation thresholds, re-calibrated every 3 steps (to the greedy allocation of the
     prune stage under fsdp), straight-through, and half of the KV heads streaming; under ddp the
     thresholds ramp up to the allocation over 6 steps, from none zeroed."""
     train = {"steps": 16, "checkpoint_every": 4, "log_every": 1, "global_batch_size": 8, "micro_batch_size": 4,
@@ -334,15 +362,27 @@ def test_kill_in_distill_then_resume_gives_the_bitwise_same_student(tmp_path, ti
                                    "allocation": "greedy" if sharding == "fsdp" else "uniform",
                                    "ramp_steps": 6 if sharding == "ddp" else 0}
         sections["attention"] = {"streaming_fraction": 0.5, "sink": 2, "window": 8}
-    ranks = ["--num-processes", str(processes)] if processes > 1 else []
+    nodes = processes == "nodes"
+    ranks = ["--num-processes", str(processes)] if not nodes and processes > 1 else []
     reference = write_config(tmp_path / "reference.yaml", tiny_config(tmp_path, tiny_teacher, name="reference", **sections))
-    launch(reference, *ranks)
+    _launch_nodes(reference) if nodes else launch(reference, *ranks)
 
     killed = write_config(tmp_path / "killed.yaml", tiny_config(tmp_path, tiny_teacher, name="killed", **sections))
     run_dir = tmp_path / "runs" / "killed"
-    process = _start(killed, *ranks)
-    _kill_after_first_checkpoint(process, run_dir / "distill.partial" / "checkpoints", killed)
-    assert process.returncode == -signal.SIGKILL
+    if nodes:  # the second machine's launch is killed; the first's stops by itself, in one line
+        first, second = _start_nodes(killed)
+        _kill_when(second, lambda: (run_dir / "distill.partial" / "checkpoints" / "latest.json").is_file(), killed)
+        killed_at = time.time()
+        _, stderr = first.communicate(timeout=120)
+        assert time.time() - killed_at < 60 and first.returncode != 0
+        refusals = [line for line in stderr.splitlines() if line.startswith("distill: error:")]
+        assert len(refusals) == 1 and "lost contact with the others" in refusals[0], stderr[-3000:]
+        assert "Traceback" not in stderr
+        assert not pipeline_processes(killed, wait=10)
+    else:
+        process = _start(killed, *ranks)
+        _kill_after_first_checkpoint(process, run_dir / "distill.partial" / "checkpoints", killed)
+        assert process.returncode == -signal.SIGKILL
     assert not (run_dir / "distill").exists(), "the kill must land in the middle of distill"
     latest = json.loads((run_dir / "distill.partial" / "checkpoints" / "latest.json").read_text())
 
@@ -361,9 +401,9 @@ def test_kill_in_distill_then_resume_gives_the_bitwise_same_student(tmp_path, ti
 
     # speed options may change on resume (no fingerprint holds them) and compute the same student
     speed = ["speed.activation_checkpointing=true", "speed.peak_tflops=0.5"] if first_case else []
-    resumed = launch(killed, *ranks, *speed)
-    assert "[distill] resuming the unfinished run" in resumed.stdout
-    assert "resumed from" in resumed.stdout and f"at step {latest['step']}" in resumed.stdout
+    resumed_stdout = _launch_nodes(killed)[0][0] if nodes else launch(killed, *ranks, *speed).stdout
+    assert "[distill] resuming the unfinished run" in resumed_stdout
+    assert "resumed from" in resumed_stdout and f"at step {latest['step']}" in resumed_stdout
     expected, actual = student_tensors(tmp_path / "runs" / "reference"), student_tensors(run_dir)
     assert expected.keys() == actual.keys()
     for name in expected:
@@ -460,20 +500,26 @@ def one_process_runs(tmp_path_factory, tiny_teacher):
 
 
 @pytest.mark.slow  # several processes or a kill and resume
-@pytest.mark.parametrize("teacher_topk,sharding", [(0, "ddp"), (16, "ddp"), (0, "fsdp")])
-def test_two_processes_follow_the_same_loss_curve_as_one(tmp_path, tiny_teacher, one_process_runs, teacher_topk, sharding):
+@pytest.mark.parametrize("teacher_topk,sharding,nodes", [(0, "ddp", False), (16, "ddp", True), (0, "fsdp", False)])
+def test_two_processes_follow_the_same_loss_curve_as_one(tmp_path, tiny_teacher, one_process_runs, teacher_topk, sharding,
+                                                         nodes):
     """Two gloo ranks against one process for the same global batch: with a live teacher, with the
-    teacher's top-k cached by both ranks (then distill never loads the teacher), and with the student
-    sharded by FSDP2 (parameters, gradients, optimizer state and masks)."""
+    teacher's top-k cached by both ranks (then distill never loads the teacher) on two machines (two
+    launches on this host, one process each, sharing the run dir), and with the student sharded by
+    FSDP2 (parameters, gradients, optimizer state and masks)."""
     one_dir, one_stdout = one_process_runs(teacher_topk)
     two = _ranks_config(tmp_path, tiny_teacher, "two", teacher_topk, sharding)
-    result = run_pipeline(two, processes=2)
-    assert result.stdout.count("[distill] finished") == 1, "only the main process prints"
+    if nodes:
+        (stdout, _), (second_stdout, _) = _launch_nodes(two)
+        assert second_stdout.count("[distill] finished") == 1, "each machine's first process reports"
+    else:
+        stdout = run_pipeline(two, processes=2).stdout
+    assert stdout.count("[distill] finished") == 1, "only the main process prints"
     record = read_distill_record(tmp_path / "runs" / "two" / "distill")
     assert record.sharding == sharding and record.masked_weights_zero is True
     assert record.teacher_layers_sharded == (None if teacher_topk else sharding == "fsdp")
     not_loaded = "the teacher is not loaded"
-    assert (not_loaded in one_stdout) == (not_loaded in result.stdout) == bool(teacher_topk)
+    assert (not_loaded in one_stdout) == (not_loaded in stdout) == bool(teacher_topk)
     if teacher_topk:
         # each rank wrote its own shards (7 blocks each); the files are the one-process run's, byte for byte
         cache_one, cache_two = (run_dir / "teacher_logits" / "topk" for run_dir in (one_dir, tmp_path / "runs" / "two"))

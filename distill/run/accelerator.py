@@ -39,3 +39,26 @@ def build_accelerator(config: Config) -> tuple[Accelerator, PrecisionChoice]:
         raise DistillError("accelerate's FSDP plugin is not used: launch plain processes and set "
                            "train.sharding=fsdp (bash launch.sh --accelerate fsdp does both)")
     return accelerator, choice
+
+
+# what the collective backends say when a process of the group is gone (gloo: its TCP pair closed;
+# NCCL: the communicator aborted): the other processes stop at their next collective
+PEER_LOST_SIGNS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "remote process exited",
+                   "communicator was aborted", "Socket Timeout", "Connection refused")
+
+
+def lost_peer(error: BaseException) -> str | None:
+    """One line for a collective that failed because another process of the run stopped (killed, or
+    its machine lost), or None when `error` is something else."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    text = str(error)
+    sign = next((sign for sign in PEER_LOST_SIGNS if sign in text), None)
+    if sign is None:
+        return None
+    said = text[text.index(sign):].split(". ")[0].splitlines()[0]  # "Connection closed by peer [host]:port"
+    return (f"process {dist.get_rank()} of {dist.get_world_size()} lost contact with the others ({said[:160]}): a "
+            "process of this run stopped, on this machine or another; the finished stages and the last checkpoint "
+            "are kept, so start every launch again to resume")
