@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, launch, run_pipeline, tiny_config, write_config
+from distill.data.teacher_cache import TeacherCache
+from distill.errors import DistillError
 
 STAGES = ["teacher", "teacher_logits", "prune", "distill", "export", "evaluate"]
 
@@ -60,8 +62,8 @@ def launch_here(capsys):
     return run
 
 
-def _recorded(run_dir: Path, stage: str) -> list[str]:
-    return list(json.loads((run_dir / stage / "manifest.json").read_text())["files"])
+def _recorded(run_dir: Path, stage: str) -> dict[str, dict]:
+    return json.loads((run_dir / stage / "manifest.json").read_text())["files"]
 
 
 def _flip(path: Path) -> None:
@@ -74,14 +76,23 @@ def _flip(path: Path) -> None:
 def test_every_file_of_every_finished_stage_flipped_or_truncated_is_named_and_never_used(finished, launch_here):
     config, run_dir = finished
     checked = 0
+    assert any(entry.get("checked_by_reader") for entry in _recorded(run_dir, "teacher_logits").values())
     for stage in STAGES:
         files = _recorded(run_dir, stage)
         assert files, f"stage {stage} recorded no files"
-        for name in files:
+        for name, entry in files.items():
             path = run_dir / stage / name
             intact = path.read_bytes()
             for harm in ("flip", "truncate"):
                 _flip(path) if harm == "flip" else path.write_bytes(intact[: len(intact) // 2])
+                if harm == "flip" and entry.get("checked_by_reader"):
+                    # recorded by size alone (a cache shard): the reader's per-block CRC finds it
+                    with pytest.raises(DistillError, match=f"corrupt teacher cache shard {path}"):
+                        cache = TeacherCache(path.parent)
+                        cache.blocks(range(cache.layout.blocks))
+                    path.write_bytes(intact)
+                    checked += 1
+                    continue
                 code, errors, out = launch_here(config)
                 path.write_bytes(intact)
                 assert code == 2 and len(errors) == 1, (stage, name, harm, errors)

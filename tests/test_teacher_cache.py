@@ -97,6 +97,22 @@ def test_a_resumed_writer_keeps_complete_shards_and_redoes_a_torn_one(tmp_path):
     assert not writer.complete(2)
 
 
+@pytest.mark.parametrize("codec", list(CacheCodec))
+def test_a_changed_byte_in_a_block_is_found_by_its_checksum_as_it_is_read(tmp_path, codec):
+    """The run's manifest records the shards by size alone (distill.run.checksums): a block's own
+    CRC-32 finds bytes changed in place, in either codec, and names the shard."""
+    directory = tmp_path / "topk"
+    write_cache(directory, codec)
+    shard = shard_path(directory, 2)
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0x55  # inside the last block's tensors, the size kept
+    shard.write_bytes(bytes(data))
+    cache = TeacherCache(directory)
+    assert cache.block(0).logp.shape == (16, 8), "the other shards read as written"
+    with pytest.raises(DistillError, match="corrupt teacher cache shard .*shard-00002.safetensors"):
+        cache.blocks([6])
+
+
 def test_a_corrupt_or_missing_shard_and_another_layout_are_refused_in_one_line(tmp_path):
     directory = tmp_path / "topk"
     write_cache(directory, CacheCodec.COMPACT)

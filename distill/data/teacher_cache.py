@@ -10,7 +10,9 @@ A cache covers the training blocks in order; shard s holds blocks [s * S, (s + 1
 layout's S (`shard_blocks`), so the files do not depend on the number of processes that wrote them,
 and memory does not depend on the corpus: a writer holds one shard, a reader the blocks it decodes.
 `cache.json` (the layout) is written first, so a resumed run can tell its shards from another
-layout's; `TeacherCache` refuses a missing shard or block by name.
+layout's; `TeacherCache` refuses a missing shard or block by name, and a block whose bytes changed:
+every block carries the CRC-32 of its tensors (`block.b.crc32`), checked as it is read, so the run's
+checksums need not hash the shards whole at every launch (distill.run.checksums).
 
 Two codecs, per training block:
   exact    fp16 log-probabilities and int32 token ids: 6 bytes per entry
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import lzma
 import os
+import zlib
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -187,8 +190,11 @@ class CacheWriter:
         if sorted(blocks) != expected:
             raise ValueError(f"shard {shard} holds blocks {expected[0]}..{expected[-1]}, got {sorted(blocks)[:3]}...")
         codec = CacheCodec(self.layout.codec)
-        tensors = {_prefix(block) + name: tensor for block, topk in blocks.items()
-                   for name, tensor in encode_block(topk, codec, self.layout.vocab).items()}
+        tensors = {}
+        for block, topk in blocks.items():
+            encoded = encode_block(topk, codec, self.layout.vocab)
+            encoded[CRC] = torch.tensor([_crc32(encoded)], dtype=torch.int64)
+            tensors.update({_prefix(block) + name: tensor for name, tensor in encoded.items()})
         save_tensors(shard_path(self.directory, shard), tensors, metadata={"first_block": str(expected[0])})
 
 
@@ -196,8 +202,20 @@ def _prefix(block: int) -> str:
     return f"block.{block}."
 
 
+CRC = "crc32"
+
+
+def _crc32(tensors: dict[str, torch.Tensor]) -> int:
+    """CRC-32 of a block's tensors' bytes, in name order (the CRC itself left out)."""
+    crc = 0
+    for name in sorted(tensors):
+        if name != CRC:
+            crc = zlib.crc32(tensors[name].contiguous().view(torch.uint8).numpy().tobytes(), crc)
+    return crc
+
+
 def _tensor_names(codec: str) -> tuple[str, ...]:
-    return ("logp", "index") if codec == CacheCodec.EXACT.value else ("xz",)
+    return (("logp", "index") if codec == CacheCodec.EXACT.value else ("xz",)) + (CRC,)
 
 
 # ---- reading ---------------------------------------------------------------------------------------
@@ -238,6 +256,8 @@ class TeacherCache:
             stat = os.stat(path)
             handle = _open(str(path), stat.st_mtime_ns, stat.st_size)
             tensors = {name: handle.get_tensor(_prefix(block) + name) for name in names}
+            if int(tensors[CRC][0]) != _crc32(tensors):
+                raise ValueError("its bytes do not match the CRC-32 written with them")
             return decode_block(tensors, self.layout)
         except (SafetensorError, OSError, ValueError, lzma.LZMAError) as error:
             raise DistillError(f"corrupt teacher cache shard {path} (block {block}): {str(error).splitlines()[0]}; "

@@ -75,6 +75,9 @@ class Stage:
     # files of its dir that a later stage completes (the export's model cards, which evaluate fills
     # in with the report): fnmatch patterns, left out of its checksums
     completed_later: tuple[str, ...] = ()
+    # files of its dir whose reader checks each part it reads (fnmatch patterns): their checksums
+    # record the size alone, so a launch does not hash them whole (distill.run.checksums)
+    checked_by_reader: tuple[str, ...] = ()
 
 
 def flatten(data, prefix: str = "") -> dict:
@@ -414,7 +417,8 @@ class Pipeline:
                 "seconds": round(seconds, 2),
                 "summary": summary,
                 # what every later launch and every reader checks the stage's files against
-                "files": digest_tree(work_dir, skip=(MANIFEST_FILE, INPUTS_FILE, *stage.completed_later)),
+                "files": digest_tree(work_dir, skip=(MANIFEST_FILE, INPUTS_FILE, *stage.completed_later),
+                                     checked_by_reader=stage.checked_by_reader),
             })
             replace_dir(work_dir, self.run_dir / stage.name)
             (self.run_dir / stage.name / INPUTS_FILE).unlink()  # after the rename: a crash before it leaves a resumable partial

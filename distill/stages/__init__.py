@@ -3,6 +3,7 @@
 from distill.config import SourceKind
 from distill.export.model_card import CARD_FILE
 from distill.models import teacher_files
+from distill.run.artifacts import TOPK_DIR
 from distill.run.pipeline import Stage
 from distill.stages import evaluate, export, prune, teacher, teacher_logits, train
 
@@ -17,7 +18,8 @@ STAGES = [
           depends_on_precision=lambda config: any(source.kind is SourceKind.TEACHER for source in config.data.sources)),
     Stage("teacher_logits", ("teacher", "train.loss.teacher_topk", "train.loss.teacher_cache",
                              "train.loss.teacher_cache_shard", "train.micro_batch_size"), ("teacher",),
-          teacher_logits.run, depends_on_precision=lambda config: config.train.loss.teacher_topk > 0),
+          teacher_logits.run, depends_on_precision=lambda config: config.train.loss.teacher_topk > 0,
+          checked_by_reader=(f"{TOPK_DIR}/shard-*",)),
     Stage("prune", ("teacher", "prune", *CALIBRATED_ACTIVATIONS, "attention"), ("teacher",), prune.run),
     Stage("distill", ("run.seed", "teacher", "train", *TRAINED_ACTIVATIONS), ("prune", "teacher_logits"), train.run,
           depends_on_precision=lambda config: True),
