@@ -121,15 +121,18 @@ class TopK(NamedTuple):
         return TopK(logp[rows], index[rows], rest[rows] if rest is not None else None)
 
 
+def other_tokens_logp(top_logp: torch.Tensor) -> torch.Tensor:
+    """[..., k] log-probabilities -> [...]: log(1 - their mass), the log mass of every other outcome
+    (a sliver kept when the k hold it all)."""
+    mass = top_logp.exp().sum(-1).clamp(max=1 - 1e-6)
+    return torch.log1p(-mass)
+
+
 def _with_tail(top_logp: torch.Tensor, rest: torch.Tensor | None = None) -> torch.Tensor:
     """[..., k] log-probabilities of k outcomes -> [..., k + 1] with "everything else" last (its log
     mass `rest` [...] when given, else 1 - the k's)."""
-    if rest is None:
-        mass = top_logp.exp().sum(-1, keepdim=True).clamp(max=1 - 1e-6)  # the rest keeps a sliver of mass
-        rest = torch.log1p(-mass)
-    else:
-        rest = rest.to(top_logp.dtype).unsqueeze(-1)
-    return torch.cat([top_logp, rest], dim=-1)
+    rest = other_tokens_logp(top_logp) if rest is None else rest.to(top_logp.dtype)
+    return torch.cat([top_logp, rest.unsqueeze(-1)], dim=-1)
 
 
 def topk_divergence(student_logits: torch.Tensor, teacher: TopK, kind: str, beta: float = 0.5) -> torch.Tensor:

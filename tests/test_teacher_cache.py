@@ -6,10 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill.data.teacher_cache import (CacheLayout, CacheWriter, TeacherCache, decode_block, encode_block,
-                                        residual_logp, shard_path)
+from distill.data.teacher_cache import CacheLayout, CacheWriter, TeacherCache, decode_block, encode_block, shard_path
 from distill.errors import DistillError
-from distill.losses import TopK, topk_divergence
+from distill.losses import TopK, other_tokens_logp, topk_divergence
 from distill.sections import CacheCodec
 
 
@@ -36,7 +35,7 @@ def test_the_compact_codec_keeps_the_ids_and_the_log_probabilities_within_half_a
     step = -topk.logp.min(-1).values / 255
     error = (decoded.logp - topk.logp.gather(-1, order)).abs()
     assert bool((error <= step[:, None] * 0.51 + 1e-3).all()), float(error.max())
-    assert torch.allclose(decoded.rest, residual_logp(topk.logp), rtol=2e-3, atol=1e-4)
+    assert torch.allclose(decoded.rest, other_tokens_logp(topk.logp), rtol=2e-3, atol=1e-4)
 
 
 def test_the_exact_codec_is_bitwise_in_float16_and_int32():

@@ -42,7 +42,7 @@ from torch import nn
 
 from distill.errors import DistillError
 from distill.io import read_json, save_tensors, write_json
-from distill.losses import TopK, logit_transform
+from distill.losses import TopK, logit_transform, other_tokens_logp
 from distill.sections import CacheCodec
 
 LAYOUT_FILE = "cache.json"
@@ -102,11 +102,8 @@ def teacher_topk(teacher: nn.Module, blocks: torch.Tensor, k: int, batch_size: i
 
 # ---- codecs: one training block (TopK [positions, k]) <-> tensors ----------------------------------------
 
-def residual_logp(logp: torch.Tensor) -> torch.Tensor:
-    """log(1 - the top-k mass) per position [positions]: the mass of every other token (a sliver kept
-    when the top-k holds it all, as distill.losses does)."""
-    mass = logp.float().exp().sum(-1).clamp(max=1 - 1e-6)
-    return torch.log1p(-mass)
+def _gap_dtype(vocab: int) -> type:
+    return np.uint16 if vocab <= 1 << 16 else np.uint32
 
 
 def encode_block(topk: TopK, codec: CacheCodec, vocab: int) -> dict[str, torch.Tensor]:
@@ -118,13 +115,13 @@ def encode_block(topk: TopK, codec: CacheCodec, vocab: int) -> dict[str, torch.T
     ids, order = index.sort(dim=-1)
     logp = logp.gather(-1, order)
     gaps = torch.diff(ids, dim=-1, prepend=ids.new_zeros(positions, 1))
-    gap_dtype = np.uint16 if vocab <= 1 << 16 else np.uint32
+    gap_dtype = _gap_dtype(vocab)
     step = (-logp.min(-1).values / CODE_LEVELS).clamp(min=1e-6).half()  # fp16, as stored: codes use it
     codes = torch.round(-logp / step.float()[:, None]).clamp(0, CODE_LEVELS).to(torch.uint8)
     planes = gaps.numpy().astype(gap_dtype).view(np.uint8).reshape(positions, k, -1).transpose(2, 0, 1)
     payload = b"".join([np.ascontiguousarray(planes).tobytes(), codes.numpy().tobytes(),
                         step.view(torch.int16).numpy().tobytes(),
-                        residual_logp(topk.logp).half().view(torch.int16).numpy().tobytes()])
+                        other_tokens_logp(topk.logp.float()).half().view(torch.int16).numpy().tobytes()])
     return {"xz": torch.frombuffer(bytearray(lzma.compress(payload, preset=XZ_PRESET)), dtype=torch.uint8)}
 
 
@@ -134,7 +131,7 @@ def decode_block(tensors: dict[str, torch.Tensor], layout: CacheLayout) -> TopK:
     if layout.codec == CacheCodec.EXACT.value:
         return TopK(tensors["logp"].float(), tensors["index"].long())
     payload = lzma.decompress(tensors["xz"].numpy().tobytes())
-    gap_dtype = np.uint16 if layout.vocab <= 1 << 16 else np.uint32
+    gap_dtype = _gap_dtype(layout.vocab)
     width = np.dtype(gap_dtype).itemsize
     sizes = [positions * k * width, positions * k, 2 * positions, 2 * positions]
     if len(payload) != sum(sizes):

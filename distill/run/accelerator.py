@@ -55,6 +55,8 @@ def lost_peer(error: BaseException) -> str | None:
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return None
     text = str(error)
+    if not (isinstance(error, dist.DistError) or "gloo" in text or "NCCL" in text):
+        return None  # a lost connection of something else (a hub download) is not a lost peer
     sign = next((sign for sign in PEER_LOST_SIGNS if sign in text), None)
     if sign is None:
         return None
