@@ -134,6 +134,7 @@ class SourceConfig(Section):
     dataset: Optional[str] = None  # kind=hub: dataset id
     subset: Optional[str] = None  # kind=hub: the dataset's configuration name
     split: str = "train"  # kind=hub: the split to read
+    streaming: bool = False  # kind=hub: read the records as a stream instead of downloading the dataset first
     text_field: str = "text"  # the field holding the text in .jsonl/.parquet records and hub datasets
     samples: TeacherSamplesConfig = field(default_factory=TeacherSamplesConfig)
     heldout_fraction: float = 0.1  # the last blocks of the source; 1.0 makes it evaluation-only
@@ -144,6 +145,9 @@ class SourceConfig(Section):
             raise DistillError(f"config key '{where}.files': a files source needs at least one file")
         if self.kind is SourceKind.HUB and not self.dataset:
             raise DistillError(f"config key '{where}.dataset': a hub source needs a dataset id")
+        if self.streaming and self.kind is not SourceKind.HUB:
+            raise DistillError(f"config key '{where}.streaming': only a hub source streams (files are always read "
+                               "as a stream, teacher samples are written)")
         within(f"{where}.heldout_fraction", self.heldout_fraction, 0.0, 1.0)
         positive(f"{where}.max_blocks", self.max_blocks, allow_zero=True)
         if self.kind is SourceKind.TEACHER:
@@ -157,10 +161,12 @@ class DataConfig(Section):
     block_size: int = 128  # tokens per training block
     sources: List[SourceConfig] = field(default_factory=list)
     max_heldout_blocks: int = 64  # per source
+    shard_blocks: int = 4096  # token blocks per file on disk (they are written and read a shard at a time)
 
     def check(self, where: str) -> None:
         positive(f"{where}.block_size", self.block_size)
         positive(f"{where}.max_heldout_blocks", self.max_heldout_blocks, allow_zero=True)
+        positive(f"{where}.shard_blocks", self.shard_blocks)
         names = [source.name for source in self.sources]
         if len(set(names)) != len(names):
             raise DistillError(f"config key '{where}.sources': source names must be unique, got {names}")

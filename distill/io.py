@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any, Callable, Dict
 
 import torch
-from safetensors import SafetensorError
+from functools import lru_cache
+
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from distill.errors import DistillError
@@ -118,6 +120,19 @@ def load_tensors(path: str | Path) -> Dict[str, torch.Tensor]:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as error:
         raise DistillError(f"corrupt safetensors file {path}: {str(error).splitlines()[0]}") from None
+
+
+def open_mapped(path: str | Path):
+    """A safetensors file's handle, memory-mapped (tensors and slices are read as asked for, not the
+    file whole) and kept open for the next reads; a file written anew since has another stamp, so it is
+    opened afresh."""
+    stat = os.stat(path)
+    return _open_stamped(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@lru_cache(maxsize=8)
+def _open_stamped(path: str, mtime_ns: int, size: int):
+    return safe_open(path, framework="pt")
 
 
 def replace_dir(source: Path, target: Path) -> None:

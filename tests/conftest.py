@@ -69,7 +69,7 @@ def tiny_config(tmp_path: Path, teacher: Path, name: str = "tiny", **sections) -
     config = {
         "run": {"name": name, "output_dir": str(tmp_path / "runs"), "seed": 0},
         "teacher": {"source": str(teacher)},
-        "data": {"block_size": 32, "max_heldout_blocks": 8, "sources": [
+        "data": {"block_size": 32, "max_heldout_blocks": 8, "shard_blocks": 64, "sources": [
             {"name": "wiki", "kind": "files", "files": [str(VALID_TEXT)], "heldout_fraction": 0.1, "max_blocks": 160},
         ]},
         "calibration": {"num_blocks": 8},

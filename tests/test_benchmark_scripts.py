@@ -125,3 +125,19 @@ def test_teacher_sampling_prints_a_row_per_variant(tiny_teacher):
     for seconds, kept, tokens_per_s in rows.values():
         assert float(seconds) >= 0 and 2 <= int(kept) <= 2 * 5  # each sequence keeps 1 to 4 tokens plus EOS
         assert int(tokens_per_s) > 0
+
+
+@pytest.mark.slow  # a pipeline launch of its own
+def test_scale_smoke_measures_every_stage(tmp_path):
+    out = tmp_path / "scale.json"
+    result = run_script("benchmarks/scale.py", "--smoke", "--work", str(tmp_path), "--out", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    import json
+
+    run = json.loads(out.read_text())["runs"][0]
+    assert run["model"] == "tiny" and run["processes"] == 1 and run["parameters"] > 3_000_000  # the 49k embedding
+    assert set(run["stages"]) == {"teacher", "teacher_logits", "prune", "distill", "export", "evaluate"}
+    for stage, row in run["stages"].items():
+        assert row["seconds"] > 0 and len(row["peak_rss_mb"]) == 1 and row["peak_rss_mb"][0] > 100, (stage, row)
+        assert (row.get("s_per_1k_tokens", 0) > 0) == (stage != "export"), (stage, row)
+    assert "| tiny |" in result.stdout and "8B teacher and student" in result.stdout

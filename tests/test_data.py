@@ -1,5 +1,6 @@
-"""Text sources on real files: plain text, jsonl, parquet, a dataset dir through `datasets`, packing
-and held-out splits."""
+"""Text sources on real files: plain text, jsonl, parquet, a dataset dir through `datasets` (downloaded
+or streamed), packing and held-out splits, and the token blocks on disk: shards written by every rank,
+read lazily, checked block by block."""
 
 import json
 from pathlib import Path
@@ -12,7 +13,7 @@ from transformers import AutoTokenizer
 
 from conftest import VALID_TEXT
 from distill.config import SourceConfig
-from distill.data.corpus import pack, split_blocks, tokenize_files, tokenize_hub_dataset
+from distill.data.corpus import hub_pieces, pack, split_source, tokenize_files
 from distill.errors import DistillError
 
 
@@ -43,24 +44,22 @@ def test_jsonl_and_parquet_records_become_eos_separated_documents(tmp_path, toke
     jsonl.write_text("".join(json.dumps({"body": text}) + "\n" for text in paragraphs[:5]))
     parquet = tmp_path / "b.parquet"
     pq.write_table(pa.table({"body": paragraphs[5:10]}), parquet)
-    scratch = tmp_path / "work"
-    scratch.mkdir()
     cached_before = set(Path(datasets.config.HF_DATASETS_CACHE).glob("*"))
-    tokens = tokenize_files([str(jsonl), str(parquet)], tokenizer, text_field="body", scratch_dir=scratch)
+    tokens = tokenize_files([str(jsonl), str(parquet)], tokenizer, text_field="body")
     documents = tokenizer.decode(tokens).split(tokenizer.eos_token)
     assert documents[:5] == paragraphs[:5] and documents[6:11] == paragraphs[5:10]
-    # the datasets library's cache of the files went to a temp dir in the work dir, now removed
-    assert not any(scratch.iterdir())
+    # the files are read as a stream: nothing of them lands in the datasets library's cache
     assert set(Path(datasets.config.HF_DATASETS_CACHE).glob("*")) == cached_before
 
 
-def test_a_dataset_dir_loads_like_a_hub_dataset(tmp_path, tokenizer, paragraphs):
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_dataset_dir_loads_like_a_hub_dataset(tmp_path, tokenizer, paragraphs, streaming):
     folder = tmp_path / "dataset"
     folder.mkdir()
     (folder / "train.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for text in paragraphs))
-    source = SourceConfig(name="local", kind="hub", dataset=str(folder), split="train")
-    tokens = tokenize_hub_dataset(source, tokenizer)
-    assert tokenizer.decode(tokens).split(tokenizer.eos_token)[:3] == paragraphs[:3]
+    source = SourceConfig(name="local", kind="hub", dataset=str(folder), split="train", streaming=streaming)
+    tokens = [token for piece in hub_pieces(source, tokenizer) for token in piece()]
+    assert tokenizer.decode(tokens).split(tokenizer.eos_token)[:-1] == paragraphs
 
 
 def test_unreadable_sources_are_clear_errors(tmp_path, tokenizer):
@@ -84,9 +83,9 @@ def test_pack_and_split_hold_out_the_last_blocks():
     tokens = torch.arange(1000)
     blocks = pack(tokens, 64)
     assert blocks.shape == (15, 64) and torch.equal(blocks.flatten(), tokens[:960])
-    split = split_blocks(blocks, SourceConfig(name="s", kind="files", files=["x"], heldout_fraction=0.2), max_heldout=100)
-    assert len(split.train) == 12 and torch.equal(split.heldout, blocks[12:])
-    capped = split_blocks(blocks, SourceConfig(name="s", kind="files", files=["x"], heldout_fraction=0.2, max_blocks=10), 1)
-    assert len(capped.train) == 8 and torch.equal(capped.heldout, blocks[8:9])
+    split = split_source(15, SourceConfig(name="s", kind="files", files=["x"], heldout_fraction=0.2), max_heldout=100)
+    assert (split.train, split.heldout) == (12, 3)
+    capped = split_source(15, SourceConfig(name="s", kind="files", files=["x"], heldout_fraction=0.2, max_blocks=10), 1)
+    assert (capped.train, capped.heldout) == (8, 1)  # 2 held out, 1 of them kept
     with pytest.raises(DistillError, match="fewer tokens than one block"):
-        split_blocks(pack(torch.arange(10), 64), SourceConfig(name="s", kind="files", files=["x"]), 4)
+        split_source(0, SourceConfig(name="s", kind="files", files=["x"]), 4)

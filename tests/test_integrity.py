@@ -21,6 +21,7 @@ import pytest
 
 from conftest import REPO, launch, run_pipeline, tiny_config, write_config
 from distill.data.teacher_cache import TeacherCache
+from distill.data.token_blocks import StoredBlocks
 from distill.errors import DistillError
 
 STAGES = ["teacher", "teacher_logits", "prune", "distill", "export", "evaluate"]
@@ -72,11 +73,22 @@ def _flip(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+def _read_whole_and_refuse(stage: str, path: Path) -> None:
+    if stage == "teacher_logits":
+        with pytest.raises(DistillError, match=f"corrupt teacher cache shard {path}"):
+            cache = TeacherCache(path.parent)
+            cache.blocks(range(cache.layout.blocks))
+    else:
+        with pytest.raises(DistillError, match=f"corrupt token block shard {path}"):
+            StoredBlocks(path.parents[1]).train[:]
+
+
 @pytest.mark.slow  # a pipeline run of its own (shared by this module)
 def test_every_file_of_every_finished_stage_flipped_or_truncated_is_named_and_never_used(finished, launch_here):
     config, run_dir = finished
     checked = 0
-    assert any(entry.get("checked_by_reader") for entry in _recorded(run_dir, "teacher_logits").values())
+    for stage in ("teacher", "teacher_logits"):
+        assert any(entry.get("checked_by_reader") for entry in _recorded(run_dir, stage).values())
     for stage in STAGES:
         files = _recorded(run_dir, stage)
         assert files, f"stage {stage} recorded no files"
@@ -86,10 +98,9 @@ def test_every_file_of_every_finished_stage_flipped_or_truncated_is_named_and_ne
             for harm in ("flip", "truncate"):
                 _flip(path) if harm == "flip" else path.write_bytes(intact[: len(intact) // 2])
                 if harm == "flip" and entry.get("checked_by_reader"):
-                    # recorded by size alone (a cache shard): the reader's per-block CRC finds it
-                    with pytest.raises(DistillError, match=f"corrupt teacher cache shard {path}"):
-                        cache = TeacherCache(path.parent)
-                        cache.blocks(range(cache.layout.blocks))
+                    # recorded by size alone (a shard of token blocks or of the teacher cache): the
+                    # reader's per-block CRC finds it
+                    _read_whole_and_refuse(stage, path)
                     path.write_bytes(intact)
                     checked += 1
                     continue

@@ -521,13 +521,15 @@ def test_two_processes_follow_the_same_loss_curve_as_one(tmp_path, tiny_teacher,
     not_loaded = "the teacher is not loaded"
     assert (not_loaded in one_stdout) == (not_loaded in stdout) == bool(teacher_topk)
     if teacher_topk:
-        # each rank wrote its own shards (7 blocks each); the files are the one-process run's, byte for byte
-        cache_one, cache_two = (run_dir / "teacher_logits" / "topk" for run_dir in (one_dir, tmp_path / "runs" / "two"))
-        shards = sorted(path.name for path in cache_one.glob("shard-*"))
-        assert len(shards) >= 3 and shards == sorted(path.name for path in cache_two.glob("shard-*"))
-        assert all((cache_one / name).read_bytes() == (cache_two / name).read_bytes() for name in shards)
-        blocks = load_file(one_dir / "teacher" / "data.safetensors")["train"]
-        cached = TeacherCache(cache_one).blocks(range(len(blocks)))
+        # each rank wrote its own shards of the token blocks (64 blocks each) and of the cache (7 blocks
+        # each); the files are the one-process run's, byte for byte
+        for stage, pattern in (("teacher", "blocks/*/shard-*"), ("teacher_logits", "topk/shard-*")):
+            dir_one, dir_two = (run_dir / stage for run_dir in (one_dir, tmp_path / "runs" / "two"))
+            shards = sorted(str(path.relative_to(dir_one)) for path in dir_one.glob(pattern))
+            assert len(shards) >= 3 and shards == sorted(str(path.relative_to(dir_two)) for path in dir_two.glob(pattern))
+            assert all((dir_one / name).read_bytes() == (dir_two / name).read_bytes() for name in shards)
+        blocks = read_token_blocks(one_dir / "teacher").train
+        cached = TeacherCache(one_dir / "teacher_logits" / "topk").blocks(range(len(blocks)))
         assert cached.logp.shape == cached.index.shape == (*blocks.shape, 16)
         assert bool((cached.index[..., 1:] > cached.index[..., :-1]).all()), "16 distinct ids per position, ascending"
         mass = cached.logp.exp().sum(-1)
@@ -552,7 +554,7 @@ def test_two_processes_follow_the_same_loss_curve_as_one(tmp_path, tiny_teacher,
     # the last point is the finished student on the same held-out blocks the evaluate stage scores
     report_one = json.loads((one_dir / "evaluate" / "report.json").read_text())
     report_two = json.loads((tmp_path / "runs" / "two" / "evaluate" / "report.json").read_text())
-    assert len(load_file(one_dir / "teacher" / "data.safetensors")["heldout.wiki"]) == 5
+    assert len(read_token_blocks(one_dir / "teacher").heldout["wiki"]) == 5
     for curve, report in ((curve_one, report_one), (curve_two, report_two)):
         assert curve[-1]["heldout_ppl"] == pytest.approx(report["sources"]["wiki"]["student"]["ppl"], rel=1e-4)
     assert report_two["sources"]["wiki"]["student"]["ppl"] == pytest.approx(report_one["sources"]["wiki"]["student"]["ppl"], rel=1e-3)

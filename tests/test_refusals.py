@@ -87,7 +87,7 @@ def test_a_json_data_file_of_the_wrong_shape(tmp_path, config):
     numbers = tmp_path / "numbers.json"
     numbers.write_text("[1, 2, 3]\n")
     result = run_pipeline(config, f"data.sources.0.files=[{numbers}]", check=False)
-    assert_refused(result, f"data file {numbers}", "holds int64 values, not strings")
+    assert_refused(result, f"data file {numbers}", "holds int values, not strings")
 
 
 @pytest.mark.parametrize("betas,key,value", [("[2,3]", "train.betas[0]", "2.0"), ("[0.9,1.0]", "train.betas[1]", "1.0"),

@@ -27,10 +27,8 @@ Two codecs, per training block:
 from __future__ import annotations
 
 import lzma
-import os
 import zlib
 from dataclasses import asdict, dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +39,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from distill.errors import DistillError
-from distill.io import read_json, save_tensors, write_json
+from distill.io import open_mapped, read_json, save_tensors, write_json
 from distill.losses import TopK, logit_transform, other_tokens_logp
 from distill.sections import CacheCodec
 
@@ -250,8 +248,7 @@ class TeacherCache:
         path = shard_path(self.directory, self.layout.shard_of(block))
         names = _tensor_names(self.layout.codec)
         try:
-            stat = os.stat(path)
-            handle = _open(str(path), stat.st_mtime_ns, stat.st_size)
+            handle = open_mapped(path)
             tensors = {name: handle.get_tensor(_prefix(block) + name) for name in names}
             if int(tensors[CRC][0]) != _crc32(tensors):
                 raise ValueError("its bytes do not match the CRC-32 written with them")
@@ -265,13 +262,6 @@ class TeacherCache:
         parts = [self.block(int(index)) for index in indices]
         rest = torch.stack([part.rest for part in parts]) if parts[0].rest is not None else None
         return TopK(torch.stack([part.logp for part in parts]), torch.stack([part.index for part in parts]), rest)
-
-
-@lru_cache(maxsize=8)
-def _open(path: str, mtime_ns: int, size: int):
-    """A shard's handle, kept open for the next blocks (a few at a time: memory-mapped, not read whole);
-    a shard written anew has another stamp, so it is opened afresh."""
-    return safe_open(path, framework="pt")
 
 
 def describe(cache: TeacherCache) -> dict:

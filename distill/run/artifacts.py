@@ -2,7 +2,8 @@
 writes through these and later stages read through them, so no stage imports another and no file
 is parsed in two places.
 
-    <run_dir>/teacher/DATA_FILE            TokenBlocks: training and held-out token blocks
+    <run_dir>/teacher/BLOCKS_DIR           the training and held-out token blocks, in shards
+                                           (distill.data.token_blocks)
     <run_dir>/teacher/CALIBRATION_FILE     per-projection input square sums (Wanda), plus "tokens"
     <run_dir>/teacher_logits/TOPK_DIR      the teacher's top-k at every training position, in shards
                                            (distill.data.teacher_cache)
@@ -33,8 +34,9 @@ import torch
 from distill.errors import DistillError
 from distill.io import load_tensors, read_json, save_tensors, write_json, write_text
 from distill.data.teacher_cache import TeacherCache
+from distill.data.token_blocks import StoredBlocks
 
-DATA_FILE = "data.safetensors"
+BLOCKS_DIR = "blocks"
 CALIBRATION_FILE = "calibration.safetensors"
 TOPK_DIR = "topk"
 STUDENT_DIR = "student"
@@ -45,35 +47,12 @@ DISTILL_RECORD = "distilled.json"
 EXPORT_RECORD = "exported.json"
 
 
-@dataclass
-class TokenBlocks:
-    """Token blocks [count, block_size]: the training blocks and each source's held-out blocks."""
-
-    train: torch.Tensor
-    heldout: dict[str, torch.Tensor] = field(default_factory=dict)
-
-    def heldout_sets(self) -> dict[str, torch.Tensor]:
-        """The sources that hold any held-out blocks, by name."""
-        return {name: blocks for name, blocks in sorted(self.heldout.items()) if len(blocks)}
-
-    def all_heldout(self) -> torch.Tensor | None:
-        """Every held-out block of every source, in source-name order (None when there are none)."""
-        sets = list(self.heldout_sets().values())
-        return torch.cat(sets) if sets else None
-
-
-def write_token_blocks(directory: Path, blocks: TokenBlocks) -> None:
-    tensors = {"train": blocks.train.to(torch.int32)}
-    tensors.update({f"heldout.{name}": part.to(torch.int32) for name, part in blocks.heldout.items()})
-    save_tensors(Path(directory) / DATA_FILE, tensors)
-
-
-def read_token_blocks(directory: Path) -> TokenBlocks:
-    tensors = load_tensors(Path(directory) / DATA_FILE)
-    if "train" not in tensors:
-        raise DistillError(f"corrupt file {Path(directory) / DATA_FILE}: no training blocks")
-    return TokenBlocks(tensors["train"].long(), {key.removeprefix("heldout."): value.long()
-                                                 for key, value in tensors.items() if key.startswith("heldout.")})
+def read_token_blocks(directory: Path) -> StoredBlocks:
+    """The teacher stage's token blocks in `directory`, read lazily."""
+    path = Path(directory) / BLOCKS_DIR
+    if not path.is_dir():
+        raise DistillError(f"missing token blocks {path}; rerun the teacher stage")
+    return StoredBlocks(path)
 
 
 def write_calibration(directory: Path, square_sums: dict[str, torch.Tensor]) -> None:

@@ -10,7 +10,9 @@ downstream) when it does not.
 
 from __future__ import annotations
 
+import resource
 import shutil
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -18,7 +20,7 @@ from pathlib import Path
 from typing import Callable, NamedTuple
 
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
+from accelerate.utils import broadcast_object_list, gather_object
 
 from distill import __version__
 from distill.run.artifacts import MANIFEST_FILE
@@ -78,6 +80,12 @@ class Stage:
     # files of its dir whose reader checks each part it reads (fnmatch patterns): their checksums
     # record the size alone, so a launch does not hash them whole (distill.run.checksums)
     checked_by_reader: tuple[str, ...] = ()
+
+
+def peak_resident_mb() -> float:
+    """This process's peak resident memory so far, in MiB (getrusage reports KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1 << 20 if sys.platform == "darwin" else 1 << 10), 1)
 
 
 def flatten(data, prefix: str = "") -> dict:
@@ -407,7 +415,7 @@ class Pipeline:
         context = StageContext(view, accelerator, self.run_dir, work_dir, full_config=self.config)
         summary = stage.run(context)
         seconds = time.time() - started
-        accelerator.wait_for_everyone()
+        peak_rss_mb = gather_object([peak_resident_mb()])  # every rank's, as the ranks run the stage together
         if accelerator.is_main_process:
             write_json(work_dir / MANIFEST_FILE, {
                 "stage": stage.name,
@@ -415,6 +423,7 @@ class Pipeline:
                 "inputs": inputs,
                 "completion": uuid.uuid4().hex,  # downstream stages fingerprint this, so a re-run invalidates them
                 "seconds": round(seconds, 2),
+                "peak_rss_mb": peak_rss_mb,  # by rank: the process's peak so far (this stage's, under --only)
                 "summary": summary,
                 # what every later launch and every reader checks the stage's files against
                 "files": digest_tree(work_dir, skip=(MANIFEST_FILE, INPUTS_FILE, *stage.completed_later),

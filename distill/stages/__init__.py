@@ -3,7 +3,7 @@
 from distill.config import SourceKind
 from distill.export.model_card import CARD_FILE
 from distill.models import teacher_files
-from distill.run.artifacts import TOPK_DIR
+from distill.run.artifacts import BLOCKS_DIR, TOPK_DIR
 from distill.run.pipeline import Stage
 from distill.stages import evaluate, export, prune, teacher, teacher_logits, train
 
@@ -15,7 +15,8 @@ TRAINED_ACTIVATIONS = ("activations.straight_through", "activations.recalibrate_
 STAGES = [
     Stage("teacher", ("run.seed", "teacher", "data", "calibration", "prune.targets", "prune.exclude"), (), teacher.run,
           input_files=lambda config: teacher_files(config.teacher) + teacher.source_files(config),
-          depends_on_precision=lambda config: any(source.kind is SourceKind.TEACHER for source in config.data.sources)),
+          depends_on_precision=lambda config: any(source.kind is SourceKind.TEACHER for source in config.data.sources),
+          checked_by_reader=(f"{BLOCKS_DIR}/*/shard-*",)),
     Stage("teacher_logits", ("teacher", "train.loss.teacher_topk", "train.loss.teacher_cache",
                              "train.loss.teacher_cache_shard", "train.micro_batch_size"), ("teacher",),
           teacher_logits.run, depends_on_precision=lambda config: config.train.loss.teacher_topk > 0,

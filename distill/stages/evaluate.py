@@ -40,8 +40,7 @@ CARD_PLOT = "report.png"  # the report's plot, copied beside each export dir's m
 def eval_sets(ctx: StageContext, tokenizer) -> dict[str, torch.Tensor]:
     sets = read_token_blocks(ctx.stage_dir("teacher")).heldout_sets()
     for path in ctx.config.eval.files:
-        with ctx.accelerator.main_process_first():
-            blocks = pack(tokenize_files([path], tokenizer, scratch_dir=ctx.work_dir), ctx.config.eval.block_size)
+        blocks = pack(tokenize_files([path], tokenizer), ctx.config.eval.block_size)
         if ctx.config.eval.max_blocks:
             blocks = blocks[: ctx.config.eval.max_blocks]
         sets[Path(path).stem] = blocks
