@@ -201,6 +201,12 @@ def main(argv=None) -> int:
         results["exponents"] = {stage: fit_exponent([run["parameters"] for run in one],
                                                     [run["stages"][stage]["s_per_1k_tokens"] for run in one])
                                 for stage in STAGES if all("s_per_1k_tokens" in run["stages"].get(stage, {}) for run in one)}
+    if args.corpus_growth:
+        base, grown = (next(run for run in results["runs"] if run["model"] == args.models[0] and run["processes"] == 1
+                            and run["blocks"] == blocks) for blocks in (args.blocks, args.blocks * args.corpus_growth))
+        results["rss_growth"] = {"corpus_growth": args.corpus_growth, **{
+            stage: max(grown["stages"][stage]["peak_rss_mb"]) / max(base["stages"][stage]["peak_rss_mb"])
+            for stage in base["stages"]}}
     results["prediction_8b"] = prediction_8b(args.mfu, 4096)
     if args.out:
         args.out.write_text(json.dumps(results, indent=2) + "\n")
@@ -228,6 +234,11 @@ def table(results: dict) -> str:
               f"{prediction['context']}: {prediction['flops_per_token_distill'] / 1e9:.1f} GFLOP per trained token "
               f"+ {prediction['flops_per_token_cache'] / 1e9:.1f} for the teacher cache: "
               f"{prediction['hours_1e+09']:.1f} h for 10^9 tokens, {prediction['hours_1e+10']:.0f} h for 10^10"]
+    if "rss_growth" in results:
+        growth = dict(results["rss_growth"])
+        times = growth.pop("corpus_growth")
+        lines += ["", f"Peak RSS with {times}x the corpus, against 1x (one process): " +
+                  ", ".join(f"{stage} {ratio:.2f}x" for stage, ratio in growth.items())]
     if "exponents" in results:
         lines.append("")
         lines.append("Fitted a (seconds per 1k tokens ∝ parameters^a, one process): " +

@@ -476,7 +476,12 @@ def _ranks_config(tmp_path: Path, tiny_teacher: Path, name: str, teacher_topk: i
     # (in 2 and 1 micro-batches: under fsdp the short rank must still join the parameter gathers)
     train = {"steps": 6, "global_batch_size": 8, "micro_batch_size": 2, "log_every": 1, "eval_every": 3,
              "loss": {"teacher_topk": teacher_topk, "teacher_cache_shard": 7}, "sharding": sharding}
-    data = {**tiny_config(tmp_path, tiny_teacher)["data"], "max_heldout_blocks": 5}
+    data = tiny_config(tmp_path, tiny_teacher)["data"]
+    # a second source of three pieces (teacher batches), which two ranks tokenize 2 + 1: the blocks
+    # that span the pieces are the one-process run's
+    samples = {"name": "samples", "kind": "teacher", "heldout_fraction": 0.0,
+               "samples": {"num_sequences": 6, "max_new_tokens": 24, "batch_size": 2}}
+    data = {**data, "max_heldout_blocks": 5, "sources": [*data["sources"], samples]}
     # fp32 on every CPU: the comparison is of process counts, at a tolerance fp32 rounding allows (under
     # bf16, fsdp's bf16 gathers and autocast's per-op casts differ by bf16 rounding)
     run = {"precision": "fp32"}

@@ -33,6 +33,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from safetensors import SafetensorError, safe_open
+from tqdm.auto import tqdm
 
 from distill.data.corpus import Piece, SourceSplit
 from distill.errors import DistillError
@@ -83,13 +84,14 @@ def piece_path(directory: Path, piece: int) -> Path:
 # ---- tokenizing: pieces, shared by the ranks --------------------------------------------------------
 
 def tokenize_pieces(pieces: Iterator[Piece], directory: Path, accelerator: Accelerator,
-                    token_budget: int = 0) -> list[int]:
+                    token_budget: int = 0, desc: str = "tokenizing") -> list[int]:
     """Tokenize a source's pieces into `directory`, piece p on rank p mod world, stopping at the end of
     the pieces or once `token_budget` tokens are made (0: no budget). Returns every piece's token count,
     in order, on every rank. Every rank advances `pieces` (reading is cheap; tokenizing is not)."""
     rank, world = accelerator.process_index, accelerator.num_processes
     directory.mkdir(parents=True, exist_ok=True)
     counts: list[int] = []
+    progress = tqdm(desc=desc, unit=" tokens", disable=not accelerator.is_main_process)
     while True:
         round_ = list(islice(pieces, world))
         count = -1  # this rank has no piece in a last, short round
@@ -102,7 +104,9 @@ def tokenize_pieces(pieces: Iterator[Piece], directory: Path, accelerator: Accel
                 count = len(tokens)
         found = gather_object([count]) if world > 1 else [count]
         counts.extend(c for c in found if c >= 0)
+        progress.update(sum(c for c in found if c >= 0))
         if len(round_) < world or (token_budget and sum(counts) >= token_budget):
+            progress.close()
             return counts
 
 

@@ -63,7 +63,8 @@ def run(ctx: StageContext) -> dict:
     for index, source in enumerate(data.sources):
         pieces = ctx.work_dir / PIECES_DIR / str(index)
         budget = source.max_blocks * data.block_size
-        tokens = tokenize_pieces(source_pieces(ctx, source, tokenizer, teacher), pieces, accelerator, budget)
+        tokens = tokenize_pieces(source_pieces(ctx, source, tokenizer, teacher), pieces, accelerator, budget,
+                                 desc=f"source '{source.name}'")
         split = split_source(sum(tokens) // data.block_size, source, data.max_heldout_blocks)
         write_source_blocks(pieces, tokens, source_dir(directory, index), split, data.block_size, data.shard_blocks,
                             layout.dtype, accelerator)
