@@ -67,7 +67,8 @@ def build_teacher(name: str, directory: Path) -> Path:
     return path
 
 
-def write_config(path: Path, teacher: Path, output_dir: Path, blocks: int, block_size: int, steps: int) -> Path:
+def write_config(path: Path, teacher: Path, output_dir: Path, blocks: int, block_size: int, steps: int,
+                 checkpoint_every: int) -> Path:
     import yaml
 
     config = {
@@ -79,7 +80,7 @@ def write_config(path: Path, teacher: Path, output_dir: Path, blocks: int, block
         "calibration": {"num_blocks": CALIBRATION_BLOCKS, "batch_size": 4},
         "prune": {"criterion": "wanda"},
         "train": {"steps": steps, "global_batch_size": 4, "micro_batch_size": 2, "log_every": 1, "eval_every": 0,
-                  "checkpoint_every": steps, "loss": {"teacher_topk": 64}},
+                  "checkpoint_every": checkpoint_every, "loss": {"teacher_topk": 64}},
         "speed": {"activation_checkpointing": True},
         "eval": {"max_blocks": 4, "batch_size": 4, "activation_levels": []},
         "tracking": {"backend": "none"},
@@ -97,15 +98,15 @@ def launch(config: Path, processes: int, stage: str | None, overrides: list[str]
         raise SystemExit(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
 
 
-def measure(config: Path, run_dir: Path, processes: int, stage_by_stage: bool = True) -> dict:
+def measure(config: Path, run_dir: Path, processes: int, stages: tuple[str, ...] = STAGES, stage_by_stage: bool = True) -> dict:
     """{stage: {"seconds", "tokens", "s_per_1k_tokens", "peak_rss_mb": [per rank]}} of one run: a launch
-    per stage (each stage's own peak memory), or one launch of the whole pipeline (the peaks so far; no
-    SparseGPT row)."""
+    per stage of `stages` (each stage's own peak memory), or one launch of the whole pipeline (the peaks
+    so far; no SparseGPT row)."""
     overrides = ["train.sharding=fsdp"] if processes > 1 else []
     if not stage_by_stage:
         launch(config, processes, None, overrides)
     rows = {}
-    for entry in STAGES if stage_by_stage else [entry for entry in STAGES if ":" not in entry]:
+    for entry in stages if stage_by_stage else [entry for entry in STAGES if ":" not in entry]:
         stage, _, criterion = entry.partition(":")
         if stage_by_stage:
             launch(config, processes, stage, overrides + ([f"prune.criterion={criterion}"] if criterion else []))
@@ -172,6 +173,10 @@ def main(argv=None) -> int:
     parser.add_argument("--blocks", type=int, default=24, help="training corpus, in blocks")
     parser.add_argument("--block-size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--checkpoint-every", type=int, default=0,
+                        help="distill's checkpoint interval (default: one checkpoint, at the last step; past --steps: none)")
+    parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES,
+                        help="the stages to measure, in pipeline order (each needs the ones before it)")
     parser.add_argument("--corpus-growth", type=int, default=0, help="also run the first model on this many times the corpus")
     parser.add_argument("--mfu", type=float, default=0.4, help="the MFU the 8B prediction assumes")
     parser.add_argument("--work", type=Path, default=None, help="where models and runs go (default: a temp dir)")
@@ -190,8 +195,9 @@ def main(argv=None) -> int:
     for name, processes, blocks in plan:
         teacher = build_teacher(name, work)
         label = f"{name}-p{processes}-b{blocks}"
-        config = write_config(work / f"{label}.yaml", teacher, work / "runs" / label, blocks, args.block_size, args.steps)
-        stages = measure(config, work / "runs" / label / "scale", processes, stage_by_stage=not args.smoke)
+        config = write_config(work / f"{label}.yaml", teacher, work / "runs" / label, blocks, args.block_size, args.steps,
+                              args.checkpoint_every or args.steps)
+        stages = measure(config, work / "runs" / label / "scale", processes, tuple(args.stages), stage_by_stage=not args.smoke)
         results["runs"].append({"model": name, "parameters": parameters(teacher), "processes": processes,
                                 "blocks": blocks, "stages": stages})
         print(json.dumps(results["runs"][-1]), flush=True)

@@ -22,6 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+from accelerate import init_empty_weights
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from distill.sparsity.spec import SparsitySpec, StreamingHeads, read_sparsity_spec, write_sparsity_spec
@@ -99,16 +100,6 @@ def check_finite(model: nn.Module, what: str) -> None:
         raise DistillError(problem)
 
 
-def _untied_missing(model: nn.Module, missing: list[str]) -> list[str]:
-    """The missing names that are not another name of a loaded (tied) parameter."""
-    names_by_tensor: dict[int, list[str]] = {}
-    for name, parameter in model.named_parameters(remove_duplicate=False):
-        names_by_tensor.setdefault(id(parameter), []).append(name)
-    missing_set = set(missing)
-    return [name for name in missing
-            if all(alias in missing_set for names in names_by_tensor.values() if name in names for alias in names)]
-
-
 def load_student(directory: Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
     directory = Path(directory)
     for required in ("config.json", WEIGHTS_FILE):
@@ -121,15 +112,20 @@ def load_student(directory: Path, device: torch.device | str = "cpu", dtype: tor
         raise DistillError(f"corrupt student weights in {directory}: {str(error).splitlines()[0]}") from None
     masks = {name: state.pop(f"{name}.mask", None) for name in spec.masked}
     state = {name: tensor for name, tensor in state.items() if not name.endswith(".input_threshold.threshold")}
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory), dtype=dtype)
+    # parameters on the meta device, then the loaded tensors put in their place (assign): the weights
+    # exist once in memory, not as a random init beside the loaded copy (buffers are made as usual)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory), dtype=dtype)
     linearize(model)  # saved in the layout it trained in (distill.targets)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = _untied_missing(model, missing)
+    state = {name: tensor.to(dtype) if tensor.is_floating_point() else tensor for name, tensor in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()  # a tied name (lm_head.weight) is not saved: it gets the loaded tensor here
+    parameters = dict(model.named_parameters(remove_duplicate=False))
+    missing = [name for name in missing if name not in parameters or parameters[name].is_meta]  # given no value
     absent = [f"{name}.mask" for name, mask in masks.items() if mask is None]
     if missing or unexpected or absent:
         raise DistillError(f"student weights in {directory} do not match its config: missing {(missing + absent)[:3]}, "
                            f"unexpected {unexpected[:3]}")
-    model.tie_weights()
     install_masks(model, masks)
     apply_runtime_sparsity(model, spec)
     return model.to(device).eval()

@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import VALID_TEXT
 from distill.config import PROJECTIONS
-from distill.sparsity.prune_config import PruneConfig
+from distill.sparsity.prune_config import Criterion, PatternKind, PruneConfig, Scope
 from distill.sparsity.criteria import gradient_saliency, sparsegpt_masks, sparsegpt_nm
 from distill.data.corpus import pack, tokenize_files
 from distill.sparsity.masks import nm_mask, nm_violations
@@ -103,3 +103,26 @@ def test_projections_that_share_an_input_are_pruned_in_one_sweep_with_the_same_r
     assert torch.equal(stacked_mask, torch.cat([mask for _, mask in alone]))
     expected = torch.cat([weight for weight, _ in alone])
     assert float((stacked - expected).abs().max() / expected.abs().max()) < 1e-12
+
+
+@pytest.mark.parametrize("pattern", [{"n": 2, "m": 4},
+                                     {"pattern": PatternKind.UNSTRUCTURED, "sparsity": 0.5, "scope": Scope.GLOBAL}])
+def test_weight_scores_read_one_projection_at_a_time_give_the_masks_of_all_scores_at_once(tiny_teacher, pattern):
+    """The prune stage's scores are computed as each projection's mask is taken (never all held for a
+    per-projection pattern); a pattern across projections gets them all. Both give the masks of a plain
+    dict of every score."""
+    from distill.sparsity.calibration import wanda_score
+    from distill.sparsity.pruning import WeightScores
+
+    model = load(tiny_teacher)
+    targets = resolve_targets(model, PROJECTIONS)
+    statistics = {name: torch.rand(linear.in_features) + 0.1 for name, linear in target_linears(model, PROJECTIONS)}
+    prune = PruneConfig(criterion=Criterion.WANDA, **pattern)
+    lazy = WeightScores(model, prune, targets, statistics)
+    every = {name: wanda_score(model.get_submodule(name).weight, statistics[name]) for name in statistics}
+    assert sorted(lazy) == sorted(every) and len(lazy) == 14
+    expected = masks_from_scores(model, prune, targets, every, dense={})
+    masks = masks_from_scores(model, prune, targets, lazy, dense={})
+    assert sorted(masks) == sorted(expected)
+    assert all(torch.equal(masks[name], expected[name]) for name in masks)
+    assert 0.3 < sum(float(mask.float().mean()) for mask in masks.values()) / len(masks) < 0.7

@@ -107,7 +107,7 @@ def test_the_report_holds_the_recovery_curve_and_per_layer_error_and_plots_nothi
 
 
 # a tqdm bar: "desc:  48%|████▊     | 23/48 [04:56<01:43, 4.14s/it]"
-PROGRESS_BAR = re.compile(r"\d+%\|[^|]*\| *\d+/\d+ \[")
+PROGRESS_BAR = re.compile(r"\d+%\|[^|]*\| *\d+/\d+ \[|: \d+ tokens \[\d+:\d+")  # a bar, or a count with no total
 
 
 def test_the_console_holds_only_the_projects_lines_and_progress_bars(finished_run):

@@ -7,6 +7,7 @@ orchestrates these; benchmarks and tests call them directly.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Sequence
 
 import torch
@@ -43,34 +44,54 @@ def incompatible_projections(model: torch.nn.Module, prune: PruneConfig, targets
     return dense
 
 
-def masks_from_scores(model: torch.nn.Module, prune: PruneConfig, targets: Sequence[str], scores: dict[str, torch.Tensor],
-                      dense: dict) -> dict:
+def masks_from_scores(model: torch.nn.Module, prune: PruneConfig, targets: Sequence[str],
+                      scores: Mapping[str, torch.Tensor], dense: dict) -> dict:
+    """{projection name: bool mask} from `scores` (a dict, or WeightScores, read one projection at a time)."""
     pattern = Pattern.from_config(prune)
+    across = (isinstance(pattern, Unstructured) and pattern.scope is Scope.GLOBAL) or pattern.spans_projections
     chosen = {}
     for name, linear in named_linears(model, targets):
         if name in dense:
             continue
         if name not in scores:
             raise DistillError(f"no {prune.criterion} scores for {name}; rerun the teacher stage")
-        chosen[name] = scores[name].to(linear.weight.device)
+        score = scores[name].to(linear.weight.device)
+        # a pattern within each projection takes its mask at once, so only one projection's scores exist
+        chosen[name] = score if across else pattern.mask(score)
     if not chosen:
         raise DistillError(f"prune.targets {prune.targets} matched no projection that can be pruned")
-    if isinstance(pattern, Unstructured) and pattern.scope is Scope.GLOBAL:
-        return global_unstructured_masks(chosen, pattern.sparsity)
+    if not across:
+        return chosen
     if pattern.spans_projections:
         return structured_masks(model, pattern.kind, chosen, pattern.sparsity)
-    return {name: pattern.mask(score) for name, score in chosen.items()}
+    return global_unstructured_masks(chosen, pattern.sparsity)
+
+
+class WeightScores(Mapping):
+    """The scores of the criteria computed from weights (and the teacher stage's input statistics), by
+    projection name, each computed when it is read: a model's scores are as large as its weights, so
+    they are never all held at once unless a pattern across projections needs them."""
+
+    def __init__(self, model: torch.nn.Module, prune: PruneConfig, targets: Sequence[str], statistics: dict[str, torch.Tensor]):
+        self.criterion, self.statistics = prune.criterion, statistics
+        self.linears = {name: linear for name, linear in named_linears(model, targets)
+                        if prune.criterion is not Criterion.WANDA or name in statistics}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        statistics = self.statistics[name] if self.criterion is Criterion.WANDA else None
+        return wanda_score(self.linears[name].weight, statistics)
+
+    def __iter__(self):
+        return iter(self.linears)
+
+    def __len__(self) -> int:
+        return len(self.linears)
 
 
 def weight_scores(model: torch.nn.Module, prune: PruneConfig, targets: Sequence[str],
-                  statistics: dict[str, torch.Tensor]) -> dict:
+                  statistics: dict[str, torch.Tensor]) -> WeightScores:
     """Scores of the criteria computed from weights (and the teacher stage's input statistics)."""
-    scores = {}
-    for name, linear in named_linears(model, targets):
-        if prune.criterion is Criterion.WANDA and name not in statistics:
-            continue
-        scores[name] = wanda_score(linear.weight, statistics[name] if prune.criterion is Criterion.WANDA else None)
-    return scores
+    return WeightScores(model, prune, targets, statistics)
 
 
 def permute_mlp_channels_for_nm(model: torch.nn.Module, prune: PruneConfig, targets: Sequence[str],
