@@ -91,23 +91,23 @@ def tokenize_pieces(pieces: Iterator[Piece], directory: Path, accelerator: Accel
     rank, world = accelerator.process_index, accelerator.num_processes
     directory.mkdir(parents=True, exist_ok=True)
     counts: list[int] = []
-    progress = tqdm(desc=desc, unit=" tokens", disable=not accelerator.is_main_process)
-    while True:
-        round_ = list(islice(pieces, world))
-        count = -1  # this rank has no piece in a last, short round
-        if rank < len(round_):
-            path = piece_path(directory, len(counts) + rank)
-            count = _stored_count(path)
-            if count is None:  # not made by an earlier launch
-                tokens = np.asarray(round_[rank](), dtype=np.int32)
-                atomic_write(path, lambda temp: _save_npy(temp, tokens))
-                count = len(tokens)
-        found = gather_object([count]) if world > 1 else [count]
-        counts.extend(c for c in found if c >= 0)
-        progress.update(sum(c for c in found if c >= 0))
-        if len(round_) < world or (token_budget and sum(counts) >= token_budget):
-            progress.close()
-            return counts
+    # closed on the way out, an error included: the error's line starts a line of its own
+    with tqdm(desc=desc, unit=" tokens", disable=not accelerator.is_main_process) as progress:
+        while True:
+            round_ = list(islice(pieces, world))
+            count = -1  # this rank has no piece in a last, short round
+            if rank < len(round_):
+                path = piece_path(directory, len(counts) + rank)
+                count = _stored_count(path)
+                if count is None:  # not made by an earlier launch
+                    tokens = np.asarray(round_[rank](), dtype=np.int32)
+                    atomic_write(path, lambda temp: _save_npy(temp, tokens))
+                    count = len(tokens)
+            found = gather_object([count]) if world > 1 else [count]
+            counts.extend(c for c in found if c >= 0)
+            progress.update(sum(c for c in found if c >= 0))
+            if len(round_) < world or (token_budget and sum(counts) >= token_budget):
+                return counts
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:

@@ -292,11 +292,16 @@ def _final_student(ctx: StageContext, training: Training) -> nn.Module | None:
     accelerator = ctx.accelerator
     if training.sharded_checkpoint is None:
         return accelerator.unwrap_model(training.objective).student
+    # training is over: the optimizer state and gradients (3/4 of a rank's share under AdamW) go before
+    # the whole student is gathered, so the main process's peak is not a one-process run's
+    training.step.optimizer.state.clear()
+    training.objective.zero_grad(set_to_none=True)
     state = full_student_state(training.objective)  # gathered onto the main process; every rank calls it
     if not accelerator.is_main_process:
         return None
     final = load_student(ctx.stage_dir("prune") / STUDENT_DIR)
-    missing, unexpected = final.load_state_dict(state, strict=False)
+    missing, unexpected = final.load_state_dict(state, strict=False, assign=True)  # the gathered tensors, not copies
+    final.tie_weights()  # assigning unties what the architecture ties (the embedding and the head)
     if missing or unexpected:
         raise DistillError(f"the sharded student's state does not fit its architecture: missing {missing[:3]}, "
                            f"unexpected {unexpected[:3]}")
