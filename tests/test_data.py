@@ -89,3 +89,11 @@ def test_pack_and_split_hold_out_the_last_blocks():
     assert (capped.train, capped.heldout) == (8, 1)  # 2 held out, 1 of them kept
     with pytest.raises(DistillError, match="fewer tokens than one block"):
         split_source(0, SourceConfig(name="s", kind="files", files=["x"]), 4)
+
+
+def test_a_hub_source_loads_when_asked_not_when_first_read(tmp_path, tokenizer):
+    """The teacher stage lets the main process download a hub dataset first: loading (and refusing)
+    happens in the call, before any record is read."""
+    missing = SourceConfig(name="none", kind="hub", dataset=str(tmp_path / "no-such-dataset"))
+    with pytest.raises(DistillError, match="dataset '.*no-such-dataset' could not be loaded"):
+        hub_pieces(missing, tokenizer)

@@ -127,15 +127,16 @@ def tokenize_files(files: list[str], tokenizer: PreTrainedTokenizerBase, text_fi
 
 
 def hub_pieces(source: SourceConfig, tokenizer: PreTrainedTokenizerBase) -> Iterator[Piece]:
-    """A hub dataset's records (or a local dataset dir's), downloaded whole into the datasets cache, or
-    read as a stream when the source says `streaming: true`."""
+    """A hub dataset's records (or a local dataset dir's), downloaded whole into the datasets cache when
+    this is called (not lazily: the caller may let one process download first), or read as a stream
+    when the source says `streaming: true`."""
     from datasets import load_dataset
 
     try:
         dataset = load_dataset(source.dataset, source.subset, split=source.split, streaming=source.streaming)
     except Exception as error:
         raise DistillError(f"dataset '{source.dataset}' could not be loaded: {str(error).splitlines()[0]}") from None
-    yield from dataset_pieces(dataset, tokenizer, source.text_field, f"dataset '{source.dataset}'")
+    return dataset_pieces(dataset, tokenizer, source.text_field, f"dataset '{source.dataset}'")
 
 
 def teacher_pieces(
