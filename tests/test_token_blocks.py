@@ -57,6 +57,7 @@ def test_shards_hold_the_blocks_of_the_whole_stream(tmp_path, tokenizer, acceler
     picks = torch.randperm(split.train)[:20]
     assert torch.equal(blocks.train[picks], expected[picks])
     assert torch.equal(blocks.train[-1], expected[split.train - 1])
+    assert torch.equal(blocks.train[torch.tensor(7)], expected[7]) and torch.equal(blocks.train[picks[0]], expected[picks[0]])
     assert torch.equal(blocks.train[5:9, :10], expected[5:9, :10])
     with safe_open(str(shard_path(source_dir(tmp_path / "blocks", 0), 0)), "pt") as handle:
         assert handle.get_slice("blocks").get_dtype() == "U16", "a 49k vocabulary stores 2 bytes per token"

@@ -249,6 +249,8 @@ class BlockView:
         tokens = None
         if isinstance(key, tuple):
             key, tokens = key[0], key[1:]
+        if isinstance(key, (np.integer, torch.Tensor)) and np.ndim(key) == 0:  # one index, as a scalar
+            key = int(key)
         if isinstance(key, int):
             rows = self.store.read(*self._locate(key))
         else:

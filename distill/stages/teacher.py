@@ -40,6 +40,7 @@ PIECES_DIR = "pieces"  # tokenized pieces, in the work dir until the blocks are 
 
 
 def source_pieces(ctx: StageContext, source, tokenizer, teacher):
+    """The source's pieces (distill.data.corpus), in order, for tokenize_pieces."""
     config, accelerator = ctx.config, ctx.accelerator
     if source.kind is SourceKind.TEACHER:
         return teacher_pieces(teacher, tokenizer, source.samples, config.run.seed, accelerator.device, accelerator.autocast)
@@ -89,7 +90,7 @@ def run(ctx: StageContext) -> dict:
             teacher_ppl[name] = scores["teacher"]["ppl"]
             ctx.log(f"[teacher] perplexity on held-out '{name}': {teacher_ppl[name]:.2f}")
 
-    accelerator.wait_for_everyone()  # no rank reads the pieces any more
+    accelerator.wait_for_everyone()  # every rank is done (the pieces were last read before the layout)
     if accelerator.is_main_process:
         write_calibration(ctx.work_dir, statistics)
         tokenizer.save_pretrained(ctx.work_dir / "tokenizer")
