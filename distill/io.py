@@ -9,12 +9,11 @@ import json
 import os
 import re
 import shutil
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Dict
 
 import torch
-from functools import lru_cache
-
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 

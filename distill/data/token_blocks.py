@@ -1,7 +1,7 @@
 """Token blocks on disk: written in shards as a source is tokenized, read a block at a time.
 
     counts = tokenize_pieces(pieces, piece_dir, accelerator)         # every rank tokenizes its pieces
-    span = write_source_blocks(piece_dir, counts, directory, ...)    # every rank packs its shards
+    write_source_blocks(piece_dir, counts, directory, ...)           # every rank packs its shards
     write_layout(directory, BlocksLayout(...))                       # the main process, last
     blocks = StoredBlocks(directory)                                 # any stage, lazily
     blocks.train[torch.tensor([4, 17])]                              # int64 [2, block_size]
@@ -91,6 +91,7 @@ def tokenize_pieces(pieces: Iterator[Piece], directory: Path, accelerator: Accel
     rank, world = accelerator.process_index, accelerator.num_processes
     directory.mkdir(parents=True, exist_ok=True)
     counts: list[int] = []
+    total = 0
     # closed on the way out, an error included: the error's line starts a line of its own
     with tqdm(desc=desc, unit=" tokens", disable=not accelerator.is_main_process) as progress:
         while True:
@@ -104,9 +105,11 @@ def tokenize_pieces(pieces: Iterator[Piece], directory: Path, accelerator: Accel
                     atomic_write(path, lambda temp: _save_npy(temp, tokens))
                     count = len(tokens)
             found = gather_object([count]) if world > 1 else [count]
-            counts.extend(c for c in found if c >= 0)
-            progress.update(sum(c for c in found if c >= 0))
-            if len(round_) < world or (token_budget and sum(counts) >= token_budget):
+            made = [c for c in found if c >= 0]
+            counts.extend(made)
+            total += sum(made)
+            progress.update(sum(made))
+            if len(round_) < world or (token_budget and total >= token_budget):
                 return counts
 
 
@@ -152,10 +155,9 @@ def write_source_blocks(piece_dir: Path, counts: list[int], directory: Path, spl
         if _complete(path, last - first):
             continue
         tokens = _stream_tokens(piece_dir, counts, first * block_size, last * block_size)
-        blocks = torch.from_numpy(tokens.astype(np.int64)).reshape(last - first, block_size)
-        stored_blocks = blocks.to(torch.uint16 if dtype == "uint16" else torch.int32)
-        crc = torch.tensor([_crc32(row) for row in stored_blocks], dtype=torch.int64)
-        save_tensors(path, {"blocks": stored_blocks, "crc32": crc}, metadata={"first_block": str(first)})
+        blocks = torch.from_numpy(tokens.astype(dtype).reshape(last - first, block_size))
+        crc = torch.tensor([_crc32(row) for row in blocks], dtype=torch.int64)
+        save_tensors(path, {"blocks": blocks, "crc32": crc}, metadata={"first_block": str(first)})
 
 
 def _crc32(row: torch.Tensor) -> int:

@@ -10,9 +10,10 @@ every row. With `threshold=t` they first zero the inputs below t in magnitude, a
 (x * (|x| >= t), the activation threshold), so a thresholded projection needs no separate pass.
 They are built with torch.utils.cpp_extension for the widest vector unit PyTorch itself uses here
 (`torch.backends.cpu.get_cpu_capability()`: AVX512, AVX2 or neither; ATEN_CPU_CAPABILITY caps both,
-DISTILL_CPU_ISA=avx2|portable caps ours alone, to measure a narrower CPU on a wide one). The build is cached per ISA in torch's extensions dir and takes ~20 s once. Where no compiler
-is found the build fails with one printed line and the same products run in plain PyTorch: exact,
-but without the speed.
+DISTILL_CPU_ISA=avx2|portable caps ours alone, to measure a narrower CPU on a wide one). The build
+is cached per ISA in torch's extensions dir and takes ~20 s once. Where no compiler is found the
+build fails with one printed line and the same products run in plain PyTorch: exact, but without
+the speed.
 """
 
 from __future__ import annotations

@@ -60,18 +60,17 @@ def run(ctx: StageContext) -> dict:
 
     directory = ctx.work_dir / BLOCKS_DIR
     layout = BlocksLayout(data.block_size, data.shard_blocks, BlocksLayout.dtype_for(teacher.get_input_embeddings().num_embeddings))
-    counts = {}
     for index, source in enumerate(data.sources):
         pieces = ctx.work_dir / PIECES_DIR / str(index)
         budget = source.max_blocks * data.block_size
-        tokens = tokenize_pieces(source_pieces(ctx, source, tokenizer, teacher), pieces, accelerator, budget,
-                                 desc=f"source '{source.name}'")
-        split = split_source(sum(tokens) // data.block_size, source, data.max_heldout_blocks)
-        write_source_blocks(pieces, tokens, source_dir(directory, index), split, data.block_size, data.shard_blocks,
+        piece_tokens = tokenize_pieces(source_pieces(ctx, source, tokenizer, teacher), pieces, accelerator, budget,
+                                       desc=f"source '{source.name}'")
+        tokens = sum(piece_tokens)
+        split = split_source(tokens // data.block_size, source, data.max_heldout_blocks)
+        write_source_blocks(pieces, piece_tokens, source_dir(directory, index), split, data.block_size, data.shard_blocks,
                             layout.dtype, accelerator)
-        layout.sources.append(SourceBlocksLayout(source.name, sum(tokens), split.train, split.heldout))
-        counts[source.name] = {"tokens": sum(tokens), "train_blocks": split.train, "heldout_blocks": split.heldout}
-        ctx.log(f"[teacher] source '{source.name}': {sum(tokens)} tokens, "
+        layout.sources.append(SourceBlocksLayout(source.name, tokens, split.train, split.heldout))
+        ctx.log(f"[teacher] source '{source.name}': {tokens} tokens, "
                 f"{split.train} training and {split.heldout} held-out blocks of {data.block_size}")
     accelerator.wait_for_everyone()  # every rank's shards are written
     if accelerator.is_main_process:
@@ -95,4 +94,6 @@ def run(ctx: StageContext) -> dict:
         write_calibration(ctx.work_dir, statistics)
         tokenizer.save_pretrained(ctx.work_dir / "tokenizer")
         shutil.rmtree(ctx.work_dir / PIECES_DIR, ignore_errors=True)
+    counts = {source.name: {"tokens": source.tokens, "train_blocks": source.train, "heldout_blocks": source.heldout}
+              for source in layout.sources}
     return {"sources": counts, "train_blocks": len(blocks.train), "calibration_blocks": len(calibration), "teacher_ppl": teacher_ppl}
