@@ -52,6 +52,11 @@ class Sharding(Choice):
     FSDP = "fsdp"
 
 
+class OptimizerState(Choice):
+    FP32 = "fp32"
+    BF16 = "bf16"
+
+
 class NonFinite(Choice):
     STOP = "stop"
     SKIP = "skip"
@@ -200,6 +205,9 @@ class TrainConfig(Section):
     warmup_steps: int = 10  # linear warmup from 0 to lr
     weight_decay: float = 0.0  # AdamW's decoupled weight decay
     betas: List[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW's betas, each in [0, 1)
+    # the dtype AdamW stores its two moment averages in: fp32 (16 bytes per trained weight with the
+    # weight and its gradient), or bf16 (12 bytes; the update is still computed in fp32)
+    optimizer_state: OptimizerState = OptimizerState.FP32
     max_grad_norm: float = 1.0  # 0 disables clipping
     masks: MasksConfig = field(default_factory=MasksConfig)
     group_lasso: float = 0.0  # weight of the sum of the pattern's group norms (pushes whole groups to zero)

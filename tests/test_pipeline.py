@@ -355,7 +355,9 @@ def test_kill_in_distill_then_resume_gives_the_bitwise_same_student(tmp_path, ti
     prune stage under fsdp), straight-through, and half of the KV heads streaming; under ddp the
     thresholds ramp up to the allocation over 6 steps, from none zeroed."""
     train = {"steps": 16, "checkpoint_every": 4, "log_every": 1, "global_batch_size": 8, "micro_batch_size": 4,
-             "masks": {"mode": mask_mode, "update_every": 3, "init_logit": 0.02, "lr": 0.05}, "sharding": sharding}
+             "masks": {"mode": mask_mode, "update_every": 3, "init_logit": 0.02, "lr": 0.05}, "sharding": sharding,
+             # the sharded case keeps AdamW's moments in bf16: sharded, checkpointed and resumed like fp32 ones
+             "optimizer_state": "bf16" if sharding == "fsdp" else "fp32"}
     sections = {"train": train}
     if activations:
         sections["activations"] = {"target": 0.5, "recalibrate_every": 3, "straight_through": True,

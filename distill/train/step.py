@@ -29,6 +29,7 @@ from distill.errors import DistillError
 from distill.sparsity.masks import plain_parameters
 from distill.sparsity.modes import FixedMasks
 from distill.targets import decoder_layers
+from distill.train.optimizer import build_adamw
 
 
 class BlockSchedule:
@@ -96,8 +97,8 @@ def build_optimizer(student: nn.Module, train: TrainConfig, masks: FixedMasks, d
     groups = [{"params": weights}]
     if mask_parameters:
         groups.append({"params": mask_parameters, "lr": masks.lr, "weight_decay": 0.0})
-    optimizer = torch.optim.AdamW(groups, lr=train.lr, betas=tuple(train.betas), weight_decay=train.weight_decay,
-                                  fused=device.type in ("cuda", "cpu"))  # one vectorized pass per step
+    optimizer = build_adamw(train.optimizer_state, groups, lr=train.lr, betas=tuple(train.betas),
+                            weight_decay=train.weight_decay, device=device)
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(optimizer, train.warmup_steps, train.steps,
                                                             min_lr_rate=train.min_lr_ratio)
     return optimizer, scheduler, weights + mask_parameters
