@@ -95,5 +95,9 @@ fi
 [ -n "${NUM_MACHINES:-}" ] && launch+=(--num_machines "$NUM_MACHINES")
 [ -n "${MACHINE_RANK:-}" ] && launch+=(--machine_rank "$MACHINE_RANK")
 [ -n "${MAIN_PROCESS_IP:-}" ] && launch+=(--main_process_ip "$MAIN_PROCESS_IP")
-[ -n "${MAIN_PROCESS_PORT:-}" ] && launch+=(--main_process_port "$MAIN_PROCESS_PORT")
+if [ -n "${MAIN_PROCESS_PORT:-}" ]; then
+  launch+=(--main_process_port "$MAIN_PROCESS_PORT")
+elif [ "${NUM_MACHINES:-1}" = 1 ] && [ "$num_processes" -gt 1 ]; then
+  launch+=(--main_process_port 0)  # a free port: several runs on one machine never meet on the default one
+fi
 exec python "$here/pipelines/launch.py" "${launch[@]}" "$here/pipelines/run.py" "${pipeline_args[@]}"

@@ -98,11 +98,12 @@ def launch(config: Path, processes: int, stage: str | None, overrides: list[str]
         raise SystemExit(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
 
 
-def measure(config: Path, run_dir: Path, processes: int, stages: tuple[str, ...] = STAGES, stage_by_stage: bool = True) -> dict:
+def measure(config: Path, run_dir: Path, processes: int, stages: tuple[str, ...] = STAGES, stage_by_stage: bool = True,
+            settings: tuple[str, ...] = ()) -> dict:
     """{stage: {"seconds", "tokens", "s_per_1k_tokens", "peak_rss_mb": [per rank]}} of one run: a launch
     per stage of `stages` (each stage's own peak memory), or one launch of the whole pipeline (the peaks
-    so far; no SparseGPT row)."""
-    overrides = ["train.sharding=fsdp"] if processes > 1 else []
+    so far; no SparseGPT row). `settings`: config overrides (KEY=VALUE) for every launch."""
+    overrides = [*settings, *(["train.sharding=fsdp"] if processes > 1 else [])]
     if not stage_by_stage:
         launch(config, processes, None, overrides)
     rows = {}
@@ -178,6 +179,8 @@ def main(argv=None) -> int:
     parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES,
                         help="the stages to measure, in pipeline order (each needs the ones before it)")
     parser.add_argument("--corpus-growth", type=int, default=0, help="also run the first model on this many times the corpus")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="settings",
+                        help="config overrides for every launch, e.g. train.optimizer_state=bf16")
     parser.add_argument("--mfu", type=float, default=0.4, help="the MFU the 8B prediction assumes")
     parser.add_argument("--work", type=Path, default=None, help="where models and runs go (default: a temp dir)")
     parser.add_argument("--out", type=Path, default=None)
@@ -197,9 +200,10 @@ def main(argv=None) -> int:
         label = f"{name}-p{processes}-b{blocks}"
         config = write_config(work / f"{label}.yaml", teacher, work / "runs" / label, blocks, args.block_size, args.steps,
                               args.checkpoint_every or args.steps)
-        stages = measure(config, work / "runs" / label / "scale", processes, tuple(args.stages), stage_by_stage=not args.smoke)
+        stages = measure(config, work / "runs" / label / "scale", processes, tuple(args.stages), stage_by_stage=not args.smoke,
+                         settings=tuple(args.settings))
         results["runs"].append({"model": name, "parameters": parameters(teacher), "processes": processes,
-                                "blocks": blocks, "stages": stages})
+                                "blocks": blocks, "settings": args.settings, "stages": stages})
         print(json.dumps(results["runs"][-1]), flush=True)
 
     one = [run for run in results["runs"] if run["processes"] == 1 and run["blocks"] == args.blocks and run["model"] != "demo"]
@@ -234,7 +238,9 @@ def table(results: dict) -> str:
                 continue
             speed = f"{row['s_per_1k_tokens']:.2f} s" if "s_per_1k_tokens" in row else f"{row['seconds']:.1f} s total"
             cells.append(f"{speed}, {max(row['peak_rss_mb']):.0f} MB")
-        lines.append(f"| {run['model']} | {run['parameters'] / 1e6:.0f}M | {run['processes']} | {run['blocks']} | " + " | ".join(cells) + " |")
+        processes = f"{run['processes']}{' (FSDP2)' if run['processes'] > 1 else ''}" + "".join(
+            f", {setting}" for setting in run.get("settings", []))
+        lines.append(f"| {run['model']} | {run['parameters'] / 1e6:.0f}M | {processes} | {run['blocks']} | " + " | ".join(cells) + " |")
     prediction = results["prediction_8b"]
     lines += ["", f"8B teacher and student (Llama-3.1-8B shape) on 8 H200s at {prediction['mfu']:.0%} MFU, context "
               f"{prediction['context']}: {prediction['flops_per_token_distill'] / 1e9:.1f} GFLOP per trained token "

@@ -119,15 +119,48 @@ def pipeline_processes(config_path: Path, wait: float = 0.0) -> list[str]:
         time.sleep(0.1)
 
 
+PRELOADED = ["torch", "transformers", "transformers.models.llama.modeling_llama", "accelerate", "distill.stages",
+             "distill.eval.zero_shot"]
+
+
+def _forked_run(command: list[str]) -> subprocess.CompletedProcess:
+    """`command` (python SCRIPT ARGS) in a process forked from a server that imported PRELOADED once
+    for the whole session (a fresh interpreter spends most of a tiny run importing them). The run
+    is still a process of its own, with this process's environment, its exit code and its output."""
+    import multiprocessing
+    import runpy
+    import tempfile
+
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(PRELOADED)
+    with tempfile.TemporaryDirectory() as scratch:
+        stdout, stderr = Path(scratch) / "stdout", Path(scratch) / "stderr"
+        parameters = {"script": command[1], "argv": command[2:], "environ": dict(os.environ),
+                      "stdout": str(stdout), "stderr": str(stderr)}
+        process = context.Process(target=runpy.run_path, args=(str(Path(__file__).with_name("forked_pipeline.py")),),
+                                  kwargs={"init_globals": {"PARAMETERS": parameters}, "run_name": "forked_pipeline"})
+        process.start()
+        process.join()
+        return subprocess.CompletedProcess(command, process.exitcode, stdout.read_text(), stderr.read_text())
+
+
 def run_pipeline(config_path: Path, *args: str, processes: int = 1, check: bool = True, env: dict | None = None,
-                 **popen) -> subprocess.CompletedProcess:
-    """Run pipelines/run.py the way users do: one plain process, or `accelerate launch` on CPU."""
+                 fresh: bool = False, **popen) -> subprocess.CompletedProcess:
+    """Run pipelines/run.py the way users do: one plain process, or `accelerate launch` on CPU. One
+    process is forked from the preloaded server (_forked_run) unless the run sets environment
+    variables (a library may read them at import), passes subprocess options, or asks to be a
+    `fresh` interpreter (what it prints while importing is part of what a test checks)."""
     if processes == 1:
         command = [sys.executable, str(REPO / "pipelines" / "run.py"), str(config_path), *args]
+        if not (env or popen or fresh):
+            result = _forked_run(command)
+            if check and result.returncode != 0:
+                raise AssertionError(f"pipeline failed ({result.returncode}):\n{result.stderr[-4000:]}")
+            return result
     else:
         # several CPU ranks (gloo) go through the torch launcher, as launch.sh does it
         command = [sys.executable, str(REPO / "pipelines" / "launch.py"), "--multi_gpu", "--num_processes", str(processes),
-                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                   "--num_machines", "1", "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no",
                    str(REPO / "pipelines" / "run.py"), str(config_path), *args]
         env = {"ACCELERATE_USE_CPU": "true", **(env or {})}
     result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **(env or {})}, **popen)

@@ -6,8 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
 import pytest
+import torch
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -130,12 +131,16 @@ def test_teacher_sampling_prints_a_row_per_variant(tiny_teacher):
 @pytest.mark.slow  # a pipeline launch of its own
 def test_scale_smoke_measures_every_stage(tmp_path):
     out = tmp_path / "scale.json"
-    result = run_script("benchmarks/scale.py", "--smoke", "--work", str(tmp_path), "--out", str(out))
+    result = run_script("benchmarks/scale.py", "--smoke", "--work", str(tmp_path), "--out", str(out),
+                        "--set", "train.optimizer_state=bf16")
     assert result.returncode == 0, result.stderr[-2000:]
     import json
 
     run = json.loads(out.read_text())["runs"][0]
     assert run["model"] == "tiny" and run["processes"] == 1 and run["parameters"] > 3_000_000  # the 49k embedding
+    assert run["settings"] == ["train.optimizer_state=bf16"]
+    assert " | 1, train.optimizer_state=bf16 | " in result.stdout
+    assert yaml.safe_load((tmp_path / "runs" / "tiny-p1-b12" / "scale" / "config.yaml").read_text())["train"]["optimizer_state"] == "bf16"
     assert set(run["stages"]) == {"teacher", "teacher_logits", "prune", "distill", "export", "evaluate"}
     for stage, row in run["stages"].items():
         assert row["seconds"] > 0 and len(row["peak_rss_mb"]) == 1 and row["peak_rss_mb"][0] > 100, (stage, row)

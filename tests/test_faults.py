@@ -71,12 +71,19 @@ def kill_once_in_every_stage(config: Path, run_dir: Path, rng: random.Random) ->
     return landed
 
 
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, tiny_teacher) -> Path:
+    """The run dir of one uninterrupted run of the faulty config, shared by this module's tests (run.name
+    and run.output_dir are not part of any stage's inputs, so a copy of it is a finished run anywhere)."""
+    where = tmp_path_factory.mktemp("faults_reference")
+    launch(faulty_config(where, tiny_teacher, "reference"))
+    return where / "runs" / "reference"
+
+
 @pytest.mark.slow  # a reference run plus one launch per kill
-def test_seeded_random_kills_across_every_stage_recover_to_the_bitwise_same_run(tmp_path, tiny_teacher):
-    reference = faulty_config(tmp_path, tiny_teacher, "reference")
-    launch(reference)
-    expected = outputs(tmp_path / "runs" / "reference")
-    expected_files = files(tmp_path / "runs" / "reference")
+def test_seeded_random_kills_across_every_stage_recover_to_the_bitwise_same_run(tmp_path, tiny_teacher, reference_run):
+    expected = outputs(reference_run)
+    expected_files = files(reference_run)
 
     config = faulty_config(tmp_path, tiny_teacher, "killed")
     run_dir = tmp_path / "runs" / "killed"
@@ -97,11 +104,11 @@ def test_seeded_random_kills_across_every_stage_recover_to_the_bitwise_same_run(
             assert actual[name] == expected[name], f"{name} differs from the uninterrupted run after kills in {landed}"
 
 
-@pytest.mark.slow  # two pipeline runs
-def test_a_failing_new_eval_file_locks_nothing_and_going_back_skips_everything(tmp_path, tiny_teacher):
+@pytest.mark.slow  # launches on a finished run
+def test_a_failing_new_eval_file_locks_nothing_and_going_back_skips_everything(tmp_path, tiny_teacher, reference_run):
     config = faulty_config(tmp_path, tiny_teacher, "lockout")
-    launch(config)
     run_dir = tmp_path / "runs" / "lockout"
+    shutil.copytree(reference_run, run_dir)  # the finished run, under this config's name
     config_yaml, evaluate = (run_dir / "config.yaml").read_text(), (run_dir / "evaluate" / "manifest.json").read_text()
 
     # text for its first MiB (so the launch's early check passes), then bytes no reader accepts

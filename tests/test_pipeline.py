@@ -53,7 +53,7 @@ def finished_run(tmp_path_factory, tiny_teacher):
         eval={"block_size": 64, "max_blocks": 4, "batch_size": 4, "activation_levels": [0.0, 0.5],
               "lm_eval": {"tasks": ["wikitext_cloze"], "include_path": str(REPO / "configs" / "lm_eval"), "limit": 8}})
     path = write_config(tmp_path / "tiny.yaml", config)
-    result = run_pipeline(path, f"eval.files=[{TEST_TEXT}]")
+    result = run_pipeline(path, f"eval.files=[{TEST_TEXT}]", fresh=True)  # its console is checked, imports included
     return path, tmp_path / "runs" / "tiny", result
 
 
@@ -442,7 +442,7 @@ def test_kill_in_distill_then_resume_gives_the_bitwise_same_student(tmp_path, ti
 def test_a_damaged_latest_checkpoint_falls_back_to_an_older_one_or_is_refused(tmp_path, tiny_teacher):
     """Bytes changed in place (the size kept, so only the checksums can tell) in the latest
     checkpoint's model and the older one's optimizer state."""
-    train = {"steps": 40, "checkpoint_every": 4, "log_every": 2, "global_batch_size": 8, "micro_batch_size": 4}
+    train = {"steps": 20, "checkpoint_every": 4, "log_every": 2, "global_batch_size": 8, "micro_batch_size": 4}
     config = write_config(tmp_path / "c.yaml", tiny_config(tmp_path, tiny_teacher, name="corrupt", train=train))
     run_dir = tmp_path / "runs" / "corrupt"
     process = _start(config)
