@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import launch, launch_command, pipeline_processes, tiny_config, write_config
+from conftest import launch, launch_command, pipeline_processes, run_pipeline, tiny_config, write_config
 
 STAGES = ["teacher", "teacher_logits", "prune", "distill", "export", "evaluate"]
 # enough work in every stage that a kill can land inside it: teacher samples, a cached top-k, checkpoints
@@ -76,7 +76,7 @@ def reference_run(tmp_path_factory, tiny_teacher) -> Path:
     """The run dir of one uninterrupted run of the faulty config, shared by this module's tests (run.name
     and run.output_dir are not part of any stage's inputs, so a copy of it is a finished run anywhere)."""
     where = tmp_path_factory.mktemp("faults_reference")
-    launch(faulty_config(where, tiny_teacher, "reference"))
+    run_pipeline(faulty_config(where, tiny_teacher, "reference"))  # the launches under test go through launch.sh
     return where / "runs" / "reference"
 
 
