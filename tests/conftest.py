@@ -150,20 +150,17 @@ def run_pipeline(config_path: Path, *args: str, processes: int = 1, check: bool 
     process is forked from the preloaded server (_forked_run) unless the run sets environment
     variables (a library may read them at import), passes subprocess options, or asks to be a
     `fresh` interpreter (what it prints while importing is part of what a test checks)."""
+    forked = processes == 1 and not (env or popen or fresh)
     if processes == 1:
         command = [sys.executable, str(REPO / "pipelines" / "run.py"), str(config_path), *args]
-        if not (env or popen or fresh):
-            result = _forked_run(command)
-            if check and result.returncode != 0:
-                raise AssertionError(f"pipeline failed ({result.returncode}):\n{result.stderr[-4000:]}")
-            return result
     else:
         # several CPU ranks (gloo) go through the torch launcher, as launch.sh does it
         command = [sys.executable, str(REPO / "pipelines" / "launch.py"), "--multi_gpu", "--num_processes", str(processes),
                    "--num_machines", "1", "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no",
                    str(REPO / "pipelines" / "run.py"), str(config_path), *args]
         env = {"ACCELERATE_USE_CPU": "true", **(env or {})}
-    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **(env or {})}, **popen)
+    result = _forked_run(command) if forked else subprocess.run(command, capture_output=True, text=True,
+                                                                 env={**os.environ, **(env or {})}, **popen)
     if check and result.returncode != 0:
         raise AssertionError(f"pipeline failed ({result.returncode}):\n{result.stderr[-4000:]}")
     return result
