@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from distill.sparsity.masks import (GroupDropout, add_weight_rule, install_masks, mask_rule, masked_modules, nm_mask,
-                                    nm_violations, remove_masks, stored_weight)
+                                    nm_violations, pack_bits, remove_masks, stored_weight, unpack_bits)
 from distill.sparsity.patterns import NM
 
 
@@ -54,7 +54,30 @@ def test_masked_linear_matches_dense_product_with_zeros_and_masks_gradients():
     assert bool((grad[mask] != 0).all())
     # a plain nn.Linear underneath: the state dict names the stored weight and the mask of its rule
     assert isinstance(linear, nn.Linear)
-    assert set(linear.state_dict()) == {"bias", "parametrizations.weight.original", "parametrizations.weight.0.mask"}
+    assert set(linear.state_dict()) == {"bias", "parametrizations.weight.original", "parametrizations.weight.0.bits"}
+
+
+@pytest.mark.parametrize("shape", [(5, 16), (3, 5), (7,), (2, 3, 12)])
+def test_masks_are_kept_as_bits_and_unpack_to_the_same_mask(shape):
+    mask = torch.rand(shape) > 0.5
+    bits = pack_bits(mask)
+    assert bits.dtype == torch.uint8 and bits.numel() == math.ceil(mask.numel() / 8)
+    assert torch.equal(unpack_bits(bits, shape), mask)
+
+
+def test_a_rule_changes_its_mask_only_through_set_mask_and_loads_an_unpacked_mask():
+    linear = nn.Linear(16, 5)
+    first, second = nm_mask(torch.rand(5, 16), 2, 4), nm_mask(torch.rand(5, 16), 2, 4)
+    install_masks(nn.Sequential(linear), {"0": first})
+    rule = mask_rule(linear)
+    rule.set_mask(second)
+    assert torch.equal(rule.mask, second)
+    with pytest.raises(ValueError, match="shape"):
+        rule.set_mask(second.T)
+    # a checkpoint from before masks were packed names the bool mask `mask`
+    state = {"mask": first}
+    rule.load_state_dict(state)
+    assert torch.equal(rule.mask, first)
 
 
 def test_masked_weights_stay_exactly_zero_through_adamw_with_weight_decay():

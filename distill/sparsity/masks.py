@@ -14,21 +14,42 @@ The rules, each a small module with its own state dict:
   LearnableMask  weight * a hard N:M mask drawn by Gumbel-softmax from per-group choice logits
   GroupDropout   stacked after the mask: drops whole groups of the pattern while training
 The first parametrization of a projection is always its mask rule, which holds the current hard
-`mask` (bool, True = kept); what changes the rule or the mask during training is
-distill.sparsity.modes.
+`mask` (bool, True = kept; read it, and change it with `set_mask`); what changes the rule or the mask
+during training is distill.sparsity.modes.
 
-Masks are replicated buffers: under FSDP every rank holds the whole bool mask of each projection it
-computes (one byte per weight), beside its shard of the weights.
+A rule stores its mask as bits (`bits`, uint8, eight weights per byte) and unpacks it for each
+product: one bit per weight instead of a bool's byte, an eighth of a 1B model's 1 GB of masks. The
+bits are replicated buffers: under FSDP every rank holds the whole packed mask of each projection
+beside its shard of the weights.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """A bool tensor as uint8 bytes of eight entries each (the first entry in the lowest bit), flat,
+    the last byte padded with False."""
+    flat = mask.detach().reshape(-1).to(torch.uint8)
+    flat = F.pad(flat, (0, -flat.numel() % 8)).reshape(-1, 8)
+    return (flat << _BIT_SHIFTS.to(flat.device)).sum(-1, dtype=torch.uint8)
+
+
+def unpack_bits(bits: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """The bool tensor of `shape` that `pack_bits` packed into `bits`."""
+    count = math.prod(shape)
+    flat = (bits[:, None] >> _BIT_SHIFTS.to(bits.device)) & 1
+    return flat.reshape(-1)[:count].view(torch.bool).reshape(shape)  # the entries are 0 or 1
+
+
+_BIT_SHIFTS = torch.arange(8, dtype=torch.uint8)
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
@@ -72,11 +93,30 @@ class SparseRefinedSTE(torch.autograd.Function):
 
 
 class FixedMask(nn.Module):
-    """weight * mask: the masked weights get exactly zero gradient."""
+    """weight * mask: the masked weights get exactly zero gradient. The mask is kept as bits."""
 
     def __init__(self, mask: torch.Tensor):
         super().__init__()
-        self.register_buffer("mask", mask.to(torch.bool))
+        self.shape = tuple(mask.shape)
+        self.register_buffer("bits", pack_bits(mask.to(torch.bool)))
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """The current hard mask (bool, True = kept): a fresh tensor, so change it with `set_mask`."""
+        return unpack_bits(self.bits, self.shape)
+
+    @torch.no_grad()
+    def set_mask(self, mask: torch.Tensor) -> None:
+        if tuple(mask.shape) != self.shape:
+            raise ValueError(f"a mask of shape {tuple(mask.shape)} for a rule of shape {self.shape}")
+        self.bits.copy_(pack_bits(mask.to(torch.bool)))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints written before masks were packed hold the bool mask under `mask`
+        unpacked = state_dict.pop(prefix + "mask", None)
+        if unpacked is not None and prefix + "bits" not in state_dict:
+            state_dict[prefix + "bits"] = pack_bits(unpacked)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         return weight * self.mask
@@ -103,7 +143,7 @@ class LearnableMask(FixedMask):
                  noise: float):
         super().__init__(mask)
         self.register_buffer("candidates", candidates.to(device=mask.device), persistent=False)
-        groups = self.mask.reshape(mask.shape[0], -1, candidates.shape[1])
+        groups = mask.to(torch.bool).reshape(mask.shape[0], -1, candidates.shape[1])
         current = (groups[:, :, None, :] == self.candidates[None, None]).all(-1)  # [out, G, C]
         self.choice_logits = nn.Parameter(current.float() * init_logit)
         self.temperature, self.noise = temperature, noise
@@ -123,12 +163,12 @@ class LearnableMask(FixedMask):
         hard = F.one_hot(soft.argmax(-1), soft.shape[-1]).to(soft.dtype)
         choice = hard + soft - soft.detach()
         mask = choice @ self.candidates.to(choice.dtype)  # [out, groups, m]
-        return mask.reshape(self.mask.shape)
+        return mask.reshape(self.shape)
 
     @torch.no_grad()
     def settle(self) -> None:
         """`mask` becomes the most likely candidate of every group."""
-        self.mask.copy_(self.candidates[self.choice_logits.argmax(-1)].reshape(self.mask.shape))
+        self.set_mask(self.candidates[self.choice_logits.argmax(-1)].reshape(self.shape))
 
 
 class GroupDropout(nn.Module):

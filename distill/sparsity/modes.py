@@ -9,7 +9,7 @@ projections' mask rules (distill.sparsity.masks) and keeps them up between optim
 
 Every mode has the same four calls: `parameters()` (extra trainable tensors, with their learning
 rate), `before_step(step, steps)`, `after_step(done)` and `finish(student)`, which leaves fixed masks
-with the pruned weights zeroed for good. The masks are the rules' `mask` buffers, so checkpoints carry
+with the pruned weights zeroed for good. The masks are the rules' buffers (as bits), so checkpoints carry
 them. Moving masks start from the teacher's values under the pruned positions
 (`revive_pruned_weights`): the prune stage zeroed them, and a mask that moves onto a zero weight
 could only lose.
@@ -86,7 +86,7 @@ class DynamicMasks(FixedMasks):
     def after_step(self, done: int) -> None:
         if done % self.every == 0:
             for module, sums in zip(self.modules, self.square_sums):
-                mask_rule(module).mask.copy_(self.pattern.mask(wanda_score(stored_weight(module), sums)))
+                mask_rule(module).set_mask(self.pattern.mask(wanda_score(stored_weight(module), sums)))
 
 
 class LearnableMasks(FixedMasks):

@@ -26,9 +26,12 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
 
 class AdamWBf16Moments(torch.optim.Optimizer):
     """AdamW (decoupled weight decay, bias-corrected moments) whose moment averages are stored in
-    bf16. One tensor at a time, so the fp32 temporaries are one tensor's, not the model's."""
+    bf16. One slice of at most `SLICE` entries at a time, so the fp32 temporaries (three of them) are
+    a slice's, not the model's or its largest tensor's (a 1B model's embedding would take 1.2 GB);
+    every operation is elementwise, so slicing changes no result."""
 
     MOMENTS = ("exp_avg", "exp_avg_sq")
+    SLICE = 1 << 22  # 16 MB per fp32 temporary
 
     def __init__(self, params, lr: float, betas: tuple[float, float], weight_decay: float, eps: float = 1e-8):
         super().__init__(params, {"lr": lr, "betas": betas, "weight_decay": weight_decay, "eps": eps})
@@ -63,16 +66,19 @@ class AdamWBf16Moments(torch.optim.Optimizer):
                     state["exp_avg_sq"] = torch.zeros_like(param, dtype=torch.bfloat16)
                 state["step"] += 1
                 step = state["step"].item()
-                weight, grad = _local(param), _local(param.grad).float()
-                exp_avg, exp_avg_sq = _local(state["exp_avg"]), _local(state["exp_avg_sq"])
-                average = exp_avg.float().lerp_(grad, 1 - beta1)
-                square_average = exp_avg_sq.float().lerp_(grad.square(), 1 - beta2)
-                exp_avg.copy_(average)
-                exp_avg_sq.copy_(square_average)
-                if weight_decay:
-                    weight.mul_(1 - lr * weight_decay)
-                denominator = square_average.div_(1 - beta2 ** step).sqrt_().add_(eps)
-                weight.addcdiv_(average, denominator, value=-lr / (1 - beta1 ** step))
+                # flat views of the local tensors (view, not reshape: an update must land in place)
+                flat = [_local(tensor).view(-1) for tensor in (param, param.grad, state["exp_avg"], state["exp_avg_sq"])]
+                for start in range(0, flat[0].numel(), self.SLICE):
+                    weight, grad, exp_avg, exp_avg_sq = (tensor[start:start + self.SLICE] for tensor in flat)
+                    grad = grad.float()
+                    average = exp_avg.float().lerp_(grad, 1 - beta1)
+                    square_average = exp_avg_sq.float().lerp_(grad.square(), 1 - beta2)
+                    exp_avg.copy_(average)
+                    exp_avg_sq.copy_(square_average)
+                    if weight_decay:
+                        weight.mul_(1 - lr * weight_decay)
+                    denominator = square_average.div_(1 - beta2 ** step).sqrt_().add_(eps)
+                    weight.addcdiv_(average, denominator, value=-lr / (1 - beta1 ** step))
         return None
 
 
