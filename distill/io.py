@@ -6,12 +6,14 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
+import struct
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Iterable
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -109,6 +111,40 @@ def read_json(path: str | Path) -> Any:
 def save_tensors(path: str | Path, tensors: Dict[str, torch.Tensor], metadata: Dict[str, str] | None = None) -> Path:
     contiguous = {name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}
     return atomic_write(path, lambda temp: save_file(contiguous, str(temp), metadata=metadata))
+
+
+# safetensors' names of the dtypes distill writes
+_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                       torch.uint8: "U8", torch.bool: "BOOL"}
+
+TensorLayout = list[tuple[str, torch.dtype, tuple[int, ...]]]  # (name, dtype, shape) in file order
+
+
+def stream_tensors(path: str | Path, layout: TensorLayout, tensors: Iterable[torch.Tensor],
+                   metadata: Dict[str, str] | None = None) -> Path:
+    """Write a safetensors file one tensor at a time: the header from `layout` first, then each of
+    `tensors` (in the layout's order) as it comes, so only one of them need exist at once (the
+    safetensors library writes from a dict of them all). Atomic, as every write here."""
+    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name, dtype, shape in layout:
+        size = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as the library writes it
+
+    def write(temp: Path) -> None:
+        with open(temp, "wb") as handle:
+            handle.write(struct.pack("<Q", len(encoded)) + encoded)
+            for (name, dtype, shape), tensor in zip(layout, tensors, strict=True):
+                if tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
+                    raise ValueError(f"{name}: a {tensor.dtype} tensor of shape {tuple(tensor.shape)} where the header "
+                                     f"says {dtype} {tuple(shape)}")
+                handle.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+
+    return atomic_write(path, write)
 
 
 def load_tensors(path: str | Path) -> Dict[str, torch.Tensor]:

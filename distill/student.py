@@ -16,56 +16,93 @@ unchanged and any safetensors reader sees plain weights.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
+from typing import Iterator
 
 import torch
+from torch.distributed.tensor import DTensor
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from accelerate import init_empty_weights
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from distill.sparsity.spec import SparsitySpec, StreamingHeads, read_sparsity_spec, write_sparsity_spec
 from distill.errors import DistillError
-from distill.io import atomic_write, write_text
+from distill.io import TensorLayout, stream_tensors, write_text
 from distill.sparsity.activations import set_thresholds, thresholded
 from distill.sparsity.attention import heads_of, install_heads, streaming_heads
-from distill.sparsity.masks import install_masks, mask_rule, masked_modules, masked_weight
+from distill.sparsity.masks import install_masks, mask_rule, masked_modules, stored_weight
 from distill.targets import linearize
 
 WEIGHTS_FILE = "model.safetensors"
 
 
-def plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state a student file holds: plain names, masked weights, `<projection>.mask`, each
-    tensor once (the first name of tied parameters)."""
-    masked = dict(masked_modules(model))
-    state: dict[str, torch.Tensor] = {}
-    seen: set[tuple[int, tuple]] = set()
-    for name, tensor in model.state_dict().items():
-        if ".parametrizations." in name or name.endswith(".input_threshold.threshold"):
-            continue  # masked projections are written below under their plain names; thresholds live in the spec
-        key = (tensor.data_ptr(), tuple(tensor.shape))
-        if key not in seen:
-            seen.add(key)
-            state[name] = tensor
-    for name, linear in masked.items():
-        state[f"{name}.weight"] = masked_weight(linear)
-        state[f"{name}.mask"] = mask_rule(linear).mask
-    return {name: tensor.detach().contiguous().cpu() for name, tensor in state.items()}
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor whole: a sharded one (FSDP2's DTensor) gathered from every process, so every
+    process must ask for it, in the same order."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
-def save_student(model: nn.Module, directory: Path, spec: SparsitySpec) -> None:
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+class _StudentFile:
+    """What a student file holds, in file order: plain names, masked weights, `<projection>.mask`,
+    each tensor once (the first name of tied parameters). `tensors()` gives them one at a time,
+    each whole, and notes whether every pruned weight was stored as zero before its mask's product."""
+
+    def __init__(self, model: nn.Module):
+        self.layout: TensorLayout = []
+        self._reads: list = []
+        seen: set[tuple[int, tuple]] = set()
+        for name, tensor in model.state_dict().items():
+            if ".parametrizations." in name or name.endswith(".input_threshold.threshold"):
+                continue  # masked projections are written below under their plain names; thresholds live in the spec
+            key = (_local(tensor).data_ptr(), tuple(tensor.shape))
+            if key not in seen:
+                seen.add(key)
+                self._add(name, tensor.dtype, tuple(tensor.shape), partial(_whole, tensor))
+        for name, linear in masked_modules(model):
+            weight, rule = stored_weight(linear), mask_rule(linear)
+            self._add(f"{name}.weight", weight.dtype, tuple(weight.shape), partial(self._masked, weight, rule))
+            self._add(f"{name}.mask", torch.bool, rule.shape, lambda rule=rule: rule.mask)
+        self.pruned_zero = True
+
+    def _add(self, name: str, dtype: torch.dtype, shape: tuple[int, ...], read) -> None:
+        self.layout.append((name, dtype, shape))
+        self._reads.append(read)
+
+    def _masked(self, weight: torch.Tensor, rule) -> torch.Tensor:
+        whole, mask = _whole(weight).detach(), rule.mask
+        self.pruned_zero &= not bool(whole.masked_fill(mask, 0).any())
+        return whole * mask
+
+    def tensors(self) -> Iterator[torch.Tensor]:
+        return (read() for read in self._reads)
+
+
+def save_student(model: nn.Module, directory: Path, spec: SparsitySpec, write: bool = True) -> bool:
     """Write `model` (masked projections parametrized) as a student dir; `spec.masked` is set from
-    the model."""
+    the model. The weights stream into the file a tensor at a time, so saving holds one tensor
+    beyond the model. A sharded model (FSDP2) is saved by every process calling this, each gathering
+    one tensor at a time; only the one with `write` writes. Returns whether every pruned weight was
+    zero in the model (not only in the file, where the mask's product makes it so)."""
     directory = Path(directory)
+    contents = _StudentFile(model)
+    if not write:
+        for _ in contents.tensors():
+            pass  # the gathers every process takes part in
+        return contents.pruned_zero
     directory.mkdir(parents=True, exist_ok=True)
     write_text(directory / "config.json", model.config.to_json_string())
-    state = plain_state(model)
-    atomic_write(directory / WEIGHTS_FILE, lambda temp: save_file(state, str(temp), metadata={"format": "pt"}))
+    stream_tensors(directory / WEIGHTS_FILE, contents.layout, contents.tensors(), metadata={"format": "pt"})
     masked = [name for name, _ in masked_modules(model)]
     write_sparsity_spec(directory, spec.replace(masked=masked, input_thresholds=thresholded(model),
                                                 streaming=installed_streaming(model)))
+    return contents.pruned_zero
 
 
 def installed_streaming(model: nn.Module) -> StreamingHeads | None:
@@ -86,9 +123,10 @@ def apply_runtime_sparsity(model: nn.Module, spec: SparsitySpec) -> None:
 
 
 def nonfinite_problem(model: nn.Module, what: str) -> str | None:
-    """Why `model` must not be used (a NaN or infinite weight, the first one named), or None."""
+    """Why `model` must not be used (a NaN or infinite weight, the first one named), or None. Of a
+    sharded model, the process's own shards."""
     for name, tensor in model.state_dict().items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        if tensor.is_floating_point() and not bool(torch.isfinite(_local(tensor)).all()):
             return f"{what} has non-finite values in {name}; it is not saved or used"
     return None
 

@@ -12,7 +12,7 @@ from accelerate import Accelerator
 from distill.train.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from distill.errors import DistillError
 from distill.io import (atomic_write, load_tensors, read_json, remove_stale_temporaries, replace_dir, save_tensors,
-                       write_json)
+                       stream_tensors, write_json)
 
 
 def test_a_write_that_fails_leaves_the_old_file_and_no_temporary(tmp_path):
@@ -27,6 +27,26 @@ def test_a_write_that_fails_leaves_the_old_file_and_no_temporary(tmp_path):
         atomic_write(target, broken)
     assert read_json(target) == {"version": 1}
     assert sorted(path.name for path in tmp_path.iterdir()) == ["out.json"]
+
+
+def test_a_streamed_safetensors_file_reads_back_bit_for_bit_with_the_library(tmp_path):
+    """Tensors written one at a time under a header made first: every dtype a student holds, a 0-d
+    and an empty tensor, odd sizes (so the header's padding and the offsets are exercised)."""
+    torch.manual_seed(0)
+    tensors = {"weight": torch.randn(5, 7), "half": torch.randn(3, 3).bfloat16(), "mask": torch.rand(13) > 0.5,
+               "scale": torch.tensor(0.25), "ids": torch.randint(0, 1000, (3,)), "empty": torch.zeros(0, 4),
+               "bits": torch.randint(0, 255, (9,), dtype=torch.uint8)}
+    layout = [(name, tensor.dtype, tuple(tensor.shape)) for name, tensor in tensors.items()]
+    stream_tensors(tmp_path / "streamed.safetensors", layout, iter(tensors.values()), metadata={"format": "pt"})
+    back = load_tensors(tmp_path / "streamed.safetensors")
+    assert list(back) == list(tensors)
+    for name, tensor in tensors.items():
+        assert back[name].dtype == tensor.dtype and torch.equal(back[name], tensor), name
+    # a tensor that does not match the header fails the write and leaves nothing behind
+    with pytest.raises(ValueError, match="mask: a torch.float32 tensor"):
+        wrong = [tensor.float() if name == "mask" else tensor for name, tensor in tensors.items()]
+        stream_tensors(tmp_path / "wrong.safetensors", layout, iter(wrong))
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["streamed.safetensors"]
 
 
 def test_corrupt_files_are_named_in_one_line(tmp_path):

@@ -262,17 +262,10 @@ def plain_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 @torch.no_grad()
-def apply_masks_(pairs: tuple[list[torch.Tensor], list[torch.Tensor]]) -> None:
-    """Zero every masked weight in one fused call (no per-module Python work)."""
-    weights, masks = pairs
-    if weights:
-        torch._foreach_mul_(weights, masks)
-
-
-def mask_pairs(model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """(stored weights, masks as weight dtype) of every masked projection, for `apply_masks_`."""
-    modules = [module for _, module in masked_modules(model)]
-    return [stored_weight(m) for m in modules], [mask_rule(m).mask.to(stored_weight(m).dtype) for m in modules]
+def zero_pruned_weights_(model: nn.Module) -> None:
+    """Zero every pruned weight of the stored tensors, one projection at a time (in place)."""
+    for _, module in masked_modules(model):
+        stored_weight(module).mul_(mask_rule(module).mask)
 
 
 def sparsity_report(model: nn.Module) -> dict[str, float]:

@@ -24,8 +24,8 @@ from torch import nn
 
 from distill.sparsity.calibration import wanda_score
 from distill.sparsity.masks_config import MaskMode, MasksConfig
-from distill.sparsity.masks import (FixedMask, GroupDropout, LearnableMask, RefinedMask, add_weight_rule, apply_masks_,
-                                    mask_pairs, mask_rule, masked_modules, set_mask_rule, stored_weight)
+from distill.sparsity.masks import (FixedMask, GroupDropout, LearnableMask, RefinedMask, add_weight_rule, mask_rule,
+                                    masked_modules, set_mask_rule, stored_weight, zero_pruned_weights_)
 from distill.sparsity.patterns import Pattern
 
 
@@ -64,7 +64,7 @@ class FixedMasks:
                 del rules[len(rules) - 1]
             if type(rules[0]) is not FixedMask:
                 set_mask_rule(module, FixedMask(rules[0].mask))
-        apply_masks_(mask_pairs(student))
+        zero_pruned_weights_(student)
 
 
 class DynamicMasks(FixedMasks):

@@ -18,7 +18,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from accelerate.utils import broadcast_object_list
+from accelerate.utils import gather_object
 from torch import nn
 from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
@@ -37,10 +37,9 @@ from distill.losses import IDENTITY, logit_transform
 from distill.models import load_teacher
 from distill.train.objective import DistillationObjective, cached_teacher_outputs, teacher_outputs
 from distill.run.pipeline import StageContext
-from distill.train.sharding import ShardedCheckpoint, full_student_state, shard_objective, shard_teacher
+from distill.train.sharding import ShardedCheckpoint, shard_objective, shard_teacher
 from distill.sparsity.activations import (install_thresholds, ramp_scale, ramped, recalibrate_thresholds, set_thresholds,
                                           thresholded)
-from distill.sparsity.masks import mask_rule, masked_modules, stored_weight
 from distill.sparsity.masks_config import MaskMode
 from distill.sparsity.modes import FixedMasks, add_group_dropout, mask_upkeep, revive_pruned_weights
 from distill.sparsity.prune_config import Criterion
@@ -287,67 +286,50 @@ def _log_window(ctx: StageContext, training: Training, window: list[dict], done:
     return row
 
 
-def _final_student(ctx: StageContext, training: Training) -> nn.Module | None:
-    """The trained student, whole, on the main process (None on the others under fsdp)."""
-    accelerator = ctx.accelerator
-    if training.sharded_checkpoint is None:
-        return accelerator.unwrap_model(training.objective).student
-    # training is over: the optimizer state and gradients (3/4 of a rank's share under AdamW) go before
-    # the whole student is gathered, so the main process's peak is not a one-process run's
-    training.step.optimizer.state.clear()
-    training.objective.zero_grad(set_to_none=True)
-    state = full_student_state(training.objective)  # gathered onto the main process; every rank calls it
-    if not accelerator.is_main_process:
-        return None
-    final = load_student(ctx.stage_dir("prune") / STUDENT_DIR)
-    missing, unexpected = final.load_state_dict(state, strict=False, assign=True)  # the gathered tensors, not copies
-    final.tie_weights()  # assigning unties what the architecture ties (the embedding and the head)
-    if missing or unexpected:
-        raise DistillError(f"the sharded student's state does not fit its architecture: missing {missing[:3]}, "
-                           f"unexpected {unexpected[:3]}")
-    return final
-
-
 def _finish(ctx: StageContext, training: Training) -> dict:
     accelerator, train = ctx.accelerator, ctx.config.train
     accelerator.wait_for_everyone()
-    final = _final_student(ctx, training)
-    if final is not None:
-        training.masks.finish(final)
-    # under fsdp only the main process holds the gathered student: it decides for every process
-    problem = nonfinite_problem(final, f"the distilled student (after {train.steps} steps)") if final is not None else None
+    student = accelerator.unwrap_model(training.objective).student  # sharded in place under fsdp
+    sharded = training.sharded_checkpoint is not None
+    if sharded:
+        # fsdp trains fixed masks only, so nothing settles; the file gets each weight times its mask.
+        # The optimizer state and gradients go first: saving gathers one tensor at a time beside them
+        training.step.optimizer.state.clear()
+        training.objective.zero_grad(set_to_none=True)
+    else:
+        training.masks.finish(student)
+    problem = nonfinite_problem(student, f"the distilled student (after {train.steps} steps)")  # this process's shards under fsdp
     problem = problem or _unrecovered(training.history, train)
     if accelerator.num_processes > 1:
-        problem = broadcast_object_list([problem])[0]
+        problem = next((found for found in gather_object([problem]) if found), None)
     if problem:
         raise DistillError(problem)
     checkpoints = ctx.work_dir / CHECKPOINTS
+    pruned_zero = None
+    if sharded or accelerator.is_main_process:  # every process gathers a sharded student's tensors
+        pruned_zero = save_student(student, ctx.work_dir / STUDENT_DIR, training.spec, write=accelerator.is_main_process)
     if accelerator.is_main_process:
-        save_student(final, ctx.work_dir / STUDENT_DIR, training.spec)
         # the finished student replaces the checkpoints; the pointer goes first so a crash midway
         # never leaves it naming a deleted checkpoint
         (checkpoints / "latest.json").unlink(missing_ok=True)
         shutil.rmtree(checkpoints, ignore_errors=True)
     for tracker in accelerator.trackers:  # not end_training(): that would tear down the process group
         tracker.finish()
-    record = _record(ctx, training, final)
+    record = _record(ctx, training, pruned_zero)
     if accelerator.is_main_process:
         write_distill_record(ctx.work_dir, record)
     return dataclasses.asdict(record)
 
 
-def _record(ctx: StageContext, training: Training, final: nn.Module | None) -> DistillRecord:
+def _record(ctx: StageContext, training: Training, pruned_zero: bool | None) -> DistillRecord:
     accelerator, train = ctx.accelerator, ctx.config.train
     sharded = None
     if training.teacher is not None:
         layers = decoder_layers(training.teacher)[1]
         sharded = all(isinstance(p, DTensor) for p in layers.parameters())
-    zero = None
-    if final is not None:
-        zero = all(bool((stored_weight(module)[~mask_rule(module).mask] == 0).all()) for _, module in masked_modules(final))
     return DistillRecord(train.steps, train.steps * train.global_batch_size * training.blocks.shape[1],
                          accelerator.num_processes, train.sharding.value,
-                         training.history[-1] if training.history else {}, sharded, zero)
+                         training.history[-1] if training.history else {}, sharded, pruned_zero)
 
 
 def _unrecovered(history: list[dict], train) -> str | None:

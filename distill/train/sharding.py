@@ -10,8 +10,8 @@ forward.
 Masks need nothing of their own here: each projection's mask is a parametrization of its weight
 (distill.sparsity.masks), so FSDP shards the stored weight, gathers it for the layer's forward, and
 the mask's product runs on the gathered weight exactly as on one process. The pruned weights get
-zero gradient, so the gradient norm is the masked model's and no step moves them. The bool masks
-are buffers, whole on every rank (one byte per weight, against the bf16 weight's two, sharded).
+zero gradient, so the gradient norm is the masked model's and no step moves them. The masks
+are buffers, whole on every rank, kept as bits (one bit per weight, against the bf16 weight's 16).
 
 The frozen teacher's decoder layers are sharded too (each gathered for its forward and freed after
 it); its embeddings, final norm and output projection stay whole on every rank, because the chunked
@@ -23,7 +23,8 @@ reduced in fp32 (`MixedPrecisionPolicy`), with fp32 master weights in the optimi
 
 Checkpoints of the model and optimizer go through torch.distributed.checkpoint: every rank writes
 and reads its own shards (no rank ever holds the whole state), and DCP reshards on load, so a run can
-resume on another number of processes.
+resume on another number of processes. The finished student is gathered one tensor at a time as
+it streams into its file (distill.student.save_student), so no process holds it whole either.
 """
 
 from __future__ import annotations
@@ -33,14 +34,11 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from distill.errors import DistillError
 from distill.targets import decoder_layers
-
-FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
-
 
 def _decoder_layers(model: nn.Module) -> nn.ModuleList:
     found = decoder_layers(model)
@@ -91,9 +89,3 @@ class ShardedCheckpoint:
         dcp.load(state, checkpoint_id=str(directory))
         set_state_dict(self.objective, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optimizer"])
-
-
-def full_student_state(objective: nn.Module) -> dict[str, torch.Tensor]:
-    """The student's full state dict on the main process (empty elsewhere); every rank must call it."""
-    state = get_model_state_dict(objective, options=FULL)
-    return {key.removeprefix("student."): value for key, value in state.items()}
