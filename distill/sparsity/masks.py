@@ -46,7 +46,7 @@ def unpack_bits(bits: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """The bool tensor of `shape` that `pack_bits` packed into `bits`."""
     count = math.prod(shape)
     flat = (bits[:, None] >> _BIT_SHIFTS.to(bits.device)) & 1
-    return flat.reshape(-1)[:count].view(torch.bool).reshape(shape)  # the entries are 0 or 1
+    return (flat.reshape(-1)[:count] != 0).reshape(shape)
 
 
 _BIT_SHIFTS = torch.arange(8, dtype=torch.uint8)
