@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -75,8 +76,8 @@ def tiny_config(tmp_path: Path, teacher: Path, name: str = "tiny", **sections) -
         "calibration": {"num_blocks": 8},
         "train": {"steps": 12, "global_batch_size": 4, "micro_batch_size": 2, "lr": 1e-3, "warmup_steps": 2,
                   "log_every": 1, "checkpoint_every": 4},
-        # the teacher's training-free activation sweep is measured where a test asks for it
-        "eval": {"block_size": 64, "max_blocks": 4, "batch_size": 4, "activation_levels": []},
+        # the teacher's training-free activation sweep and the speed rounds are measured where a test asks
+        "eval": {"block_size": 64, "max_blocks": 4, "batch_size": 4, "activation_levels": [], "speed_repeats": 0},
     }
     for section, values in sections.items():
         config[section] = {**config.get(section, {}), **values}
@@ -123,31 +124,57 @@ PRELOADED = ["torch", "transformers", "transformers.models.llama.modeling_llama"
              "distill.eval.zero_shot"]
 
 
-def _forked_run(command: list[str]) -> subprocess.CompletedProcess:
-    """`command` (python SCRIPT ARGS) in a process forked from a server that imported PRELOADED once
-    for the whole session (a fresh interpreter spends most of a tiny run importing them). The run
-    is still a process of its own, with this process's environment, its exit code and its output."""
-    import multiprocessing
-    import runpy
-    import tempfile
+class ForkedRun:
+    """`command` (python SCRIPT ARGS) started in a process forked from a server that imported
+    PRELOADED once for the whole session (a fresh interpreter spends most of a tiny run importing
+    them). The run is still a process of its own, with this process's environment, its exit code and
+    its output; it runs on until `finish()` (wait for it) or `kill()`."""
 
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(PRELOADED)
-    with tempfile.TemporaryDirectory() as scratch:
-        stdout, stderr = Path(scratch) / "stdout", Path(scratch) / "stderr"
+    def __init__(self, command: list[str]):
+        import multiprocessing
+        import runpy
+        import tempfile
+
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(PRELOADED)
+        self.command = command
+        self.scratch = Path(tempfile.mkdtemp(prefix="forked-run-"))
+        self.stdout, self.stderr = self.scratch / "stdout", self.scratch / "stderr"
         parameters = {"script": command[1], "argv": command[2:], "environ": dict(os.environ),
-                      "stdout": str(stdout), "stderr": str(stderr)}
-        process = context.Process(target=runpy.run_path, args=(str(Path(__file__).with_name("forked_pipeline.py")),),
-                                  kwargs={"init_globals": {"PARAMETERS": parameters}, "run_name": "forked_pipeline"})
-        process.start()
-        process.join()
-        return subprocess.CompletedProcess(command, process.exitcode, stdout.read_text(), stderr.read_text())
+                      "stdout": str(self.stdout), "stderr": str(self.stderr)}
+        self.process = context.Process(target=runpy.run_path, args=(str(Path(__file__).with_name("forked_pipeline.py")),),
+                                       kwargs={"init_globals": {"PARAMETERS": parameters}, "run_name": "forked_pipeline"})
+        self.process.start()
+
+    def poll(self) -> int | None:
+        return self.process.exitcode
+
+    def error_output(self) -> str:
+        return self.stderr.read_text() if self.stderr.is_file() else ""
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash or the OOM killer would stop it."""
+        self.process.kill()
+        self.process.join()
+        shutil.rmtree(self.scratch, ignore_errors=True)
+
+    def finish(self) -> subprocess.CompletedProcess:
+        self.process.join()
+        result = subprocess.CompletedProcess(self.command, self.process.exitcode, self.stdout.read_text(),
+                                             self.error_output())
+        shutil.rmtree(self.scratch, ignore_errors=True)
+        return result
+
+
+def start_pipeline(config_path: Path, *args: str) -> ForkedRun:
+    """A one-process pipeline run forked from the preloaded server, left running (to be killed)."""
+    return ForkedRun([sys.executable, str(REPO / "pipelines" / "run.py"), str(config_path), *args])
 
 
 def run_pipeline(config_path: Path, *args: str, processes: int = 1, check: bool = True, env: dict | None = None,
                  fresh: bool = False, **popen) -> subprocess.CompletedProcess:
     """Run pipelines/run.py the way users do: one plain process, or `accelerate launch` on CPU. One
-    process is forked from the preloaded server (_forked_run) unless the run sets environment
+    process is forked from the preloaded server (ForkedRun) unless the run sets environment
     variables (a library may read them at import), passes subprocess options, or asks to be a
     `fresh` interpreter (what it prints while importing is part of what a test checks)."""
     forked = processes == 1 and not (env or popen or fresh)
@@ -159,7 +186,7 @@ def run_pipeline(config_path: Path, *args: str, processes: int = 1, check: bool 
                    "--num_machines", "1", "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no",
                    str(REPO / "pipelines" / "run.py"), str(config_path), *args]
         env = {"ACCELERATE_USE_CPU": "true", **(env or {})}
-    result = _forked_run(command) if forked else subprocess.run(command, capture_output=True, text=True,
+    result = ForkedRun(command).finish() if forked else subprocess.run(command, capture_output=True, text=True,
                                                                  env={**os.environ, **(env or {})}, **popen)
     if check and result.returncode != 0:
         raise AssertionError(f"pipeline failed ({result.returncode}):\n{result.stderr[-4000:]}")

@@ -1,4 +1,4 @@
-"""Fault injection on the whole pipeline (tiny teacher, real launches): SIGKILLs at seeded random
+"""Fault injection on the whole pipeline (tiny teacher, real processes and launches): SIGKILLs at seeded random
 points of every stage, a config change whose stage fails and is then taken back, a full disk.
 Each case ends in a non-zero exit with one line, or recovers; no finished stage or good checkpoint
 is lost, and a recovered run is bitwise the run that was never interrupted."""
@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import launch, launch_command, pipeline_processes, run_pipeline, tiny_config, write_config
+from conftest import launch, launch_command, run_pipeline, start_pipeline, tiny_config, write_config
 
 STAGES = ["teacher", "teacher_logits", "prune", "distill", "export", "evaluate"]
 # enough work in every stage that a kill can land inside it: teacher samples, a cached top-k, checkpoints
@@ -49,25 +48,24 @@ def files(run_dir: Path) -> list[str]:
 
 
 def kill_once_in_every_stage(config: Path, run_dir: Path, rng: random.Random) -> list[str]:
-    """Launch, SIGKILL at a random moment once a stage's work dir exists, launch again, for each stage
-    in turn; the stages the kills landed in."""
+    """Start a run, SIGKILL it at a random moment once a stage's work dir exists, start again, for
+    each stage in turn; the stages the kills landed in. The runs are plain processes (killing a
+    launcher takes its workers with it: tests/test_pipeline.py's kill tests check that)."""
     landed = []
     for stage in STAGES:
         if (run_dir / stage / "manifest.json").is_file():
-            continue  # a previous launch got past it before its kill
-        process = subprocess.Popen(launch_command(config), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            continue  # a previous run got past it before its kill
+        process = start_pipeline(config)
         deadline = time.time() + 300
         while not ((run_dir / f"{stage}.partial").is_dir() or (run_dir / stage / "manifest.json").is_file()):
-            assert process.poll() is None, f"the launch ended before its kill in {stage}:\n{process.stderr.read()[-3000:]}"
+            assert process.poll() is None, f"the run ended before its kill in {stage}:\n{process.error_output()[-3000:]}"
             assert time.time() < deadline, f"stage {stage} never started"
             time.sleep(0.01)
         time.sleep(rng.uniform(0.0, 1.5))
         if process.poll() is not None:  # finished first: nothing left to kill
             break
-        process.send_signal(signal.SIGKILL)
-        process.wait()
+        process.kill()
         landed.append(stage)
-        assert not pipeline_processes(config, wait=10), f"a worker outlived the launcher killed in {stage}"
     return landed
 
 
@@ -80,7 +78,7 @@ def reference_run(tmp_path_factory, tiny_teacher) -> Path:
     return where / "runs" / "reference"
 
 
-@pytest.mark.slow  # a reference run plus one launch per kill
+@pytest.mark.slow  # a reference run plus one run per kill
 def test_seeded_random_kills_across_every_stage_recover_to_the_bitwise_same_run(tmp_path, tiny_teacher, reference_run):
     expected = outputs(reference_run)
     expected_files = files(reference_run)
@@ -94,7 +92,7 @@ def test_seeded_random_kills_across_every_stage_recover_to_the_bitwise_same_run(
         landed = kill_once_in_every_stage(config, run_dir, rng)
         assert len(landed) >= 4, f"the kills landed in too few stages: {landed}"
 
-        finished = launch(config)
+        finished = run_pipeline(config)  # the killed launches went through launch.sh; this one need not
         assert "Traceback" not in finished.stderr
         assert all((run_dir / stage / "manifest.json").is_file() for stage in STAGES)
         # no partial dir, temp file, `.STAGE.old` or stray inputs.json: the files of the run never killed
@@ -120,15 +118,16 @@ def test_a_failing_new_eval_file_locks_nothing_and_going_back_skips_everything(t
     assert (run_dir / "config.yaml").read_text() == config_yaml
     assert (run_dir / "evaluate" / "manifest.json").read_text() == evaluate
 
-    back = launch(config)
+    # the launcher is under test above; the runs after it are plain processes
+    back = run_pipeline(config)
     assert back.stdout.count("up to date, skipped") == len(STAGES), back.stdout
     assert "was made with other inputs and is kept" in back.stdout
-    again = launch(config, "--only", "evaluate")
+    again = run_pipeline(config, "--only", "evaluate")
     assert "[evaluate] discarding the unfinished run" in again.stdout and not (run_dir / "evaluate.partial").exists()
 
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
-    refused = launch(config, f"eval.files=[{empty}]", check=False)
+    refused = run_pipeline(config, f"eval.files=[{empty}]", check=False)
     assert refused.returncode == 2 and errors(refused) == [
         f"distill: error: config key 'eval.files': data file {empty} holds no text (it is empty or only whitespace)"]
 

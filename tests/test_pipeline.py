@@ -17,8 +17,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import REPO, TEST_TEXT, launch, launch_command, pipeline_processes, run_pipeline, tiny_config, write_config
+from conftest import (REPO, TEST_TEXT, ForkedRun, launch, launch_command, pipeline_processes, run_pipeline, start_pipeline,
+                      tiny_config, write_config)
 from distill.data.teacher_cache import TeacherCache
+from distill.eval.report import RUNTIME
 from distill.run.artifacts import read_distill_record, read_prune_record, read_token_blocks
 from distill.sparsity.spec import read_sparsity_spec
 from distill.runtime import load_sparse_model
@@ -50,7 +52,7 @@ def finished_run(tmp_path_factory, tiny_teacher):
         {"name": "samples", "kind": "teacher", "samples": {"num_sequences": 8, "max_new_tokens": 40, "batch_size": 4}},
     ]}, prune={"permute": True, "permute_sweeps": 10}, activations={"target": 0.5, "allocation": "greedy"},
         attention={"streaming_fraction": 0.5, "sink": 2, "window": 8, "select": "distill", "gate_steps": 3},
-        eval={"block_size": 64, "max_blocks": 4, "batch_size": 4, "activation_levels": [0.0, 0.5],
+        eval={"block_size": 64, "max_blocks": 4, "batch_size": 4, "activation_levels": [0.0, 0.5], "speed_repeats": 1,
               "lm_eval": {"tasks": ["wikitext_cloze"], "include_path": str(REPO / "configs" / "lm_eval"), "limit": 8}})
     path = write_config(tmp_path / "tiny.yaml", config)
     result = run_pipeline(path, f"eval.files=[{TEST_TEXT}]", fresh=True)  # its console is checked, imports included
@@ -79,6 +81,11 @@ def test_pipeline_writes_every_stage_and_a_complete_report(finished_run):
     assert len(gains) == 2 and all(gain >= 0 for gain in gains.values()) and max(gains.values()) > 0
     assert "| test |" in (run_dir / "evaluate" / "report.md").read_text()
     assert "| test |" in result.stdout  # the table is printed last
+    # decode and prefill timed on this machine, the student as it runs against the teacher
+    speed = report["speed"]
+    assert speed["repeats"] == 1 and set(speed["ratios"]) == {RUNTIME}
+    assert all(speed["ratios"][RUNTIME][key] > 0 for key in ("decode", "prefill", "bytes_projections"))
+    assert "vs teacher: decode" in result.stdout
 
 
 def test_the_report_holds_the_recovery_curve_and_per_layer_error_and_plots_nothing_constant(finished_run):
@@ -330,13 +337,19 @@ def _kill_after_first_checkpoint(process: subprocess.Popen, checkpoints: Path, c
     _kill_when(process, lambda: (checkpoints / "latest.json").is_file(), config, timeout)
 
 
-def _kill_when(process: subprocess.Popen, ready, config: Path, timeout: float = 300) -> None:
-    """SIGKILL the launcher as soon as `ready()` holds, and check that its workers died with it."""
+def _kill_when(process: subprocess.Popen | ForkedRun, ready, config: Path, timeout: float = 300) -> None:
+    """SIGKILL the run as soon as `ready()` holds; of a launch, the launcher, and check that its
+    workers died with it."""
     deadline = time.time() + timeout
     while not ready():
-        assert process.poll() is None, f"the run ended before it was due to be killed:\n{process.stderr.read()[-3000:]}"
+        if process.poll() is not None:
+            output = process.error_output() if isinstance(process, ForkedRun) else process.stderr.read()
+            raise AssertionError(f"the run ended before it was due to be killed:\n{output[-3000:]}")
         assert time.time() < deadline, "the run did not get there in time"
         time.sleep(0.05)
+    if isinstance(process, ForkedRun):
+        process.kill()
+        return
     process.send_signal(signal.SIGKILL)  # the launcher; its worker must die with it
     process.wait()
     assert not pipeline_processes(config, wait=10), "a worker outlived the killed launcher"
@@ -408,7 +421,12 @@ def test_kill_in_distill_then_resume_gives_the_bitwise_same_student(tmp_path, ti
 
     # speed options may change on resume (no fingerprint holds them) and compute the same student
     speed = ["speed.activation_checkpointing=true", "speed.peak_tflops=0.5"] if first_case else []
-    resumed_stdout = _launch_nodes(killed)[0][0] if nodes else launch(killed, *ranks, *speed).stdout
+    if nodes:
+        resumed_stdout = _launch_nodes(killed)[0][0]
+    elif processes == 1:  # the killed launcher was under test; the resume is a plain process
+        resumed_stdout = run_pipeline(killed, *speed).stdout
+    else:
+        resumed_stdout = launch(killed, *ranks, *speed).stdout
     assert "[distill] resuming the unfinished run" in resumed_stdout
     assert "resumed from" in resumed_stdout and f"at step {latest['step']}" in resumed_stdout
     expected, actual = student_tensors(tmp_path / "runs" / "reference"), student_tensors(run_dir)
@@ -450,7 +468,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_an_older_one_or_is_refused(tm
     train = {"steps": 20, "checkpoint_every": 4, "log_every": 2, "global_batch_size": 8, "micro_batch_size": 4}
     config = write_config(tmp_path / "c.yaml", tiny_config(tmp_path, tiny_teacher, name="corrupt", train=train))
     run_dir = tmp_path / "runs" / "corrupt"
-    process = _start(config)
+    process = start_pipeline(config)  # a plain process: killing a launcher is the kill tests' part
     checkpoints = run_dir / "distill.partial" / "checkpoints"
     _kill_when(process, lambda: (checkpoints / "step_00000008").is_dir() and (checkpoints / "latest.json").is_file()
                and "step_00000008" in (checkpoints / "latest.json").read_text(), config)
@@ -462,7 +480,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_an_older_one_or_is_refused(tm
         path.write_bytes(bytes(data))
     damaged = latest.read_bytes()
 
-    refused = launch(config, check=False)
+    refused = run_pipeline(config, check=False)  # the killed run went through launch.sh; these need not
     assert refused.returncode == 2
     error = [line for line in refused.stderr.splitlines() if line.startswith("distill: error:")]
     assert len(error) == 1 and f"step_00000008 is damaged: {latest} does not match the sha256" in error[0], refused.stderr[-2000:]
@@ -470,7 +488,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_an_older_one_or_is_refused(tm
     assert latest.read_bytes() == damaged, "the checkpoints are left for the user to inspect"
 
     older.write_bytes(intact)  # the older one whole again: the run resumes from it
-    resumed = launch(config)
+    resumed = run_pipeline(config)
     assert f"step_00000008 is damaged: {latest}" in resumed.stdout
     assert "resuming from the older step_00000004 instead" in resumed.stdout
     assert "resumed from" in resumed.stdout and "at step 4" in resumed.stdout
@@ -706,15 +724,15 @@ def test_a_diverging_run_stops_in_one_line_and_never_finishes_a_nan_student(tmp_
 def test_two_launches_on_one_run_dir_the_second_is_refused_and_the_first_finishes(tmp_path, tiny_teacher):
     config = write_config(tmp_path / "twice.yaml", tiny_config(tmp_path, tiny_teacher, name="twice"))
     run_dir = tmp_path / "runs" / "twice"
-    first = _start(config)
+    first = start_pipeline(config)  # plain processes: the lock is the pipeline's, not the launcher's
     deadline = time.time() + 120
     while not (run_dir / "teacher.partial").exists():
-        assert first.poll() is None and time.time() < deadline, "the first launch did not start its first stage"
+        assert first.poll() is None and time.time() < deadline, "the first run did not start its first stage"
         time.sleep(0.05)
-    second = launch(config, check=False)
+    second = run_pipeline(config, check=False)
     assert second.returncode == 2
     errors = [line for line in second.stderr.splitlines() if line.startswith("distill: error:")]
     assert len(errors) == 1 and f"run dir {run_dir} is in use by PID" in errors[0], second.stderr[-2000:]
-    _, first_errors = first.communicate(timeout=600)  # reads the pipes, so the first launch never blocks on them
-    assert first.returncode == 0, first_errors[-3000:]
+    finished = first.finish()
+    assert finished.returncode == 0, finished.stderr[-3000:]
     assert all((run_dir / stage / "manifest.json").is_file() for stage in STAGES)
