@@ -30,7 +30,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from distill.sparsity.spec import SparsitySpec, StreamingHeads, read_sparsity_spec, write_sparsity_spec
 from distill.errors import DistillError
-from distill.io import TensorLayout, stream_tensors, write_text
+from distill.io import TensorLayout, return_freed_memory, stream_tensors, write_text
 from distill.sparsity.activations import set_thresholds, thresholded
 from distill.sparsity.attention import heads_of, install_heads, streaming_heads
 from distill.sparsity.masks import install_masks, mask_rule, masked_modules, stored_weight
@@ -165,5 +165,7 @@ def load_student(directory: Path, device: torch.device | str = "cpu", dtype: tor
         raise DistillError(f"student weights in {directory} do not match its config: missing {(missing + absent)[:3]}, "
                            f"unexpected {unexpected[:3]}")
     install_masks(model, masks)
+    del state, masks  # the bool masks, now packed into bits
     apply_runtime_sparsity(model, spec)
+    return_freed_memory()
     return model.to(device).eval()

@@ -536,7 +536,7 @@ def test_two_processes_follow_the_same_loss_curve_as_one(tmp_path, tiny_teacher,
     """Two gloo ranks against one process for the same global batch: with a live teacher, with the
     teacher's top-k cached by both ranks (then distill never loads the teacher) on two machines (two
     launches on this host, one process each, sharing the run dir), and with the student sharded by
-    FSDP2 (parameters, gradients, optimizer state and masks)."""
+    FSDP2 (parameters, gradients and optimizer state)."""
     one_dir, one_stdout = one_process_runs(teacher_topk)
     two = _ranks_config(tmp_path, tiny_teacher, "two", teacher_topk, sharding)
     if nodes:

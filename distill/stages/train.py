@@ -33,6 +33,7 @@ from distill.data.corpus import to_device
 from distill.data.teacher_cache import TeacherCache
 from distill.errors import DistillError
 from distill.eval.scoring import evaluating, heldout_scores, log_probs
+from distill.io import return_freed_memory
 from distill.losses import IDENTITY, logit_transform
 from distill.models import load_teacher
 from distill.train.objective import DistillationObjective, cached_teacher_outputs, teacher_outputs
@@ -141,6 +142,7 @@ def _setup(ctx: StageContext) -> Training:
         shard_objective(objective, student, accelerator.mixed_precision)
         if teacher is not None:
             shard_teacher(teacher)
+        return_freed_memory()  # the whole student (and teacher) as loaded, now that each rank keeps its shards
     optimizer, scheduler, trainable = build_optimizer(student, train, masks, accelerator.device)
     schedule = BlockSchedule(len(blocks), train.global_batch_size, config.run.seed)
     if not sharded:  # accelerate does not know the sharded model: checkpoints save it beside accelerate's state
