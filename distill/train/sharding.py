@@ -40,6 +40,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from distill.errors import DistillError
 from distill.targets import decoder_layers
 
+
 def _decoder_layers(model: nn.Module) -> nn.ModuleList:
     found = decoder_layers(model)
     if found is None:
