@@ -379,13 +379,17 @@ def test_kill_in_distill_then_resume_gives_the_bitwise_same_student(tmp_path, ti
         sections["attention"] = {"streaming_fraction": 0.5, "sink": 2, "window": 8}
     nodes = processes == "nodes"
     ranks = ["--num-processes", str(processes)] if not nodes and processes > 1 else []
+
+    def run_to_the_end(config: Path, *overrides: str) -> str:
+        """The reference, or the resume: the stdout of the (first machine's) run."""
+        if nodes:
+            return _launch_nodes(config)[0][0]
+        if processes == 1:  # a plain process: the launcher under test is the killed run's
+            return run_pipeline(config, *overrides).stdout
+        return launch(config, *ranks, *overrides).stdout
+
     reference = write_config(tmp_path / "reference.yaml", tiny_config(tmp_path, tiny_teacher, name="reference", **sections))
-    if nodes:
-        _launch_nodes(reference)
-    elif processes == 1:  # the reference's launcher is not under test; the killed run's is
-        run_pipeline(reference)
-    else:
-        launch(reference, *ranks)
+    run_to_the_end(reference)
 
     killed = write_config(tmp_path / "killed.yaml", tiny_config(tmp_path, tiny_teacher, name="killed", **sections))
     run_dir = tmp_path / "runs" / "killed"
@@ -421,12 +425,7 @@ def test_kill_in_distill_then_resume_gives_the_bitwise_same_student(tmp_path, ti
 
     # speed options may change on resume (no fingerprint holds them) and compute the same student
     speed = ["speed.activation_checkpointing=true", "speed.peak_tflops=0.5"] if first_case else []
-    if nodes:
-        resumed_stdout = _launch_nodes(killed)[0][0]
-    elif processes == 1:  # the killed launcher was under test; the resume is a plain process
-        resumed_stdout = run_pipeline(killed, *speed).stdout
-    else:
-        resumed_stdout = launch(killed, *ranks, *speed).stdout
+    resumed_stdout = run_to_the_end(killed, *speed)
     assert "[distill] resuming the unfinished run" in resumed_stdout
     assert "resumed from" in resumed_stdout and f"at step {latest['step']}" in resumed_stdout
     expected, actual = student_tensors(tmp_path / "runs" / "reference"), student_tensors(run_dir)
