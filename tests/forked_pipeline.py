@@ -1,5 +1,5 @@
 """`python pipelines/run.py ARGS` inside a process forked from a server that has imported torch,
-transformers and distill already (conftest.run_pipeline), which saves each run the seconds those
+transformers and distill already (conftest.ForkedRun), which saves each run the seconds those
 imports take. Run by runpy with PARAMETERS in its globals: the script to run, its arguments, the
 environment, and the files that take its stdout and stderr. The child is then what a fresh `python
 script ...` would be, except that the modules are imported already: its exit code is the script's,
