@@ -52,6 +52,9 @@ def test_masked_linear_matches_dense_product_with_zeros_and_masks_gradients():
     grad = stored_weight(linear).grad
     assert bool((grad[~mask] == 0).all())
     assert bool((grad[mask] != 0).all())
+    plain = (dense * mask).requires_grad_()
+    (x @ plain.T + linear.bias.detach()).pow(2).sum().backward()
+    assert torch.allclose(grad, plain.grad * mask, rtol=1e-12, atol=0), "the plain product's gradient, masked"
     # a plain nn.Linear underneath: the state dict names the stored weight and the mask of its rule
     assert isinstance(linear, nn.Linear)
     assert set(linear.state_dict()) == {"bias", "parametrizations.weight.original", "parametrizations.weight.0.bits"}
@@ -222,7 +225,7 @@ def test_moving_masks_start_from_the_teachers_values_under_pruned_positions(tiny
 
     from distill.config import PROJECTIONS
     from distill.sparsity.modes import revive_pruned_weights
-    from distill.sparsity.masks import install_masks, masked_modules, nm_mask
+    from distill.sparsity.masks import RefinedMask, install_masks, masked_modules, nm_mask, set_mask_rule
     from distill.targets import target_linears
 
     teacher = AutoModelForCausalLM.from_pretrained(tiny_teacher).eval()
@@ -232,6 +235,10 @@ def test_moving_masks_start_from_the_teachers_values_under_pruned_positions(tiny
     with torch.no_grad():
         before = student(input_ids=ids).logits
     kept = {name: stored_weight(module)[mask_of(module)].clone() for name, module in masked_modules(student)}
+    with pytest.raises(ValueError, match="fixed mask"):
+        revive_pruned_weights(student, teacher)  # a FixedMask reads its stored weights as they are
+    for _, module in masked_modules(student):
+        set_mask_rule(module, RefinedMask(mask_of(module), decay=2e-4))
     revived = revive_pruned_weights(student, teacher)
     assert revived == sum(int((~mask_of(module)).sum()) for _, module in masked_modules(student)) > 0
     for name, module in masked_modules(student):

@@ -32,10 +32,13 @@ from distill.sparsity.patterns import Pattern
 @torch.no_grad()
 def revive_pruned_weights(student: nn.Module, teacher: nn.Module) -> int:
     """Put the teacher's weights back under every pruned position of the student's masked
-    projections (the kept ones stay as trained or pruned); the masked function is unchanged.
-    Returns how many weights were revived."""
+    projections (the kept ones stay as trained or pruned); the masked function is unchanged, since
+    moving rules multiply by their mask. Returns how many weights were revived."""
     revived = 0
     for name, module in masked_modules(student):
+        if type(mask_rule(module)) is FixedMask:  # it reads the stored weights as they are
+            raise ValueError(f"{name} has a fixed mask, whose pruned weights must stay zero: set a moving "
+                             "mask rule before reviving them")
         mask, weight = mask_rule(module).mask, stored_weight(module)
         dense = teacher.get_submodule(name).weight.to(weight.dtype)
         weight.copy_(torch.where(mask, weight, dense))
@@ -44,7 +47,7 @@ def revive_pruned_weights(student: nn.Module, teacher: nn.Module) -> int:
 
 
 class FixedMasks:
-    """The prune stage's masks: nothing moves (the rules' forward product keeps pruned weights at zero)."""
+    """The prune stage's masks: nothing moves (the rules give pruned weights zero gradient, so they stay zero)."""
 
     def parameters(self) -> list[nn.Parameter]:
         return []

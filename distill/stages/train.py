@@ -100,14 +100,16 @@ def _load_inputs(ctx: StageContext):
 def _mask_modes(ctx: StageContext, student: nn.Module, teacher: nn.Module | None, spec: SparsitySpec) -> FixedMasks:
     """The masks' behaviour during training (train.masks), plus group dropout."""
     config, train = ctx.config, ctx.config.train
-    if train.masks.mode is not MaskMode.FIXED:  # moving masks start from the teacher's dense values
-        source = teacher if teacher is not None else load_teacher(config.teacher, ctx.accelerator.device)
-        revive_pruned_weights(student, source)
-        del source
     square_sums = None
     if train.masks.mode is MaskMode.DYNAMIC and spec.criterion is not Criterion.MAGNITUDE:
         square_sums = read_calibration(ctx.stage_dir("teacher"))  # re-chosen by Wanda's score, as pruned
     masks = mask_upkeep(train.masks, student, spec.pattern, square_sums)
+    if train.masks.mode is not MaskMode.FIXED:
+        # moving masks start from the teacher's dense values, put in once their rules (which read
+        # the pruned weights, unlike a FixedMask) are in place
+        source = teacher if teacher is not None else load_teacher(config.teacher, ctx.accelerator.device)
+        revive_pruned_weights(student, source)
+        del source
     if train.group_dropout:
         add_group_dropout(student, spec.pattern, train.group_dropout)
     return masks
