@@ -130,7 +130,7 @@ class ForkedRun:
     them). The run is still a process of its own, with this process's environment, its exit code and
     its output; it runs on until `finish()` (wait for it) or `kill()`."""
 
-    def __init__(self, command: list[str]):
+    def __init__(self, command: list[str], env: dict[str, str] | None = None):
         import multiprocessing
         import runpy
         import tempfile
@@ -140,7 +140,7 @@ class ForkedRun:
         self.command = command
         self.scratch = Path(tempfile.mkdtemp(prefix="forked-run-"))
         self.stdout, self.stderr = self.scratch / "stdout", self.scratch / "stderr"
-        parameters = {"script": command[1], "argv": command[2:], "environ": dict(os.environ),
+        parameters = {"script": command[1], "argv": command[2:], "environ": {**os.environ, **(env or {})},
                       "stdout": str(self.stdout), "stderr": str(self.stderr)}
         self.process = context.Process(target=runpy.run_path, args=(str(Path(__file__).with_name("forked_pipeline.py")),),
                                        kwargs={"init_globals": {"PARAMETERS": parameters}, "run_name": "forked_pipeline"})
@@ -166,28 +166,60 @@ class ForkedRun:
         return result
 
 
+def free_port() -> int:
+    """A TCP port on this host that nothing listens on now (for a rendezvous)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class ForkedRanks:
+    """`command` as `processes` gloo ranks on this machine, each a ForkedRun given the environment the
+    torch launcher gives its workers (rank, world size, rendezvous address, one thread each) and
+    accelerate's CPU settings, as `accelerate launch --num_processes N` with ACCELERATE_USE_CPU starts
+    them: the same Accelerator and process group, without a launcher and its fresh interpreters. For
+    runs whose launcher is not under test (launch.sh's own runs cover it)."""
+
+    def __init__(self, command: list[str], processes: int):
+        port = str(free_port())
+        self.command = command
+        self.ranks = [ForkedRun(command, env={
+            "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(processes), "LOCAL_WORLD_SIZE": str(processes),
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true",
+            "ACCELERATE_MIXED_PRECISION": "no", "ACCELERATE_DYNAMO_BACKEND": "NO"}) for rank in range(processes)]
+
+    def finish(self) -> subprocess.CompletedProcess:
+        """Every rank's output, rank by rank, as one stream; the first failed rank's exit code."""
+        results = [rank.finish() for rank in self.ranks]
+        code = next((result.returncode for result in results if result.returncode), 0)
+        return subprocess.CompletedProcess(self.command, code, "".join(result.stdout for result in results),
+                                           "".join(result.stderr for result in results))
+
+
 def start_pipeline(config_path: Path, *args: str) -> ForkedRun:
     """A one-process pipeline run forked from the preloaded server, left running (to be killed)."""
     return ForkedRun([sys.executable, str(REPO / "pipelines" / "run.py"), str(config_path), *args])
 
 
 def run_pipeline(config_path: Path, *args: str, processes: int = 1, check: bool = True, env: dict | None = None,
-                 fresh: bool = False, **popen) -> subprocess.CompletedProcess:
-    """Run pipelines/run.py the way users do: one plain process, or `accelerate launch` on CPU. One
-    process is forked from the preloaded server (ForkedRun) unless the run sets environment
-    variables (a library may read them at import), passes subprocess options, or asks to be a
-    `fresh` interpreter (what it prints while importing is part of what a test checks)."""
-    forked = processes == 1 and not (env or popen or fresh)
-    if processes == 1:
-        command = [sys.executable, str(REPO / "pipelines" / "run.py"), str(config_path), *args]
+                 fresh: bool = False, launcher: bool = False, **popen) -> subprocess.CompletedProcess:
+    """Run pipelines/run.py the way users do: one plain process, or several CPU ranks (gloo). The
+    process, or each rank, is forked from the preloaded server (ForkedRun, ForkedRanks) unless the
+    run sets environment variables (a library may read them at import), passes subprocess options,
+    asks to be a `fresh` interpreter (what it prints while importing is part of what a test checks),
+    or (several ranks) asks for the torch `launcher`, as launch.sh runs them."""
+    command = [sys.executable, str(REPO / "pipelines" / "run.py"), str(config_path), *args]
+    if not (env or popen or fresh or launcher):
+        result = (ForkedRun(command) if processes == 1 else ForkedRanks(command, processes)).finish()
     else:
-        # several CPU ranks (gloo) go through the torch launcher, as launch.sh does it
-        command = [sys.executable, str(REPO / "pipelines" / "launch.py"), "--multi_gpu", "--num_processes", str(processes),
-                   "--num_machines", "1", "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no",
-                   str(REPO / "pipelines" / "run.py"), str(config_path), *args]
-        env = {"ACCELERATE_USE_CPU": "true", **(env or {})}
-    result = ForkedRun(command).finish() if forked else subprocess.run(command, capture_output=True, text=True,
-                                                                 env={**os.environ, **(env or {})}, **popen)
+        if processes > 1:  # through the torch launcher, as launch.sh does it
+            command = [sys.executable, str(REPO / "pipelines" / "launch.py"), "--multi_gpu", "--num_processes",
+                       str(processes), "--num_machines", "1", "--main_process_port", "0", "--mixed_precision", "no",
+                       "--dynamo_backend", "no", *command[1:]]
+            env = {"ACCELERATE_USE_CPU": "true", **(env or {})}
+        result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **(env or {})}, **popen)
     if check and result.returncode != 0:
         raise AssertionError(f"pipeline failed ({result.returncode}):\n{result.stderr[-4000:]}")
     return result

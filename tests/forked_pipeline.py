@@ -16,6 +16,10 @@ import traceback
 def run(script: str, argv: list[str], environ: dict[str, str], stdout: str, stderr: str) -> None:
     os.environ.clear()
     os.environ.update(environ)
+    if environ.get("OMP_NUM_THREADS"):  # a fresh interpreter's torch reads it as it starts; this one has started
+        import torch
+
+        torch.set_num_threads(int(environ["OMP_NUM_THREADS"]))
     for fd, path in ((1, stdout), (2, stderr)):
         file = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         os.dup2(file, fd)

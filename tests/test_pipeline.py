@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import (REPO, TEST_TEXT, ForkedRun, launch, launch_command, pipeline_processes, run_pipeline, start_pipeline,
-                      tiny_config, write_config)
+from conftest import (REPO, TEST_TEXT, ForkedRun, free_port, launch, launch_command, pipeline_processes, run_pipeline,
+                      start_pipeline, tiny_config, write_config)
 from distill.data.teacher_cache import TeacherCache
 from distill.eval.report import RUNTIME
 from distill.run.artifacts import read_distill_record, read_prune_record, read_token_blocks
@@ -306,18 +306,10 @@ def _start(config: Path, *args: str, env: dict | None = None) -> subprocess.Pope
                             env={**os.environ, **(env or {})})
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _start_nodes(config: Path, *args: str) -> list[subprocess.Popen]:
     """Two launches of launch.sh acting as two machines of one process each (rendezvous on this host),
     as the README's multi-node commands run on two real machines."""
-    port = str(_free_port())
+    port = str(free_port())
     return [_start(config, "--num-processes", "2", *args,
                    env={"NUM_MACHINES": "2", "MACHINE_RANK": str(rank), "MAIN_PROCESS_IP": "127.0.0.1",
                         "MAIN_PROCESS_PORT": port}) for rank in (0, 1)]
@@ -381,12 +373,11 @@ def test_kill_in_distill_then_resume_gives_the_bitwise_same_student(tmp_path, ti
     ranks = ["--num-processes", str(processes)] if not nodes and processes > 1 else []
 
     def run_to_the_end(config: Path, *overrides: str) -> str:
-        """The reference, or the resume: the stdout of the (first machine's) run."""
+        """The reference, or the resume: the stdout of the (first machine's) run. Forked processes or
+        ranks on one machine (the launcher under test is the killed run's); two launches as nodes."""
         if nodes:
             return _launch_nodes(config)[0][0]
-        if processes == 1:  # a plain process: the launcher under test is the killed run's
-            return run_pipeline(config, *overrides).stdout
-        return launch(config, *ranks, *overrides).stdout
+        return run_pipeline(config, *overrides, processes=processes).stdout
 
     reference = write_config(tmp_path / "reference.yaml", tiny_config(tmp_path, tiny_teacher, name="reference", **sections))
     run_to_the_end(reference)
