@@ -128,6 +128,8 @@ class FixedMask(nn.Module):
 
     @torch.no_grad()
     def set_mask(self, mask: torch.Tensor) -> None:
+        """The rule's mask becomes `mask`. A FixedMask reads its stored weight as it is: weights this
+        newly prunes must be zeroed (`zero_pruned_weights_`) before the next forward."""
         if tuple(mask.shape) != self.shape:
             raise ValueError(f"a mask of shape {tuple(mask.shape)} for a rule of shape {self.shape}")
         self.bits.copy_(pack_bits(mask.to(torch.bool)))
